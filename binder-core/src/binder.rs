@@ -1,0 +1,182 @@
+//! The binder SPI: what a broker adapter implements so the core runtime can use it.
+//!
+//! A binder only translates between its broker and the core's [`Message`] and acknowledgement
+//! types. Retries, dead-lettering, conversion and the order of acknowledgements live in the
+//! core runtime, once for every binder.
+
+use std::fmt;
+use std::sync::Arc;
+
+use async_trait::async_trait;
+use futures::future::BoxFuture;
+
+use crate::config::{ConfigNode, ConsumerProperties, ProducerProperties, Problems};
+use crate::{Error, Message};
+
+/// What a consumer binding asks of its binder.
+#[derive(Clone, Debug)]
+pub struct ConsumerSpec {
+    /// The binding's name, such as `bill-in-0`.
+    pub binding: String,
+    /// The destination (topic, exchange) to consume from.
+    pub destination: String,
+    /// The consumer group; `None` for an anonymous consumer that sees every message while it runs.
+    pub group: Option<String>,
+    /// Failure and parallelism settings.
+    pub properties: ConsumerProperties,
+    /// The binder-specific section `[stream.<type>.bindings.<binding>.consumer]`, already validated.
+    pub extension: Option<ConfigNode>,
+}
+
+impl ConsumerSpec {
+    /// A consumer of `destination` in `group` with default properties.
+    ///
+    /// ```
+    /// let spec = bindery_core::ConsumerSpec::new("orders", Some("billing"));
+    /// assert_eq!(spec.dlq_destination(), "orders.billing.dlq");
+    /// ```
+    pub fn new(destination: impl Into<String>, group: Option<&str>) -> Self {
+        let destination = destination.into();
+        ConsumerSpec {
+            binding: destination.clone(),
+            destination,
+            group: group.map(str::to_owned),
+            properties: ConsumerProperties::default(),
+            extension: None,
+        }
+    }
+
+    /// The dead-letter destination: `dlq-name`, else `<destination>.<group>.dlq`.
+    pub fn dlq_destination(&self) -> String {
+        match (&self.properties.dlq_name, &self.group) {
+            (Some(name), _) => name.clone(),
+            (None, Some(group)) => format!("{}.{group}.dlq", self.destination),
+            (None, None) => format!("{}.anonymous.dlq", self.destination),
+        }
+    }
+}
+
+/// What an output binding (or a `StreamBridge` send) asks of its binder.
+#[derive(Clone, Debug)]
+pub struct ProducerSpec {
+    /// The binding's name, or the destination for a dynamic destination.
+    pub binding: String,
+    /// The destination (topic, exchange) to send to.
+    pub destination: String,
+    /// Producer settings.
+    pub properties: ProducerProperties,
+    /// The binder-specific section `[stream.<type>.bindings.<binding>.producer]`, already validated.
+    pub extension: Option<ConfigNode>,
+}
+
+impl ProducerSpec {
+    /// A producer for `destination` with default properties.
+    pub fn new(destination: impl Into<String>) -> Self {
+        let destination = destination.into();
+        ProducerSpec {
+            binding: destination.clone(),
+            destination,
+            properties: ProducerProperties::default(),
+            extension: None,
+        }
+    }
+}
+
+/// A broker adapter: subscribes consumers and creates producers.
+///
+/// Implement it on one public type per broker; see the in-memory binder for a complete example.
+#[async_trait]
+pub trait Binder: Send + Sync + fmt::Debug + 'static {
+    /// Starts consuming. When this returns, messages sent to the destination afterwards reach
+    /// the subscription (for a group, messages sent earlier may too).
+    async fn subscribe(&self, spec: &ConsumerSpec) -> Result<Box<dyn Subscription>, Error>;
+
+    /// A producer for a destination, provisioning the destination when the binder does that.
+    async fn producer(&self, spec: &ProducerSpec) -> Result<Arc<dyn Producer>, Error>;
+
+    /// The producer that dead-letters messages of a consumer binding. The default sends to the
+    /// destination [`ConsumerSpec::dlq_destination`]; a broker with its own dead-letter routing
+    /// (RabbitMQ's DLX) overrides it.
+    async fn dead_letter_producer(&self, spec: &ConsumerSpec) -> Result<Arc<dyn Producer>, Error> {
+        let mut dlq = ProducerSpec::new(spec.dlq_destination());
+        dlq.binding = format!("{}.dlq", spec.binding);
+        self.producer(&dlq).await
+    }
+
+    /// Releases connections. Called once at shutdown, after every subscription was closed.
+    async fn close(&self) -> Result<(), Error> {
+        Ok(())
+    }
+}
+
+/// A running consumer.
+#[async_trait]
+pub trait Subscription: Send + fmt::Debug {
+    /// The next message, waiting for one; `None` once the subscription has ended for good.
+    async fn next(&mut self) -> Option<Result<Delivery, Error>>;
+
+    /// Stops consuming. Messages received but never acknowledged are redelivered later.
+    async fn close(self: Box<Self>) -> Result<(), Error> {
+        Ok(())
+    }
+}
+
+/// Sends messages to one destination.
+#[async_trait]
+pub trait Producer: Send + Sync + fmt::Debug {
+    /// Sends `message`, returning once the broker has confirmed it (or it failed).
+    async fn send(&self, message: Message) -> Result<(), Error>;
+}
+
+/// Settles one received message with its broker.
+#[async_trait]
+pub trait Acknowledgement: Send + fmt::Debug {
+    /// The message was handled (or dead-lettered): the broker may forget it.
+    async fn ack(self: Box<Self>) -> Result<(), Error>;
+
+    /// The message was not handled: the broker delivers it again later.
+    /// Dropping an acknowledgement without settling it must have the same effect.
+    async fn requeue(self: Box<Self>) -> Result<(), Error>;
+}
+
+/// A received message and the means to settle it.
+#[derive(Debug)]
+pub struct Delivery {
+    /// The message as received.
+    pub message: Message,
+    /// Whether the broker says this message was delivered before.
+    pub redelivered: bool,
+    /// Settles the message.
+    pub acknowledgement: Box<dyn Acknowledgement>,
+}
+
+/// The settings of one binder: its table `[stream.binders.<name>]`, `type` included.
+#[derive(Clone, Debug)]
+pub struct BinderSettings {
+    /// The binder's name, such as `kafka` or `analytics-cluster`.
+    pub name: String,
+    /// Its table in the configuration, when it has one.
+    pub node: Option<ConfigNode>,
+}
+
+/// Creates binders of one type, and checks the configuration keys that belong to that type.
+pub trait BinderProvider: Send + Sync + fmt::Debug + 'static {
+    /// The type name used in `type = "..."` and in `[stream.<type>.bindings...]`.
+    fn binder_type(&self) -> &'static str;
+
+    /// Checks `[stream.binders.<name>]` (which holds `type` too), reporting every wrong key.
+    fn validate(&self, settings: &BinderSettings, problems: &mut Problems);
+
+    /// Checks `[stream.<type>.bindings.<binding>.consumer]`. The default allows no keys.
+    fn validate_consumer(&self, node: &ConfigNode, problems: &mut Problems) {
+        node.table(&[], problems);
+    }
+
+    /// Checks `[stream.<type>.bindings.<binding>.producer]`. The default allows no keys.
+    fn validate_producer(&self, node: &ConfigNode, problems: &mut Problems) {
+        node.table(&[], problems);
+    }
+
+    /// Connects a binder. It must fail within a bounded time when the broker is unreachable.
+    fn create(&self, settings: BinderSettings) -> BoxFuture<'static, Result<Arc<dyn Binder>, Error>>;
+}

@@ -1,0 +1,260 @@
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use config::{FileFormat, Map, Source, Value, ValueKind};
+use serde::de::DeserializeOwned;
+
+use super::ConfigError;
+
+/// Where the base configuration comes from.
+#[derive(Clone, Debug, Default)]
+pub enum ConfigSource {
+    /// `BINDERY_CONFIG` if set, else `application.toml` in the working directory if present.
+    #[default]
+    Default,
+    /// This file, which must exist (`BINDERY_CONFIG` still wins when set).
+    File(PathBuf),
+    /// TOML text, named in errors by `name`.
+    Text {
+        /// How errors refer to this text.
+        name: String,
+        /// The TOML.
+        toml: String,
+    },
+}
+
+#[derive(Clone, Debug, Default)]
+pub(crate) struct LoadOptions {
+    pub(crate) source: ConfigSource,
+    /// Profiles chosen in code; `None` reads `BINDERY_PROFILE`.
+    pub(crate) profiles: Option<Vec<String>>,
+    /// Environment variables to read; `None` reads the process environment.
+    pub(crate) environment: Option<Vec<(String, String)>>,
+}
+
+const ENV_PREFIX: &str = "BINDERY_";
+const ENV_CONFIG: &str = "BINDERY_CONFIG";
+const ENV_PROFILE: &str = "BINDERY_PROFILE";
+
+/// Reads every layer and merges them: base file, profile files in order, then environment.
+pub(crate) fn load(options: &LoadOptions) -> Result<Value, ConfigError> {
+    let environment: Vec<(String, String)> = match &options.environment {
+        Some(vars) => vars.clone(),
+        None => std::env::vars().collect(),
+    };
+    let env_value = |name: &str| {
+        environment
+            .iter()
+            .find(|(k, _)| k == name)
+            .map(|(_, v)| v.clone())
+            .filter(|v| !v.trim().is_empty())
+    };
+
+    let mut layers = Vec::new();
+    let base_path: Option<PathBuf> = match (env_value(ENV_CONFIG), &options.source) {
+        (Some(path), _) => Some(PathBuf::from(path)),
+        (None, ConfigSource::File(path)) => Some(path.clone()),
+        (None, ConfigSource::Text { name, toml }) => {
+            layers.push(parse_text(name, toml)?);
+            None
+        }
+        (None, ConfigSource::Default) => {
+            let default = PathBuf::from("application.toml");
+            if default.is_file() {
+                Some(default)
+            } else {
+                None
+            }
+        }
+    };
+    if let Some(path) = &base_path {
+        layers.push(read_file(path)?);
+    }
+
+    let profiles: Vec<String> = match &options.profiles {
+        Some(profiles) => profiles.clone(),
+        None => env_value(ENV_PROFILE)
+            .map(|p| p.split(',').map(|s| s.trim().to_owned()).filter(|s| !s.is_empty()).collect())
+            .unwrap_or_default(),
+    };
+    for profile in &profiles {
+        let path = profile_path(base_path.as_deref(), profile);
+        if !path.is_file() {
+            return Err(ConfigError::Unreadable {
+                path: path.display().to_string(),
+                message: format!(
+                    "profile `{profile}` is active (BINDERY_PROFILE) but this file does not exist; create it or remove the profile"
+                ),
+            });
+        }
+        layers.push(read_file(&path)?);
+    }
+
+    layers.push(environment_layer(&environment));
+
+    let mut merged = Value::new(None, ValueKind::Table(Map::new()));
+    for layer in layers {
+        merge(&mut merged, layer);
+    }
+    Ok(merged)
+}
+
+/// `application-kafka.toml` beside `application.toml`: the base file's stem, a dash, the profile.
+fn profile_path(base: Option<&Path>, profile: &str) -> PathBuf {
+    let base = base.unwrap_or(Path::new("application.toml"));
+    let stem = base.file_stem().and_then(|s| s.to_str()).unwrap_or("application");
+    let ext = base.extension().and_then(|s| s.to_str()).unwrap_or("toml");
+    base.with_file_name(format!("{stem}-{profile}.{ext}"))
+}
+
+fn read_file(path: &Path) -> Result<Value, ConfigError> {
+    let shown = path.display().to_string();
+    if !path.is_file() {
+        return Err(ConfigError::Unreadable {
+            path: shown,
+            message: "no such file; check BINDERY_CONFIG or the path given to the application".to_owned(),
+        });
+    }
+    let map = config::File::from(path.to_path_buf())
+        .format(FileFormat::Toml)
+        .collect()
+        .map_err(|e| ConfigError::Unreadable {
+            path: shown.clone(),
+            message: e.to_string(),
+        })?;
+    Ok(Value::new(Some(&shown), ValueKind::Table(map)))
+}
+
+fn parse_text(name: &str, toml: &str) -> Result<Value, ConfigError> {
+    let map = config::File::from_str(toml, FileFormat::Toml)
+        .collect()
+        .map_err(|e| ConfigError::Unreadable {
+            path: name.to_owned(),
+            message: e.to_string(),
+        })?;
+    Ok(with_origin(Value::new(None, ValueKind::Table(map)), name))
+}
+
+fn with_origin(value: Value, origin: &str) -> Value {
+    let origin = origin.to_owned();
+    let kind = match value.kind {
+        ValueKind::Table(map) => ValueKind::Table(
+            map.into_iter()
+                .map(|(k, v)| (k, with_origin(v, &origin)))
+                .collect(),
+        ),
+        ValueKind::Array(items) => {
+            ValueKind::Array(items.into_iter().map(|v| with_origin(v, &origin)).collect())
+        }
+        other => other,
+    };
+    Value::new(Some(&origin), kind)
+}
+
+/// `BINDERY_STREAM__BINDINGS__BILL_IN_0__GROUP=x` becomes `stream.bindings.bill-in-0.group = "x"`.
+fn environment_layer(environment: &[(String, String)]) -> Value {
+    let mut root = Value::new(None, ValueKind::Table(Map::new()));
+    let mut vars: Vec<_> = environment
+        .iter()
+        .filter(|(k, _)| k.starts_with(ENV_PREFIX) && k != ENV_CONFIG && k != ENV_PROFILE)
+        .collect();
+    vars.sort();
+    for (name, text) in vars {
+        let origin = format!("environment variable {name}");
+        let path: Vec<String> = name[ENV_PREFIX.len()..]
+            .split("__")
+            .map(|part| part.to_ascii_lowercase().replace('_', "-"))
+            .collect();
+        if path.iter().any(String::is_empty) {
+            continue;
+        }
+        let mut value = Value::new(Some(&origin), ValueKind::String(text.clone()));
+        for part in path.iter().rev() {
+            let mut map = Map::new();
+            map.insert(part.clone(), value);
+            value = Value::new(None, ValueKind::Table(map));
+        }
+        merge(&mut root, value);
+    }
+    root
+}
+
+/// Deep merge: tables merge key by key, anything else replaces what was there.
+fn merge(into: &mut Value, from: Value) {
+    let origin = from.origin().map(str::to_owned);
+    match (&mut into.kind, from.kind) {
+        (ValueKind::Table(existing), ValueKind::Table(incoming)) => {
+            for (key, value) in incoming {
+                match existing.get_mut(&key) {
+                    Some(slot) => merge(slot, value),
+                    None => {
+                        existing.insert(key, value);
+                    }
+                }
+            }
+        }
+        (_, kind) => *into = Value::new(origin.as_ref(), kind),
+    }
+}
+
+/// The application's own configuration: everything outside `[stream]`, merged from the same
+/// files, profiles and environment variables.
+///
+/// ```
+/// # use bindery_core::AppConfig;
+/// # fn demo(config: AppConfig) -> Result<(), bindery_core::Error> {
+/// let greeting: String = config.get("greeter.greeting")?;
+/// # Ok(()) }
+/// ```
+#[derive(Clone, Debug)]
+pub struct AppConfig {
+    inner: Arc<config::Config>,
+}
+
+impl AppConfig {
+    pub(crate) fn new(merged: &Value) -> Self {
+        let map = match &merged.kind {
+            ValueKind::Table(map) => map.clone(),
+            _ => Map::new(),
+        };
+        let inner = config::Config::builder()
+            .add_source(Collected(map))
+            .build()
+            .unwrap_or_default();
+        AppConfig {
+            inner: Arc::new(inner),
+        }
+    }
+
+    /// The value at a dotted key, such as `"greeter.greeting"`, as any deserializable type.
+    pub fn get<T: DeserializeOwned>(&self, key: &str) -> Result<T, crate::Error> {
+        self.inner.get(key).map_err(|e| {
+            crate::Error::Config(ConfigError::Invalid(vec![super::ConfigProblem {
+                origin: "the application configuration".to_owned(),
+                key: key.to_owned(),
+                message: e.to_string(),
+            }]))
+        })
+    }
+
+    /// The value at `key`, or `None` when the key is absent.
+    pub fn get_opt<T: DeserializeOwned>(&self, key: &str) -> Result<Option<T>, crate::Error> {
+        match self.inner.get::<Value>(key) {
+            Err(config::ConfigError::NotFound(_)) => Ok(None),
+            _ => self.get(key).map(Some),
+        }
+    }
+}
+
+#[derive(Clone, Debug)]
+struct Collected(Map<String, Value>);
+
+impl Source for Collected {
+    fn clone_into_box(&self) -> Box<dyn Source + Send + Sync> {
+        Box::new(self.clone())
+    }
+
+    fn collect(&self) -> Result<Map<String, Value>, config::ConfigError> {
+        Ok(self.0.clone())
+    }
+}

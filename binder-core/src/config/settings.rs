@@ -1,0 +1,309 @@
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+use config::Value;
+
+use super::node::{ConfigNode, Problems};
+
+/// How a consumer binding handles failures and parallelism (`[stream.bindings.<name>.consumer]`,
+/// defaults from `[stream.default.consumer]`).
+#[derive(Clone, Debug, PartialEq)]
+pub struct ConsumerProperties {
+    /// `max-attempts`: how many times a failing message is handled in all (1 = no retry). Default 3.
+    pub max_attempts: u32,
+    /// `back-off-initial-interval`: the wait before the first retry. Default 1s.
+    pub back_off_initial_interval: Duration,
+    /// `back-off-multiplier`: each wait is the one before times this. Default 2.0.
+    pub back_off_multiplier: f64,
+    /// `back-off-max-interval`: the longest wait between retries. Default 10s.
+    pub back_off_max_interval: Duration,
+    /// `concurrency`: messages handled at once; messages with one key keep their order. Default 1.
+    pub concurrency: u32,
+    /// `dlq`: send messages that still fail after every attempt to the dead-letter destination.
+    /// Default false (they are logged with their id and acknowledged).
+    pub dlq: bool,
+    /// `dlq-name`: the dead-letter destination. Default `<destination>.<group>.dlq`.
+    pub dlq_name: Option<String>,
+}
+
+impl Default for ConsumerProperties {
+    fn default() -> Self {
+        ConsumerProperties {
+            max_attempts: 3,
+            back_off_initial_interval: Duration::from_secs(1),
+            back_off_multiplier: 2.0,
+            back_off_max_interval: Duration::from_secs(10),
+            concurrency: 1,
+            dlq: false,
+            dlq_name: None,
+        }
+    }
+}
+
+impl ConsumerProperties {
+    /// The wait after failed attempt number `attempt` (1-based): exponential, capped.
+    pub fn back_off(&self, attempt: u32) -> Duration {
+        let factor = self.back_off_multiplier.powi(attempt.saturating_sub(1) as i32);
+        let wait = self.back_off_initial_interval.as_secs_f64() * factor;
+        Duration::from_secs_f64(wait.min(self.back_off_max_interval.as_secs_f64()))
+    }
+}
+
+/// Producer settings of an output binding (`[stream.bindings.<name>.producer]`).
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct ProducerProperties {
+    /// `required-groups`: groups whose subscriptions the producer creates up front, so what it
+    /// sends before their consumers start is kept for them. Default none.
+    pub required_groups: Vec<String>,
+}
+
+pub(crate) const STREAM_KEYS: &[&str] = &[
+    "default-binder",
+    "function",
+    "bindings",
+    "binders",
+    "default",
+    "output-bindings",
+    "shutdown-timeout",
+];
+const BINDING_KEYS: &[&str] = &["destination", "group", "content-type", "binder", "consumer", "producer"];
+const DEFAULT_KEYS: &[&str] = &["group", "content-type", "consumer", "producer"];
+const CONSUMER_KEYS: &[&str] = &[
+    "max-attempts",
+    "back-off-initial-interval",
+    "back-off-multiplier",
+    "back-off-max-interval",
+    "concurrency",
+    "dlq",
+    "dlq-name",
+];
+const PRODUCER_KEYS: &[&str] = &["required-groups"];
+const SUPPORTED_CONTENT_TYPES: &[&str] = &["application/json", "text/plain", "application/octet-stream"];
+
+/// What one binding (or `[stream.default]`) sets; unset fields fall back to the defaults.
+#[derive(Clone, Debug, Default)]
+pub(crate) struct BindingConfig {
+    pub(crate) node: Option<ConfigNode>,
+    pub(crate) destination: Option<String>,
+    pub(crate) group: Option<String>,
+    pub(crate) content_type: Option<String>,
+    pub(crate) binder: Option<(String, ConfigNode)>,
+    pub(crate) consumer: ConsumerOverrides,
+    pub(crate) producer: Option<ProducerProperties>,
+}
+
+#[derive(Clone, Debug, Default)]
+pub(crate) struct ConsumerOverrides {
+    max_attempts: Option<u32>,
+    back_off_initial_interval: Option<Duration>,
+    back_off_multiplier: Option<f64>,
+    back_off_max_interval: Option<Duration>,
+    concurrency: Option<u32>,
+    pub(crate) dlq: Option<(bool, ConfigNode)>,
+    dlq_name: Option<String>,
+}
+
+impl ConsumerOverrides {
+    pub(crate) fn apply(&self, to: &mut ConsumerProperties) {
+        if let Some(v) = self.max_attempts {
+            to.max_attempts = v;
+        }
+        if let Some(v) = self.back_off_initial_interval {
+            to.back_off_initial_interval = v;
+        }
+        if let Some(v) = self.back_off_multiplier {
+            to.back_off_multiplier = v;
+        }
+        if let Some(v) = self.back_off_max_interval {
+            to.back_off_max_interval = v;
+        }
+        if let Some(v) = self.concurrency {
+            to.concurrency = v;
+        }
+        if let Some((v, _)) = &self.dlq {
+            to.dlq = *v;
+        }
+        if let Some(v) = &self.dlq_name {
+            to.dlq_name = Some(v.clone());
+        }
+    }
+}
+
+/// Everything under `[stream]`, read and type-checked; cross-checks against the registered
+/// functions and binders happen when the application is built.
+#[derive(Clone, Debug)]
+pub(crate) struct StreamConfig {
+    pub(crate) default_binder: Option<(String, ConfigNode)>,
+    pub(crate) function_definition: Option<(Vec<String>, ConfigNode)>,
+    pub(crate) output_bindings: Vec<(String, ConfigNode)>,
+    pub(crate) shutdown_timeout: Duration,
+    pub(crate) bindings: BTreeMap<String, BindingConfig>,
+    pub(crate) binders: BTreeMap<String, ConfigNode>,
+    pub(crate) defaults: BindingConfig,
+    /// `[stream.<binder type>]` sections, such as `[stream.kafka]`.
+    pub(crate) extensions: BTreeMap<String, ConfigNode>,
+}
+
+impl StreamConfig {
+    /// Reads `[stream]` from the merged configuration. `extension_types` are the binder types
+    /// whose own sections (`[stream.kafka]`, ...) may appear under `[stream]`.
+    pub(crate) fn read(root: &Value, extension_types: &[&str], problems: &mut Problems) -> StreamConfig {
+        let mut config = StreamConfig {
+            default_binder: None,
+            function_definition: None,
+            output_bindings: Vec::new(),
+            shutdown_timeout: Duration::from_secs(30),
+            bindings: BTreeMap::new(),
+            binders: BTreeMap::new(),
+            defaults: BindingConfig::default(),
+            extensions: BTreeMap::new(),
+        };
+        let root = ConfigNode::new("", root.clone());
+        let Some(top) = root.entries(problems) else {
+            return config;
+        };
+        let Some(stream) = top.get("stream") else {
+            return config;
+        };
+        let mut allowed: Vec<&str> = STREAM_KEYS.to_vec();
+        allowed.extend_from_slice(extension_types);
+        let Some(table) = stream.table(&allowed, problems) else {
+            return config;
+        };
+        for (name, node) in table {
+            match name.as_str() {
+                "default-binder" => config.default_binder = node.string(problems).map(|s| (s, node)),
+                "function" => {
+                    if let Some(function) = node.table(&["definition"], problems) {
+                        if let Some(def) = function.get("definition") {
+                            config.function_definition = read_definition(def, problems).map(|d| (d, def.clone()));
+                        }
+                    }
+                }
+                "output-bindings" => {
+                    if let Some(names) = node.string_list(problems) {
+                        config.output_bindings = names.into_iter().map(|n| (n, node.clone())).collect();
+                    }
+                }
+                "shutdown-timeout" => {
+                    if let Some(d) = node.duration(problems) {
+                        config.shutdown_timeout = d;
+                    }
+                }
+                "bindings" => {
+                    for (binding, node) in node.entries(problems).unwrap_or_default() {
+                        let parsed = read_binding(&node, BINDING_KEYS, problems);
+                        config.bindings.insert(binding, parsed);
+                    }
+                }
+                "binders" => config.binders = node.entries(problems).unwrap_or_default(),
+                "default" => config.defaults = read_binding(&node, DEFAULT_KEYS, problems),
+                _ => {
+                    config.extensions.insert(name, node);
+                }
+            }
+        }
+        config
+    }
+}
+
+fn read_definition(node: &ConfigNode, problems: &mut Problems) -> Option<Vec<String>> {
+    let text = node.string(problems)?;
+    if text.contains('|') {
+        problems.at(
+            node,
+            "function composition with `|` is not supported; list the functions to bind separated by `;`",
+        );
+        return None;
+    }
+    Some(
+        text.split([';', ','])
+            .map(str::trim)
+            .filter(|s| !s.is_empty())
+            .map(str::to_owned)
+            .collect(),
+    )
+}
+
+fn read_binding(node: &ConfigNode, allowed: &[&str], problems: &mut Problems) -> BindingConfig {
+    let mut binding = BindingConfig {
+        node: Some(node.clone()),
+        ..BindingConfig::default()
+    };
+    let Some(table) = node.table(allowed, problems) else {
+        return binding;
+    };
+    for (name, node) in table {
+        match name.as_str() {
+            "destination" => binding.destination = non_empty(&node, problems),
+            "group" => binding.group = non_empty(&node, problems),
+            "content-type" => binding.content_type = read_content_type(&node, problems),
+            "binder" => binding.binder = node.string(problems).map(|s| (s, node)),
+            "consumer" => binding.consumer = read_consumer(&node, problems),
+            "producer" => binding.producer = read_producer(&node, problems),
+            _ => {}
+        }
+    }
+    binding
+}
+
+fn non_empty(node: &ConfigNode, problems: &mut Problems) -> Option<String> {
+    let text = node.string(problems)?;
+    if text.trim().is_empty() {
+        problems.at(node, "must not be empty; remove the key to use the default");
+        return None;
+    }
+    Some(text)
+}
+
+fn read_content_type(node: &ConfigNode, problems: &mut Problems) -> Option<String> {
+    let text = node.string(problems)?;
+    let essence = text.split(';').next().unwrap_or_default().trim().to_ascii_lowercase();
+    if SUPPORTED_CONTENT_TYPES.contains(&essence.as_str()) || essence.ends_with("+json") {
+        Some(text)
+    } else {
+        problems.at(
+            node,
+            format!(
+                "unsupported content type {}; use one of {} or a `+json` type",
+                node.shown(),
+                super::quoted_list(SUPPORTED_CONTENT_TYPES)
+            ),
+        );
+        None
+    }
+}
+
+fn read_consumer(node: &ConfigNode, problems: &mut Problems) -> ConsumerOverrides {
+    let mut consumer = ConsumerOverrides::default();
+    let Some(table) = node.table(CONSUMER_KEYS, problems) else {
+        return consumer;
+    };
+    for (name, node) in table {
+        match name.as_str() {
+            "max-attempts" => consumer.max_attempts = node.integer(1, problems).map(clamp_u32),
+            "back-off-initial-interval" => consumer.back_off_initial_interval = node.duration(problems),
+            "back-off-multiplier" => consumer.back_off_multiplier = node.float(1.0, problems),
+            "back-off-max-interval" => consumer.back_off_max_interval = node.duration(problems),
+            "concurrency" => consumer.concurrency = node.integer(1, problems).map(clamp_u32),
+            "dlq" => consumer.dlq = node.boolean(problems).map(|b| (b, node)),
+            "dlq-name" => consumer.dlq_name = non_empty(&node, problems),
+            _ => {}
+        }
+    }
+    consumer
+}
+
+fn read_producer(node: &ConfigNode, problems: &mut Problems) -> Option<ProducerProperties> {
+    let table = node.table(PRODUCER_KEYS, problems)?;
+    let mut producer = ProducerProperties::default();
+    if let Some(groups) = table.get("required-groups") {
+        producer.required_groups = groups.string_list(problems).unwrap_or_default();
+    }
+    Some(producer)
+}
+
+fn clamp_u32(n: i64) -> u32 {
+    u32::try_from(n).unwrap_or(u32::MAX)
+}
+

@@ -1,0 +1,396 @@
+//! The binder conformance suite: one set of behaviour tests that every binder runs against
+//! itself, so the core contract holds on each broker.
+//!
+//! A binder crate runs all of it with one line in a test file:
+//!
+//! ```ignore
+//! bindery_core::conformance_tests!(bindery_core::conformance::Suite::new(|| async {
+//!     Ok(std::sync::Arc::new(bindery_core::MemoryBinder::new()) as std::sync::Arc<dyn bindery_core::Binder>)
+//! }));
+//! ```
+//!
+//! Every case uses destinations and groups of its own, named with a random suffix.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::future::Future;
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use futures::future::BoxFuture;
+use tokio::sync::mpsc;
+use tokio::time::Instant;
+
+use crate::binder::{Binder, ConsumerSpec, Delivery, ProducerSpec, Subscription};
+use crate::{header, Application, Error, Message, StreamFunction};
+
+type BinderFactory = Arc<dyn Fn() -> BoxFuture<'static, Result<Arc<dyn Binder>, Error>> + Send + Sync>;
+type DeadLetterReader =
+    Arc<dyn Fn(Arc<dyn Binder>, ConsumerSpec) -> BoxFuture<'static, Result<Box<dyn Subscription>, Error>> + Send + Sync>;
+
+/// The suite, set up for one binder.
+#[derive(Clone)]
+pub struct Suite {
+    factory: BinderFactory,
+    dead_letters: DeadLetterReader,
+    timeout: Duration,
+    quiet: Duration,
+}
+
+impl std::fmt::Debug for Suite {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Suite").field("timeout", &self.timeout).finish_non_exhaustive()
+    }
+}
+
+impl Suite {
+    /// A suite that makes a fresh binder for each case with `factory`.
+    pub fn new<F, Fut>(factory: F) -> Self
+    where
+        F: Fn() -> Fut + Send + Sync + 'static,
+        Fut: Future<Output = Result<Arc<dyn Binder>, Error>> + Send + 'static,
+    {
+        Suite {
+            factory: Arc::new(move || Box::pin(factory())),
+            dead_letters: Arc::new(|binder, spec| {
+                Box::pin(async move {
+                    let reader = ConsumerSpec::new(spec.dlq_destination(), Some("conformance-dlq-reader"));
+                    binder.subscribe(&reader).await
+                })
+            }),
+            timeout: Duration::from_secs(10),
+            quiet: Duration::from_millis(300),
+        }
+    }
+
+    /// How long to wait for an expected message (default 10s; brokers with slow group joins
+    /// need more).
+    pub fn timeout(mut self, timeout: Duration) -> Self {
+        self.timeout = timeout;
+        self
+    }
+
+    /// How long to watch for a message that must not come (default 300ms).
+    pub fn quiet_period(mut self, quiet: Duration) -> Self {
+        self.quiet = quiet;
+        self
+    }
+
+    /// How the suite reads a consumer's dead-letter destination, for binders whose dead letters
+    /// are not an ordinary destination (the default subscribes to
+    /// [`ConsumerSpec::dlq_destination`] with a group of its own).
+    pub fn dead_letter_reader<F, Fut>(mut self, reader: F) -> Self
+    where
+        F: Fn(Arc<dyn Binder>, ConsumerSpec) -> Fut + Send + Sync + 'static,
+        Fut: Future<Output = Result<Box<dyn Subscription>, Error>> + Send + 'static,
+    {
+        self.dead_letters = Arc::new(move |binder, spec| Box::pin(reader(binder, spec)));
+        self
+    }
+
+    async fn binder(&self) -> Arc<dyn Binder> {
+        (self.factory)().await.expect("the binder under test could not be created")
+    }
+
+    /// Every group of a destination gets every message.
+    pub async fn pub_sub_across_groups(&self) {
+        let binder = self.binder().await;
+        let destination = unique("pubsub");
+        let mut first = subscribe(&binder, &destination, Some("first")).await;
+        let mut second = subscribe(&binder, &destination, Some("second")).await;
+        let sent = send_numbered(&binder, &destination, 10, None).await;
+        assert_eq!(self.receive_n(&mut first, 10).await, sent, "group `first` must get every message");
+        assert_eq!(self.receive_n(&mut second, 10).await, sent, "group `second` must get every message");
+        binder.close().await.ok();
+    }
+
+    /// Consumers in one group share the messages: each message reaches exactly one of them.
+    pub async fn competing_consumers_within_a_group(&self) {
+        let binder = self.binder().await;
+        let destination = unique("competing");
+        let (tx, mut rx) = mpsc::unbounded_channel();
+        let mut readers = Vec::new();
+        for _ in 0..2 {
+            let subscription = subscribe(&binder, &destination, Some("workers")).await;
+            readers.push(tokio::spawn(forward(subscription, tx.clone())));
+        }
+        let sent = send_numbered(&binder, &destination, 20, None).await;
+        let mut received = Vec::new();
+        let deadline = Instant::now() + self.timeout;
+        while received.len() < sent.len() {
+            match tokio::time::timeout_at(deadline, rx.recv()).await {
+                Ok(Some(payload)) => received.push(payload),
+                _ => break,
+            }
+        }
+        // Anything more within the quiet period would be a message delivered twice.
+        while let Ok(Some(payload)) = tokio::time::timeout(self.quiet, rx.recv()).await {
+            received.push(payload);
+        }
+        readers.iter().for_each(|r| r.abort());
+        received.sort();
+        let mut expected = sent.clone();
+        expected.sort();
+        assert_eq!(received, expected, "each message must reach exactly one consumer of the group");
+        binder.close().await.ok();
+    }
+
+    /// An anonymous consumer gets every message sent while it runs, independently of others.
+    pub async fn anonymous_consumers_each_get_every_message(&self) {
+        let binder = self.binder().await;
+        let destination = unique("anonymous");
+        let mut first = subscribe(&binder, &destination, None).await;
+        let mut second = subscribe(&binder, &destination, None).await;
+        let sent = send_numbered(&binder, &destination, 5, None).await;
+        assert_eq!(self.receive_n(&mut first, 5).await, sent);
+        assert_eq!(self.receive_n(&mut second, 5).await, sent);
+        binder.close().await.ok();
+    }
+
+    /// Messages with the same key arrive in the order they were sent.
+    pub async fn order_is_kept_within_a_key(&self) {
+        let binder = self.binder().await;
+        let destination = unique("ordered");
+        let mut subscription = subscribe(&binder, &destination, Some("ordered")).await;
+        let sent = send_numbered(&binder, &destination, 50, Some("same-key")).await;
+        assert_eq!(self.receive_n(&mut subscription, 50).await, sent, "order within a key must hold");
+        binder.close().await.ok();
+    }
+
+    /// Payload, headers (text and binary), key and content type survive the trip.
+    pub async fn headers_key_and_content_type_round_trip(&self) {
+        let binder = self.binder().await;
+        let destination = unique("roundtrip");
+        let mut subscription = subscribe(&binder, &destination, Some("roundtrip")).await;
+        let mut message = Message::builder(Bytes::from_static(b"{\"n\":1}"))
+            .header(header::CONTENT_TYPE, "application/json")
+            .header("tenant", "acme")
+            .header("binary", [0u8, 159, 146, 150, 255])
+            .header(header::CORRELATION_ID, "corr-1")
+            .key("customer-42")
+            .build();
+        message.headers_mut().insert(header::MESSAGE_ID, "id-1");
+        producer(&binder, &destination).await.send(message.clone()).await.expect("send");
+        let received = self.receive_one(&mut subscription).await;
+        let got = received.message.clone();
+        received.acknowledgement.ack().await.expect("ack");
+        assert_eq!(got.payload(), message.payload());
+        assert_eq!(got.key_str(), Some("customer-42"));
+        for (name, value) in message.headers().iter() {
+            assert_eq!(got.headers().get(name), Some(value), "header `{name}` must survive the trip");
+        }
+        binder.close().await.ok();
+    }
+
+    /// A message received but not acknowledged is delivered again when its consumer goes away.
+    pub async fn unacknowledged_messages_are_redelivered(&self) {
+        let binder = self.binder().await;
+        let destination = unique("redeliver");
+        let mut first = subscribe(&binder, &destination, Some("redeliver")).await;
+        producer(&binder, &destination)
+            .await
+            .send(Message::new(Bytes::from_static(b"again")))
+            .await
+            .expect("send");
+        let delivery = self.receive_one(&mut first).await;
+        assert_eq!(&delivery.message.payload()[..], b"again");
+        // The consumer goes away without acknowledging.
+        drop(delivery);
+        first.close().await.expect("close");
+        let mut second = subscribe(&binder, &destination, Some("redeliver")).await;
+        let again = self.receive_one(&mut second).await;
+        assert_eq!(&again.message.payload()[..], b"again", "the unacknowledged message must come back");
+        again.acknowledgement.ack().await.expect("ack");
+        binder.close().await.ok();
+    }
+
+    /// A failing handler is tried `max-attempts` times, then the message is dead-lettered with
+    /// its payload, key and headers and the failure headers.
+    pub async fn retries_then_dead_letter_with_failure_headers(&self) {
+        let binder = self.binder().await;
+        let destination = unique("failing");
+        let attempts = Arc::new(AtomicU32::new(0));
+        let counter = attempts.clone();
+        let fails = StreamFunction::consumer("conformance-fails", move |_: Message| {
+            let counter = counter.clone();
+            async move {
+                counter.fetch_add(1, Ordering::SeqCst);
+                Err::<(), _>("the ledger is closed")
+            }
+        });
+        let toml = format!(
+            r#"[stream.bindings.conformance-fails-in-0]
+destination = "{destination}"
+group = "billing"
+consumer.max-attempts = 3
+consumer.back-off-initial-interval = "10ms"
+consumer.back-off-max-interval = "50ms"
+consumer.dlq = true"#
+        );
+        let mut spec = ConsumerSpec::new(destination.clone(), Some("billing"));
+        spec.properties.dlq = true;
+        let mut dead_letters = (self.dead_letters)(binder.clone(), spec).await.expect("dead-letter reader");
+        let app = application(&binder, fails, &toml).start().await.expect("start");
+        let original = Message::builder(Bytes::from_static(b"{\"id\":7}"))
+            .header("tenant", "acme")
+            .key("order-7")
+            .build();
+        producer(&binder, &destination).await.send(original).await.expect("send");
+        let dead = self.receive_one(&mut dead_letters).await;
+        let message = dead.message.clone();
+        dead.acknowledgement.ack().await.expect("ack");
+        app.shutdown().await.expect("shutdown");
+        assert_eq!(attempts.load(Ordering::SeqCst), 3, "the handler must be tried max-attempts times");
+        assert_eq!(&message.payload()[..], b"{\"id\":7}");
+        assert_eq!(message.key_str(), Some("order-7"));
+        let headers = message.headers();
+        assert_eq!(headers.get_str("tenant"), Some("acme"));
+        assert_eq!(headers.get_str(header::EXCEPTION_MESSAGE), Some("the ledger is closed"));
+        assert_eq!(headers.get_str(header::EXCEPTION_TYPE), Some("&str"));
+        assert_eq!(headers.get_str(header::ORIGINAL_DESTINATION), Some(destination.as_str()));
+        assert_eq!(headers.get_str(header::ATTEMPTS), Some("3"));
+        binder.close().await.ok();
+    }
+
+    /// With `concurrency` > 1 every message is handled and forwarded, and messages with the
+    /// same key keep their order.
+    pub async fn nothing_is_lost_under_concurrency(&self) {
+        let binder = self.binder().await;
+        let input = unique("concurrent-in");
+        let output = unique("concurrent-out");
+        let forward = StreamFunction::function("conformance-forward", |message: Message| async move {
+            // Uneven handling times shuffle work across workers.
+            let delay = message.payload().last().copied().unwrap_or(0) % 3;
+            tokio::time::sleep(Duration::from_millis(u64::from(delay))).await;
+            message
+        });
+        let toml = format!(
+            r#"[stream.bindings.conformance-forward-in-0]
+destination = "{input}"
+group = "forwarders"
+consumer.concurrency = 4
+[stream.bindings.conformance-forward-out-0]
+destination = "{output}""#
+        );
+        let mut results = subscribe(&binder, &output, Some("results")).await;
+        let app = application(&binder, forward, &toml).start().await.expect("start");
+        let producer = producer(&binder, &input).await;
+        let count = 200;
+        for n in 0..count {
+            let key = format!("key-{}", n % 10);
+            let message = Message::builder(Bytes::from(format!("{key}:{n:04}"))).key(key).build();
+            producer.send(message).await.expect("send");
+        }
+        let received = self.receive_n(&mut results, count).await;
+        app.shutdown().await.expect("shutdown");
+        let distinct: BTreeSet<&String> = received.iter().collect();
+        assert_eq!(distinct.len(), count, "every message must arrive once");
+        let mut by_key: BTreeMap<&str, Vec<&str>> = BTreeMap::new();
+        for payload in &received {
+            let (key, n) = payload.split_once(':').expect("key:n");
+            by_key.entry(key).or_default().push(n);
+        }
+        for (key, numbers) in by_key {
+            let mut sorted = numbers.clone();
+            sorted.sort();
+            assert_eq!(numbers, sorted, "messages with key `{key}` must keep their order");
+        }
+        binder.close().await.ok();
+    }
+
+    async fn receive_one(&self, subscription: &mut Box<dyn Subscription>) -> Delivery {
+        match tokio::time::timeout(self.timeout, subscription.next()).await {
+            Ok(Some(Ok(delivery))) => delivery,
+            Ok(Some(Err(error))) => panic!("receiving failed: {error}"),
+            Ok(None) => panic!("the subscription ended"),
+            Err(_) => panic!("no message within {:?}", self.timeout),
+        }
+    }
+
+    /// Receives and acknowledges `n` messages, returning their payloads as text.
+    async fn receive_n(&self, subscription: &mut Box<dyn Subscription>, n: usize) -> Vec<String> {
+        let mut payloads = Vec::with_capacity(n);
+        while payloads.len() < n {
+            let delivery = self.receive_one(subscription).await;
+            payloads.push(String::from_utf8_lossy(delivery.message.payload()).into_owned());
+            delivery.acknowledgement.ack().await.expect("ack");
+        }
+        payloads
+    }
+}
+
+fn unique(case: &str) -> String {
+    format!("conformance-{case}-{}", &uuid::Uuid::new_v4().simple().to_string()[..8])
+}
+
+async fn subscribe(binder: &Arc<dyn Binder>, destination: &str, group: Option<&str>) -> Box<dyn Subscription> {
+    binder
+        .subscribe(&ConsumerSpec::new(destination, group))
+        .await
+        .expect("subscribe")
+}
+
+async fn producer(binder: &Arc<dyn Binder>, destination: &str) -> Arc<dyn crate::Producer> {
+    binder.producer(&ProducerSpec::new(destination)).await.expect("producer")
+}
+
+async fn send_numbered(binder: &Arc<dyn Binder>, destination: &str, n: usize, key: Option<&str>) -> Vec<String> {
+    let producer = producer(binder, destination).await;
+    let mut sent = Vec::with_capacity(n);
+    for i in 0..n {
+        let payload = format!("message-{i:04}");
+        let mut message = Message::new(Bytes::from(payload.clone()));
+        message.set_key(key.map(|k| Bytes::copy_from_slice(k.as_bytes())));
+        producer.send(message).await.expect("send");
+        sent.push(payload);
+    }
+    sent
+}
+
+async fn forward(mut subscription: Box<dyn Subscription>, to: mpsc::UnboundedSender<String>) {
+    while let Some(Ok(delivery)) = subscription.next().await {
+        let payload = String::from_utf8_lossy(delivery.message.payload()).into_owned();
+        if delivery.acknowledgement.ack().await.is_ok() {
+            let _ = to.send(payload);
+        }
+    }
+}
+
+fn application(binder: &Arc<dyn Binder>, function: StreamFunction, toml: &str) -> Application {
+    Application::builder()
+        .without_registered_functions()
+        .function(function)
+        .config_str("conformance configuration", toml)
+        .environment(Vec::<(String, String)>::new())
+        .replace_binders(binder.clone())
+        .build()
+        .expect("the conformance configuration is valid")
+}
+
+/// Generates one `#[tokio::test]` per conformance case, each running against the binder the
+/// given [`Suite`] expression makes.
+#[macro_export]
+macro_rules! conformance_tests {
+    ($suite:expr) => {
+        $crate::conformance_tests!(@cases $suite;
+            pub_sub_across_groups,
+            competing_consumers_within_a_group,
+            anonymous_consumers_each_get_every_message,
+            order_is_kept_within_a_key,
+            headers_key_and_content_type_round_trip,
+            unacknowledged_messages_are_redelivered,
+            retries_then_dead_letter_with_failure_headers,
+            nothing_is_lost_under_concurrency
+        );
+    };
+    (@cases $suite:expr; $($case:ident),*) => {
+        $(
+            #[::tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn $case() {
+                let suite: $crate::conformance::Suite = $suite;
+                suite.$case().await;
+            }
+        )*
+    };
+}

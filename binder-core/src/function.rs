@@ -1,0 +1,175 @@
+//! Stream functions and their registration.
+
+use std::fmt;
+
+use crate::handler::{erase, ErasedHandler, Handler};
+
+/// The three shapes of stream function.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum FunctionKind {
+    /// Takes a message from `<name>-in-0`, sends what it returns to `<name>-out-0`.
+    Function,
+    /// Takes a message from `<name>-in-0` and sends nothing.
+    Consumer,
+    /// Takes nothing; polled every `poll`, it sends what it returns to `<name>-out-0`.
+    Supplier,
+}
+
+/// A function bound to destinations by the runtime: what `#[stream_function]` registers, and
+/// what can be written by hand and passed to [`crate::ApplicationBuilder::function`].
+///
+/// ```
+/// use bindery_core::{Decoded, StreamFunction};
+/// # #[derive(serde::Deserialize)] struct Invoice { total_cents: u64 }
+/// let print = StreamFunction::consumer("print", |invoice: Decoded<Invoice>| async move {
+///     println!("{}", invoice.0.total_cents);
+/// })
+/// .input("invoices")
+/// .group("printers");
+/// assert_eq!(print.input_binding().as_deref(), Some("print-in-0"));
+/// ```
+#[derive(Clone)]
+pub struct StreamFunction {
+    name: String,
+    kind: FunctionKind,
+    input: Option<String>,
+    output: Option<String>,
+    group: Option<String>,
+    poll: Option<String>,
+    pub(crate) handler: ErasedHandler,
+}
+
+impl fmt::Debug for StreamFunction {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("StreamFunction")
+            .field("name", &self.name)
+            .field("kind", &self.kind)
+            .field("input", &self.input)
+            .field("output", &self.output)
+            .field("group", &self.group)
+            .field("poll", &self.poll)
+            .finish_non_exhaustive()
+    }
+}
+
+impl StreamFunction {
+    fn new<Args, H: Handler<Args>>(name: impl Into<String>, kind: FunctionKind, handler: H) -> Self {
+        StreamFunction {
+            name: name.into(),
+            kind,
+            input: None,
+            output: None,
+            group: None,
+            poll: None,
+            handler: erase(handler),
+        }
+    }
+
+    /// A function: one message in, what it returns out.
+    pub fn function<Args, H: Handler<Args>>(name: impl Into<String>, handler: H) -> Self {
+        Self::new(name, FunctionKind::Function, handler)
+    }
+
+    /// A consumer: one message in, nothing out.
+    pub fn consumer<Args, H: Handler<Args>>(name: impl Into<String>, handler: H) -> Self {
+        Self::new(name, FunctionKind::Consumer, handler)
+    }
+
+    /// A supplier: polled every `poll` (default 1s); what it returns goes out.
+    pub fn supplier<Args, H: Handler<Args>>(name: impl Into<String>, handler: H) -> Self {
+        Self::new(name, FunctionKind::Supplier, handler)
+    }
+
+    /// The default destination of the input binding (else the binding's name).
+    pub fn input(mut self, destination: impl Into<String>) -> Self {
+        self.input = Some(destination.into());
+        self
+    }
+
+    /// The default destination of the output binding (else the binding's name).
+    pub fn output(mut self, destination: impl Into<String>) -> Self {
+        self.output = Some(destination.into());
+        self
+    }
+
+    /// The default consumer group of the input binding.
+    pub fn group(mut self, group: impl Into<String>) -> Self {
+        self.group = Some(group.into());
+        self
+    }
+
+    /// How often a supplier is polled, as a duration such as `"500ms"`.
+    pub fn poll(mut self, every: impl Into<String>) -> Self {
+        self.poll = Some(every.into());
+        self
+    }
+
+    /// The function's name.
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    /// Its shape.
+    pub fn kind(&self) -> FunctionKind {
+        self.kind
+    }
+
+    /// `<name>-in-0`, unless it is a supplier.
+    pub fn input_binding(&self) -> Option<String> {
+        (self.kind != FunctionKind::Supplier).then(|| format!("{}-in-0", self.name))
+    }
+
+    /// `<name>-out-0`, unless it is a consumer.
+    pub fn output_binding(&self) -> Option<String> {
+        (self.kind != FunctionKind::Consumer).then(|| format!("{}-out-0", self.name))
+    }
+
+    pub(crate) fn default_input(&self) -> Option<&str> {
+        self.input.as_deref()
+    }
+
+    pub(crate) fn default_output(&self) -> Option<&str> {
+        self.output.as_deref()
+    }
+
+    pub(crate) fn default_group(&self) -> Option<&str> {
+        self.group.as_deref()
+    }
+
+    pub(crate) fn poll_text(&self) -> Option<&str> {
+        self.poll.as_deref()
+    }
+}
+
+/// A function registered at link time, as `#[stream_function]` does:
+///
+/// ```
+/// use bindery_core::{Decoded, FunctionRegistration, StreamFunction};
+/// fn audit() -> StreamFunction {
+///     StreamFunction::consumer("audit", |line: String| async move { println!("{line}") })
+/// }
+/// bindery_core::inventory::submit! { FunctionRegistration::new(audit) }
+/// ```
+#[derive(Debug)]
+pub struct FunctionRegistration {
+    make: fn() -> StreamFunction,
+}
+
+impl FunctionRegistration {
+    /// Registers the function `make` returns.
+    pub const fn new(make: fn() -> StreamFunction) -> Self {
+        FunctionRegistration { make }
+    }
+}
+
+inventory::collect!(FunctionRegistration);
+
+/// Every function registered with [`FunctionRegistration`], sorted by name.
+pub fn registered_functions() -> Vec<StreamFunction> {
+    let mut functions: Vec<StreamFunction> = inventory::iter::<FunctionRegistration>
+        .into_iter()
+        .map(|registration| (registration.make)())
+        .collect();
+    functions.sort_by(|a, b| a.name.cmp(&b.name));
+    functions
+}

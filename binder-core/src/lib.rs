@@ -1,0 +1,34 @@
+//! The core of bindery: the message model, the binder SPI, configuration, the function
+//! registry, the runtime with its failure policy, the in-memory binder, test support and the
+//! binder conformance suite.
+//!
+//! Applications use the `bindery` crate, which re-exports this one with the macro and binders.
+
+pub mod binder;
+pub mod config;
+mod error;
+mod function;
+pub mod handler;
+pub mod memory;
+mod message;
+pub mod redact;
+mod runtime;
+pub mod testing;
+
+#[cfg(feature = "conformance")]
+pub mod conformance;
+
+pub use binder::{
+    Acknowledgement, Binder, BinderProvider, BinderSettings, ConsumerSpec, Delivery, Producer, ProducerSpec,
+    Subscription,
+};
+pub use config::{AppConfig, ConfigError, ConsumerProperties, ProducerProperties};
+pub use error::{BoxError, Error};
+pub use function::{registered_functions, FunctionKind, FunctionRegistration, StreamFunction};
+pub use handler::{Context, Decoded, Encoded, Failure, FailureKind, FromMessage, FromPayload, Handler, IntoOutputs, IntoPayload, Outputs};
+pub use memory::{MemoryBinder, MemoryBinderProvider};
+pub use message::{header, Headers, Message, MessageBuilder};
+pub use runtime::{Application, ApplicationBuilder, RunningApplication, StreamBridge};
+
+#[doc(hidden)]
+pub use inventory;

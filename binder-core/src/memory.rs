@@ -1,0 +1,283 @@
+//! The embedded in-memory binder: real group semantics inside one process.
+//!
+//! Destinations and groups behave as on RabbitMQ: every group of a destination gets every
+//! message, consumers in one group compete for them, an anonymous consumer gets every message
+//! sent while it is subscribed, and a message received but not acknowledged goes back to its
+//! group when its consumer lets go of it. As on RabbitMQ, a message sent to a destination that
+//! has no group yet is kept for nobody; `producer.required-groups` creates groups up front.
+
+use std::collections::{HashMap, VecDeque};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+
+use async_trait::async_trait;
+use futures::future::BoxFuture;
+use tokio::sync::Notify;
+
+use crate::binder::{
+    Acknowledgement, Binder, BinderProvider, BinderSettings, ConsumerSpec, Delivery, Producer, ProducerSpec,
+    Subscription,
+};
+use crate::config::Problems;
+use crate::{Error, Message};
+
+/// The in-memory binder, type `memory`. Clones share the same destinations.
+///
+/// ```
+/// # #[tokio::main(flavor = "current_thread")] async fn main() -> Result<(), bindery_core::Error> {
+/// use bindery_core::{Binder, ConsumerSpec, MemoryBinder, Message, ProducerSpec};
+/// let binder = MemoryBinder::new();
+/// let mut subscription = binder.subscribe(&ConsumerSpec::new("orders", Some("billing"))).await?;
+/// binder.producer(&ProducerSpec::new("orders")).await?.send(Message::new("hi".into())).await?;
+/// let delivery = subscription.next().await.unwrap()?;
+/// assert_eq!(&delivery.message.payload()[..], b"hi");
+/// delivery.acknowledgement.ack().await?;
+/// # Ok(()) }
+/// ```
+#[derive(Clone, Debug, Default)]
+pub struct MemoryBinder {
+    broker: Arc<Broker>,
+}
+
+#[derive(Debug, Default)]
+struct Broker {
+    destinations: Mutex<HashMap<String, Destination>>,
+    next_anonymous: AtomicU64,
+}
+
+#[derive(Debug, Default)]
+struct Destination {
+    groups: HashMap<String, Arc<Queue>>,
+    anonymous: HashMap<u64, Arc<Queue>>,
+}
+
+#[derive(Debug, Default)]
+struct Queue {
+    ready: Mutex<VecDeque<Envelope>>,
+    available: Notify,
+}
+
+#[derive(Debug)]
+struct Envelope {
+    message: Message,
+    redelivered: bool,
+}
+
+fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
+    // A panic elsewhere while holding the lock leaves plain data that is still consistent.
+    mutex.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+}
+
+impl Queue {
+    fn push_back(&self, envelope: Envelope) {
+        lock(&self.ready).push_back(envelope);
+        self.available.notify_one();
+    }
+
+    fn push_front(&self, envelope: Envelope) {
+        lock(&self.ready).push_front(envelope);
+        self.available.notify_one();
+    }
+
+    async fn pop(&self) -> Envelope {
+        loop {
+            let (next, more) = {
+                let mut ready = lock(&self.ready);
+                (ready.pop_front(), !ready.is_empty())
+            };
+            if let Some(envelope) = next {
+                // Pass the wake-up on in case more messages are waiting for other consumers.
+                if more {
+                    self.available.notify_one();
+                }
+                return envelope;
+            }
+            self.available.notified().await;
+        }
+    }
+}
+
+impl MemoryBinder {
+    /// A binder with no destinations.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    fn group_queue(&self, destination: &str, group: &str) -> Arc<Queue> {
+        let mut destinations = lock(&self.broker.destinations);
+        destinations
+            .entry(destination.to_owned())
+            .or_default()
+            .groups
+            .entry(group.to_owned())
+            .or_default()
+            .clone()
+    }
+
+    fn publish(&self, destination: &str, message: Message) {
+        let queues: Vec<Arc<Queue>> = {
+            let destinations = lock(&self.broker.destinations);
+            match destinations.get(destination) {
+                Some(d) => d.groups.values().chain(d.anonymous.values()).cloned().collect(),
+                None => Vec::new(),
+            }
+        };
+        if queues.is_empty() {
+            tracing::debug!(destination, "no group or consumer on this destination; message kept for nobody");
+        }
+        for queue in queues {
+            queue.push_back(Envelope {
+                message: message.clone(),
+                redelivered: false,
+            });
+        }
+    }
+
+    /// How many messages wait in `group` of `destination`, not counting those being handled.
+    pub fn pending(&self, destination: &str, group: &str) -> usize {
+        let destinations = lock(&self.broker.destinations);
+        destinations
+            .get(destination)
+            .and_then(|d| d.groups.get(group))
+            .map_or(0, |q| lock(&q.ready).len())
+    }
+}
+
+#[async_trait]
+impl Binder for MemoryBinder {
+    async fn subscribe(&self, spec: &ConsumerSpec) -> Result<Box<dyn Subscription>, Error> {
+        let (queue, anonymous_id) = match &spec.group {
+            Some(group) => (self.group_queue(&spec.destination, group), None),
+            None => {
+                let id = self.broker.next_anonymous.fetch_add(1, Ordering::Relaxed);
+                let queue = Arc::new(Queue::default());
+                lock(&self.broker.destinations)
+                    .entry(spec.destination.clone())
+                    .or_default()
+                    .anonymous
+                    .insert(id, queue.clone());
+                (queue, Some(id))
+            }
+        };
+        Ok(Box::new(MemorySubscription {
+            binder: self.clone(),
+            destination: spec.destination.clone(),
+            queue,
+            anonymous_id,
+        }))
+    }
+
+    async fn producer(&self, spec: &ProducerSpec) -> Result<Arc<dyn Producer>, Error> {
+        for group in &spec.properties.required_groups {
+            self.group_queue(&spec.destination, group);
+        }
+        Ok(Arc::new(MemoryProducer {
+            binder: self.clone(),
+            destination: spec.destination.clone(),
+        }))
+    }
+}
+
+#[derive(Debug)]
+struct MemoryProducer {
+    binder: MemoryBinder,
+    destination: String,
+}
+
+#[async_trait]
+impl Producer for MemoryProducer {
+    async fn send(&self, message: Message) -> Result<(), Error> {
+        self.binder.publish(&self.destination, message);
+        Ok(())
+    }
+}
+
+#[derive(Debug)]
+struct MemorySubscription {
+    binder: MemoryBinder,
+    destination: String,
+    queue: Arc<Queue>,
+    anonymous_id: Option<u64>,
+}
+
+#[async_trait]
+impl Subscription for MemorySubscription {
+    async fn next(&mut self) -> Option<Result<Delivery, Error>> {
+        let envelope = self.queue.pop().await;
+        let redelivered = envelope.redelivered;
+        let message = envelope.message.clone();
+        Some(Ok(Delivery {
+            message,
+            redelivered,
+            acknowledgement: Box::new(MemoryAck {
+                queue: self.queue.clone(),
+                envelope: Some(envelope),
+            }),
+        }))
+    }
+}
+
+impl Drop for MemorySubscription {
+    fn drop(&mut self) {
+        if let Some(id) = self.anonymous_id {
+            let mut destinations = lock(&self.binder.broker.destinations);
+            if let Some(d) = destinations.get_mut(&self.destination) {
+                d.anonymous.remove(&id);
+            }
+        }
+    }
+}
+
+#[derive(Debug)]
+struct MemoryAck {
+    queue: Arc<Queue>,
+    envelope: Option<Envelope>,
+}
+
+impl MemoryAck {
+    fn return_to_queue(&mut self) {
+        if let Some(mut envelope) = self.envelope.take() {
+            envelope.redelivered = true;
+            self.queue.push_front(envelope);
+        }
+    }
+}
+
+#[async_trait]
+impl Acknowledgement for MemoryAck {
+    async fn ack(mut self: Box<Self>) -> Result<(), Error> {
+        self.envelope = None;
+        Ok(())
+    }
+
+    async fn requeue(mut self: Box<Self>) -> Result<(), Error> {
+        self.return_to_queue();
+        Ok(())
+    }
+}
+
+impl Drop for MemoryAck {
+    fn drop(&mut self) {
+        self.return_to_queue();
+    }
+}
+
+/// Creates [`MemoryBinder`]s for `type = "memory"`. It has no settings of its own.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct MemoryBinderProvider;
+
+impl BinderProvider for MemoryBinderProvider {
+    fn binder_type(&self) -> &'static str {
+        "memory"
+    }
+
+    fn validate(&self, settings: &BinderSettings, problems: &mut Problems) {
+        if let Some(node) = &settings.node {
+            node.table(&["type"], problems);
+        }
+    }
+
+    fn create(&self, _settings: BinderSettings) -> BoxFuture<'static, Result<Arc<dyn Binder>, Error>> {
+        Box::pin(async { Ok(Arc::new(MemoryBinder::new()) as Arc<dyn Binder>) })
+    }
+}

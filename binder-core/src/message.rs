@@ -1,0 +1,274 @@
+//! The message model: a payload with headers and an optional key.
+
+use std::collections::BTreeMap;
+use std::fmt;
+
+use bytes::Bytes;
+
+/// Names of the headers bindery itself reads or writes.
+pub mod header {
+    /// The payload's content type, such as `application/json`.
+    pub const CONTENT_TYPE: &str = "content-type";
+    /// A unique id given to every message bindery sends, used in logs.
+    pub const MESSAGE_ID: &str = "x-message-id";
+    /// Carried from an input message to everything produced while handling it.
+    pub const CORRELATION_ID: &str = "x-correlation-id";
+    /// On a dead-lettered message: the text of the last failure.
+    pub const EXCEPTION_MESSAGE: &str = "x-exception-message";
+    /// On a dead-lettered message: the type of the last failure.
+    pub const EXCEPTION_TYPE: &str = "x-exception-type";
+    /// On a dead-lettered message: the destination it was consumed from.
+    pub const ORIGINAL_DESTINATION: &str = "x-original-destination";
+    /// On a dead-lettered message: how many times the handler was tried.
+    pub const ATTEMPTS: &str = "x-attempts";
+}
+
+/// Message headers: names mapped to byte values, read as bytes or as text.
+///
+/// ```
+/// use bindery_core::Headers;
+/// let mut headers = Headers::new();
+/// headers.insert("tenant", "acme");
+/// assert_eq!(headers.get_str("tenant"), Some("acme"));
+/// ```
+#[derive(Clone, Default, PartialEq, Eq)]
+pub struct Headers {
+    entries: BTreeMap<String, Bytes>,
+}
+
+impl Headers {
+    /// No headers.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// The value of `name` as bytes.
+    pub fn get(&self, name: &str) -> Option<&Bytes> {
+        self.entries.get(name)
+    }
+
+    /// The value of `name` as text, when it is valid UTF-8.
+    pub fn get_str(&self, name: &str) -> Option<&str> {
+        self.get(name).and_then(|v| std::str::from_utf8(v).ok())
+    }
+
+    /// Whether `name` is present.
+    pub fn contains(&self, name: &str) -> bool {
+        self.entries.contains_key(name)
+    }
+
+    /// Sets `name` to `value` (copied), replacing any earlier value.
+    pub fn insert(&mut self, name: impl Into<String>, value: impl AsRef<[u8]>) {
+        self.entries
+            .insert(name.into(), Bytes::copy_from_slice(value.as_ref()));
+    }
+
+    /// Sets `name` to `value` without copying it.
+    pub fn insert_bytes(&mut self, name: impl Into<String>, value: Bytes) {
+        self.entries.insert(name.into(), value);
+    }
+
+    /// Removes `name`, returning its value.
+    pub fn remove(&mut self, name: &str) -> Option<Bytes> {
+        self.entries.remove(name)
+    }
+
+    /// Every header, in name order.
+    pub fn iter(&self) -> impl Iterator<Item = (&str, &Bytes)> {
+        self.entries.iter().map(|(k, v)| (k.as_str(), v))
+    }
+
+    /// How many headers there are.
+    pub fn len(&self) -> usize {
+        self.entries.len()
+    }
+
+    /// Whether there are none.
+    pub fn is_empty(&self) -> bool {
+        self.entries.is_empty()
+    }
+}
+
+impl fmt::Debug for Headers {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let mut map = f.debug_map();
+        for (name, value) in &self.entries {
+            match std::str::from_utf8(value) {
+                Ok(text) => map.entry(name, &text),
+                Err(_) => map.entry(name, value),
+            };
+        }
+        map.finish()
+    }
+}
+
+impl<K: Into<String>, V: AsRef<[u8]>> FromIterator<(K, V)> for Headers {
+    fn from_iter<I: IntoIterator<Item = (K, V)>>(iter: I) -> Self {
+        let mut headers = Headers::new();
+        for (k, v) in iter {
+            headers.insert(k, v);
+        }
+        headers
+    }
+}
+
+/// A payload with headers and an optional key.
+///
+/// `Message<Bytes>` (the default) is what travels through binders; handlers may take or
+/// return `Message<T>` for any payload type to read or set headers and the key.
+///
+/// ```
+/// use bindery_core::Message;
+/// let message = Message::builder("hello".to_string())
+///     .header("tenant", "acme")
+///     .key("customer-7")
+///     .build();
+/// assert_eq!(message.headers().get_str("tenant"), Some("acme"));
+/// assert_eq!(message.key_str(), Some("customer-7"));
+/// ```
+#[derive(Clone, PartialEq, Eq)]
+pub struct Message<T = Bytes> {
+    payload: T,
+    headers: Headers,
+    key: Option<Bytes>,
+}
+
+impl<T> Message<T> {
+    /// A message with no headers and no key.
+    pub fn new(payload: T) -> Self {
+        Message {
+            payload,
+            headers: Headers::new(),
+            key: None,
+        }
+    }
+
+    /// Starts a message to which headers and a key can be added.
+    pub fn builder(payload: T) -> MessageBuilder<T> {
+        MessageBuilder {
+            message: Message::new(payload),
+        }
+    }
+
+    /// The payload.
+    pub fn payload(&self) -> &T {
+        &self.payload
+    }
+
+    /// The payload, to change it in place.
+    pub fn payload_mut(&mut self) -> &mut T {
+        &mut self.payload
+    }
+
+    /// Takes the payload, dropping headers and key.
+    pub fn into_payload(self) -> T {
+        self.payload
+    }
+
+    /// The headers.
+    pub fn headers(&self) -> &Headers {
+        &self.headers
+    }
+
+    /// The headers, to change them in place.
+    pub fn headers_mut(&mut self) -> &mut Headers {
+        &mut self.headers
+    }
+
+    /// The key (Kafka record key, RabbitMQ routing key), if any.
+    pub fn key(&self) -> Option<&Bytes> {
+        self.key.as_ref()
+    }
+
+    /// The key as text, when there is one and it is valid UTF-8.
+    pub fn key_str(&self) -> Option<&str> {
+        self.key().and_then(|k| std::str::from_utf8(k).ok())
+    }
+
+    /// Sets or clears the key.
+    pub fn set_key(&mut self, key: Option<Bytes>) {
+        self.key = key;
+    }
+
+    /// The same headers and key around another payload.
+    pub fn map_payload<U>(self, f: impl FnOnce(T) -> U) -> Message<U> {
+        Message {
+            payload: f(self.payload),
+            headers: self.headers,
+            key: self.key,
+        }
+    }
+
+    /// Splits the message into payload, headers and key.
+    pub fn into_parts(self) -> (T, Headers, Option<Bytes>) {
+        (self.payload, self.headers, self.key)
+    }
+
+    /// Puts a message together from its parts.
+    pub fn from_parts(payload: T, headers: Headers, key: Option<Bytes>) -> Self {
+        Message {
+            payload,
+            headers,
+            key,
+        }
+    }
+}
+
+impl<T: fmt::Debug> fmt::Debug for Message<T> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Message")
+            .field("payload", &self.payload)
+            .field("headers", &self.headers)
+            .field("key", &self.key_str().map(str::to_owned).or_else(|| self.key.as_ref().map(|k| format!("{k:?}"))))
+            .finish()
+    }
+}
+
+/// Builds a [`Message`] with headers and a key; see [`Message::builder`].
+#[derive(Debug)]
+pub struct MessageBuilder<T> {
+    message: Message<T>,
+}
+
+impl<T> MessageBuilder<T> {
+    /// Adds a header.
+    pub fn header(mut self, name: impl Into<String>, value: impl AsRef<[u8]>) -> Self {
+        self.message.headers.insert(name, value);
+        self
+    }
+
+    /// Sets the key.
+    pub fn key(mut self, key: impl AsRef<[u8]>) -> Self {
+        self.message.key = Some(Bytes::copy_from_slice(key.as_ref()));
+        self
+    }
+
+    /// Sets every header at once, replacing those added before.
+    pub fn headers(mut self, headers: Headers) -> Self {
+        self.message.headers = headers;
+        self
+    }
+
+    /// The finished message.
+    pub fn build(self) -> Message<T> {
+        self.message
+    }
+}
+
+impl Message<Bytes> {
+    /// Decodes the payload as JSON.
+    ///
+    /// ```
+    /// let message = bindery_core::Message::new(bytes::Bytes::from_static(br#"{"id":7}"#));
+    /// let value: serde_json::Value = message.json().unwrap();
+    /// assert_eq!(value["id"], 7);
+    /// ```
+    pub fn json<T: serde::de::DeserializeOwned>(&self) -> Result<T, serde_json::Error> {
+        serde_json::from_slice(&self.payload)
+    }
+
+    /// The payload as text, when it is valid UTF-8.
+    pub fn text(&self) -> Option<&str> {
+        std::str::from_utf8(&self.payload).ok()
+    }
+}

@@ -1,0 +1,72 @@
+//! Keeps secrets out of logs and errors.
+
+/// Whether a configuration key names a secret, so its value is never shown.
+pub fn is_secret_key(key: &str) -> bool {
+    let key = key.to_ascii_lowercase();
+    ["password", "secret", "sasl", "token", "credential", "ssl.key", "private"]
+        .iter()
+        .any(|word| key.contains(word))
+}
+
+/// Replaces the password of every `scheme://user:password@host` in `text` with `***`.
+///
+/// ```
+/// use bindery_core::redact::redact_uri;
+/// assert_eq!(redact_uri("amqp://guest:s3cret@mq:5672/%2f"), "amqp://guest:***@mq:5672/%2f");
+/// assert_eq!(redact_uri("localhost:9092"), "localhost:9092");
+/// ```
+pub fn redact_uri(text: &str) -> String {
+    let mut out = String::with_capacity(text.len());
+    let mut rest = text;
+    while let Some(scheme_end) = rest.find("://") {
+        let (before, after) = rest.split_at(scheme_end + 3);
+        out.push_str(before);
+        let authority_end = after.find(['/', '?', '#', ' ']).unwrap_or(after.len());
+        let authority = &after[..authority_end];
+        match authority.rfind('@') {
+            Some(at) => {
+                let userinfo = &authority[..at];
+                match userinfo.find(':') {
+                    Some(colon) => {
+                        out.push_str(&userinfo[..colon]);
+                        out.push_str(":***");
+                    }
+                    None => out.push_str(userinfo),
+                }
+                out.push_str(&authority[at..]);
+            }
+            None => out.push_str(authority),
+        }
+        rest = &after[authority_end..];
+    }
+    out.push_str(rest);
+    out
+}
+
+/// The value as it may be shown for `key`: `***` for secrets, URIs without their password.
+pub fn display_value(key: &str, value: &str) -> String {
+    if is_secret_key(key) {
+        "***".to_owned()
+    } else {
+        redact_uri(value)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn passwords_in_uris_are_hidden() {
+        assert_eq!(
+            redact_uri("failed to reach amqp://app:hunter2@mq.internal:5672/vh and amqp://x@y"),
+            "failed to reach amqp://app:***@mq.internal:5672/vh and amqp://x@y"
+        );
+    }
+
+    #[test]
+    fn secret_keys_hide_their_values() {
+        assert_eq!(display_value("sasl.password", "hunter2"), "***");
+        assert_eq!(display_value("brokers", "localhost:9092"), "localhost:9092");
+    }
+}

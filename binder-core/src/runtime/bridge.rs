@@ -1,0 +1,152 @@
+use std::collections::{BTreeMap, HashMap};
+use std::fmt;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+
+use bytes::Bytes;
+use tokio::sync::Mutex;
+
+use super::plan::ResolvedBinding;
+use crate::binder::{Binder, Producer, ProducerSpec};
+use crate::config::{normalize_name, BindingConfig};
+use crate::handler::{IntoOutputs, Outputs, DEFAULT_CONTENT_TYPE};
+use crate::message::header;
+use crate::{Error, Message};
+
+/// Sends values or messages to any output binding or destination at run time, with the same
+/// conversion and binder selection as a function's output (Spring's `StreamBridge`).
+///
+/// Take it as a handler argument, or from [`crate::RunningApplication::bridge`].
+///
+/// ```no_run
+/// # async fn demo(bridge: bindery_core::StreamBridge) -> Result<(), bindery_core::Error> {
+/// # #[derive(serde::Serialize)] struct Alert { level: u8 }
+/// bridge.send("alerts", bindery_core::Encoded(Alert { level: 3 })).await?;
+/// # Ok(()) }
+/// ```
+#[derive(Clone)]
+pub struct StreamBridge {
+    inner: Arc<BridgeInner>,
+}
+
+struct BridgeInner {
+    binders: HashMap<String, Arc<dyn Binder>>,
+    default_binder: String,
+    bindings: BTreeMap<String, ResolvedBinding>,
+    dynamic_defaults: BindingConfig,
+    outputs: Mutex<HashMap<String, Arc<Output>>>,
+    closed: AtomicBool,
+}
+
+impl fmt::Debug for StreamBridge {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("StreamBridge")
+            .field("default_binder", &self.inner.default_binder)
+            .field("bindings", &self.inner.bindings.keys().collect::<Vec<_>>())
+            .finish_non_exhaustive()
+    }
+}
+
+/// A destination ready to send to: the producer and the binding's content type.
+#[derive(Debug)]
+pub(crate) struct Output {
+    pub(crate) content_type: String,
+    producer: Arc<dyn Producer>,
+}
+
+impl Output {
+    /// Sends each message in order, waiting for each confirmation; the first failure stops.
+    pub(crate) async fn send_all(&self, outputs: Outputs, correlation_id: Option<&Bytes>) -> Result<(), Error> {
+        for mut message in outputs.into_messages() {
+            stamp(&mut message, correlation_id);
+            self.producer.send(message).await?;
+        }
+        Ok(())
+    }
+}
+
+/// Gives a message its id and carries the correlation id over, unless the handler set them.
+pub(crate) fn stamp(message: &mut Message, correlation_id: Option<&Bytes>) {
+    let headers = message.headers_mut();
+    if !headers.contains(header::MESSAGE_ID) {
+        headers.insert(header::MESSAGE_ID, uuid::Uuid::new_v4().to_string());
+    }
+    if let Some(id) = correlation_id {
+        if !headers.contains(header::CORRELATION_ID) {
+            headers.insert_bytes(header::CORRELATION_ID, id.clone());
+        }
+    }
+}
+
+impl StreamBridge {
+    pub(crate) fn new(
+        binders: HashMap<String, Arc<dyn Binder>>,
+        default_binder: String,
+        bindings: BTreeMap<String, ResolvedBinding>,
+        dynamic_defaults: BindingConfig,
+    ) -> Self {
+        StreamBridge {
+            inner: Arc::new(BridgeInner {
+                binders,
+                default_binder,
+                bindings,
+                dynamic_defaults,
+                outputs: Mutex::new(HashMap::new()),
+                closed: AtomicBool::new(false),
+            }),
+        }
+    }
+
+    /// Sends `value` to `target`: an output binding's name (such as `bill-out-0`, or `<name>-out-0`
+    /// for a name in `stream.output-bindings`) or else a destination on the default binder.
+    /// Returns once the broker confirmed every message.
+    pub async fn send(&self, target: &str, value: impl IntoOutputs) -> Result<(), Error> {
+        let output = self.output(target).await?;
+        let mut outputs = Outputs::new(output.content_type.clone());
+        value.into_outputs(&mut outputs).map_err(|failure| Error::Encode {
+            destination: target.to_owned(),
+            message: failure.to_string(),
+        })?;
+        output.send_all(outputs, None).await
+    }
+
+    /// The output for a binding name or destination, created (and provisioned) on first use.
+    pub(crate) async fn output(&self, target: &str) -> Result<Arc<Output>, Error> {
+        if self.inner.closed.load(Ordering::Acquire) {
+            return Err(Error::ShuttingDown);
+        }
+        let mut outputs = self.inner.outputs.lock().await;
+        if let Some(output) = outputs.get(target) {
+            return Ok(output.clone());
+        }
+        let (binder_name, spec, content_type) = match self.inner.bindings.get(&normalize_name(target)) {
+            Some(binding) => (binding.binder.clone(), binding.producer_spec(), binding.content_type.clone()),
+            None => {
+                let mut spec = ProducerSpec::new(target);
+                if let Some(producer) = &self.inner.dynamic_defaults.producer {
+                    spec.properties = producer.clone();
+                }
+                (
+                    self.inner.default_binder.clone(),
+                    spec,
+                    self.inner.dynamic_defaults.content_type.clone(),
+                )
+            }
+        };
+        let binder = self.inner.binders.get(&binder_name).ok_or_else(|| Error::Binding {
+            binding: target.to_owned(),
+            message: format!("binder `{binder_name}` is not running"),
+        })?;
+        let producer = binder.producer(&spec).await?;
+        let output = Arc::new(Output {
+            content_type: content_type.unwrap_or_else(|| DEFAULT_CONTENT_TYPE.to_owned()),
+            producer,
+        });
+        outputs.insert(target.to_owned(), output.clone());
+        Ok(output)
+    }
+
+    pub(crate) fn close(&self) {
+        self.inner.closed.store(true, Ordering::Release);
+    }
+}

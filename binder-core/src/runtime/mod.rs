@@ -1,0 +1,383 @@
+//! Builds the application from configuration and registered functions, binds everything, and
+//! shuts it down without losing a message.
+
+mod binding;
+mod bridge;
+mod plan;
+
+use std::collections::{BTreeMap, HashMap};
+use std::future::Future;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::sync::watch;
+use tokio::task::JoinSet;
+
+pub use bridge::StreamBridge;
+use binding::{run_supplier, InputBinding, Invoker};
+use plan::{Plan, Planner, KNOWN_BINDER_TYPES};
+
+use crate::binder::{Binder, BinderProvider};
+use crate::config::{load, AppConfig, ConfigError, ConfigSource, LoadOptions, Problems, StreamConfig};
+use crate::function::{registered_functions, StreamFunction};
+use crate::handler::Context;
+use crate::memory::MemoryBinderProvider;
+use crate::Error;
+
+/// Configures an [`Application`]: where its configuration comes from, which functions and
+/// binders it has.
+///
+/// ```no_run
+/// # async fn demo() -> Result<(), bindery_core::Error> {
+/// bindery_core::Application::builder()
+///     .config_file("config/billing.toml")
+///     .profile("staging")
+///     .build()?
+///     .run()
+///     .await
+/// # }
+/// ```
+#[derive(Debug)]
+pub struct ApplicationBuilder {
+    options: LoadOptions,
+    providers: BTreeMap<String, Arc<dyn BinderProvider>>,
+    functions: Vec<StreamFunction>,
+    registered: bool,
+    binders: BTreeMap<String, Arc<dyn Binder>>,
+    every_binder: Option<Arc<dyn Binder>>,
+}
+
+impl Default for ApplicationBuilder {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl ApplicationBuilder {
+    /// The memory binder, the functions registered with `#[stream_function]`, and configuration
+    /// from `application.toml`, `BINDERY_PROFILE` and `BINDERY_*` environment variables.
+    pub fn new() -> Self {
+        ApplicationBuilder {
+            options: LoadOptions::default(),
+            providers: BTreeMap::new(),
+            functions: Vec::new(),
+            registered: true,
+            binders: BTreeMap::new(),
+            every_binder: None,
+        }
+        .binder_provider(MemoryBinderProvider)
+    }
+
+    /// Reads this file instead of `application.toml` (`BINDERY_CONFIG` still wins when set);
+    /// profile files are looked up beside it.
+    pub fn config_file(mut self, path: impl Into<PathBuf>) -> Self {
+        self.options.source = ConfigSource::File(path.into());
+        self
+    }
+
+    /// Reads configuration from TOML text, named `name` in errors.
+    pub fn config_str(mut self, name: impl Into<String>, toml: impl Into<String>) -> Self {
+        self.options.source = ConfigSource::Text {
+            name: name.into(),
+            toml: toml.into(),
+        };
+        self
+    }
+
+    /// Activates a profile, as `BINDERY_PROFILE` does (profiles set here replace that variable).
+    pub fn profile(mut self, profile: impl Into<String>) -> Self {
+        self.options.profiles.get_or_insert_with(Vec::new).push(profile.into());
+        self
+    }
+
+    /// Reads these variables instead of the process environment.
+    pub fn environment<K: Into<String>, V: Into<String>>(mut self, vars: impl IntoIterator<Item = (K, V)>) -> Self {
+        self.options.environment = Some(vars.into_iter().map(|(k, v)| (k.into(), v.into())).collect());
+        self
+    }
+
+    /// Adds a function written by hand.
+    pub fn function(mut self, function: StreamFunction) -> Self {
+        self.functions.push(function);
+        self
+    }
+
+    /// Leaves out the functions registered with `#[stream_function]`; only those added with
+    /// [`ApplicationBuilder::function`] are bound.
+    pub fn without_registered_functions(mut self) -> Self {
+        self.registered = false;
+        self
+    }
+
+    /// Makes a binder type available (the facade adds Kafka and RabbitMQ by feature).
+    pub fn binder_provider(mut self, provider: impl BinderProvider) -> Self {
+        self.providers.insert(provider.binder_type().to_owned(), Arc::new(provider));
+        self
+    }
+
+    /// Uses this binder instance for the binder named `name` instead of creating one.
+    pub fn binder(mut self, name: impl Into<String>, binder: Arc<dyn Binder>) -> Self {
+        self.binders.insert(name.into(), binder);
+        self
+    }
+
+    /// Uses this binder instance for every binder, whatever its type (as the test support does
+    /// with the memory binder). Binder-specific settings are still validated.
+    pub fn replace_binders(mut self, binder: Arc<dyn Binder>) -> Self {
+        self.every_binder = Some(binder);
+        self
+    }
+
+    /// Loads and validates the configuration against the functions and binder types. Nothing
+    /// connects yet.
+    pub fn build(self) -> Result<Application, Error> {
+        let merged = load(&self.options)?;
+        let mut functions = self.functions;
+        if self.registered {
+            functions.extend(registered_functions());
+        }
+        let mut extension_types: Vec<&str> = self.providers.keys().map(String::as_str).collect();
+        extension_types.extend(KNOWN_BINDER_TYPES.iter().map(|(t, _)| *t));
+        let mut problems = Problems::default();
+        let stream = StreamConfig::read(&merged, &extension_types, &mut problems);
+        let planner = Planner {
+            stream: &stream,
+            functions: &functions,
+            providers: &self.providers,
+        };
+        let plan = planner.plan(&mut problems);
+        problems.into_result()?;
+        let plan = plan.ok_or_else(|| ConfigError::Invalid(Vec::new()))?;
+        Ok(Application {
+            plan,
+            config: AppConfig::new(&merged),
+            binders: self.binders,
+            every_binder: self.every_binder,
+        })
+    }
+}
+
+/// A validated application, ready to bind its functions.
+#[derive(Debug)]
+pub struct Application {
+    plan: Plan,
+    config: AppConfig,
+    binders: BTreeMap<String, Arc<dyn Binder>>,
+    every_binder: Option<Arc<dyn Binder>>,
+}
+
+impl Application {
+    /// Starts configuring an application.
+    pub fn builder() -> ApplicationBuilder {
+        ApplicationBuilder::new()
+    }
+
+    /// The application's own configuration (everything outside `[stream]`).
+    pub fn config(&self) -> &AppConfig {
+        &self.config
+    }
+
+    /// The destinations the bound functions send to, and their dead-letter destinations.
+    pub fn output_destinations(&self) -> Vec<String> {
+        let mut destinations: Vec<String> = self
+            .plan
+            .functions
+            .iter()
+            .flat_map(|f| {
+                let output = f.output.as_ref().map(|o| o.destination.clone());
+                let dlq = f
+                    .input
+                    .as_ref()
+                    .filter(|i| i.consumer.dlq)
+                    .map(|i| i.consumer_spec().dlq_destination());
+                output.into_iter().chain(dlq)
+            })
+            .chain(self.plan.outputs.values().map(|o| o.destination.clone()))
+            .collect();
+        destinations.sort();
+        destinations.dedup();
+        destinations
+    }
+
+    /// Binds every function, runs until Ctrl-C or SIGTERM, then shuts down gracefully.
+    pub async fn run(self) -> Result<(), Error> {
+        let running = self.start().await?;
+        let signal = shutdown_signal().await;
+        running.shutdown().await?;
+        signal
+    }
+
+    /// Like [`Application::run`], but also stops when `stop` completes.
+    pub async fn run_until(self, stop: impl Future<Output = ()>) -> Result<(), Error> {
+        let running = self.start().await?;
+        let signal = tokio::select! {
+            signal = shutdown_signal() => signal,
+            () = stop => Ok(()),
+        };
+        running.shutdown().await?;
+        signal
+    }
+
+    /// Connects the binders, binds every input, then every output and supplier, and returns
+    /// while they run.
+    pub async fn start(self) -> Result<RunningApplication, Error> {
+        let plan = self.plan;
+        let mut binders: HashMap<String, Arc<dyn Binder>> = HashMap::new();
+        for (name, planned) in &plan.binders {
+            let binder = match (&self.every_binder, self.binders.get(name)) {
+                (Some(binder), _) | (None, Some(binder)) => binder.clone(),
+                (None, None) => planned.provider.create(planned.settings.clone()).await?,
+            };
+            tracing::info!(binder = %name, binder_type = planned.provider.binder_type(), "binder ready");
+            binders.insert(name.clone(), binder);
+        }
+        let bridge = StreamBridge::new(
+            binders.clone(),
+            plan.default_binder.clone(),
+            plan.outputs.clone(),
+            plan.dynamic_defaults.clone(),
+        );
+        let (stop, stopped) = watch::channel(false);
+        let mut running = RunningApplication {
+            bridge: bridge.clone(),
+            stop,
+            consumers: JoinSet::new(),
+            suppliers: JoinSet::new(),
+            binders: binders.clone(),
+            shutdown_timeout: plan.shutdown_timeout,
+            outputs: plan.outputs.iter().map(|(name, b)| (name.clone(), b.destination.clone())).collect(),
+        };
+
+        // Inputs are subscribed before any supplier runs, so nothing sent at startup is lost.
+        let mut suppliers = Vec::new();
+        for planned in &plan.functions {
+            let output = match &planned.output {
+                Some(output) => Some(bridge.output(&output.name).await?),
+                None => None,
+            };
+            let context = Context::new(
+                bridge.clone(),
+                self.config.clone(),
+                planned.input.as_ref().and_then(|i| i.content_type.clone()),
+                output.as_ref().map(|o| o.content_type.clone()),
+            );
+            let invoker = Invoker {
+                function: planned.function.name().to_owned(),
+                handler: planned.function.handler.clone(),
+                context,
+                output,
+            };
+            let Some(input) = &planned.input else {
+                suppliers.push((invoker, planned.poll));
+                continue;
+            };
+            let binder = &binders[&input.binder];
+            let spec = input.consumer_spec();
+            let dead_letter = match spec.properties.dlq {
+                true => Some(binder.dead_letter_producer(&spec).await?),
+                false => None,
+            };
+            let subscription = match binder.subscribe(&spec).await {
+                Ok(subscription) => subscription,
+                Err(error) => {
+                    running.abort().await;
+                    return Err(error);
+                }
+            };
+            tracing::info!(
+                binding = %input.name, destination = %input.destination, group = input.group.as_deref().unwrap_or("(anonymous)"),
+                binder = %input.binder, "bound"
+            );
+            let binding = Arc::new(InputBinding {
+                binding: input.name.clone(),
+                destination: input.destination.clone(),
+                properties: spec.properties.clone(),
+                invoker,
+                dead_letter,
+            });
+            running.consumers.spawn(binding.run(subscription, stopped.clone()));
+        }
+        for (invoker, every) in suppliers {
+            running.suppliers.spawn(run_supplier(invoker, every, stopped.clone()));
+        }
+        Ok(running)
+    }
+}
+
+/// A started application: its bridge, and the way to stop it.
+#[derive(Debug)]
+pub struct RunningApplication {
+    bridge: StreamBridge,
+    stop: watch::Sender<bool>,
+    consumers: JoinSet<()>,
+    suppliers: JoinSet<()>,
+    binders: HashMap<String, Arc<dyn Binder>>,
+    shutdown_timeout: Duration,
+    outputs: BTreeMap<String, String>,
+}
+
+impl RunningApplication {
+    /// The destination of an output binding, such as `bill-out-0`.
+    pub fn output_destination(&self, binding: &str) -> Option<String> {
+        self.outputs.get(&crate::config::normalize_name(binding)).cloned()
+    }
+
+    /// The bridge, to send to any binding or destination.
+    pub fn bridge(&self) -> StreamBridge {
+        self.bridge.clone()
+    }
+
+    /// Stops taking new messages, finishes and acknowledges those in flight, then closes the
+    /// binders, within `stream.shutdown-timeout`. Messages still in flight after that are left
+    /// unacknowledged, so the broker delivers them again.
+    pub async fn shutdown(mut self) -> Result<(), Error> {
+        tracing::info!("shutting down: finishing messages in flight");
+        self.stop.send_replace(true);
+        let drained = tokio::time::timeout(self.shutdown_timeout, async {
+            while self.suppliers.join_next().await.is_some() {}
+            while self.consumers.join_next().await.is_some() {}
+        })
+        .await;
+        if drained.is_err() {
+            tracing::warn!(
+                timeout = ?self.shutdown_timeout,
+                "shutdown timed out; messages still in flight were not acknowledged and will be delivered again"
+            );
+            self.abort().await;
+        }
+        self.bridge.close();
+        for (name, binder) in &self.binders {
+            if let Err(error) = binder.close().await {
+                tracing::warn!(binder = %name, %error, "closing the binder failed");
+            }
+        }
+        tracing::info!("shut down");
+        Ok(())
+    }
+
+    async fn abort(&mut self) {
+        self.stop.send_replace(true);
+        self.suppliers.abort_all();
+        self.consumers.abort_all();
+        while self.suppliers.join_next().await.is_some() {}
+        while self.consumers.join_next().await.is_some() {}
+    }
+}
+
+/// Waits for Ctrl-C or (on Unix) SIGTERM.
+async fn shutdown_signal() -> Result<(), Error> {
+    #[cfg(unix)]
+    {
+        use tokio::signal::unix::{signal, SignalKind};
+        let mut terminate = signal(SignalKind::terminate()).map_err(Error::Signal)?;
+        tokio::select! {
+            result = tokio::signal::ctrl_c() => result.map_err(Error::Signal),
+            _ = terminate.recv() => Ok(()),
+        }
+    }
+    #[cfg(not(unix))]
+    {
+        tokio::signal::ctrl_c().await.map_err(Error::Signal)
+    }
+}

@@ -1,0 +1,131 @@
+//! Test support, in the spirit of Spring's test binder: run the application in-process on the
+//! memory binder, send to its input destinations, receive from its outputs and dead-letter
+//! destinations with a deadline.
+//!
+//! ```
+//! # #[tokio::main(flavor = "current_thread")] async fn main() -> Result<(), bindery_core::Error> {
+//! use std::time::Duration;
+//! use bindery_core::{testing::TestApp, Application, StreamFunction};
+//!
+//! let shout = StreamFunction::function("shout", |text: String| async move { text.to_uppercase() });
+//! let app = TestApp::start_with(
+//!     Application::builder().without_registered_functions().function(shout),
+//!     r#"[stream.bindings.shout-in-0]
+//!        destination = "words""#,
+//! )
+//! .await?;
+//! app.send("words", "hello").await?;
+//! let reply = app.receive("shout-out-0", Duration::from_secs(5)).await.expect("a reply");
+//! assert_eq!(&reply.payload()[..], b"HELLO");
+//! app.shutdown().await
+//! # }
+//! ```
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::sync::Mutex;
+
+use crate::binder::{Binder, ConsumerSpec, ProducerSpec, Subscription};
+use crate::handler::{IntoOutputs, Outputs, DEFAULT_CONTENT_TYPE};
+use crate::{Application, ApplicationBuilder, Error, MemoryBinder, Message, RunningApplication, StreamBridge};
+
+/// An application running in-process on one [`MemoryBinder`] that stands in for every binder.
+#[derive(Debug)]
+pub struct TestApp {
+    binder: MemoryBinder,
+    running: RunningApplication,
+    captures: Mutex<HashMap<String, Box<dyn Subscription>>>,
+}
+
+impl TestApp {
+    /// Starts the `#[stream_function]`s selected by `toml` (every one when it names none).
+    /// The process environment and `application.toml` are not read.
+    pub async fn start(toml: &str) -> Result<TestApp, Error> {
+        Self::start_with(Application::builder(), toml).await
+    }
+
+    /// Starts an application configured by `builder`, with `toml` as its configuration.
+    pub async fn start_with(builder: ApplicationBuilder, toml: &str) -> Result<TestApp, Error> {
+        let binder = MemoryBinder::new();
+        let application = builder
+            .config_str("test configuration", toml)
+            .environment(Vec::<(String, String)>::new())
+            .replace_binders(Arc::new(binder.clone()))
+            .build()?;
+        // Capture outputs before anything can send, so no output is missed.
+        let mut captures = HashMap::new();
+        for destination in application.output_destinations() {
+            let subscription = binder.subscribe(&ConsumerSpec::new(destination.clone(), None)).await?;
+            captures.insert(destination, subscription);
+        }
+        let running = application.start().await?;
+        Ok(TestApp {
+            binder,
+            running,
+            captures: Mutex::new(captures),
+        })
+    }
+
+    /// The memory binder every binding runs on.
+    pub fn binder(&self) -> &MemoryBinder {
+        &self.binder
+    }
+
+    /// The application's bridge.
+    pub fn bridge(&self) -> StreamBridge {
+        self.running.bridge()
+    }
+
+    /// Sends `value` to `destination`, encoded as a function's return value would be
+    /// (plain values need [`crate::Encoded`]; strings and bytes are sent as they are).
+    pub async fn send(&self, destination: &str, value: impl IntoOutputs) -> Result<(), Error> {
+        let mut outputs = Outputs::new(DEFAULT_CONTENT_TYPE);
+        value.into_outputs(&mut outputs).map_err(|failure| Error::Encode {
+            destination: destination.to_owned(),
+            message: failure.to_string(),
+        })?;
+        let producer = self.binder.producer(&ProducerSpec::new(destination)).await?;
+        for message in outputs.into_messages() {
+            producer.send(message).await?;
+        }
+        Ok(())
+    }
+
+    /// Sends a JSON-encoded value to `destination`.
+    pub async fn send_json<T: serde::Serialize + Send>(&self, destination: &str, value: T) -> Result<(), Error> {
+        self.send(destination, crate::Encoded(value)).await
+    }
+
+    /// The next message sent to `destination` (a destination or an output binding's name), or
+    /// `None` when none arrives within `timeout`. Destinations the application's functions
+    /// send to are captured from the start; others from the first call on.
+    pub async fn receive(&self, destination: &str, timeout: Duration) -> Option<Message> {
+        let destination = self.resolve(destination);
+        let mut captures = self.captures.lock().await;
+        if !captures.contains_key(&destination) {
+            let subscription = self.binder.subscribe(&ConsumerSpec::new(destination.clone(), None)).await.ok()?;
+            captures.insert(destination.clone(), subscription);
+        }
+        let subscription = captures.get_mut(&destination)?;
+        let delivery = tokio::time::timeout(timeout, subscription.next()).await.ok()??.ok()?;
+        let message = delivery.message.clone();
+        delivery.acknowledgement.ack().await.ok()?;
+        Some(message)
+    }
+
+    /// The next message dead-lettered from `destination` by `group`, within `timeout`.
+    pub async fn receive_dead_letter(&self, destination: &str, group: &str, timeout: Duration) -> Option<Message> {
+        self.receive(&format!("{destination}.{group}.dlq"), timeout).await
+    }
+
+    fn resolve(&self, destination: &str) -> String {
+        self.running.output_destination(destination).unwrap_or_else(|| destination.to_owned())
+    }
+
+    /// Shuts the application down gracefully.
+    pub async fn shutdown(self) -> Result<(), Error> {
+        self.running.shutdown().await
+    }
+}

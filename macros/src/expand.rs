@@ -1,0 +1,384 @@
+use proc_macro2::{Span, TokenStream};
+use quote::{format_ident, quote, quote_spanned, ToTokens};
+use syn::parse::Parser;
+use syn::punctuated::Punctuated;
+use syn::spanned::Spanned;
+use syn::{FnArg, GenericArgument, ItemFn, LitStr, Meta, PathArguments, ReturnType, Token, Type};
+
+const ATTRIBUTES: &[&str] = &["name", "input", "output", "group", "poll"];
+
+/// Expands the attribute; on error, the user's function is still emitted unchanged so the
+/// rest of the crate keeps compiling and IDEs keep working.
+pub(crate) fn stream_function(args: TokenStream, item: TokenStream) -> TokenStream {
+    let function: ItemFn = match syn::parse2(item.clone()) {
+        Ok(function) => function,
+        Err(_) => {
+            let error = syn::Error::new(
+                Span::call_site(),
+                "#[stream_function] goes on a function (`fn` or `async fn`)",
+            );
+            return with_error(item, error);
+        }
+    };
+    match expand(args, &function) {
+        Ok(tokens) => tokens,
+        Err(error) => with_error(function.into_token_stream(), error),
+    }
+}
+
+fn with_error(item: TokenStream, error: syn::Error) -> TokenStream {
+    let error = error.into_compile_error();
+    quote! { #item #error }
+}
+
+#[derive(Default)]
+struct Attributes {
+    name: Option<LitStr>,
+    input: Option<LitStr>,
+    output: Option<LitStr>,
+    group: Option<LitStr>,
+    poll: Option<LitStr>,
+}
+
+fn parse_attributes(args: TokenStream) -> syn::Result<Attributes> {
+    let metas = Punctuated::<Meta, Token![,]>::parse_terminated.parse2(args)?;
+    let mut attributes = Attributes::default();
+    let mut errors: Option<syn::Error> = None;
+    let mut push = |error: syn::Error| match &mut errors {
+        Some(all) => all.combine(error),
+        None => errors = Some(error),
+    };
+    for meta in metas {
+        let Meta::NameValue(pair) = &meta else {
+            push(syn::Error::new(
+                meta.span(),
+                format!("expected `key = \"value\"`, with a key among {}", allowed()),
+            ));
+            continue;
+        };
+        let key = pair.path.get_ident().map(|i| i.to_string()).unwrap_or_default();
+        let slot = match key.as_str() {
+            "name" => &mut attributes.name,
+            "input" => &mut attributes.input,
+            "output" => &mut attributes.output,
+            "group" => &mut attributes.group,
+            "poll" => &mut attributes.poll,
+            _ => {
+                push(syn::Error::new(
+                    pair.path.span(),
+                    format!("unknown attribute `{}`; expected one of {}", pair.path.to_token_stream(), allowed()),
+                ));
+                continue;
+            }
+        };
+        let value = match &pair.value {
+            syn::Expr::Lit(syn::ExprLit { lit: syn::Lit::Str(text), .. }) => text.clone(),
+            other => {
+                push(syn::Error::new(other.span(), format!("`{key}` takes a string, such as `{key} = \"...\"`")));
+                continue;
+            }
+        };
+        if value.value().trim().is_empty() {
+            push(syn::Error::new(value.span(), format!("`{key}` must not be empty")));
+            continue;
+        }
+        if slot.is_some() {
+            push(syn::Error::new(pair.path.span(), format!("`{key}` is given twice")));
+            continue;
+        }
+        *slot = Some(value);
+    }
+    match errors {
+        Some(errors) => Err(errors),
+        None => Ok(attributes),
+    }
+}
+
+fn allowed() -> String {
+    ATTRIBUTES.iter().map(|a| format!("`{a}`")).collect::<Vec<_>>().join(", ")
+}
+
+/// How an argument is taken from the message.
+enum Argument {
+    /// The payload, decoded into a plain type: the handler takes `Decoded<T>` and unwraps it.
+    Decoded(Type),
+    /// `Message<T>` of a plain type: the handler takes `Message<Decoded<T>>` and unwraps it.
+    MessageOfDecoded(Type),
+    /// A raw payload (`String`, `Bytes`, `Vec<u8>`), a raw `Message<..>` or context (`Headers`,
+    /// `StreamBridge`, `AppConfig`): taken as it is.
+    AsIs(Type, bool),
+}
+
+const CONTEXT_TYPES: &[&str] = &["Headers", "StreamBridge", "AppConfig", "Context"];
+
+fn last_segment(ty: &Type) -> Option<&syn::PathSegment> {
+    match ty {
+        Type::Path(path) if path.qself.is_none() => path.path.segments.last(),
+        _ => None,
+    }
+}
+
+fn generic_args(segment: &syn::PathSegment) -> Vec<&Type> {
+    match &segment.arguments {
+        PathArguments::AngleBracketed(args) => args
+            .args
+            .iter()
+            .filter_map(|a| match a {
+                GenericArgument::Type(t) => Some(t),
+                _ => None,
+            })
+            .collect(),
+        _ => Vec::new(),
+    }
+}
+
+fn is_raw_payload(ty: &Type) -> bool {
+    let Some(segment) = last_segment(ty) else { return false };
+    match segment.ident.to_string().as_str() {
+        "String" | "Bytes" => true,
+        "Vec" => matches!(generic_args(segment).as_slice(), [inner] if is_named(inner, "u8")),
+        _ => false,
+    }
+}
+
+fn is_named(ty: &Type, name: &str) -> bool {
+    last_segment(ty).is_some_and(|s| s.ident == name && s.arguments.is_none())
+}
+
+fn classify_argument(ty: &Type) -> syn::Result<Argument> {
+    match ty {
+        Type::Reference(reference) => {
+            return Err(syn::Error::new(
+                reference.span(),
+                "stream function arguments are taken by value: remove the `&`",
+            ))
+        }
+        Type::ImplTrait(_) => {
+            return Err(syn::Error::new(
+                ty.span(),
+                "`impl Trait` cannot be a stream function argument: name the type",
+            ))
+        }
+        _ => {}
+    }
+    let Some(segment) = last_segment(ty) else {
+        return Ok(Argument::Decoded(ty.clone()));
+    };
+    let name = segment.ident.to_string();
+    if CONTEXT_TYPES.contains(&name.as_str()) {
+        return Ok(Argument::AsIs(ty.clone(), false));
+    }
+    if is_raw_payload(ty) {
+        return Ok(Argument::AsIs(ty.clone(), true));
+    }
+    if name == "Message" {
+        return match generic_args(segment).as_slice() {
+            [] => Ok(Argument::AsIs(ty.clone(), true)),
+            [inner] if is_raw_payload(inner) => Ok(Argument::AsIs(ty.clone(), true)),
+            [inner] => Ok(Argument::MessageOfDecoded((*inner).clone())),
+            _ => Err(syn::Error::new(segment.span(), "`Message` takes one payload type: `Message<T>`")),
+        };
+    }
+    Ok(Argument::Decoded(ty.clone()))
+}
+
+/// Whether a return type means "nothing to send": `()`, or `Result<(), E>`.
+fn returns_nothing(output: &ReturnType) -> bool {
+    match output {
+        ReturnType::Default => true,
+        ReturnType::Type(_, ty) => is_unit(ty) || result_of_unit(ty),
+    }
+}
+
+fn is_unit(ty: &Type) -> bool {
+    matches!(ty, Type::Tuple(tuple) if tuple.elems.is_empty())
+}
+
+fn result_of_unit(ty: &Type) -> bool {
+    last_segment(ty)
+        .filter(|s| s.ident == "Result")
+        .is_some_and(|s| matches!(generic_args(s).first(), Some(inner) if is_unit(inner)))
+}
+
+/// The expression turning a value of `ty` into something that implements `IntoOutputs`:
+/// plain values are wrapped in `Encoded`, containers are mapped through.
+fn convert_output(ty: &Type, value: TokenStream, depth: usize) -> syn::Result<TokenStream> {
+    let private = quote!(::bindery::__private);
+    let v = format_ident!("__bindery_value_{}", depth);
+    if is_unit(ty) {
+        return Ok(value);
+    }
+    if let Type::ImplTrait(_) = ty {
+        return Err(syn::Error::new(ty.span(), "`impl Trait` cannot be returned from a stream function: name the type"));
+    }
+    if let Type::Reference(reference) = ty {
+        let is_static_str = reference
+            .lifetime
+            .as_ref()
+            .is_some_and(|l| l.ident == "static")
+            && is_named(&reference.elem, "str");
+        if is_static_str {
+            return Ok(value);
+        }
+        return Err(syn::Error::new(ty.span(), "stream functions return owned values: remove the `&`"));
+    }
+    let Some(segment) = last_segment(ty) else {
+        return Ok(quote_spanned!(ty.span()=> #private::Encoded(#value)));
+    };
+    let args = generic_args(segment);
+    match (segment.ident.to_string().as_str(), args.as_slice()) {
+        ("String" | "Bytes", []) => Ok(value),
+        ("Vec", [inner]) if is_named(inner, "u8") => Ok(quote!(#private::Bytes::from(#value))),
+        ("Result", [inner, ..]) | ("Option", [inner]) => {
+            let mapped = convert_output(inner, quote!(#v), depth + 1)?;
+            Ok(quote!(#value.map(|#v| #mapped)))
+        }
+        ("Vec", [inner]) => {
+            let mapped = convert_output(inner, quote!(#v), depth + 1)?;
+            Ok(quote!(#value.into_iter().map(|#v| #mapped).collect::<::std::vec::Vec<_>>()))
+        }
+        ("Message", []) => Ok(value),
+        ("Message", [inner]) => {
+            if is_raw_payload(inner) {
+                if is_named(inner, "String") || is_named(inner, "Bytes") {
+                    return Ok(value);
+                }
+                return Ok(quote!(#value.map_payload(#private::Bytes::from)));
+            }
+            Ok(quote!(#value.map_payload(#private::Encoded)))
+        }
+        _ => Ok(quote_spanned!(ty.span()=> #private::Encoded(#value))),
+    }
+}
+
+fn expand(args: TokenStream, function: &ItemFn) -> syn::Result<TokenStream> {
+    let attributes = parse_attributes(args)?;
+    let signature = &function.sig;
+    let ident = &signature.ident;
+    if let Some(receiver) = signature.receiver() {
+        return Err(syn::Error::new(
+            receiver.span(),
+            "a stream function is a free function: it cannot take `self`",
+        ));
+    }
+    if !signature.generics.params.is_empty() {
+        return Err(syn::Error::new(
+            signature.generics.span(),
+            "a stream function cannot be generic: the runtime must know the payload type",
+        ));
+    }
+    if let Some(variadic) = &signature.variadic {
+        return Err(syn::Error::new(variadic.span(), "a stream function cannot be variadic"));
+    }
+    if signature.unsafety.is_some() {
+        return Err(syn::Error::new(signature.unsafety.span(), "a stream function cannot be `unsafe`"));
+    }
+
+    let private = quote!(::bindery::__private);
+    let mut params = Vec::new();
+    let mut call_args = Vec::new();
+    let mut payload: Option<Span> = None;
+    for (index, input) in signature.inputs.iter().enumerate() {
+        let FnArg::Typed(typed) = input else { continue };
+        let name = format_ident!("__bindery_arg_{}", index);
+        let argument = classify_argument(&typed.ty)?;
+        let is_payload = !matches!(argument, Argument::AsIs(_, false));
+        if is_payload {
+            if payload.is_some() {
+                return Err(syn::Error::new(
+                    typed.ty.span(),
+                    "a stream function takes at most one payload argument; other arguments may be `Headers`, `StreamBridge` or `AppConfig`",
+                ));
+            }
+            payload = Some(typed.ty.span());
+        }
+        match argument {
+            Argument::Decoded(ty) => {
+                params.push(quote_spanned!(ty.span()=> #name: #private::Decoded<#ty>));
+                call_args.push(quote!(#name.0));
+            }
+            Argument::MessageOfDecoded(ty) => {
+                params.push(quote_spanned!(ty.span()=> #name: #private::Message<#private::Decoded<#ty>>));
+                call_args.push(quote!(#name.map_payload(|#name| #name.0)));
+            }
+            Argument::AsIs(ty, _) => {
+                params.push(quote!(#name: #ty));
+                call_args.push(quote!(#name));
+            }
+        }
+    }
+
+    let nothing_out = returns_nothing(&signature.output);
+    let (constructor, kind) = match (payload.is_some(), nothing_out) {
+        (false, true) => {
+            return Err(syn::Error::new(
+                signature.output.span().join(ident.span()).unwrap_or(ident.span()),
+                "a stream function without a payload argument is a supplier and must return a value to send; add a payload argument to make it a consumer",
+            ))
+        }
+        (false, false) => (quote!(supplier), "supplier"),
+        (true, true) => (quote!(consumer), "consumer"),
+        (true, false) => (quote!(function), "function"),
+    };
+    if kind == "consumer" {
+        if let Some(output) = &attributes.output {
+            return Err(syn::Error::new(output.span(), "a consumer sends nothing: remove `output`, or return a value"));
+        }
+    }
+    if kind == "supplier" {
+        if let Some(input) = &attributes.input {
+            return Err(syn::Error::new(input.span(), "a supplier takes no message: remove `input`, or add a payload argument"));
+        }
+        if let Some(group) = &attributes.group {
+            return Err(syn::Error::new(group.span(), "a supplier has no input, so no group: remove `group`"));
+        }
+    } else if let Some(poll) = &attributes.poll {
+        return Err(syn::Error::new(poll.span(), "only a supplier (no payload argument) is polled: remove `poll`"));
+    }
+
+    let output_ty = match &signature.output {
+        ReturnType::Default => syn::parse_quote!(()),
+        ReturnType::Type(_, ty) => (**ty).clone(),
+    };
+    let call = if signature.asyncness.is_some() {
+        quote!(#ident(#(#call_args),*).await)
+    } else {
+        quote!(#ident(#(#call_args),*))
+    };
+    let converted = convert_output(&output_ty, quote!(__bindery_returned), 0)?;
+
+    let name = attributes
+        .name
+        .map(|n| n.into_token_stream())
+        .unwrap_or_else(|| LitStr::new(&ident.to_string(), ident.span()).into_token_stream());
+    let setters = [
+        ("input", &attributes.input),
+        ("output", &attributes.output),
+        ("group", &attributes.group),
+        ("poll", &attributes.poll),
+    ]
+    .into_iter()
+    .filter_map(|(setter, value)| {
+        let setter = format_ident!("{}", setter);
+        value.as_ref().map(|v| quote!(.#setter(#v)))
+    });
+    let register = format_ident!("__bindery_stream_function_{}", ident);
+
+    Ok(quote! {
+        #function
+
+        #[doc(hidden)]
+        #[allow(non_snake_case, clippy::unused_unit)]
+        fn #register() -> #private::StreamFunction {
+            #private::StreamFunction::#constructor(#name, |#(#params),*| async move {
+                let __bindery_returned = #call;
+                #converted
+            })
+            #(#setters)*
+        }
+
+        #private::inventory::submit! {
+            #private::FunctionRegistration::new(#register)
+        }
+    })
+}

@@ -1,0 +1,52 @@
+#![doc = include_str!("../README.md")]
+#![cfg_attr(docsrs, feature(doc_cfg))]
+
+#[doc(inline)]
+pub use bindery_core::{
+    header, AppConfig, Application, ApplicationBuilder, Binder, BinderProvider, ConsumerProperties, Context,
+    Decoded, Encoded, Error, Failure, FailureKind, FromMessage, FromPayload, FunctionKind, FunctionRegistration,
+    Handler, Headers, IntoOutputs, IntoPayload, MemoryBinder, Message, MessageBuilder, ProducerProperties,
+    RunningApplication, StreamBridge, StreamFunction,
+};
+#[doc(inline)]
+pub use bindery_core::{binder, config, memory, redact};
+#[doc(inline)]
+pub use bindery_macros::stream_function;
+
+/// Test support: run an application in-process on the memory binder.
+pub mod test {
+    #[doc(inline)]
+    pub use bindery_core::testing::*;
+}
+
+/// What most applications need: `use bindery::prelude::*;`.
+pub mod prelude {
+    pub use crate::{stream_function, AppConfig, Headers, Message, StreamBridge};
+}
+
+/// A builder with every binder this build of bindery has: memory, and Kafka and RabbitMQ when
+/// their features are on.
+pub fn application() -> ApplicationBuilder {
+    Application::builder()
+}
+
+/// Loads `application.toml` (with profiles and environment variables), binds every
+/// `#[stream_function]`, and runs until Ctrl-C or SIGTERM, then shuts down gracefully.
+///
+/// This is the same as the hand-written
+///
+/// ```no_run
+/// # async fn demo() -> Result<(), bindery::Error> {
+/// bindery::application().build()?.run().await
+/// # }
+/// ```
+pub async fn run() -> Result<(), Error> {
+    application().build()?.run().await
+}
+
+#[doc(hidden)]
+pub mod __private {
+    pub use bindery_core::inventory;
+    pub use bindery_core::{Decoded, Encoded, FunctionRegistration, Message, StreamFunction};
+    pub use bytes::Bytes;
+}
