@@ -198,9 +198,10 @@ impl StreamConfig {
                 }
                 "binders" => config.binders = node.entries(problems).unwrap_or_default(),
                 "default" => config.defaults = read_binding(&node, DEFAULT_KEYS, problems),
-                _ => {
+                other if extension_types.contains(&other) => {
                     config.extensions.insert(name, node);
                 }
+                _ => {}
             }
         }
         config

@@ -184,7 +184,7 @@ impl Planner<'_> {
                     problems.at(
                         node,
                         format!(
-                            "no stream function is named `{name}`{hint} (registered: {})",
+                            "no stream function is named `{name}` (registered: {}){hint}",
                             if known.is_empty() { "none".to_owned() } else { quoted_list(&known) }
                         ),
                     );
@@ -220,7 +220,7 @@ impl Planner<'_> {
         }
         let hint = suggestion(name, known.iter().map(String::as_str));
         let message = format!(
-            "no stream function has a binding named `{name}`{hint}; bindings are `<function>-in-0` and `<function>-out-0`, or `<name>-out-0` for a name in `stream.output-bindings`"
+            "no stream function has a binding named `{name}` (bindings are `<function>-in-0` and `<function>-out-0`, and `<name>-out-0` for a name in `stream.output-bindings`){hint}"
         );
         match node {
             Some(node) => problems.at(node, message),
@@ -282,9 +282,9 @@ impl Planner<'_> {
                 types.sort();
                 types.dedup();
                 format!(
-                    "unknown binder type `{binder_type}`{}; binder types are {}",
+                    "unknown binder type `{binder_type}` (binder types are {}){}",
+                    quoted_list(&types),
                     suggestion(binder_type, types.iter().copied()),
-                    quoted_list(&types)
                 )
             }
         };
@@ -316,13 +316,13 @@ impl Planner<'_> {
         problems.at(
             node,
             format!(
-                "no binder is named `{name}`{}; name one from [stream.binders] ({}) or a binder type",
-                suggestion(name, candidates.iter().copied()),
+                "no binder is named `{name}`; name one from [stream.binders] ({}) or a binder type{}",
                 if self.stream.binders.is_empty() {
                     "none configured".to_owned()
                 } else {
                     quoted_list(&self.stream.binders.keys().map(String::as_str).collect::<Vec<_>>())
-                }
+                },
+                suggestion(name, candidates.iter().copied()),
             ),
         );
         None

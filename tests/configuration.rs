@@ -1,0 +1,347 @@
+//! Configuration: layering of files, profiles and environment variables, and every kind of
+//! mistake reported with its file and key before anything connects.
+
+use std::path::PathBuf;
+
+use bindery::{ApplicationBuilder, Decoded, Encoded, StreamFunction};
+
+fn functions() -> ApplicationBuilder {
+    let bill = StreamFunction::function("bill", |n: Decoded<u64>| async move { Encoded(n.0) });
+    let audit = StreamFunction::consumer("audit", |_: String| async {});
+    let ticker = StreamFunction::supplier("ticker", || async { "tick" });
+    bindery::application()
+        .without_registered_functions()
+        .function(bill)
+        .function(audit)
+        .function(ticker)
+        .environment(Vec::<(String, String)>::new())
+}
+
+fn build(toml: &str) -> Result<bindery::Application, bindery::Error> {
+    functions().config_str("application.toml", toml).build()
+}
+
+/// The error text for an invalid configuration; fails the test if it was accepted.
+fn error_of(toml: &str) -> String {
+    match build(toml) {
+        Ok(_) => panic!("configuration was accepted but should not be:\n{toml}"),
+        Err(error) => error.to_string(),
+    }
+}
+
+fn assert_mentions(text: &str, parts: &[&str]) {
+    for part in parts {
+        assert!(text.contains(part), "expected {part:?} in:\n{text}");
+    }
+}
+
+#[test]
+fn a_valid_configuration_is_accepted() {
+    let app = build(
+        r#"
+[stream]
+default-binder = "memory"
+function.definition = "bill;audit"
+shutdown-timeout = "5s"
+output-bindings = "alerts"
+
+[stream.bindings.bill-in-0]
+destination = "orders"
+group = "billing"
+content-type = "application/json"
+binder = "memory"
+
+[stream.bindings.bill-in-0.consumer]
+max-attempts = 3
+back-off-initial-interval = "1s"
+back-off-multiplier = 2.0
+back-off-max-interval = "10s"
+concurrency = 2
+dlq = true
+
+[stream.bindings.bill-out-0]
+destination = "invoices"
+
+[stream.bindings.alerts-out-0]
+destination = "alerts-v1"
+
+[stream.binders.memory]
+type = "memory"
+
+[stream.default.consumer]
+max-attempts = 5
+
+[greeter]
+greeting = "hello"
+"#,
+    )
+    .expect("valid configuration");
+    assert_eq!(app.config().get::<String>("greeter.greeting").unwrap(), "hello");
+    assert_eq!(
+        app.output_destinations(),
+        vec!["alerts-v1".to_owned(), "invoices".to_owned(), "orders.billing.dlq".to_owned()]
+    );
+}
+
+#[test]
+fn unknown_key_under_stream_is_named_with_a_suggestion() {
+    let text = error_of(r#"stream.default-bindr = "memory""#);
+    assert_mentions(&text, &["application.toml", "`stream.default-bindr`", "did you mean `default-binder`?"]);
+}
+
+#[test]
+fn unknown_binding_key_is_named_with_a_suggestion() {
+    let text = error_of("[stream.bindings.bill-in-0]\ndestinaton = \"orders\"");
+    assert_mentions(&text, &["`stream.bindings.bill-in-0.destinaton`", "did you mean `destination`?"]);
+}
+
+#[test]
+fn unknown_consumer_key_is_named_with_a_suggestion() {
+    let text = error_of("[stream.bindings.bill-in-0.consumer]\nmax-atempts = 3");
+    assert_mentions(
+        &text,
+        &["`stream.bindings.bill-in-0.consumer.max-atempts`", "did you mean `max-attempts`?"],
+    );
+}
+
+#[test]
+fn a_value_of_the_wrong_type_is_named() {
+    let text = error_of("[stream.bindings.bill-in-0.consumer]\nmax-attempts = \"three\"");
+    assert_mentions(
+        &text,
+        &["`stream.bindings.bill-in-0.consumer.max-attempts`", "expected a whole number, found \"three\""],
+    );
+}
+
+#[test]
+fn max_attempts_below_one_is_rejected() {
+    let text = error_of("[stream.default.consumer]\nmax-attempts = 0");
+    assert_mentions(&text, &["`stream.default.consumer.max-attempts`", "must be at least 1, found 0"]);
+}
+
+#[test]
+fn a_bad_duration_is_rejected() {
+    let text = error_of("[stream.bindings.bill-in-0.consumer]\nback-off-initial-interval = \"soon\"");
+    assert_mentions(
+        &text,
+        &["`stream.bindings.bill-in-0.consumer.back-off-initial-interval`", "expected a duration such as \"1s\""],
+    );
+}
+
+#[test]
+fn a_duration_given_as_a_number_is_rejected() {
+    let text = error_of("[stream]\nshutdown-timeout = 30");
+    assert_mentions(&text, &["`stream.shutdown-timeout`", "expected a duration", "found 30"]);
+}
+
+#[test]
+fn a_binding_name_that_matches_no_function_is_named_with_a_suggestion() {
+    let text = error_of("[stream.bindings.bil-in-0]\ndestination = \"orders\"");
+    assert_mentions(&text, &["`stream.bindings.bil-in-0`", "no stream function has a binding named `bil-in-0`", "did you mean `bill-in-0`?"]);
+}
+
+#[test]
+fn an_unknown_function_in_the_definition_is_named() {
+    let text = error_of(r#"stream.function.definition = "bill;audti""#);
+    assert_mentions(&text, &["`stream.function.definition`", "no stream function is named `audti`", "did you mean `audit`?"]);
+}
+
+#[test]
+fn function_composition_is_refused_clearly() {
+    let text = error_of(r#"stream.function.definition = "bill|audit""#);
+    assert_mentions(&text, &["`stream.function.definition`", "composition with `|` is not supported"]);
+}
+
+#[test]
+fn an_unknown_binder_type_is_named_with_a_suggestion() {
+    let text = error_of("[stream.binders.main]\ntype = \"memroy\"");
+    assert_mentions(&text, &["`stream.binders.main.type`", "unknown binder type `memroy`", "did you mean `memory`?"]);
+}
+
+#[test]
+fn a_binder_type_that_is_not_compiled_in_names_the_feature() {
+    let text = error_of("[stream.binders.cluster]\ntype = \"kafka\"");
+    assert_mentions(&text, &["`stream.binders.cluster.type`", "enable the `kafka` feature"]);
+}
+
+#[test]
+fn a_binding_naming_an_unknown_binder_is_rejected() {
+    let text = error_of(
+        "[stream.binders.local]\ntype = \"memory\"\n[stream.bindings.bill-in-0]\nbinder = \"locl\"",
+    );
+    assert_mentions(&text, &["`stream.bindings.bill-in-0.binder`", "no binder is named `locl`", "did you mean `local`?"]);
+}
+
+#[test]
+fn an_unknown_default_binder_is_rejected() {
+    let text = error_of(r#"stream.default-binder = "rabit""#);
+    assert_mentions(&text, &["`stream.default-binder`", "no binder is named `rabit`"]);
+}
+
+#[test]
+fn several_binders_need_a_default() {
+    let text = error_of("[stream.binders.one]\ntype = \"memory\"\n[stream.binders.two]\ntype = \"memory\"");
+    assert_mentions(&text, &["`stream.default-binder`", "several binders are configured (`one`, `two`)"]);
+}
+
+#[test]
+fn a_binder_without_a_type_is_rejected() {
+    let text = error_of("[stream.binders.cluster]\nbrokers = \"localhost:9092\"");
+    assert_mentions(&text, &["`stream.binders.cluster`", "missing `type`"]);
+}
+
+#[test]
+fn an_unsupported_content_type_is_rejected() {
+    let text = error_of("[stream.bindings.bill-in-0]\ncontent-type = \"application/x-protobuf\"");
+    assert_mentions(&text, &["`stream.bindings.bill-in-0.content-type`", "unsupported content type"]);
+}
+
+#[test]
+fn a_dlq_needs_a_group() {
+    let text = error_of("[stream.bindings.audit-in-0.consumer]\ndlq = true");
+    assert_mentions(&text, &["`stream.bindings.audit-in-0.consumer.dlq`", "no group"]);
+}
+
+#[test]
+fn a_multiplier_below_one_is_rejected() {
+    let text = error_of("[stream.default.consumer]\nback-off-multiplier = 0.5");
+    assert_mentions(&text, &["`stream.default.consumer.back-off-multiplier`", "at least 1"]);
+}
+
+#[test]
+fn a_memory_binder_has_no_settings() {
+    let text = error_of("[stream.binders.memory]\ntype = \"memory\"\ncapacity = 10");
+    assert_mentions(&text, &["`stream.binders.memory.capacity`", "unknown key"]);
+}
+
+#[test]
+fn binder_specific_sections_of_missing_binders_name_the_feature() {
+    let text = error_of("[stream.rabbit.bindings.bill-in-0.consumer]\nprefetch = 10");
+    assert_mentions(&text, &["`stream.rabbit`", "enable the `rabbit` feature"]);
+}
+
+#[test]
+fn a_toml_syntax_error_names_the_file() {
+    let text = error_of("[stream\ndefault-binder = 1");
+    assert_mentions(&text, &["cannot read configuration file application.toml"]);
+}
+
+#[test]
+fn every_problem_is_reported_at_once() {
+    let text = error_of("[stream]\ndefault-bindr = \"memory\"\nshutdown-timeout = \"never\"");
+    assert_mentions(&text, &["`stream.default-bindr`", "`stream.shutdown-timeout`"]);
+}
+
+#[test]
+fn a_bad_poll_on_a_supplier_is_reported() {
+    let ticker = StreamFunction::supplier("slow", || async { "tick" }).poll("often");
+    let error = bindery::application()
+        .without_registered_functions()
+        .function(ticker)
+        .config_str("application.toml", "")
+        .environment(Vec::<(String, String)>::new())
+        .build()
+        .unwrap_err()
+        .to_string();
+    assert_mentions(&error, &["`poll`", "\"often\" is not a duration"]);
+}
+
+#[test]
+fn debug_of_the_error_reads_like_display() {
+    let error = build(r#"stream.default-bindr = "memory""#).unwrap_err();
+    assert_eq!(format!("{error:?}"), error.to_string());
+}
+
+fn temp_dir() -> PathBuf {
+    let dir = std::env::temp_dir().join(format!("bindery-config-{}", uuid::Uuid::new_v4().simple()));
+    std::fs::create_dir_all(&dir).unwrap();
+    dir
+}
+
+#[test]
+fn profiles_and_environment_variables_override_the_base_file_in_order() {
+    let dir = temp_dir();
+    std::fs::write(
+        dir.join("application.toml"),
+        "[stream.bindings.bill-in-0]\ndestination = \"orders\"\ngroup = \"base\"\n[app]\nname = \"base\"\nlevel = 1",
+    )
+    .unwrap();
+    std::fs::write(dir.join("application-staging.toml"), "[app]\nname = \"staging\"\nlevel = 2").unwrap();
+    std::fs::write(dir.join("application-eu.toml"), "[app]\nlevel = 3").unwrap();
+    let app = functions()
+        .config_file(dir.join("application.toml"))
+        .environment([
+            ("BINDERY_PROFILE", "staging,eu"),
+            ("BINDERY_APP__REGION", "eu-west-1"),
+            ("BINDERY_STREAM__BINDINGS__BILL_IN_0__DESTINATION", "orders-v2"),
+        ])
+        .build()
+        .expect("valid");
+    assert_eq!(app.config().get::<String>("app.name").unwrap(), "staging");
+    assert_eq!(app.config().get::<i64>("app.level").unwrap(), 3);
+    assert_eq!(app.config().get::<String>("app.region").unwrap(), "eu-west-1");
+    assert!(app.output_destinations().contains(&"bill-out-0".to_owned()));
+    assert_eq!(app.config().get::<String>("stream.bindings.bill-in-0.destination").unwrap(), "orders-v2");
+}
+
+#[test]
+fn a_bad_environment_variable_is_named() {
+    let error = functions()
+        .config_str("application.toml", "")
+        .environment([("BINDERY_STREAM__BINDINGS__BILL_IN_0__CONSUMER__MAX_ATTEMPTS", "many")])
+        .build()
+        .unwrap_err()
+        .to_string();
+    assert_mentions(
+        &error,
+        &[
+            "environment variable BINDERY_STREAM__BINDINGS__BILL_IN_0__CONSUMER__MAX_ATTEMPTS",
+            "`stream.bindings.bill-in-0.consumer.max-attempts`",
+            "expected a whole number",
+        ],
+    );
+}
+
+#[test]
+fn a_bad_key_in_a_profile_file_names_that_file() {
+    let dir = temp_dir();
+    std::fs::write(dir.join("application.toml"), "").unwrap();
+    std::fs::write(dir.join("application-prod.toml"), "[stream.bindings.bill-in-0]\ngroupp = \"x\"").unwrap();
+    let error = functions()
+        .config_file(dir.join("application.toml"))
+        .profile("prod")
+        .build()
+        .unwrap_err()
+        .to_string();
+    assert_mentions(&error, &["application-prod.toml", "`stream.bindings.bill-in-0.groupp`", "did you mean `group`?"]);
+}
+
+#[test]
+fn a_missing_profile_file_is_an_error() {
+    let dir = temp_dir();
+    std::fs::write(dir.join("application.toml"), "").unwrap();
+    let error = functions()
+        .config_file(dir.join("application.toml"))
+        .profile("kafka")
+        .build()
+        .unwrap_err()
+        .to_string();
+    assert_mentions(&error, &["application-kafka.toml", "profile `kafka` is active"]);
+}
+
+#[test]
+fn a_missing_config_file_from_bindery_config_is_an_error() {
+    let error = functions()
+        .environment([("BINDERY_CONFIG", "/nonexistent/bindery.toml")])
+        .build()
+        .unwrap_err()
+        .to_string();
+    assert_mentions(&error, &["/nonexistent/bindery.toml", "no such file"]);
+}
+
+#[test]
+fn secrets_never_appear_in_errors() {
+    let text = error_of("[stream.binders.main]\ntype = \"memory\"\npassword = \"hunter2\"\nuri = \"amqp://app:hunter2@mq:5672\"");
+    assert!(!text.contains("hunter2"), "secret leaked in:\n{text}");
+    assert_mentions(&text, &["`stream.binders.main.password`", "`stream.binders.main.uri`"]);
+}

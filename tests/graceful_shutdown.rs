@@ -1,0 +1,115 @@
+//! Shutting down finishes what is in flight, acknowledges it, and loses nothing.
+
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use bindery::binder::{ConsumerSpec, ProducerSpec};
+use bindery::{Binder, MemoryBinder, Message, StreamFunction};
+use bytes::Bytes;
+use tokio::time::Instant;
+
+async fn wait_until(what: &str, deadline: Duration, condition: impl Fn() -> bool) {
+    let until = Instant::now() + deadline;
+    while !condition() {
+        assert!(Instant::now() < until, "timed out waiting until {what}");
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+}
+
+fn slow_function(started: Arc<AtomicU32>, finished: Arc<AtomicU32>, takes: Duration) -> StreamFunction {
+    StreamFunction::function("slow", move |text: String| {
+        let (started, finished) = (started.clone(), finished.clone());
+        async move {
+            started.fetch_add(1, Ordering::SeqCst);
+            tokio::time::sleep(takes).await;
+            finished.fetch_add(1, Ordering::SeqCst);
+            text
+        }
+    })
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn shutdown_finishes_in_flight_messages_and_loses_none() {
+    let binder = MemoryBinder::new();
+    let started = Arc::new(AtomicU32::new(0));
+    let finished = Arc::new(AtomicU32::new(0));
+    let mut outputs = binder
+        .subscribe(&ConsumerSpec::new("gs-out", Some("check")))
+        .await
+        .unwrap();
+    let app = bindery::application()
+        .without_registered_functions()
+        .function(slow_function(started.clone(), finished.clone(), Duration::from_millis(300)))
+        .config_str(
+            "application.toml",
+            r#"[stream.bindings.slow-in-0]
+destination = "gs-in"
+group = "workers"
+consumer.concurrency = 4
+[stream.bindings.slow-out-0]
+destination = "gs-out""#,
+        )
+        .environment(Vec::<(String, String)>::new())
+        .replace_binders(Arc::new(binder.clone()))
+        .build()
+        .unwrap()
+        .start()
+        .await
+        .unwrap();
+
+    let producer = binder.producer(&ProducerSpec::new("gs-in")).await.unwrap();
+    let total = 20;
+    for n in 0..total {
+        producer.send(Message::new(Bytes::from(format!("m{n}")))).await.unwrap();
+    }
+    wait_until("four messages are in flight", Duration::from_secs(5), || started.load(Ordering::SeqCst) >= 4).await;
+    app.shutdown().await.unwrap();
+
+    let started = started.load(Ordering::SeqCst);
+    let finished = finished.load(Ordering::SeqCst);
+    assert_eq!(started, finished, "every message that was being handled was finished");
+    assert!(finished < total, "intake stopped at shutdown ({finished} of {total} handled)");
+    let mut forwarded = 0;
+    while let Ok(Some(Ok(delivery))) = tokio::time::timeout(Duration::from_millis(50), outputs.next()).await {
+        delivery.acknowledgement.ack().await.unwrap();
+        forwarded += 1;
+    }
+    assert_eq!(forwarded, finished, "every finished message's output was sent");
+    let waiting = binder.pending("gs-in", "workers") as u32;
+    assert_eq!(waiting + finished, total, "every message is either handled or still waiting");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_message_still_in_flight_at_the_timeout_is_left_for_redelivery() {
+    let binder = MemoryBinder::new();
+    let started = Arc::new(AtomicU32::new(0));
+    let finished = Arc::new(AtomicU32::new(0));
+    let app = bindery::application()
+        .without_registered_functions()
+        .function(slow_function(started.clone(), finished.clone(), Duration::from_secs(60)))
+        .config_str(
+            "application.toml",
+            r#"[stream]
+shutdown-timeout = "200ms"
+[stream.bindings.slow-in-0]
+destination = "gs-stuck"
+group = "workers""#,
+        )
+        .environment(Vec::<(String, String)>::new())
+        .replace_binders(Arc::new(binder.clone()))
+        .build()
+        .unwrap()
+        .start()
+        .await
+        .unwrap();
+    let producer = binder.producer(&ProducerSpec::new("gs-stuck")).await.unwrap();
+    producer.send(Message::new(Bytes::from_static(b"stuck"))).await.unwrap();
+    wait_until("the message is in flight", Duration::from_secs(5), || started.load(Ordering::SeqCst) == 1).await;
+
+    let begun = Instant::now();
+    app.shutdown().await.unwrap();
+    assert!(begun.elapsed() < Duration::from_secs(5), "shutdown is bounded by its timeout");
+    assert_eq!(finished.load(Ordering::SeqCst), 0);
+    assert_eq!(binder.pending("gs-stuck", "workers"), 1, "the unfinished message waits for redelivery");
+}
