@@ -3,6 +3,7 @@
 
 #[doc(inline)]
 pub use bindery_core::{
+    registered_functions,
     header, AppConfig, Application, ApplicationBuilder, Binder, BinderProvider, ConsumerProperties, Context,
     Decoded, Encoded, Error, Failure, FailureKind, FromMessage, FromPayload, FunctionKind, FunctionRegistration,
     Handler, Headers, IntoOutputs, IntoPayload, MemoryBinder, Message, MessageBuilder, ProducerProperties,
@@ -49,4 +50,18 @@ pub mod __private {
     pub use bindery_core::inventory;
     pub use bindery_core::{Decoded, Encoded, FunctionRegistration, Message, StreamFunction};
     pub use bytes::Bytes;
+
+    /// Points a compile error at an argument type that cannot be decoded.
+    pub const fn is_payload<T: DecodablePayload>() {}
+
+    /// Points a compile error at a return type that cannot be sent.
+    pub const fn is_output<T: bindery_core::IntoOutputs>() {}
+
+    #[diagnostic::on_unimplemented(
+        message = "`{Self}` cannot be decoded from a message payload",
+        label = "this argument's type does not implement `serde::Deserialize`",
+        note = "derive `serde::Deserialize` for it, or take `String`, `bytes::Bytes`, `Vec<u8>` or `Message<T>` of those"
+    )]
+    pub trait DecodablePayload {}
+    impl<T: serde::de::DeserializeOwned> DecodablePayload for T {}
 }

@@ -251,6 +251,62 @@ fn convert_output(ty: &Type, value: TokenStream, depth: usize) -> syn::Result<To
     }
 }
 
+/// The type `convert_output` produces for a value of `ty`, for the compile-time check that
+/// points at the return type when it cannot be sent.
+fn converted_output_type(ty: &Type) -> TokenStream {
+    let private = quote!(::bindery::__private);
+    if is_unit(ty) {
+        return quote!(());
+    }
+    if let Type::Reference(_) = ty {
+        return quote!(#ty);
+    }
+    let Some(segment) = last_segment(ty) else {
+        return quote!(#private::Encoded<#ty>);
+    };
+    let args = generic_args(segment);
+    match (segment.ident.to_string().as_str(), args.as_slice()) {
+        ("String" | "Bytes", []) => quote!(#ty),
+        ("Vec", [inner]) if is_named(inner, "u8") => quote!(#private::Bytes),
+        ("Result", [inner, error]) => {
+            let inner = converted_output_type(inner);
+            quote!(::std::result::Result<#inner, #error>)
+        }
+        ("Option", [inner]) => {
+            let inner = converted_output_type(inner);
+            quote!(::std::option::Option<#inner>)
+        }
+        ("Vec", [inner]) => {
+            let inner = converted_output_type(inner);
+            quote!(::std::vec::Vec<#inner>)
+        }
+        ("Message", []) => quote!(#ty),
+        ("Message", [inner]) if is_named(inner, "String") || is_named(inner, "Bytes") => quote!(#ty),
+        ("Message", [inner]) if is_raw_payload(inner) => quote!(#private::Message<#private::Bytes>),
+        ("Message", [inner]) => quote!(#private::Message<#private::Encoded<#inner>>),
+        // `Result<T>` aliases and anything else: leave the check to the handler bound.
+        ("Result", _) => quote!(_),
+        _ => quote!(#private::Encoded<#ty>),
+    }
+}
+
+/// Gives every token `span`, so errors about generated types point at the user's code.
+fn respan(tokens: TokenStream, span: Span) -> TokenStream {
+    tokens
+        .into_iter()
+        .map(|mut tree| {
+            if let proc_macro2::TokenTree::Group(group) = &tree {
+                let mut inner = proc_macro2::Group::new(group.delimiter(), respan(group.stream(), span));
+                inner.set_span(span);
+                tree = proc_macro2::TokenTree::Group(inner);
+            } else {
+                tree.set_span(span);
+            }
+            tree
+        })
+        .collect()
+}
+
 fn expand(args: TokenStream, function: &ItemFn) -> syn::Result<TokenStream> {
     let attributes = parse_attributes(args)?;
     let signature = &function.sig;
@@ -277,6 +333,7 @@ fn expand(args: TokenStream, function: &ItemFn) -> syn::Result<TokenStream> {
     let private = quote!(::bindery::__private);
     let mut params = Vec::new();
     let mut call_args = Vec::new();
+    let mut checks = Vec::new();
     let mut payload: Option<Span> = None;
     for (index, input) in signature.inputs.iter().enumerate() {
         let FnArg::Typed(typed) = input else { continue };
@@ -294,10 +351,12 @@ fn expand(args: TokenStream, function: &ItemFn) -> syn::Result<TokenStream> {
         }
         match argument {
             Argument::Decoded(ty) => {
+                checks.push(quote_spanned!(ty.span()=> #private::is_payload::<#ty>();));
                 params.push(quote_spanned!(ty.span()=> #name: #private::Decoded<#ty>));
                 call_args.push(quote!(#name.0));
             }
             Argument::MessageOfDecoded(ty) => {
+                checks.push(quote_spanned!(ty.span()=> #private::is_payload::<#ty>();));
                 params.push(quote_spanned!(ty.span()=> #name: #private::Message<#private::Decoded<#ty>>));
                 call_args.push(quote!(#name.map_payload(|#name| #name.0)));
             }
@@ -346,6 +405,10 @@ fn expand(args: TokenStream, function: &ItemFn) -> syn::Result<TokenStream> {
         quote!(#ident(#(#call_args),*))
     };
     let converted = convert_output(&output_ty, quote!(__bindery_returned), 0)?;
+    let converted_ty = respan(converted_output_type(&output_ty), output_ty.span());
+    if !converted_ty.to_string().trim().eq("_") {
+        checks.push(quote_spanned!(output_ty.span()=> #private::is_output::<#converted_ty>();));
+    }
 
     let name = attributes
         .name
@@ -370,6 +433,7 @@ fn expand(args: TokenStream, function: &ItemFn) -> syn::Result<TokenStream> {
         #[doc(hidden)]
         #[allow(non_snake_case, clippy::unused_unit)]
         fn #register() -> #private::StreamFunction {
+            #(#checks)*
             #private::StreamFunction::#constructor(#name, |#(#params),*| async move {
                 let __bindery_returned = #call;
                 #converted

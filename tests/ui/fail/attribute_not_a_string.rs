@@ -1,0 +1,8 @@
+use bindery::prelude::*;
+
+#[stream_function(poll = 5)]
+fn tick() -> String {
+    "tick".to_owned()
+}
+
+fn main() {}

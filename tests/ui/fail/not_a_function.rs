@@ -1,0 +1,6 @@
+use bindery::prelude::*;
+
+#[stream_function]
+struct Billing;
+
+fn main() {}

@@ -1,0 +1,6 @@
+use bindery::prelude::*;
+
+#[stream_function]
+fn nothing() {}
+
+fn main() {}

@@ -1,0 +1,8 @@
+use bindery::prelude::*;
+
+#[stream_function(inptu = "orders")]
+fn bill(text: String) -> String {
+    text
+}
+
+fn main() {}

@@ -1,0 +1,51 @@
+use bindery::prelude::*;
+use bytes::Bytes;
+use serde::{Deserialize, Serialize};
+
+#[derive(Deserialize)]
+struct Order {
+    id: u64,
+}
+
+#[derive(Serialize)]
+struct Invoice {
+    order_id: u64,
+}
+
+#[stream_function(name = "billing", input = "orders", output = "invoices", group = "billing")]
+async fn bill(order: Order) -> Result<Invoice, std::io::Error> {
+    Ok(Invoice { order_id: order.id })
+}
+
+#[stream_function]
+fn raw(bytes: Bytes, headers: Headers) -> Vec<u8> {
+    let _ = headers;
+    bytes.to_vec()
+}
+
+#[stream_function]
+fn fan_out(message: Message<Order>) -> Vec<Message<Invoice>> {
+    vec![Message::new(Invoice { order_id: message.payload().id })]
+}
+
+#[stream_function]
+async fn maybe(order: Order, bridge: StreamBridge, config: AppConfig) -> Option<Invoice> {
+    let _ = (bridge, config);
+    (order.id > 0).then_some(Invoice { order_id: order.id })
+}
+
+#[stream_function]
+async fn sink(order: Order) -> Result<(), String> {
+    let _ = order.id;
+    Ok(())
+}
+
+#[stream_function(poll = "250ms")]
+fn ticker() -> Option<Message<String>> {
+    Some(Message::builder("tick".to_owned()).key("clock").build())
+}
+
+fn main() {
+    let names: Vec<String> = bindery::registered_functions().iter().map(|f| f.name().to_owned()).collect();
+    assert_eq!(names, ["billing", "fan_out", "maybe", "raw", "sink", "ticker"]);
+}
