@@ -2,17 +2,20 @@
 #![cfg_attr(docsrs, feature(doc_cfg))]
 
 #[doc(inline)]
-pub use bindery_core::{
-    registered_functions,
-    header, AppConfig, Application, ApplicationBuilder, Binder, BinderProvider, ConsumerProperties, Context,
-    Decoded, Encoded, Error, Failure, FailureKind, FromMessage, FromPayload, FunctionKind, FunctionRegistration,
-    Handler, Headers, IntoOutputs, IntoPayload, MemoryBinder, Message, MessageBuilder, ProducerProperties,
-    RunningApplication, StreamBridge, StreamFunction,
-};
-#[doc(inline)]
 pub use bindery_core::{binder, config, memory, redact};
 #[doc(inline)]
+pub use bindery_core::{
+    header, registered_functions, AppConfig, Application, ApplicationBuilder, Binder,
+    BinderProvider, ConsumerProperties, Context, Decoded, Encoded, Error, Failure, FailureKind,
+    FromMessage, FromPayload, FunctionKind, FunctionRegistration, Handler, Headers, IntoOutputs,
+    IntoPayload, MemoryBinder, Message, MessageBuilder, ProducerProperties, RunningApplication,
+    StreamBridge, StreamFunction,
+};
+#[doc(inline)]
 pub use bindery_macros::stream_function;
+
+/// Link-time registration, to register hand-written functions as `#[stream_function]` does.
+pub use bindery_core::inventory;
 
 /// Test support: run an application in-process on the memory binder.
 pub mod test {

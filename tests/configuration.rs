@@ -76,23 +76,43 @@ greeting = "hello"
 "#,
     )
     .expect("valid configuration");
-    assert_eq!(app.config().get::<String>("greeter.greeting").unwrap(), "hello");
+    assert_eq!(
+        app.config().get::<String>("greeter.greeting").unwrap(),
+        "hello"
+    );
     assert_eq!(
         app.output_destinations(),
-        vec!["alerts-v1".to_owned(), "invoices".to_owned(), "orders.billing.dlq".to_owned()]
+        vec![
+            "alerts-v1".to_owned(),
+            "invoices".to_owned(),
+            "orders.billing.dlq".to_owned()
+        ]
     );
 }
 
 #[test]
 fn unknown_key_under_stream_is_named_with_a_suggestion() {
     let text = error_of(r#"stream.default-bindr = "memory""#);
-    assert_mentions(&text, &["application.toml", "`stream.default-bindr`", "did you mean `default-binder`?"]);
+    assert_mentions(
+        &text,
+        &[
+            "application.toml",
+            "`stream.default-bindr`",
+            "did you mean `default-binder`?",
+        ],
+    );
 }
 
 #[test]
 fn unknown_binding_key_is_named_with_a_suggestion() {
     let text = error_of("[stream.bindings.bill-in-0]\ndestinaton = \"orders\"");
-    assert_mentions(&text, &["`stream.bindings.bill-in-0.destinaton`", "did you mean `destination`?"]);
+    assert_mentions(
+        &text,
+        &[
+            "`stream.bindings.bill-in-0.destinaton`",
+            "did you mean `destination`?",
+        ],
+    );
 }
 
 #[test]
@@ -100,7 +120,10 @@ fn unknown_consumer_key_is_named_with_a_suggestion() {
     let text = error_of("[stream.bindings.bill-in-0.consumer]\nmax-atempts = 3");
     assert_mentions(
         &text,
-        &["`stream.bindings.bill-in-0.consumer.max-atempts`", "did you mean `max-attempts`?"],
+        &[
+            "`stream.bindings.bill-in-0.consumer.max-atempts`",
+            "did you mean `max-attempts`?",
+        ],
     );
 }
 
@@ -109,59 +132,112 @@ fn a_value_of_the_wrong_type_is_named() {
     let text = error_of("[stream.bindings.bill-in-0.consumer]\nmax-attempts = \"three\"");
     assert_mentions(
         &text,
-        &["`stream.bindings.bill-in-0.consumer.max-attempts`", "expected a whole number, found \"three\""],
+        &[
+            "`stream.bindings.bill-in-0.consumer.max-attempts`",
+            "expected a whole number, found \"three\"",
+        ],
     );
 }
 
 #[test]
 fn max_attempts_below_one_is_rejected() {
     let text = error_of("[stream.default.consumer]\nmax-attempts = 0");
-    assert_mentions(&text, &["`stream.default.consumer.max-attempts`", "must be at least 1, found 0"]);
+    assert_mentions(
+        &text,
+        &[
+            "`stream.default.consumer.max-attempts`",
+            "must be at least 1, found 0",
+        ],
+    );
 }
 
 #[test]
 fn a_bad_duration_is_rejected() {
-    let text = error_of("[stream.bindings.bill-in-0.consumer]\nback-off-initial-interval = \"soon\"");
+    let text =
+        error_of("[stream.bindings.bill-in-0.consumer]\nback-off-initial-interval = \"soon\"");
     assert_mentions(
         &text,
-        &["`stream.bindings.bill-in-0.consumer.back-off-initial-interval`", "expected a duration such as \"1s\""],
+        &[
+            "`stream.bindings.bill-in-0.consumer.back-off-initial-interval`",
+            "expected a duration such as \"1s\"",
+        ],
     );
 }
 
 #[test]
 fn a_duration_given_as_a_number_is_rejected() {
     let text = error_of("[stream]\nshutdown-timeout = 30");
-    assert_mentions(&text, &["`stream.shutdown-timeout`", "expected a duration", "found 30"]);
+    assert_mentions(
+        &text,
+        &[
+            "`stream.shutdown-timeout`",
+            "expected a duration",
+            "found 30",
+        ],
+    );
 }
 
 #[test]
 fn a_binding_name_that_matches_no_function_is_named_with_a_suggestion() {
     let text = error_of("[stream.bindings.bil-in-0]\ndestination = \"orders\"");
-    assert_mentions(&text, &["`stream.bindings.bil-in-0`", "no stream function has a binding named `bil-in-0`", "did you mean `bill-in-0`?"]);
+    assert_mentions(
+        &text,
+        &[
+            "`stream.bindings.bil-in-0`",
+            "no stream function has a binding named `bil-in-0`",
+            "did you mean `bill-in-0`?",
+        ],
+    );
 }
 
 #[test]
 fn an_unknown_function_in_the_definition_is_named() {
     let text = error_of(r#"stream.function.definition = "bill;audti""#);
-    assert_mentions(&text, &["`stream.function.definition`", "no stream function is named `audti`", "did you mean `audit`?"]);
+    assert_mentions(
+        &text,
+        &[
+            "`stream.function.definition`",
+            "no stream function is named `audti`",
+            "did you mean `audit`?",
+        ],
+    );
 }
 
 #[test]
 fn function_composition_is_refused_clearly() {
     let text = error_of(r#"stream.function.definition = "bill|audit""#);
-    assert_mentions(&text, &["`stream.function.definition`", "composition with `|` is not supported"]);
+    assert_mentions(
+        &text,
+        &[
+            "`stream.function.definition`",
+            "composition with `|` is not supported",
+        ],
+    );
 }
 
 #[test]
 fn an_unknown_binder_type_is_named_with_a_suggestion() {
     let text = error_of("[stream.binders.main]\ntype = \"memroy\"");
-    assert_mentions(&text, &["`stream.binders.main.type`", "unknown binder type `memroy`", "did you mean `memory`?"]);
+    assert_mentions(
+        &text,
+        &[
+            "`stream.binders.main.type`",
+            "unknown binder type `memroy`",
+            "did you mean `memory`?",
+        ],
+    );
 }
 
 #[test]
 fn a_binder_type_that_is_not_compiled_in_names_the_feature() {
     let text = error_of("[stream.binders.cluster]\ntype = \"kafka\"");
-    assert_mentions(&text, &["`stream.binders.cluster.type`", "enable the `kafka` feature"]);
+    assert_mentions(
+        &text,
+        &[
+            "`stream.binders.cluster.type`",
+            "enable the `kafka` feature",
+        ],
+    );
 }
 
 #[test]
@@ -169,19 +245,37 @@ fn a_binding_naming_an_unknown_binder_is_rejected() {
     let text = error_of(
         "[stream.binders.local]\ntype = \"memory\"\n[stream.bindings.bill-in-0]\nbinder = \"locl\"",
     );
-    assert_mentions(&text, &["`stream.bindings.bill-in-0.binder`", "no binder is named `locl`", "did you mean `local`?"]);
+    assert_mentions(
+        &text,
+        &[
+            "`stream.bindings.bill-in-0.binder`",
+            "no binder is named `locl`",
+            "did you mean `local`?",
+        ],
+    );
 }
 
 #[test]
 fn an_unknown_default_binder_is_rejected() {
     let text = error_of(r#"stream.default-binder = "rabit""#);
-    assert_mentions(&text, &["`stream.default-binder`", "no binder is named `rabit`"]);
+    assert_mentions(
+        &text,
+        &["`stream.default-binder`", "no binder is named `rabit`"],
+    );
 }
 
 #[test]
 fn several_binders_need_a_default() {
-    let text = error_of("[stream.binders.one]\ntype = \"memory\"\n[stream.binders.two]\ntype = \"memory\"");
-    assert_mentions(&text, &["`stream.default-binder`", "several binders are configured (`one`, `two`)"]);
+    let text = error_of(
+        "[stream.binders.one]\ntype = \"memory\"\n[stream.binders.two]\ntype = \"memory\"",
+    );
+    assert_mentions(
+        &text,
+        &[
+            "`stream.default-binder`",
+            "several binders are configured (`one`, `two`)",
+        ],
+    );
 }
 
 #[test]
@@ -193,19 +287,34 @@ fn a_binder_without_a_type_is_rejected() {
 #[test]
 fn an_unsupported_content_type_is_rejected() {
     let text = error_of("[stream.bindings.bill-in-0]\ncontent-type = \"application/x-protobuf\"");
-    assert_mentions(&text, &["`stream.bindings.bill-in-0.content-type`", "unsupported content type"]);
+    assert_mentions(
+        &text,
+        &[
+            "`stream.bindings.bill-in-0.content-type`",
+            "unsupported content type",
+        ],
+    );
 }
 
 #[test]
 fn a_dlq_needs_a_group() {
     let text = error_of("[stream.bindings.audit-in-0.consumer]\ndlq = true");
-    assert_mentions(&text, &["`stream.bindings.audit-in-0.consumer.dlq`", "no group"]);
+    assert_mentions(
+        &text,
+        &["`stream.bindings.audit-in-0.consumer.dlq`", "no group"],
+    );
 }
 
 #[test]
 fn a_multiplier_below_one_is_rejected() {
     let text = error_of("[stream.default.consumer]\nback-off-multiplier = 0.5");
-    assert_mentions(&text, &["`stream.default.consumer.back-off-multiplier`", "at least 1"]);
+    assert_mentions(
+        &text,
+        &[
+            "`stream.default.consumer.back-off-multiplier`",
+            "at least 1",
+        ],
+    );
 }
 
 #[test]
@@ -229,7 +338,10 @@ fn a_toml_syntax_error_names_the_file() {
 #[test]
 fn every_problem_is_reported_at_once() {
     let text = error_of("[stream]\ndefault-bindr = \"memory\"\nshutdown-timeout = \"never\"");
-    assert_mentions(&text, &["`stream.default-bindr`", "`stream.shutdown-timeout`"]);
+    assert_mentions(
+        &text,
+        &["`stream.default-bindr`", "`stream.shutdown-timeout`"],
+    );
 }
 
 #[test]
@@ -253,7 +365,8 @@ fn debug_of_the_error_reads_like_display() {
 }
 
 fn temp_dir() -> PathBuf {
-    let dir = std::env::temp_dir().join(format!("bindery-config-{}", uuid::Uuid::new_v4().simple()));
+    let dir =
+        std::env::temp_dir().join(format!("bindery-config-{}", uuid::Uuid::new_v4().simple()));
     std::fs::create_dir_all(&dir).unwrap();
     dir
 }
@@ -266,29 +379,47 @@ fn profiles_and_environment_variables_override_the_base_file_in_order() {
         "[stream.bindings.bill-in-0]\ndestination = \"orders\"\ngroup = \"base\"\n[app]\nname = \"base\"\nlevel = 1",
     )
     .unwrap();
-    std::fs::write(dir.join("application-staging.toml"), "[app]\nname = \"staging\"\nlevel = 2").unwrap();
+    std::fs::write(
+        dir.join("application-staging.toml"),
+        "[app]\nname = \"staging\"\nlevel = 2",
+    )
+    .unwrap();
     std::fs::write(dir.join("application-eu.toml"), "[app]\nlevel = 3").unwrap();
     let app = functions()
         .config_file(dir.join("application.toml"))
         .environment([
             ("BINDERY_PROFILE", "staging,eu"),
             ("BINDERY_APP__REGION", "eu-west-1"),
-            ("BINDERY_STREAM__BINDINGS__BILL_IN_0__DESTINATION", "orders-v2"),
+            (
+                "BINDERY_STREAM__BINDINGS__BILL_IN_0__DESTINATION",
+                "orders-v2",
+            ),
         ])
         .build()
         .expect("valid");
     assert_eq!(app.config().get::<String>("app.name").unwrap(), "staging");
     assert_eq!(app.config().get::<i64>("app.level").unwrap(), 3);
-    assert_eq!(app.config().get::<String>("app.region").unwrap(), "eu-west-1");
+    assert_eq!(
+        app.config().get::<String>("app.region").unwrap(),
+        "eu-west-1"
+    );
     assert!(app.output_destinations().contains(&"bill-out-0".to_owned()));
-    assert_eq!(app.config().get::<String>("stream.bindings.bill-in-0.destination").unwrap(), "orders-v2");
+    assert_eq!(
+        app.config()
+            .get::<String>("stream.bindings.bill-in-0.destination")
+            .unwrap(),
+        "orders-v2"
+    );
 }
 
 #[test]
 fn a_bad_environment_variable_is_named() {
     let error = functions()
         .config_str("application.toml", "")
-        .environment([("BINDERY_STREAM__BINDINGS__BILL_IN_0__CONSUMER__MAX_ATTEMPTS", "many")])
+        .environment([(
+            "BINDERY_STREAM__BINDINGS__BILL_IN_0__CONSUMER__MAX_ATTEMPTS",
+            "many",
+        )])
         .build()
         .unwrap_err()
         .to_string();
@@ -306,14 +437,25 @@ fn a_bad_environment_variable_is_named() {
 fn a_bad_key_in_a_profile_file_names_that_file() {
     let dir = temp_dir();
     std::fs::write(dir.join("application.toml"), "").unwrap();
-    std::fs::write(dir.join("application-prod.toml"), "[stream.bindings.bill-in-0]\ngroupp = \"x\"").unwrap();
+    std::fs::write(
+        dir.join("application-prod.toml"),
+        "[stream.bindings.bill-in-0]\ngroupp = \"x\"",
+    )
+    .unwrap();
     let error = functions()
         .config_file(dir.join("application.toml"))
         .profile("prod")
         .build()
         .unwrap_err()
         .to_string();
-    assert_mentions(&error, &["application-prod.toml", "`stream.bindings.bill-in-0.groupp`", "did you mean `group`?"]);
+    assert_mentions(
+        &error,
+        &[
+            "application-prod.toml",
+            "`stream.bindings.bill-in-0.groupp`",
+            "did you mean `group`?",
+        ],
+    );
 }
 
 #[test]
@@ -326,7 +468,10 @@ fn a_missing_profile_file_is_an_error() {
         .build()
         .unwrap_err()
         .to_string();
-    assert_mentions(&error, &["application-kafka.toml", "profile `kafka` is active"]);
+    assert_mentions(
+        &error,
+        &["application-kafka.toml", "profile `kafka` is active"],
+    );
 }
 
 #[test]
@@ -343,5 +488,11 @@ fn a_missing_config_file_from_bindery_config_is_an_error() {
 fn secrets_never_appear_in_errors() {
     let text = error_of("[stream.binders.main]\ntype = \"memory\"\npassword = \"hunter2\"\nuri = \"amqp://app:hunter2@mq:5672\"");
     assert!(!text.contains("hunter2"), "secret leaked in:\n{text}");
-    assert_mentions(&text, &["`stream.binders.main.password`", "`stream.binders.main.uri`"]);
+    assert_mentions(
+        &text,
+        &[
+            "`stream.binders.main.password`",
+            "`stream.binders.main.uri`",
+        ],
+    );
 }

@@ -35,9 +35,14 @@ back-off-max-interval = "20ms"
 }
 
 async fn start(function: StreamFunction, toml: &str) -> TestApp {
-    TestApp::start_with(bindery::application().without_registered_functions().function(function), toml)
-        .await
-        .expect("start")
+    TestApp::start_with(
+        bindery::application()
+            .without_registered_functions()
+            .function(function),
+        toml,
+    )
+    .await
+    .expect("start")
 }
 
 #[tokio::test]
@@ -50,16 +55,31 @@ async fn an_undecodable_payload_goes_straight_to_the_dlq_without_calling_the_han
             seen.fetch_add(1, Ordering::SeqCst);
         }
     });
-    let app = start(strict, &binding("strict", "fp-strict", "max-attempts = 5\ndlq = true")).await;
-    let bad = Message::builder(Bytes::from_static(b"not json")).header("tenant", "acme").build();
+    let app = start(
+        strict,
+        &binding("strict", "fp-strict", "max-attempts = 5\ndlq = true"),
+    )
+    .await;
+    let bad = Message::builder(Bytes::from_static(b"not json"))
+        .header("tenant", "acme")
+        .build();
     app.send("fp-strict", bad).await.unwrap();
-    let dead = app.receive_dead_letter("fp-strict", "g", WAIT).await.expect("a dead letter");
+    let dead = app
+        .receive_dead_letter("fp-strict", "g", WAIT)
+        .await
+        .expect("a dead letter");
     assert_eq!(&dead.payload()[..], b"not json");
     assert_eq!(dead.headers().get_str("tenant"), Some("acme"));
     assert_eq!(dead.headers().get_str(header::ATTEMPTS), Some("1"));
-    assert_eq!(dead.headers().get_str(header::EXCEPTION_TYPE), Some("bindery::DecodeError"));
+    assert_eq!(
+        dead.headers().get_str(header::EXCEPTION_TYPE),
+        Some("bindery::DecodeError")
+    );
     let why = dead.headers().get_str(header::EXCEPTION_MESSAGE).unwrap();
-    assert!(why.contains("cannot decode the payload as") && why.contains("Order"), "{why}");
+    assert!(
+        why.contains("cannot decode the payload as") && why.contains("Order"),
+        "{why}"
+    );
     assert_eq!(calls.load(Ordering::SeqCst), 0);
     app.shutdown().await.unwrap();
 }
@@ -80,7 +100,10 @@ async fn a_panicking_handler_is_retried_like_a_failing_one() {
     .output("fp-flaky-out");
     let app = start(flaky, &binding("flaky", "fp-flaky", "max-attempts = 3")).await;
     app.send("fp-flaky", "third time lucky").await.unwrap();
-    let out = app.receive("fp-flaky-out", WAIT).await.expect("handled on the third attempt");
+    let out = app
+        .receive("fp-flaky-out", WAIT)
+        .await
+        .expect("handled on the third attempt");
     assert_eq!(out.text(), Some("third time lucky"));
     assert_eq!(calls.load(Ordering::SeqCst), 3);
     app.shutdown().await.unwrap();
@@ -93,12 +116,25 @@ async fn a_panic_on_the_last_attempt_is_dead_lettered_with_its_message() {
             panic!("ledger unavailable");
         }
     });
-    let app = start(always, &binding("always", "fp-always", "max-attempts = 2\ndlq = true")).await;
+    let app = start(
+        always,
+        &binding("always", "fp-always", "max-attempts = 2\ndlq = true"),
+    )
+    .await;
     app.send("fp-always", "x").await.unwrap();
-    let dead = app.receive_dead_letter("fp-always", "g", WAIT).await.expect("a dead letter");
+    let dead = app
+        .receive_dead_letter("fp-always", "g", WAIT)
+        .await
+        .expect("a dead letter");
     assert_eq!(dead.headers().get_str(header::ATTEMPTS), Some("2"));
-    assert_eq!(dead.headers().get_str(header::EXCEPTION_TYPE), Some("panic"));
-    assert_eq!(dead.headers().get_str(header::EXCEPTION_MESSAGE), Some("handler panicked: ledger unavailable"));
+    assert_eq!(
+        dead.headers().get_str(header::EXCEPTION_TYPE),
+        Some("panic")
+    );
+    assert_eq!(
+        dead.headers().get_str(header::EXCEPTION_MESSAGE),
+        Some("handler panicked: ledger unavailable")
+    );
     app.shutdown().await.unwrap();
 }
 
@@ -120,9 +156,19 @@ async fn without_a_dlq_a_failed_message_is_acknowledged_and_processing_goes_on()
     let app = start(picky, &binding("picky", "fp-picky", "max-attempts = 2")).await;
     app.send("fp-picky", "bad").await.unwrap();
     app.send("fp-picky", "good").await.unwrap();
-    assert_eq!(app.receive("fp-picky-out", WAIT).await.unwrap().text(), Some("good"));
-    assert_eq!(app.binder().pending("fp-picky", "g"), 0, "the failed message was acknowledged");
-    assert!(app.receive("fp-picky.g.dlq", Duration::from_millis(100)).await.is_none());
+    assert_eq!(
+        app.receive("fp-picky-out", WAIT).await.unwrap().text(),
+        Some("good")
+    );
+    assert_eq!(
+        app.binder().pending("fp-picky", "g"),
+        0,
+        "the failed message was acknowledged"
+    );
+    assert!(app
+        .receive("fp-picky.g.dlq", Duration::from_millis(100))
+        .await
+        .is_none());
     assert_eq!(handled.load(Ordering::SeqCst), 1);
     app.shutdown().await.unwrap();
 }
@@ -132,13 +178,31 @@ async fn the_error_type_and_text_of_a_result_reach_the_dlq() {
     #[derive(Debug, thiserror::Error)]
     #[error("card {0} declined")]
     struct Declined(u32);
-    let charge = StreamFunction::consumer("charge", |_: String| async { Err::<(), _>(Declined(42)) });
-    let app = start(charge, &binding("charge", "fp-charge", "max-attempts = 1\ndlq = true")).await;
+    let charge =
+        StreamFunction::consumer("charge", |_: String| async { Err::<(), _>(Declined(42)) });
+    let app = start(
+        charge,
+        &binding("charge", "fp-charge", "max-attempts = 1\ndlq = true"),
+    )
+    .await;
     app.send("fp-charge", "x").await.unwrap();
-    let dead = app.receive_dead_letter("fp-charge", "g", WAIT).await.expect("a dead letter");
-    assert_eq!(dead.headers().get_str(header::EXCEPTION_MESSAGE), Some("card 42 declined"));
-    assert!(dead.headers().get_str(header::EXCEPTION_TYPE).unwrap().ends_with("Declined"));
-    assert_eq!(dead.headers().get_str(header::ORIGINAL_DESTINATION), Some("fp-charge"));
+    let dead = app
+        .receive_dead_letter("fp-charge", "g", WAIT)
+        .await
+        .expect("a dead letter");
+    assert_eq!(
+        dead.headers().get_str(header::EXCEPTION_MESSAGE),
+        Some("card 42 declined")
+    );
+    assert!(dead
+        .headers()
+        .get_str(header::EXCEPTION_TYPE)
+        .unwrap()
+        .ends_with("Declined"));
+    assert_eq!(
+        dead.headers().get_str(header::ORIGINAL_DESTINATION),
+        Some("fp-charge")
+    );
     app.shutdown().await.unwrap();
 }
 
@@ -150,6 +214,8 @@ fn back_off_grows_exponentially_up_to_the_maximum() {
         back_off_max_interval: Duration::from_millis(500),
         ..Default::default()
     };
-    let waits: Vec<u128> = (1..=4).map(|a| properties.back_off(a).as_millis()).collect();
+    let waits: Vec<u128> = (1..=4)
+        .map(|a| properties.back_off(a).as_millis())
+        .collect();
     assert_eq!(waits, vec![100, 300, 500, 500]);
 }

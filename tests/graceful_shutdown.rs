@@ -17,7 +17,11 @@ async fn wait_until(what: &str, deadline: Duration, condition: impl Fn() -> bool
     }
 }
 
-fn slow_function(started: Arc<AtomicU32>, finished: Arc<AtomicU32>, takes: Duration) -> StreamFunction {
+fn slow_function(
+    started: Arc<AtomicU32>,
+    finished: Arc<AtomicU32>,
+    takes: Duration,
+) -> StreamFunction {
     StreamFunction::function("slow", move |text: String| {
         let (started, finished) = (started.clone(), finished.clone());
         async move {
@@ -40,7 +44,11 @@ async fn shutdown_finishes_in_flight_messages_and_loses_none() {
         .unwrap();
     let app = bindery::application()
         .without_registered_functions()
-        .function(slow_function(started.clone(), finished.clone(), Duration::from_millis(300)))
+        .function(slow_function(
+            started.clone(),
+            finished.clone(),
+            Duration::from_millis(300),
+        ))
         .config_str(
             "application.toml",
             r#"[stream.bindings.slow-in-0]
@@ -61,23 +69,46 @@ destination = "gs-out""#,
     let producer = binder.producer(&ProducerSpec::new("gs-in")).await.unwrap();
     let total = 20;
     for n in 0..total {
-        producer.send(Message::new(Bytes::from(format!("m{n}")))).await.unwrap();
+        producer
+            .send(Message::new(Bytes::from(format!("m{n}"))))
+            .await
+            .unwrap();
     }
-    wait_until("four messages are in flight", Duration::from_secs(5), || started.load(Ordering::SeqCst) >= 4).await;
+    wait_until(
+        "four messages are in flight",
+        Duration::from_secs(5),
+        || started.load(Ordering::SeqCst) >= 4,
+    )
+    .await;
     app.shutdown().await.unwrap();
 
     let started = started.load(Ordering::SeqCst);
     let finished = finished.load(Ordering::SeqCst);
-    assert_eq!(started, finished, "every message that was being handled was finished");
-    assert!(finished < total, "intake stopped at shutdown ({finished} of {total} handled)");
+    assert_eq!(
+        started, finished,
+        "every message that was being handled was finished"
+    );
+    assert!(
+        finished < total,
+        "intake stopped at shutdown ({finished} of {total} handled)"
+    );
     let mut forwarded = 0;
-    while let Ok(Some(Ok(delivery))) = tokio::time::timeout(Duration::from_millis(50), outputs.next()).await {
+    while let Ok(Some(Ok(delivery))) =
+        tokio::time::timeout(Duration::from_millis(50), outputs.next()).await
+    {
         delivery.acknowledgement.ack().await.unwrap();
         forwarded += 1;
     }
-    assert_eq!(forwarded, finished, "every finished message's output was sent");
+    assert_eq!(
+        forwarded, finished,
+        "every finished message's output was sent"
+    );
     let waiting = binder.pending("gs-in", "workers") as u32;
-    assert_eq!(waiting + finished, total, "every message is either handled or still waiting");
+    assert_eq!(
+        waiting + finished,
+        total,
+        "every message is either handled or still waiting"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -87,7 +118,11 @@ async fn a_message_still_in_flight_at_the_timeout_is_left_for_redelivery() {
     let finished = Arc::new(AtomicU32::new(0));
     let app = bindery::application()
         .without_registered_functions()
-        .function(slow_function(started.clone(), finished.clone(), Duration::from_secs(60)))
+        .function(slow_function(
+            started.clone(),
+            finished.clone(),
+            Duration::from_secs(60),
+        ))
         .config_str(
             "application.toml",
             r#"[stream]
@@ -103,13 +138,29 @@ group = "workers""#,
         .start()
         .await
         .unwrap();
-    let producer = binder.producer(&ProducerSpec::new("gs-stuck")).await.unwrap();
-    producer.send(Message::new(Bytes::from_static(b"stuck"))).await.unwrap();
-    wait_until("the message is in flight", Duration::from_secs(5), || started.load(Ordering::SeqCst) == 1).await;
+    let producer = binder
+        .producer(&ProducerSpec::new("gs-stuck"))
+        .await
+        .unwrap();
+    producer
+        .send(Message::new(Bytes::from_static(b"stuck")))
+        .await
+        .unwrap();
+    wait_until("the message is in flight", Duration::from_secs(5), || {
+        started.load(Ordering::SeqCst) == 1
+    })
+    .await;
 
     let begun = Instant::now();
     app.shutdown().await.unwrap();
-    assert!(begun.elapsed() < Duration::from_secs(5), "shutdown is bounded by its timeout");
+    assert!(
+        begun.elapsed() < Duration::from_secs(5),
+        "shutdown is bounded by its timeout"
+    );
     assert_eq!(finished.load(Ordering::SeqCst), 0);
-    assert_eq!(binder.pending("gs-stuck", "workers"), 1, "the unfinished message waits for redelivery");
+    assert_eq!(
+        binder.pending("gs-stuck", "workers"),
+        1,
+        "the unfinished message waits for redelivery"
+    );
 }

@@ -5,4 +5,6 @@ use std::sync::Arc;
 use bindery::Binder;
 use bindery_core::conformance::Suite;
 
-bindery_core::conformance_tests!(Suite::new(|| async { Ok(Arc::new(bindery::MemoryBinder::new()) as Arc<dyn Binder>) }));
+bindery_core::conformance_tests!(Suite::new(|| async {
+    Ok(Arc::new(bindery::MemoryBinder::new()) as Arc<dyn Binder>)
+}));

@@ -40,14 +40,33 @@ async fn bill(order: Order) -> Result<Invoice, BillingError> {
 
 #[tokio::test]
 async fn a_function_turns_each_order_into_an_invoice() {
-    let app = TestApp::start(r#"[stream]
-function.definition = "bill""#)
-        .await
-        .unwrap();
-    app.send_json("pm-orders", Order { id: 1, amount_cents: 1000 }).await.unwrap();
+    let app = TestApp::start(
+        r#"[stream]
+function.definition = "bill""#,
+    )
+    .await
+    .unwrap();
+    app.send_json(
+        "pm-orders",
+        Order {
+            id: 1,
+            amount_cents: 1000,
+        },
+    )
+    .await
+    .unwrap();
     let invoice = app.receive("pm-invoices", WAIT).await.expect("an invoice");
-    assert_eq!(invoice.json::<Invoice>().unwrap(), Invoice { order_id: 1, total_cents: 1200 });
-    assert_eq!(invoice.headers().get_str(header::CONTENT_TYPE), Some("application/json"));
+    assert_eq!(
+        invoice.json::<Invoice>().unwrap(),
+        Invoice {
+            order_id: 1,
+            total_cents: 1200
+        }
+    );
+    assert_eq!(
+        invoice.headers().get_str(header::CONTENT_TYPE),
+        Some("application/json")
+    );
     assert!(invoice.headers().contains(header::MESSAGE_ID));
     app.shutdown().await.unwrap();
 }
@@ -59,11 +78,16 @@ fn shout(text: String) -> String {
 
 #[tokio::test]
 async fn a_plain_fn_takes_and_returns_text_with_default_destinations() {
-    let app = TestApp::start(r#"stream.function.definition = "shout""#).await.unwrap();
+    let app = TestApp::start(r#"stream.function.definition = "shout""#)
+        .await
+        .unwrap();
     app.send("shout-in-0", "hello").await.unwrap();
     let reply = app.receive("shout-out-0", WAIT).await.expect("a reply");
     assert_eq!(reply.text(), Some("HELLO"));
-    assert_eq!(reply.headers().get_str(header::CONTENT_TYPE), Some("text/plain; charset=utf-8"));
+    assert_eq!(
+        reply.headers().get_str(header::CONTENT_TYPE),
+        Some("text/plain; charset=utf-8")
+    );
     app.shutdown().await.unwrap();
 }
 
@@ -72,32 +96,46 @@ async fn tag(message: Message<Order>, headers: Headers) -> Message<Invoice> {
     let tenant = headers.get_str("tenant").unwrap_or("none").to_owned();
     let key = message.key_str().unwrap_or_default().to_owned();
     let order = message.into_payload();
-    Message::builder(Invoice { order_id: order.id, total_cents: order.amount_cents })
-        .header("tenant", tenant)
-        .key(key)
-        .build()
+    Message::builder(Invoice {
+        order_id: order.id,
+        total_cents: order.amount_cents,
+    })
+    .header("tenant", tenant)
+    .key(key)
+    .build()
 }
 
 #[tokio::test]
 async fn headers_and_keys_are_read_and_set_and_the_correlation_id_is_carried() {
-    let app = TestApp::start(r#"
+    let app = TestApp::start(
+        r#"
 [stream]
 function.definition = "tag"
 [stream.bindings.tag-in-0]
 destination = "pm-tag-in"
-"#)
+"#,
+    )
     .await
     .unwrap();
-    let order = Message::builder(Encoded(Order { id: 9, amount_cents: 5 }))
-        .header("tenant", "acme")
-        .header(header::CORRELATION_ID, "corr-9")
-        .key("customer-3")
-        .build();
+    let order = Message::builder(Encoded(Order {
+        id: 9,
+        amount_cents: 5,
+    }))
+    .header("tenant", "acme")
+    .header(header::CORRELATION_ID, "corr-9")
+    .key("customer-3")
+    .build();
     app.send("pm-tag-in", order).await.unwrap();
-    let out = app.receive("pm-tagged", WAIT).await.expect("a tagged invoice");
+    let out = app
+        .receive("pm-tagged", WAIT)
+        .await
+        .expect("a tagged invoice");
     assert_eq!(out.headers().get_str("tenant"), Some("acme"));
     assert_eq!(out.key_str(), Some("customer-3"));
-    assert_eq!(out.headers().get_str(header::CORRELATION_ID), Some("corr-9"));
+    assert_eq!(
+        out.headers().get_str(header::CORRELATION_ID),
+        Some("corr-9")
+    );
     assert_eq!(out.json::<Invoice>().unwrap().order_id, 9);
     app.shutdown().await.unwrap();
 }
@@ -114,7 +152,9 @@ fn evens(n: u64) -> Option<u64> {
 
 #[tokio::test]
 async fn vec_fans_out_and_none_sends_nothing() {
-    let app = TestApp::start(r#"stream.function.definition = "split;evens""#).await.unwrap();
+    let app = TestApp::start(r#"stream.function.definition = "split;evens""#)
+        .await
+        .unwrap();
     app.send("split-in-0", "a,b,c").await.unwrap();
     for expected in ["a", "b", "c"] {
         let line = app.receive("pm-lines", WAIT).await.expect("a line");
@@ -123,9 +163,26 @@ async fn vec_fans_out_and_none_sends_nothing() {
     for n in [1u64, 2, 3, 4] {
         app.send_json("evens-in-0", n).await.unwrap();
     }
-    assert_eq!(app.receive("pm-evens", WAIT).await.unwrap().json::<u64>().unwrap(), 2);
-    assert_eq!(app.receive("pm-evens", WAIT).await.unwrap().json::<u64>().unwrap(), 4);
-    assert!(app.receive("pm-evens", Duration::from_millis(200)).await.is_none());
+    assert_eq!(
+        app.receive("pm-evens", WAIT)
+            .await
+            .unwrap()
+            .json::<u64>()
+            .unwrap(),
+        2
+    );
+    assert_eq!(
+        app.receive("pm-evens", WAIT)
+            .await
+            .unwrap()
+            .json::<u64>()
+            .unwrap(),
+        4
+    );
+    assert!(app
+        .receive("pm-evens", Duration::from_millis(200))
+        .await
+        .is_none());
     app.shutdown().await.unwrap();
 }
 
@@ -139,46 +196,78 @@ fn tick() -> Option<u32> {
 
 #[tokio::test]
 async fn a_supplier_is_polled_and_none_sends_nothing_that_round() {
-    let app = TestApp::start(r#"stream.function.definition = "tick""#).await.unwrap();
+    let app = TestApp::start(r#"stream.function.definition = "tick""#)
+        .await
+        .unwrap();
     for expected in 0..3u32 {
         let tick = app.receive("pm-ticks", WAIT).await.expect("a tick");
         assert_eq!(tick.json::<u32>().unwrap(), expected);
     }
-    assert!(app.receive("pm-ticks", Duration::from_millis(200)).await.is_none());
-    assert!(TICKS.load(Ordering::SeqCst) > 3, "polling goes on after None");
+    assert!(app
+        .receive("pm-ticks", Duration::from_millis(200))
+        .await
+        .is_none());
+    assert!(
+        TICKS.load(Ordering::SeqCst) > 3,
+        "polling goes on after None"
+    );
     app.shutdown().await.unwrap();
 }
 
 #[stream_function(output = "pm-relay")]
 async fn relay(text: String, bridge: StreamBridge) -> String {
-    bridge.send("pm-side-channel", format!("saw {text}")).await.unwrap();
+    bridge
+        .send("pm-side-channel", format!("saw {text}"))
+        .await
+        .unwrap();
     text
 }
 
 #[tokio::test]
 async fn the_bridge_sends_to_any_destination_from_a_handler() {
-    let app = TestApp::start(r#"stream.function.definition = "relay""#).await.unwrap();
+    let app = TestApp::start(r#"stream.function.definition = "relay""#)
+        .await
+        .unwrap();
     // Capture the side channel before anything is sent to it.
-    assert!(app.receive("pm-side-channel", Duration::from_millis(1)).await.is_none());
+    assert!(app
+        .receive("pm-side-channel", Duration::from_millis(1))
+        .await
+        .is_none());
     app.send("relay-in-0", "ping").await.unwrap();
-    assert_eq!(app.receive("pm-relay", WAIT).await.unwrap().text(), Some("ping"));
-    assert_eq!(app.receive("pm-side-channel", WAIT).await.unwrap().text(), Some("saw ping"));
+    assert_eq!(
+        app.receive("pm-relay", WAIT).await.unwrap().text(),
+        Some("ping")
+    );
+    assert_eq!(
+        app.receive("pm-side-channel", WAIT).await.unwrap().text(),
+        Some("saw ping")
+    );
     app.shutdown().await.unwrap();
 }
 
 #[tokio::test]
 async fn a_function_written_by_hand_runs_like_a_registered_one() {
     use bindery::{Decoded, StreamFunction};
-    let double = StreamFunction::function("double", |n: Decoded<u64>| async move { Encoded(n.0 * 2) })
-        .input("pm-numbers")
-        .output("pm-doubled");
+    let double =
+        StreamFunction::function("double", |n: Decoded<u64>| async move { Encoded(n.0 * 2) })
+            .input("pm-numbers")
+            .output("pm-doubled");
     let app = TestApp::start_with(
-        bindery::application().without_registered_functions().function(double),
+        bindery::application()
+            .without_registered_functions()
+            .function(double),
         "",
     )
     .await
     .unwrap();
     app.send_json("pm-numbers", 21u64).await.unwrap();
-    assert_eq!(app.receive("pm-doubled", WAIT).await.unwrap().json::<u64>().unwrap(), 42);
+    assert_eq!(
+        app.receive("pm-doubled", WAIT)
+            .await
+            .unwrap()
+            .json::<u64>()
+            .unwrap(),
+        42
+    );
     app.shutdown().await.unwrap();
 }

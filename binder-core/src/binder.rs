@@ -10,7 +10,7 @@ use std::sync::Arc;
 use async_trait::async_trait;
 use futures::future::BoxFuture;
 
-use crate::config::{ConfigNode, ConsumerProperties, ProducerProperties, Problems};
+use crate::config::{ConfigNode, ConsumerProperties, Problems, ProducerProperties};
 use crate::{Error, Message};
 
 /// What a consumer binding asks of its binder.
@@ -178,5 +178,8 @@ pub trait BinderProvider: Send + Sync + fmt::Debug + 'static {
     }
 
     /// Connects a binder. It must fail within a bounded time when the broker is unreachable.
-    fn create(&self, settings: BinderSettings) -> BoxFuture<'static, Result<Arc<dyn Binder>, Error>>;
+    fn create(
+        &self,
+        settings: BinderSettings,
+    ) -> BoxFuture<'static, Result<Arc<dyn Binder>, Error>>;
 }

@@ -25,9 +25,16 @@ use tokio::time::Instant;
 use crate::binder::{Binder, ConsumerSpec, Delivery, ProducerSpec, Subscription};
 use crate::{header, Application, Error, Message, StreamFunction};
 
-type BinderFactory = Arc<dyn Fn() -> BoxFuture<'static, Result<Arc<dyn Binder>, Error>> + Send + Sync>;
-type DeadLetterReader =
-    Arc<dyn Fn(Arc<dyn Binder>, ConsumerSpec) -> BoxFuture<'static, Result<Box<dyn Subscription>, Error>> + Send + Sync>;
+type BinderFactory =
+    Arc<dyn Fn() -> BoxFuture<'static, Result<Arc<dyn Binder>, Error>> + Send + Sync>;
+type DeadLetterReader = Arc<
+    dyn Fn(
+            Arc<dyn Binder>,
+            ConsumerSpec,
+        ) -> BoxFuture<'static, Result<Box<dyn Subscription>, Error>>
+        + Send
+        + Sync,
+>;
 
 /// The suite, set up for one binder.
 #[derive(Clone)]
@@ -40,7 +47,9 @@ pub struct Suite {
 
 impl std::fmt::Debug for Suite {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Suite").field("timeout", &self.timeout).finish_non_exhaustive()
+        f.debug_struct("Suite")
+            .field("timeout", &self.timeout)
+            .finish_non_exhaustive()
     }
 }
 
@@ -55,7 +64,8 @@ impl Suite {
             factory: Arc::new(move || Box::pin(factory())),
             dead_letters: Arc::new(|binder, spec| {
                 Box::pin(async move {
-                    let reader = ConsumerSpec::new(spec.dlq_destination(), Some("conformance-dlq-reader"));
+                    let reader =
+                        ConsumerSpec::new(spec.dlq_destination(), Some("conformance-dlq-reader"));
                     binder.subscribe(&reader).await
                 })
             }),
@@ -90,7 +100,9 @@ impl Suite {
     }
 
     async fn binder(&self) -> Arc<dyn Binder> {
-        (self.factory)().await.expect("the binder under test could not be created")
+        (self.factory)()
+            .await
+            .expect("the binder under test could not be created")
     }
 
     /// Every group of a destination gets every message.
@@ -100,8 +112,16 @@ impl Suite {
         let mut first = subscribe(&binder, &destination, Some("first")).await;
         let mut second = subscribe(&binder, &destination, Some("second")).await;
         let sent = send_numbered(&binder, &destination, 10, None).await;
-        assert_eq!(self.receive_n(&mut first, 10).await, sent, "group `first` must get every message");
-        assert_eq!(self.receive_n(&mut second, 10).await, sent, "group `second` must get every message");
+        assert_eq!(
+            self.receive_n(&mut first, 10).await,
+            sent,
+            "group `first` must get every message"
+        );
+        assert_eq!(
+            self.receive_n(&mut second, 10).await,
+            sent,
+            "group `second` must get every message"
+        );
         binder.close().await.ok();
     }
 
@@ -132,7 +152,10 @@ impl Suite {
         received.sort();
         let mut expected = sent.clone();
         expected.sort();
-        assert_eq!(received, expected, "each message must reach exactly one consumer of the group");
+        assert_eq!(
+            received, expected,
+            "each message must reach exactly one consumer of the group"
+        );
         binder.close().await.ok();
     }
 
@@ -154,7 +177,11 @@ impl Suite {
         let destination = unique("ordered");
         let mut subscription = subscribe(&binder, &destination, Some("ordered")).await;
         let sent = send_numbered(&binder, &destination, 50, Some("same-key")).await;
-        assert_eq!(self.receive_n(&mut subscription, 50).await, sent, "order within a key must hold");
+        assert_eq!(
+            self.receive_n(&mut subscription, 50).await,
+            sent,
+            "order within a key must hold"
+        );
         binder.close().await.ok();
     }
 
@@ -171,14 +198,22 @@ impl Suite {
             .key("customer-42")
             .build();
         message.headers_mut().insert(header::MESSAGE_ID, "id-1");
-        producer(&binder, &destination).await.send(message.clone()).await.expect("send");
+        producer(&binder, &destination)
+            .await
+            .send(message.clone())
+            .await
+            .expect("send");
         let received = self.receive_one(&mut subscription).await;
         let got = received.message.clone();
         received.acknowledgement.ack().await.expect("ack");
         assert_eq!(got.payload(), message.payload());
         assert_eq!(got.key_str(), Some("customer-42"));
         for (name, value) in message.headers().iter() {
-            assert_eq!(got.headers().get(name), Some(value), "header `{name}` must survive the trip");
+            assert_eq!(
+                got.headers().get(name),
+                Some(value),
+                "header `{name}` must survive the trip"
+            );
         }
         binder.close().await.ok();
     }
@@ -200,7 +235,11 @@ impl Suite {
         first.close().await.expect("close");
         let mut second = subscribe(&binder, &destination, Some("redeliver")).await;
         let again = self.receive_one(&mut second).await;
-        assert_eq!(&again.message.payload()[..], b"again", "the unacknowledged message must come back");
+        assert_eq!(
+            &again.message.payload()[..],
+            b"again",
+            "the unacknowledged message must come back"
+        );
         again.acknowledgement.ack().await.expect("ack");
         binder.close().await.ok();
     }
@@ -230,25 +269,44 @@ consumer.dlq = true"#
         );
         let mut spec = ConsumerSpec::new(destination.clone(), Some("billing"));
         spec.properties.dlq = true;
-        let mut dead_letters = (self.dead_letters)(binder.clone(), spec).await.expect("dead-letter reader");
-        let app = application(&binder, fails, &toml).start().await.expect("start");
+        let mut dead_letters = (self.dead_letters)(binder.clone(), spec)
+            .await
+            .expect("dead-letter reader");
+        let app = application(&binder, fails, &toml)
+            .start()
+            .await
+            .expect("start");
         let original = Message::builder(Bytes::from_static(b"{\"id\":7}"))
             .header("tenant", "acme")
             .key("order-7")
             .build();
-        producer(&binder, &destination).await.send(original).await.expect("send");
+        producer(&binder, &destination)
+            .await
+            .send(original)
+            .await
+            .expect("send");
         let dead = self.receive_one(&mut dead_letters).await;
         let message = dead.message.clone();
         dead.acknowledgement.ack().await.expect("ack");
         app.shutdown().await.expect("shutdown");
-        assert_eq!(attempts.load(Ordering::SeqCst), 3, "the handler must be tried max-attempts times");
+        assert_eq!(
+            attempts.load(Ordering::SeqCst),
+            3,
+            "the handler must be tried max-attempts times"
+        );
         assert_eq!(&message.payload()[..], b"{\"id\":7}");
         assert_eq!(message.key_str(), Some("order-7"));
         let headers = message.headers();
         assert_eq!(headers.get_str("tenant"), Some("acme"));
-        assert_eq!(headers.get_str(header::EXCEPTION_MESSAGE), Some("the ledger is closed"));
+        assert_eq!(
+            headers.get_str(header::EXCEPTION_MESSAGE),
+            Some("the ledger is closed")
+        );
         assert_eq!(headers.get_str(header::EXCEPTION_TYPE), Some("&str"));
-        assert_eq!(headers.get_str(header::ORIGINAL_DESTINATION), Some(destination.as_str()));
+        assert_eq!(
+            headers.get_str(header::ORIGINAL_DESTINATION),
+            Some(destination.as_str())
+        );
         assert_eq!(headers.get_str(header::ATTEMPTS), Some("3"));
         binder.close().await.ok();
     }
@@ -259,12 +317,13 @@ consumer.dlq = true"#
         let binder = self.binder().await;
         let input = unique("concurrent-in");
         let output = unique("concurrent-out");
-        let forward = StreamFunction::function("conformance-forward", |message: Message| async move {
-            // Uneven handling times shuffle work across workers.
-            let delay = message.payload().last().copied().unwrap_or(0) % 3;
-            tokio::time::sleep(Duration::from_millis(u64::from(delay))).await;
-            message
-        });
+        let forward =
+            StreamFunction::function("conformance-forward", |message: Message| async move {
+                // Uneven handling times shuffle work across workers.
+                let delay = message.payload().last().copied().unwrap_or(0) % 3;
+                tokio::time::sleep(Duration::from_millis(u64::from(delay))).await;
+                message
+            });
         let toml = format!(
             r#"[stream.bindings.conformance-forward-in-0]
 destination = "{input}"
@@ -274,12 +333,17 @@ consumer.concurrency = 4
 destination = "{output}""#
         );
         let mut results = subscribe(&binder, &output, Some("results")).await;
-        let app = application(&binder, forward, &toml).start().await.expect("start");
+        let app = application(&binder, forward, &toml)
+            .start()
+            .await
+            .expect("start");
         let producer = producer(&binder, &input).await;
         let count = 200;
         for n in 0..count {
             let key = format!("key-{}", n % 10);
-            let message = Message::builder(Bytes::from(format!("{key}:{n:04}"))).key(key).build();
+            let message = Message::builder(Bytes::from(format!("{key}:{n:04}")))
+                .key(key)
+                .build();
             producer.send(message).await.expect("send");
         }
         let received = self.receive_n(&mut results, count).await;
@@ -294,7 +358,10 @@ destination = "{output}""#
         for (key, numbers) in by_key {
             let mut sorted = numbers.clone();
             sorted.sort();
-            assert_eq!(numbers, sorted, "messages with key `{key}` must keep their order");
+            assert_eq!(
+                numbers, sorted,
+                "messages with key `{key}` must keep their order"
+            );
         }
         binder.close().await.ok();
     }
@@ -321,10 +388,17 @@ destination = "{output}""#
 }
 
 fn unique(case: &str) -> String {
-    format!("conformance-{case}-{}", &uuid::Uuid::new_v4().simple().to_string()[..8])
+    format!(
+        "conformance-{case}-{}",
+        &uuid::Uuid::new_v4().simple().to_string()[..8]
+    )
 }
 
-async fn subscribe(binder: &Arc<dyn Binder>, destination: &str, group: Option<&str>) -> Box<dyn Subscription> {
+async fn subscribe(
+    binder: &Arc<dyn Binder>,
+    destination: &str,
+    group: Option<&str>,
+) -> Box<dyn Subscription> {
     binder
         .subscribe(&ConsumerSpec::new(destination, group))
         .await
@@ -332,10 +406,18 @@ async fn subscribe(binder: &Arc<dyn Binder>, destination: &str, group: Option<&s
 }
 
 async fn producer(binder: &Arc<dyn Binder>, destination: &str) -> Arc<dyn crate::Producer> {
-    binder.producer(&ProducerSpec::new(destination)).await.expect("producer")
+    binder
+        .producer(&ProducerSpec::new(destination))
+        .await
+        .expect("producer")
 }
 
-async fn send_numbered(binder: &Arc<dyn Binder>, destination: &str, n: usize, key: Option<&str>) -> Vec<String> {
+async fn send_numbered(
+    binder: &Arc<dyn Binder>,
+    destination: &str,
+    n: usize,
+    key: Option<&str>,
+) -> Vec<String> {
     let producer = producer(binder, destination).await;
     let mut sent = Vec::with_capacity(n);
     for i in 0..n {

@@ -53,7 +53,11 @@ impl fmt::Debug for StreamFunction {
 }
 
 impl StreamFunction {
-    fn new<Args, H: Handler<Args>>(name: impl Into<String>, kind: FunctionKind, handler: H) -> Self {
+    fn new<Args, H: Handler<Args>>(
+        name: impl Into<String>,
+        kind: FunctionKind,
+        handler: H,
+    ) -> Self {
         StreamFunction {
             name: name.into(),
             kind,

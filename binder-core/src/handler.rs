@@ -55,7 +55,11 @@ pub enum FailureKind {
 
 impl Failure {
     /// A failure of `kind`, reported as `type_name` with `message`.
-    pub fn new(kind: FailureKind, type_name: impl Into<String>, message: impl Into<String>) -> Self {
+    pub fn new(
+        kind: FailureKind,
+        type_name: impl Into<String>,
+        message: impl Into<String>,
+    ) -> Self {
         Failure {
             kind,
             type_name: type_name.into(),
@@ -139,7 +143,8 @@ impl Context {
                 bridge,
                 config,
                 input_content_type,
-                output_content_type: output_content_type.unwrap_or_else(|| DEFAULT_CONTENT_TYPE.to_owned()),
+                output_content_type: output_content_type
+                    .unwrap_or_else(|| DEFAULT_CONTENT_TYPE.to_owned()),
             }),
         }
     }
@@ -170,7 +175,8 @@ impl Context {
 
 fn is_json(content_type: &str) -> bool {
     let essence = content_type.split(';').next().unwrap_or_default().trim();
-    essence.eq_ignore_ascii_case("application/json") || essence.to_ascii_lowercase().ends_with("+json")
+    essence.eq_ignore_ascii_case("application/json")
+        || essence.to_ascii_lowercase().ends_with("+json")
 }
 
 /// A handler argument taken from the incoming message or its context.
@@ -206,7 +212,9 @@ impl<T: DeserializeOwned + Send + 'static> FromPayload for Decoded<T> {
                 "content type `{content_type}` carries no structured value; take `String` or `Bytes` instead"
             )));
         }
-        serde_json::from_slice(payload).map(Decoded).map_err(Failure::decode::<T>)
+        serde_json::from_slice(payload)
+            .map(Decoded)
+            .map_err(Failure::decode::<T>)
     }
 }
 
@@ -248,7 +256,11 @@ impl<T: DeserializeOwned + Send + 'static> FromMessage for Decoded<T> {
 impl<P: FromPayload> FromMessage for Message<P> {
     fn from_message(message: &Message, context: &Context) -> Result<Self, Failure> {
         let payload = P::from_payload(message.payload(), context.content_type_of(message))?;
-        Ok(Message::from_parts(payload, message.headers().clone(), message.key().cloned()))
+        Ok(Message::from_parts(
+            payload,
+            message.headers().clone(),
+            message.key().cloned(),
+        ))
     }
 }
 
@@ -359,7 +371,10 @@ impl IntoPayload for String {
 
 impl IntoPayload for &'static str {
     fn into_payload(self, _: &str) -> Result<(Bytes, Option<&'static str>), Failure> {
-        Ok((Bytes::from_static(self.as_bytes()), Some("text/plain; charset=utf-8")))
+        Ok((
+            Bytes::from_static(self.as_bytes()),
+            Some("text/plain; charset=utf-8"),
+        ))
     }
 }
 
@@ -380,7 +395,10 @@ impl<P: IntoPayload> IntoOutputs for Message<P> {
         let (payload, mut headers, key) = self.into_parts();
         let (bytes, own_type) = payload.into_payload(&outputs.content_type)?;
         if !headers.contains(header::CONTENT_TYPE) {
-            headers.insert(header::CONTENT_TYPE, own_type.unwrap_or(&outputs.content_type));
+            headers.insert(
+                header::CONTENT_TYPE,
+                own_type.unwrap_or(&outputs.content_type),
+            );
         }
         outputs.push(Message::from_parts(bytes, headers, key));
         Ok(())
@@ -421,7 +439,8 @@ impl<O: IntoOutputs> IntoOutputs for Option<O> {
 
 impl<O: IntoOutputs> IntoOutputs for Vec<O> {
     fn into_outputs(self, outputs: &mut Outputs) -> Result<(), Failure> {
-        self.into_iter().try_for_each(|value| value.into_outputs(outputs))
+        self.into_iter()
+            .try_for_each(|value| value.into_outputs(outputs))
     }
 }
 
@@ -429,7 +448,11 @@ impl<O: IntoOutputs, E: fmt::Display + Send + 'static> IntoOutputs for Result<O,
     fn into_outputs(self, outputs: &mut Outputs) -> Result<(), Failure> {
         match self {
             Ok(value) => value.into_outputs(outputs),
-            Err(error) => Err(Failure::new(FailureKind::Handler, type_name::<E>(), error.to_string())),
+            Err(error) => Err(Failure::new(
+                FailureKind::Handler,
+                type_name::<E>(),
+                error.to_string(),
+            )),
         }
     }
 }

@@ -19,13 +19,16 @@ pub mod testing;
 pub mod conformance;
 
 pub use binder::{
-    Acknowledgement, Binder, BinderProvider, BinderSettings, ConsumerSpec, Delivery, Producer, ProducerSpec,
-    Subscription,
+    Acknowledgement, Binder, BinderProvider, BinderSettings, ConsumerSpec, Delivery, Producer,
+    ProducerSpec, Subscription,
 };
 pub use config::{AppConfig, ConfigError, ConsumerProperties, ProducerProperties};
 pub use error::{BoxError, Error};
 pub use function::{registered_functions, FunctionKind, FunctionRegistration, StreamFunction};
-pub use handler::{Context, Decoded, Encoded, Failure, FailureKind, FromMessage, FromPayload, Handler, IntoOutputs, IntoPayload, Outputs};
+pub use handler::{
+    Context, Decoded, Encoded, Failure, FailureKind, FromMessage, FromPayload, Handler,
+    IntoOutputs, IntoPayload, Outputs,
+};
 pub use memory::{MemoryBinder, MemoryBinderProvider};
 pub use message::{header, Headers, Message, MessageBuilder};
 pub use runtime::{Application, ApplicationBuilder, RunningApplication, StreamBridge};

@@ -15,8 +15,8 @@ use futures::future::BoxFuture;
 use tokio::sync::Notify;
 
 use crate::binder::{
-    Acknowledgement, Binder, BinderProvider, BinderSettings, ConsumerSpec, Delivery, Producer, ProducerSpec,
-    Subscription,
+    Acknowledgement, Binder, BinderProvider, BinderSettings, ConsumerSpec, Delivery, Producer,
+    ProducerSpec, Subscription,
 };
 use crate::config::Problems;
 use crate::{Error, Message};
@@ -65,7 +65,9 @@ struct Envelope {
 
 fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
     // A panic elsewhere while holding the lock leaves plain data that is still consistent.
-    mutex.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+    mutex
+        .lock()
+        .unwrap_or_else(|poisoned| poisoned.into_inner())
 }
 
 impl Queue {
@@ -118,12 +120,20 @@ impl MemoryBinder {
         let queues: Vec<Arc<Queue>> = {
             let destinations = lock(&self.broker.destinations);
             match destinations.get(destination) {
-                Some(d) => d.groups.values().chain(d.anonymous.values()).cloned().collect(),
+                Some(d) => d
+                    .groups
+                    .values()
+                    .chain(d.anonymous.values())
+                    .cloned()
+                    .collect(),
                 None => Vec::new(),
             }
         };
         if queues.is_empty() {
-            tracing::debug!(destination, "no group or consumer on this destination; message kept for nobody");
+            tracing::debug!(
+                destination,
+                "no group or consumer on this destination; message kept for nobody"
+            );
         }
         for queue in queues {
             queue.push_back(Envelope {
@@ -277,7 +287,10 @@ impl BinderProvider for MemoryBinderProvider {
         }
     }
 
-    fn create(&self, _settings: BinderSettings) -> BoxFuture<'static, Result<Arc<dyn Binder>, Error>> {
+    fn create(
+        &self,
+        _settings: BinderSettings,
+    ) -> BoxFuture<'static, Result<Arc<dyn Binder>, Error>> {
         Box::pin(async { Ok(Arc::new(MemoryBinder::new()) as Arc<dyn Binder>) })
     }
 }

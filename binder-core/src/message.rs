@@ -219,7 +219,13 @@ impl<T: fmt::Debug> fmt::Debug for Message<T> {
         f.debug_struct("Message")
             .field("payload", &self.payload)
             .field("headers", &self.headers)
-            .field("key", &self.key_str().map(str::to_owned).or_else(|| self.key.as_ref().map(|k| format!("{k:?}"))))
+            .field(
+                "key",
+                &self
+                    .key_str()
+                    .map(str::to_owned)
+                    .or_else(|| self.key.as_ref().map(|k| format!("{k:?}"))),
+            )
             .finish()
     }
 }

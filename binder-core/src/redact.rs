@@ -3,9 +3,17 @@
 /// Whether a configuration key names a secret, so its value is never shown.
 pub fn is_secret_key(key: &str) -> bool {
     let key = key.to_ascii_lowercase();
-    ["password", "secret", "sasl", "token", "credential", "ssl.key", "private"]
-        .iter()
-        .any(|word| key.contains(word))
+    [
+        "password",
+        "secret",
+        "sasl",
+        "token",
+        "credential",
+        "ssl.key",
+        "private",
+    ]
+    .iter()
+    .any(|word| key.contains(word))
 }
 
 /// Replaces the password of every `scheme://user:password@host` in `text` with `***`.

@@ -29,7 +29,9 @@ use tokio::sync::Mutex;
 
 use crate::binder::{Binder, ConsumerSpec, ProducerSpec, Subscription};
 use crate::handler::{IntoOutputs, Outputs, DEFAULT_CONTENT_TYPE};
-use crate::{Application, ApplicationBuilder, Error, MemoryBinder, Message, RunningApplication, StreamBridge};
+use crate::{
+    Application, ApplicationBuilder, Error, MemoryBinder, Message, RunningApplication, StreamBridge,
+};
 
 /// An application running in-process on one [`MemoryBinder`] that stands in for every binder.
 #[derive(Debug)]
@@ -57,7 +59,9 @@ impl TestApp {
         // Capture outputs before anything can send, so no output is missed.
         let mut captures = HashMap::new();
         for destination in application.output_destinations() {
-            let subscription = binder.subscribe(&ConsumerSpec::new(destination.clone(), None)).await?;
+            let subscription = binder
+                .subscribe(&ConsumerSpec::new(destination.clone(), None))
+                .await?;
             captures.insert(destination, subscription);
         }
         let running = application.start().await?;
@@ -82,11 +86,16 @@ impl TestApp {
     /// (plain values need [`crate::Encoded`]; strings and bytes are sent as they are).
     pub async fn send(&self, destination: &str, value: impl IntoOutputs) -> Result<(), Error> {
         let mut outputs = Outputs::new(DEFAULT_CONTENT_TYPE);
-        value.into_outputs(&mut outputs).map_err(|failure| Error::Encode {
-            destination: destination.to_owned(),
-            message: failure.to_string(),
-        })?;
-        let producer = self.binder.producer(&ProducerSpec::new(destination)).await?;
+        value
+            .into_outputs(&mut outputs)
+            .map_err(|failure| Error::Encode {
+                destination: destination.to_owned(),
+                message: failure.to_string(),
+            })?;
+        let producer = self
+            .binder
+            .producer(&ProducerSpec::new(destination))
+            .await?;
         for message in outputs.into_messages() {
             producer.send(message).await?;
         }
@@ -94,7 +103,11 @@ impl TestApp {
     }
 
     /// Sends a JSON-encoded value to `destination`.
-    pub async fn send_json<T: serde::Serialize + Send>(&self, destination: &str, value: T) -> Result<(), Error> {
+    pub async fn send_json<T: serde::Serialize + Send>(
+        &self,
+        destination: &str,
+        value: T,
+    ) -> Result<(), Error> {
         self.send(destination, crate::Encoded(value)).await
     }
 
@@ -105,23 +118,38 @@ impl TestApp {
         let destination = self.resolve(destination);
         let mut captures = self.captures.lock().await;
         if !captures.contains_key(&destination) {
-            let subscription = self.binder.subscribe(&ConsumerSpec::new(destination.clone(), None)).await.ok()?;
+            let subscription = self
+                .binder
+                .subscribe(&ConsumerSpec::new(destination.clone(), None))
+                .await
+                .ok()?;
             captures.insert(destination.clone(), subscription);
         }
         let subscription = captures.get_mut(&destination)?;
-        let delivery = tokio::time::timeout(timeout, subscription.next()).await.ok()??.ok()?;
+        let delivery = tokio::time::timeout(timeout, subscription.next())
+            .await
+            .ok()??
+            .ok()?;
         let message = delivery.message.clone();
         delivery.acknowledgement.ack().await.ok()?;
         Some(message)
     }
 
     /// The next message dead-lettered from `destination` by `group`, within `timeout`.
-    pub async fn receive_dead_letter(&self, destination: &str, group: &str, timeout: Duration) -> Option<Message> {
-        self.receive(&format!("{destination}.{group}.dlq"), timeout).await
+    pub async fn receive_dead_letter(
+        &self,
+        destination: &str,
+        group: &str,
+        timeout: Duration,
+    ) -> Option<Message> {
+        self.receive(&format!("{destination}.{group}.dlq"), timeout)
+            .await
     }
 
     fn resolve(&self, destination: &str) -> String {
-        self.running.output_destination(destination).unwrap_or_else(|| destination.to_owned())
+        self.running
+            .output_destination(destination)
+            .unwrap_or_else(|| destination.to_owned())
     }
 
     /// Shuts the application down gracefully.

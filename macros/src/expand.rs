@@ -56,7 +56,11 @@ fn parse_attributes(args: TokenStream) -> syn::Result<Attributes> {
             ));
             continue;
         };
-        let key = pair.path.get_ident().map(|i| i.to_string()).unwrap_or_default();
+        let key = pair
+            .path
+            .get_ident()
+            .map(|i| i.to_string())
+            .unwrap_or_default();
         let slot = match key.as_str() {
             "name" => &mut attributes.name,
             "input" => &mut attributes.input,
@@ -66,24 +70,40 @@ fn parse_attributes(args: TokenStream) -> syn::Result<Attributes> {
             _ => {
                 push(syn::Error::new(
                     pair.path.span(),
-                    format!("unknown attribute `{}`; expected one of {}", pair.path.to_token_stream(), allowed()),
+                    format!(
+                        "unknown attribute `{}`; expected one of {}",
+                        pair.path.to_token_stream(),
+                        allowed()
+                    ),
                 ));
                 continue;
             }
         };
         let value = match &pair.value {
-            syn::Expr::Lit(syn::ExprLit { lit: syn::Lit::Str(text), .. }) => text.clone(),
+            syn::Expr::Lit(syn::ExprLit {
+                lit: syn::Lit::Str(text),
+                ..
+            }) => text.clone(),
             other => {
-                push(syn::Error::new(other.span(), format!("`{key}` takes a string, such as `{key} = \"...\"`")));
+                push(syn::Error::new(
+                    other.span(),
+                    format!("`{key}` takes a string, such as `{key} = \"...\"`"),
+                ));
                 continue;
             }
         };
         if value.value().trim().is_empty() {
-            push(syn::Error::new(value.span(), format!("`{key}` must not be empty")));
+            push(syn::Error::new(
+                value.span(),
+                format!("`{key}` must not be empty"),
+            ));
             continue;
         }
         if slot.is_some() {
-            push(syn::Error::new(pair.path.span(), format!("`{key}` is given twice")));
+            push(syn::Error::new(
+                pair.path.span(),
+                format!("`{key}` is given twice"),
+            ));
             continue;
         }
         *slot = Some(value);
@@ -95,7 +115,11 @@ fn parse_attributes(args: TokenStream) -> syn::Result<Attributes> {
 }
 
 fn allowed() -> String {
-    ATTRIBUTES.iter().map(|a| format!("`{a}`")).collect::<Vec<_>>().join(", ")
+    ATTRIBUTES
+        .iter()
+        .map(|a| format!("`{a}`"))
+        .collect::<Vec<_>>()
+        .join(", ")
 }
 
 /// How an argument is taken from the message.
@@ -133,7 +157,9 @@ fn generic_args(segment: &syn::PathSegment) -> Vec<&Type> {
 }
 
 fn is_raw_payload(ty: &Type) -> bool {
-    let Some(segment) = last_segment(ty) else { return false };
+    let Some(segment) = last_segment(ty) else {
+        return false;
+    };
     match segment.ident.to_string().as_str() {
         "String" | "Bytes" => true,
         "Vec" => matches!(generic_args(segment).as_slice(), [inner] if is_named(inner, "u8")),
@@ -176,7 +202,10 @@ fn classify_argument(ty: &Type) -> syn::Result<Argument> {
             [] => Ok(Argument::AsIs(ty.clone(), true)),
             [inner] if is_raw_payload(inner) => Ok(Argument::AsIs(ty.clone(), true)),
             [inner] => Ok(Argument::MessageOfDecoded((*inner).clone())),
-            _ => Err(syn::Error::new(segment.span(), "`Message` takes one payload type: `Message<T>`")),
+            _ => Err(syn::Error::new(
+                segment.span(),
+                "`Message` takes one payload type: `Message<T>`",
+            )),
         };
     }
     Ok(Argument::Decoded(ty.clone()))
@@ -209,7 +238,10 @@ fn convert_output(ty: &Type, value: TokenStream, depth: usize) -> syn::Result<To
         return Ok(value);
     }
     if let Type::ImplTrait(_) = ty {
-        return Err(syn::Error::new(ty.span(), "`impl Trait` cannot be returned from a stream function: name the type"));
+        return Err(syn::Error::new(
+            ty.span(),
+            "`impl Trait` cannot be returned from a stream function: name the type",
+        ));
     }
     if let Type::Reference(reference) = ty {
         let is_static_str = reference
@@ -220,7 +252,10 @@ fn convert_output(ty: &Type, value: TokenStream, depth: usize) -> syn::Result<To
         if is_static_str {
             return Ok(value);
         }
-        return Err(syn::Error::new(ty.span(), "stream functions return owned values: remove the `&`"));
+        return Err(syn::Error::new(
+            ty.span(),
+            "stream functions return owned values: remove the `&`",
+        ));
     }
     let Some(segment) = last_segment(ty) else {
         return Ok(quote_spanned!(ty.span()=> #private::Encoded(#value)));
@@ -281,7 +316,9 @@ fn converted_output_type(ty: &Type) -> TokenStream {
             quote!(::std::vec::Vec<#inner>)
         }
         ("Message", []) => quote!(#ty),
-        ("Message", [inner]) if is_named(inner, "String") || is_named(inner, "Bytes") => quote!(#ty),
+        ("Message", [inner]) if is_named(inner, "String") || is_named(inner, "Bytes") => {
+            quote!(#ty)
+        }
         ("Message", [inner]) if is_raw_payload(inner) => quote!(#private::Message<#private::Bytes>),
         ("Message", [inner]) => quote!(#private::Message<#private::Encoded<#inner>>),
         // `Result<T>` aliases and anything else: leave the check to the handler bound.
@@ -296,7 +333,8 @@ fn respan(tokens: TokenStream, span: Span) -> TokenStream {
         .into_iter()
         .map(|mut tree| {
             if let proc_macro2::TokenTree::Group(group) = &tree {
-                let mut inner = proc_macro2::Group::new(group.delimiter(), respan(group.stream(), span));
+                let mut inner =
+                    proc_macro2::Group::new(group.delimiter(), respan(group.stream(), span));
                 inner.set_span(span);
                 tree = proc_macro2::TokenTree::Group(inner);
             } else {
@@ -324,10 +362,16 @@ fn expand(args: TokenStream, function: &ItemFn) -> syn::Result<TokenStream> {
         ));
     }
     if let Some(variadic) = &signature.variadic {
-        return Err(syn::Error::new(variadic.span(), "a stream function cannot be variadic"));
+        return Err(syn::Error::new(
+            variadic.span(),
+            "a stream function cannot be variadic",
+        ));
     }
     if signature.unsafety.is_some() {
-        return Err(syn::Error::new(signature.unsafety.span(), "a stream function cannot be `unsafe`"));
+        return Err(syn::Error::new(
+            signature.unsafety.span(),
+            "a stream function cannot be `unsafe`",
+        ));
     }
 
     let private = quote!(::bindery::__private);
@@ -357,7 +401,9 @@ fn expand(args: TokenStream, function: &ItemFn) -> syn::Result<TokenStream> {
             }
             Argument::MessageOfDecoded(ty) => {
                 checks.push(quote_spanned!(ty.span()=> #private::is_payload::<#ty>();));
-                params.push(quote_spanned!(ty.span()=> #name: #private::Message<#private::Decoded<#ty>>));
+                params.push(
+                    quote_spanned!(ty.span()=> #name: #private::Message<#private::Decoded<#ty>>),
+                );
                 call_args.push(quote!(#name.map_payload(|#name| #name.0)));
             }
             Argument::AsIs(ty, _) => {
@@ -381,18 +427,30 @@ fn expand(args: TokenStream, function: &ItemFn) -> syn::Result<TokenStream> {
     };
     if kind == "consumer" {
         if let Some(output) = &attributes.output {
-            return Err(syn::Error::new(output.span(), "a consumer sends nothing: remove `output`, or return a value"));
+            return Err(syn::Error::new(
+                output.span(),
+                "a consumer sends nothing: remove `output`, or return a value",
+            ));
         }
     }
     if kind == "supplier" {
         if let Some(input) = &attributes.input {
-            return Err(syn::Error::new(input.span(), "a supplier takes no message: remove `input`, or add a payload argument"));
+            return Err(syn::Error::new(
+                input.span(),
+                "a supplier takes no message: remove `input`, or add a payload argument",
+            ));
         }
         if let Some(group) = &attributes.group {
-            return Err(syn::Error::new(group.span(), "a supplier has no input, so no group: remove `group`"));
+            return Err(syn::Error::new(
+                group.span(),
+                "a supplier has no input, so no group: remove `group`",
+            ));
         }
     } else if let Some(poll) = &attributes.poll {
-        return Err(syn::Error::new(poll.span(), "only a supplier (no payload argument) is polled: remove `poll`"));
+        return Err(syn::Error::new(
+            poll.span(),
+            "only a supplier (no payload argument) is polled: remove `poll`",
+        ));
     }
 
     let output_ty = match &signature.output {

@@ -74,7 +74,12 @@ pub(crate) fn load(options: &LoadOptions) -> Result<Value, ConfigError> {
     let profiles: Vec<String> = match &options.profiles {
         Some(profiles) => profiles.clone(),
         None => env_value(ENV_PROFILE)
-            .map(|p| p.split(',').map(|s| s.trim().to_owned()).filter(|s| !s.is_empty()).collect())
+            .map(|p| {
+                p.split(',')
+                    .map(|s| s.trim().to_owned())
+                    .filter(|s| !s.is_empty())
+                    .collect()
+            })
             .unwrap_or_default(),
     };
     for profile in &profiles {
@@ -102,7 +107,10 @@ pub(crate) fn load(options: &LoadOptions) -> Result<Value, ConfigError> {
 /// `application-kafka.toml` beside `application.toml`: the base file's stem, a dash, the profile.
 fn profile_path(base: Option<&Path>, profile: &str) -> PathBuf {
     let base = base.unwrap_or(Path::new("application.toml"));
-    let stem = base.file_stem().and_then(|s| s.to_str()).unwrap_or("application");
+    let stem = base
+        .file_stem()
+        .and_then(|s| s.to_str())
+        .unwrap_or("application");
     let ext = base.extension().and_then(|s| s.to_str()).unwrap_or("toml");
     base.with_file_name(format!("{stem}-{profile}.{ext}"))
 }
@@ -112,7 +120,8 @@ fn read_file(path: &Path) -> Result<Value, ConfigError> {
     if !path.is_file() {
         return Err(ConfigError::Unreadable {
             path: shown,
-            message: "no such file; check BINDERY_CONFIG or the path given to the application".to_owned(),
+            message: "no such file; check BINDERY_CONFIG or the path given to the application"
+                .to_owned(),
         });
     }
     let map = config::File::from(path.to_path_buf())

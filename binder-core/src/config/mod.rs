@@ -5,12 +5,12 @@ mod load;
 mod node;
 mod settings;
 
-pub use load::{AppConfig, ConfigSource};
 pub(crate) use load::{load, LoadOptions};
+pub use load::{AppConfig, ConfigSource};
 pub use node::{did_you_mean, ConfigError, ConfigNode, ConfigProblem, ConfigTable, Problems};
 pub(crate) use node::{quoted_list, suggestion};
-pub use settings::{ConsumerProperties, ProducerProperties};
 pub(crate) use settings::{BindingConfig, StreamConfig};
+pub use settings::{ConsumerProperties, ProducerProperties};
 
 /// Binding and function names match with `_` and `-` taken as the same, so
 /// `BINDERY_STREAM__BINDINGS__SEND_ORDER_IN_0__GROUP` reaches `send_order-in-0`.

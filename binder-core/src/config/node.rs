@@ -40,7 +40,12 @@ impl Problems {
     }
 
     /// Records a problem with a key that has no node, such as a missing required key.
-    pub fn at_key(&mut self, origin: impl Into<String>, key: impl Into<String>, message: impl Into<String>) {
+    pub fn at_key(
+        &mut self,
+        origin: impl Into<String>,
+        key: impl Into<String>,
+        message: impl Into<String>,
+    ) {
         self.found.push(ConfigProblem {
             origin: origin.into(),
             key: key.into(),
@@ -94,7 +99,10 @@ fn list(problems: &[ConfigProblem]) -> String {
 }
 
 /// Suggests the closest of `candidates` to a misspelled `name`, when one is close.
-pub fn did_you_mean<'a>(name: &str, candidates: impl IntoIterator<Item = &'a str>) -> Option<&'a str> {
+pub fn did_you_mean<'a>(
+    name: &str,
+    candidates: impl IntoIterator<Item = &'a str>,
+) -> Option<&'a str> {
     candidates
         .into_iter()
         .map(|c| (strsim::jaro_winkler(name, c), c))
@@ -240,7 +248,10 @@ impl ConfigNode {
                 None
             }
             None => {
-                problems.at(self, format!("expected a whole number, found {}", self.shown()));
+                problems.at(
+                    self,
+                    format!("expected a whole number, found {}", self.shown()),
+                );
                 None
             }
         }
@@ -258,7 +269,10 @@ impl ConfigNode {
         match number {
             Some(n) if n >= min && n.is_finite() => Some(n),
             Some(n) => {
-                problems.at(self, format!("must be a number of at least {min}, found {n}"));
+                problems.at(
+                    self,
+                    format!("must be a number of at least {min}, found {n}"),
+                );
                 None
             }
             None => {
@@ -275,7 +289,10 @@ impl ConfigNode {
             ValueKind::String(s) if s.eq_ignore_ascii_case("true") => Some(true),
             ValueKind::String(s) if s.eq_ignore_ascii_case("false") => Some(false),
             _ => {
-                problems.at(self, format!("expected true or false, found {}", self.shown()));
+                problems.at(
+                    self,
+                    format!("expected true or false, found {}", self.shown()),
+                );
                 None
             }
         }
@@ -296,7 +313,10 @@ impl ConfigNode {
             Err(why) => {
                 problems.at(
                     self,
-                    format!("expected a duration such as \"1s\", \"250ms\" or \"2m\", found {} ({why})", self.shown()),
+                    format!(
+                        "expected a duration such as \"1s\", \"250ms\" or \"2m\", found {} ({why})",
+                        self.shown()
+                    ),
                 );
                 None
             }
@@ -322,7 +342,10 @@ impl ConfigNode {
                     .collect(),
             ),
             _ => {
-                problems.at(self, format!("expected a list of names, found {}", self.shown()));
+                problems.at(
+                    self,
+                    format!("expected a list of names, found {}", self.shown()),
+                );
                 None
             }
         }
@@ -337,7 +360,13 @@ impl ConfigNode {
             ValueKind::U64(n) => Some(n.to_string()),
             ValueKind::Float(n) => Some(n.to_string()),
             _ => {
-                problems.at(self, format!("expected a string, number or boolean, found {}", self.shown()));
+                problems.at(
+                    self,
+                    format!(
+                        "expected a string, number or boolean, found {}",
+                        self.shown()
+                    ),
+                );
                 None
             }
         }
@@ -346,5 +375,9 @@ impl ConfigNode {
 
 /// `a`, `b` and `c` as "`a`, `b`, `c`".
 pub(crate) fn quoted_list(items: &[&str]) -> String {
-    items.iter().map(|i| format!("`{i}`")).collect::<Vec<_>>().join(", ")
+    items
+        .iter()
+        .map(|i| format!("`{i}`"))
+        .collect::<Vec<_>>()
+        .join(", ")
 }

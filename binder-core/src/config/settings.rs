@@ -43,7 +43,9 @@ impl Default for ConsumerProperties {
 impl ConsumerProperties {
     /// The wait after failed attempt number `attempt` (1-based): exponential, capped.
     pub fn back_off(&self, attempt: u32) -> Duration {
-        let factor = self.back_off_multiplier.powi(attempt.saturating_sub(1) as i32);
+        let factor = self
+            .back_off_multiplier
+            .powi(attempt.saturating_sub(1) as i32);
         let wait = self.back_off_initial_interval.as_secs_f64() * factor;
         Duration::from_secs_f64(wait.min(self.back_off_max_interval.as_secs_f64()))
     }
@@ -66,7 +68,14 @@ pub(crate) const STREAM_KEYS: &[&str] = &[
     "output-bindings",
     "shutdown-timeout",
 ];
-const BINDING_KEYS: &[&str] = &["destination", "group", "content-type", "binder", "consumer", "producer"];
+const BINDING_KEYS: &[&str] = &[
+    "destination",
+    "group",
+    "content-type",
+    "binder",
+    "consumer",
+    "producer",
+];
 const DEFAULT_KEYS: &[&str] = &["group", "content-type", "consumer", "producer"];
 const CONSUMER_KEYS: &[&str] = &[
     "max-attempts",
@@ -78,7 +87,8 @@ const CONSUMER_KEYS: &[&str] = &[
     "dlq-name",
 ];
 const PRODUCER_KEYS: &[&str] = &["required-groups"];
-const SUPPORTED_CONTENT_TYPES: &[&str] = &["application/json", "text/plain", "application/octet-stream"];
+const SUPPORTED_CONTENT_TYPES: &[&str] =
+    &["application/json", "text/plain", "application/octet-stream"];
 
 /// What one binding (or `[stream.default]`) sets; unset fields fall back to the defaults.
 #[derive(Clone, Debug, Default)]
@@ -147,7 +157,11 @@ pub(crate) struct StreamConfig {
 impl StreamConfig {
     /// Reads `[stream]` from the merged configuration. `extension_types` are the binder types
     /// whose own sections (`[stream.kafka]`, ...) may appear under `[stream]`.
-    pub(crate) fn read(root: &Value, extension_types: &[&str], problems: &mut Problems) -> StreamConfig {
+    pub(crate) fn read(
+        root: &Value,
+        extension_types: &[&str],
+        problems: &mut Problems,
+    ) -> StreamConfig {
         let mut config = StreamConfig {
             default_binder: None,
             function_definition: None,
@@ -172,17 +186,21 @@ impl StreamConfig {
         };
         for (name, node) in table {
             match name.as_str() {
-                "default-binder" => config.default_binder = node.string(problems).map(|s| (s, node)),
+                "default-binder" => {
+                    config.default_binder = node.string(problems).map(|s| (s, node))
+                }
                 "function" => {
                     if let Some(function) = node.table(&["definition"], problems) {
                         if let Some(def) = function.get("definition") {
-                            config.function_definition = read_definition(def, problems).map(|d| (d, def.clone()));
+                            config.function_definition =
+                                read_definition(def, problems).map(|d| (d, def.clone()));
                         }
                     }
                 }
                 "output-bindings" => {
                     if let Some(names) = node.string_list(problems) {
-                        config.output_bindings = names.into_iter().map(|n| (n, node.clone())).collect();
+                        config.output_bindings =
+                            names.into_iter().map(|n| (n, node.clone())).collect();
                     }
                 }
                 "shutdown-timeout" => {
@@ -259,7 +277,12 @@ fn non_empty(node: &ConfigNode, problems: &mut Problems) -> Option<String> {
 
 fn read_content_type(node: &ConfigNode, problems: &mut Problems) -> Option<String> {
     let text = node.string(problems)?;
-    let essence = text.split(';').next().unwrap_or_default().trim().to_ascii_lowercase();
+    let essence = text
+        .split(';')
+        .next()
+        .unwrap_or_default()
+        .trim()
+        .to_ascii_lowercase();
     if SUPPORTED_CONTENT_TYPES.contains(&essence.as_str()) || essence.ends_with("+json") {
         Some(text)
     } else {
@@ -283,7 +306,9 @@ fn read_consumer(node: &ConfigNode, problems: &mut Problems) -> ConsumerOverride
     for (name, node) in table {
         match name.as_str() {
             "max-attempts" => consumer.max_attempts = node.integer(1, problems).map(clamp_u32),
-            "back-off-initial-interval" => consumer.back_off_initial_interval = node.duration(problems),
+            "back-off-initial-interval" => {
+                consumer.back_off_initial_interval = node.duration(problems)
+            }
             "back-off-multiplier" => consumer.back_off_multiplier = node.float(1.0, problems),
             "back-off-max-interval" => consumer.back_off_max_interval = node.duration(problems),
             "concurrency" => consumer.concurrency = node.integer(1, problems).map(clamp_u32),
@@ -307,4 +332,3 @@ fn read_producer(node: &ConfigNode, problems: &mut Problems) -> Option<ProducerP
 fn clamp_u32(n: i64) -> u32 {
     u32::try_from(n).unwrap_or(u32::MAX)
 }
-

@@ -31,11 +31,21 @@ pub(crate) struct Invoker {
 
 impl Invoker {
     /// Calls the handler and sends what it returned; a panic is a failure like any other.
-    async fn invoke(&self, message: Message, correlation_id: Option<&Bytes>) -> Result<usize, Failure> {
+    async fn invoke(
+        &self,
+        message: Message,
+        correlation_id: Option<&Bytes>,
+    ) -> Result<usize, Failure> {
         let call = (self.handler)(message, self.context.clone());
         let outputs = match AssertUnwindSafe(call).catch_unwind().await {
             Ok(result) => result?,
-            Err(panic) => return Err(Failure::new(FailureKind::Panic, "panic", panic_text(&*panic))),
+            Err(panic) => {
+                return Err(Failure::new(
+                    FailureKind::Panic,
+                    "panic",
+                    panic_text(&*panic),
+                ))
+            }
         };
         let sent = outputs.len();
         match &self.output {
@@ -84,7 +94,11 @@ enum Outcome {
 impl InputBinding {
     /// Reads from the subscription until shutdown, handing messages to `concurrency` workers.
     /// Messages with the same key always go to the same worker, so their order is kept.
-    pub(crate) async fn run(self: Arc<Self>, mut subscription: Box<dyn Subscription>, mut shutdown: watch::Receiver<bool>) {
+    pub(crate) async fn run(
+        self: Arc<Self>,
+        mut subscription: Box<dyn Subscription>,
+        mut shutdown: watch::Receiver<bool>,
+    ) {
         let workers = self.properties.concurrency.max(1) as usize;
         let mut senders = Vec::with_capacity(workers);
         let mut tasks = JoinSet::new();
@@ -154,23 +168,35 @@ impl InputBinding {
             .map(str::to_owned)
             .unwrap_or_else(|| uuid::Uuid::new_v4().to_string());
         if !message.headers().contains(header::CORRELATION_ID) {
-            message.headers_mut().insert(header::CORRELATION_ID, &message_id);
+            message
+                .headers_mut()
+                .insert(header::CORRELATION_ID, &message_id);
         }
         let correlation_id = message.headers().get(header::CORRELATION_ID).cloned();
 
-        let outcome = self.handle(&message, correlation_id.as_ref(), &message_id, shutdown).await;
+        let outcome = self
+            .handle(&message, correlation_id.as_ref(), &message_id, shutdown)
+            .await;
         let settled = match outcome {
             Outcome::Handled => acknowledgement.ack().await,
             Outcome::Abandoned => acknowledgement.requeue().await,
             Outcome::Failed(failure, attempts) => match &self.dead_letter {
-                Some(dlq) => match dlq.send(dead_letter(message, &failure, &self.destination, attempts)).await {
+                Some(dlq) => match dlq
+                    .send(dead_letter(message, &failure, &self.destination, attempts))
+                    .await
+                {
                     Ok(()) => {
                         tracing::warn!(binding = %self.binding, %message_id, attempts, %failure, "message sent to the dead-letter destination");
                         acknowledgement.ack().await
                     }
                     Err(error) => {
                         tracing::error!(binding = %self.binding, %message_id, %error, "dead-lettering failed; the message will be redelivered");
-                        tokio::time::sleep(self.properties.back_off_max_interval.min(Duration::from_secs(1))).await;
+                        tokio::time::sleep(
+                            self.properties
+                                .back_off_max_interval
+                                .min(Duration::from_secs(1)),
+                        )
+                        .await;
                         acknowledgement.requeue().await
                     }
                 },
@@ -186,7 +212,13 @@ impl InputBinding {
     }
 
     /// Tries the handler up to `max-attempts` times with exponential back-off.
-    async fn handle(&self, message: &Message, correlation_id: Option<&Bytes>, message_id: &str, shutdown: &watch::Receiver<bool>) -> Outcome {
+    async fn handle(
+        &self,
+        message: &Message,
+        correlation_id: Option<&Bytes>,
+        message_id: &str,
+        shutdown: &watch::Receiver<bool>,
+    ) -> Outcome {
         let mut attempt = 1;
         loop {
             let failure = match self.invoker.invoke(message.clone(), correlation_id).await {
@@ -209,7 +241,12 @@ impl InputBinding {
 }
 
 /// The original message with the failure headers of the dead-letter contract.
-fn dead_letter(mut message: Message, failure: &Failure, destination: &str, attempts: u32) -> Message {
+fn dead_letter(
+    mut message: Message,
+    failure: &Failure,
+    destination: &str,
+    attempts: u32,
+) -> Message {
     let headers = message.headers_mut();
     headers.insert(header::EXCEPTION_MESSAGE, failure.message());
     headers.insert(header::EXCEPTION_TYPE, failure.type_name());
@@ -219,7 +256,11 @@ fn dead_letter(mut message: Message, failure: &Failure, destination: &str, attem
 }
 
 /// Polls a supplier every `every` until shutdown, sending what it returns.
-pub(crate) async fn run_supplier(invoker: Invoker, every: Duration, mut shutdown: watch::Receiver<bool>) {
+pub(crate) async fn run_supplier(
+    invoker: Invoker,
+    every: Duration,
+    mut shutdown: watch::Receiver<bool>,
+) {
     let mut ticks = tokio::time::interval(every);
     ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {

@@ -56,7 +56,11 @@ pub(crate) struct Output {
 
 impl Output {
     /// Sends each message in order, waiting for each confirmation; the first failure stops.
-    pub(crate) async fn send_all(&self, outputs: Outputs, correlation_id: Option<&Bytes>) -> Result<(), Error> {
+    pub(crate) async fn send_all(
+        &self,
+        outputs: Outputs,
+        correlation_id: Option<&Bytes>,
+    ) -> Result<(), Error> {
         for mut message in outputs.into_messages() {
             stamp(&mut message, correlation_id);
             self.producer.send(message).await?;
@@ -103,10 +107,12 @@ impl StreamBridge {
     pub async fn send(&self, target: &str, value: impl IntoOutputs) -> Result<(), Error> {
         let output = self.output(target).await?;
         let mut outputs = Outputs::new(output.content_type.clone());
-        value.into_outputs(&mut outputs).map_err(|failure| Error::Encode {
-            destination: target.to_owned(),
-            message: failure.to_string(),
-        })?;
+        value
+            .into_outputs(&mut outputs)
+            .map_err(|failure| Error::Encode {
+                destination: target.to_owned(),
+                message: failure.to_string(),
+            })?;
         output.send_all(outputs, None).await
     }
 
@@ -119,24 +125,33 @@ impl StreamBridge {
         if let Some(output) = outputs.get(target) {
             return Ok(output.clone());
         }
-        let (binder_name, spec, content_type) = match self.inner.bindings.get(&normalize_name(target)) {
-            Some(binding) => (binding.binder.clone(), binding.producer_spec(), binding.content_type.clone()),
-            None => {
-                let mut spec = ProducerSpec::new(target);
-                if let Some(producer) = &self.inner.dynamic_defaults.producer {
-                    spec.properties = producer.clone();
+        let (binder_name, spec, content_type) =
+            match self.inner.bindings.get(&normalize_name(target)) {
+                Some(binding) => (
+                    binding.binder.clone(),
+                    binding.producer_spec(),
+                    binding.content_type.clone(),
+                ),
+                None => {
+                    let mut spec = ProducerSpec::new(target);
+                    if let Some(producer) = &self.inner.dynamic_defaults.producer {
+                        spec.properties = producer.clone();
+                    }
+                    (
+                        self.inner.default_binder.clone(),
+                        spec,
+                        self.inner.dynamic_defaults.content_type.clone(),
+                    )
                 }
-                (
-                    self.inner.default_binder.clone(),
-                    spec,
-                    self.inner.dynamic_defaults.content_type.clone(),
-                )
-            }
-        };
-        let binder = self.inner.binders.get(&binder_name).ok_or_else(|| Error::Binding {
-            binding: target.to_owned(),
-            message: format!("binder `{binder_name}` is not running"),
-        })?;
+            };
+        let binder = self
+            .inner
+            .binders
+            .get(&binder_name)
+            .ok_or_else(|| Error::Binding {
+                binding: target.to_owned(),
+                message: format!("binder `{binder_name}` is not running"),
+            })?;
         let producer = binder.producer(&spec).await?;
         let output = Arc::new(Output {
             content_type: content_type.unwrap_or_else(|| DEFAULT_CONTENT_TYPE.to_owned()),

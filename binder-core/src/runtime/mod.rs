@@ -14,12 +14,14 @@ use std::time::Duration;
 use tokio::sync::watch;
 use tokio::task::JoinSet;
 
-pub use bridge::StreamBridge;
 use binding::{run_supplier, InputBinding, Invoker};
+pub use bridge::StreamBridge;
 use plan::{Plan, Planner, KNOWN_BINDER_TYPES};
 
 use crate::binder::{Binder, BinderProvider};
-use crate::config::{load, AppConfig, ConfigError, ConfigSource, LoadOptions, Problems, StreamConfig};
+use crate::config::{
+    load, AppConfig, ConfigError, ConfigSource, LoadOptions, Problems, StreamConfig,
+};
 use crate::function::{registered_functions, StreamFunction};
 use crate::handler::Context;
 use crate::memory::MemoryBinderProvider;
@@ -87,13 +89,23 @@ impl ApplicationBuilder {
 
     /// Activates a profile, as `BINDERY_PROFILE` does (profiles set here replace that variable).
     pub fn profile(mut self, profile: impl Into<String>) -> Self {
-        self.options.profiles.get_or_insert_with(Vec::new).push(profile.into());
+        self.options
+            .profiles
+            .get_or_insert_with(Vec::new)
+            .push(profile.into());
         self
     }
 
     /// Reads these variables instead of the process environment.
-    pub fn environment<K: Into<String>, V: Into<String>>(mut self, vars: impl IntoIterator<Item = (K, V)>) -> Self {
-        self.options.environment = Some(vars.into_iter().map(|(k, v)| (k.into(), v.into())).collect());
+    pub fn environment<K: Into<String>, V: Into<String>>(
+        mut self,
+        vars: impl IntoIterator<Item = (K, V)>,
+    ) -> Self {
+        self.options.environment = Some(
+            vars.into_iter()
+                .map(|(k, v)| (k.into(), v.into()))
+                .collect(),
+        );
         self
     }
 
@@ -112,7 +124,8 @@ impl ApplicationBuilder {
 
     /// Makes a binder type available (the facade adds Kafka and RabbitMQ by feature).
     pub fn binder_provider(mut self, provider: impl BinderProvider) -> Self {
-        self.providers.insert(provider.binder_type().to_owned(), Arc::new(provider));
+        self.providers
+            .insert(provider.binder_type().to_owned(), Arc::new(provider));
         self
     }
 
@@ -246,7 +259,11 @@ impl Application {
             suppliers: JoinSet::new(),
             binders: binders.clone(),
             shutdown_timeout: plan.shutdown_timeout,
-            outputs: plan.outputs.iter().map(|(name, b)| (name.clone(), b.destination.clone())).collect(),
+            outputs: plan
+                .outputs
+                .iter()
+                .map(|(name, b)| (name.clone(), b.destination.clone()))
+                .collect(),
         };
 
         // Inputs are subscribed before any supplier runs, so nothing sent at startup is lost.
@@ -296,10 +313,14 @@ impl Application {
                 invoker,
                 dead_letter,
             });
-            running.consumers.spawn(binding.run(subscription, stopped.clone()));
+            running
+                .consumers
+                .spawn(binding.run(subscription, stopped.clone()));
         }
         for (invoker, every) in suppliers {
-            running.suppliers.spawn(run_supplier(invoker, every, stopped.clone()));
+            running
+                .suppliers
+                .spawn(run_supplier(invoker, every, stopped.clone()));
         }
         Ok(running)
     }
@@ -320,7 +341,9 @@ pub struct RunningApplication {
 impl RunningApplication {
     /// The destination of an output binding, such as `bill-out-0`.
     pub fn output_destination(&self, binding: &str) -> Option<String> {
-        self.outputs.get(&crate::config::normalize_name(binding)).cloned()
+        self.outputs
+            .get(&crate::config::normalize_name(binding))
+            .cloned()
     }
 
     /// The bridge, to send to any binding or destination.

@@ -7,13 +7,17 @@ use std::time::Duration;
 
 use crate::binder::{BinderProvider, BinderSettings, ConsumerSpec, ProducerSpec};
 use crate::config::{
-    normalize_name, quoted_list, suggestion, BindingConfig, ConfigNode, ConsumerProperties, Problems,
-    ProducerProperties, StreamConfig,
+    normalize_name, quoted_list, suggestion, BindingConfig, ConfigNode, ConsumerProperties,
+    Problems, ProducerProperties, StreamConfig,
 };
 use crate::function::{FunctionKind, StreamFunction};
 
 /// Binder types bindery knows, and the facade feature that brings each in.
-pub(crate) const KNOWN_BINDER_TYPES: &[(&str, &str)] = &[("memory", ""), ("kafka", "kafka"), ("rabbit", "rabbit")];
+pub(crate) const KNOWN_BINDER_TYPES: &[(&str, &str)] =
+    &[("memory", ""), ("kafka", "kafka"), ("rabbit", "rabbit")];
+
+/// Binder-specific consumer and producer sections, by binder type and normalized binding name.
+type Extensions = BTreeMap<(String, String), (Option<ConfigNode>, Option<ConfigNode>)>;
 
 const DEFAULT_POLL: Duration = Duration::from_secs(1);
 
@@ -97,13 +101,29 @@ impl Planner<'_> {
         let mut planned = Vec::new();
         let mut outputs = BTreeMap::new();
         let default_binder_name = default_binder.clone().unwrap_or_default();
-        let resolve = |binding: &str, destination: Option<&str>, group: Option<&str>, problems: &mut Problems| {
-            self.resolve(binding, destination, group, &default_binder_name, &binders, &extensions, problems)
+        let resolve = |binding: &str,
+                       destination: Option<&str>,
+                       group: Option<&str>,
+                       problems: &mut Problems| {
+            self.resolve(
+                binding,
+                destination,
+                group,
+                &default_binder_name,
+                &binders,
+                &extensions,
+                problems,
+            )
         };
         for function in &selected {
-            let input = function
-                .input_binding()
-                .map(|b| resolve(&b, function.default_input(), function.default_group(), problems));
+            let input = function.input_binding().map(|b| {
+                resolve(
+                    &b,
+                    function.default_input(),
+                    function.default_group(),
+                    problems,
+                )
+            });
             let output = function
                 .output_binding()
                 .map(|b| resolve(&b, function.default_output(), None, problems));
@@ -130,12 +150,25 @@ impl Planner<'_> {
             .map(|b| b.binder.clone())
             .chain(default_binder.clone())
             .collect();
-        let mut binders: BTreeMap<String, PlannedBinder> =
-            binders.into_iter().filter(|(name, _)| used.contains(name)).collect();
+        let mut binders: BTreeMap<String, PlannedBinder> = binders
+            .into_iter()
+            .filter(|(name, _)| used.contains(name))
+            .collect();
         for name in used {
-            if let (false, Some(provider)) = (binders.contains_key(&name), self.providers.get(&name)) {
-                let settings = BinderSettings { name: name.clone(), node: None };
-                binders.insert(name, PlannedBinder { provider: provider.clone(), settings });
+            if let (false, Some(provider)) =
+                (binders.contains_key(&name), self.providers.get(&name))
+            {
+                let settings = BinderSettings {
+                    name: name.clone(),
+                    node: None,
+                };
+                binders.insert(
+                    name,
+                    PlannedBinder {
+                        provider: provider.clone(),
+                        settings,
+                    },
+                );
             }
         }
 
@@ -155,7 +188,10 @@ impl Planner<'_> {
     fn check_duplicates(&self, problems: &mut Problems) -> BTreeMap<String, &StreamFunction> {
         let mut by_name = BTreeMap::new();
         for function in self.functions {
-            if by_name.insert(normalize_name(function.name()), function).is_some() {
+            if by_name
+                .insert(normalize_name(function.name()), function)
+                .is_some()
+            {
                 problems.at_key(
                     "the registered stream functions",
                     function.name(),
@@ -185,7 +221,11 @@ impl Planner<'_> {
                         node,
                         format!(
                             "no stream function is named `{name}` (registered: {}){hint}",
-                            if known.is_empty() { "none".to_owned() } else { quoted_list(&known) }
+                            if known.is_empty() {
+                                "none".to_owned()
+                            } else {
+                                quoted_list(&known)
+                            }
                         ),
                     );
                 }
@@ -201,7 +241,12 @@ impl Planner<'_> {
             .iter()
             .flat_map(|f| [f.input_binding(), f.output_binding()])
             .flatten()
-            .chain(self.stream.output_bindings.iter().map(|(n, _)| format!("{n}-out-0")))
+            .chain(
+                self.stream
+                    .output_bindings
+                    .iter()
+                    .map(|(n, _)| format!("{n}-out-0")),
+            )
             .collect();
         names.sort();
         names
@@ -213,7 +258,13 @@ impl Planner<'_> {
         }
     }
 
-    fn check_binding_name(&self, name: &str, node: Option<&ConfigNode>, known: &[String], problems: &mut Problems) -> bool {
+    fn check_binding_name(
+        &self,
+        name: &str,
+        node: Option<&ConfigNode>,
+        known: &[String],
+        problems: &mut Problems,
+    ) -> bool {
         let normalized = normalize_name(name);
         if known.iter().any(|k| normalize_name(k) == normalized) {
             return true;
@@ -232,7 +283,9 @@ impl Planner<'_> {
     fn binders(&self, problems: &mut Problems) -> BTreeMap<String, PlannedBinder> {
         let mut binders = BTreeMap::new();
         for (name, node) in &self.stream.binders {
-            let Some(table) = node.entries(problems) else { continue };
+            let Some(table) = node.entries(problems) else {
+                continue;
+            };
             let binder_type = match table.get("type") {
                 Some(type_node) => match type_node.string(problems) {
                     Some(t) => (t, Some(type_node.clone())),
@@ -244,14 +297,21 @@ impl Planner<'_> {
                         node,
                         format!(
                             "missing `type`; set it to one of {}",
-                            quoted_list(&KNOWN_BINDER_TYPES.iter().map(|(t, _)| *t).collect::<Vec<_>>())
+                            quoted_list(
+                                &KNOWN_BINDER_TYPES
+                                    .iter()
+                                    .map(|(t, _)| *t)
+                                    .collect::<Vec<_>>()
+                            )
                         ),
                     );
                     continue;
                 }
             };
             let (binder_type, type_node) = binder_type;
-            let Some(provider) = self.provider(&binder_type, type_node.as_ref().unwrap_or(node), problems) else {
+            let Some(provider) =
+                self.provider(&binder_type, type_node.as_ref().unwrap_or(node), problems)
+            else {
                 continue;
             };
             let settings = BinderSettings {
@@ -268,7 +328,12 @@ impl Planner<'_> {
         self.providers.contains_key(name) || KNOWN_BINDER_TYPES.iter().any(|(t, _)| *t == name)
     }
 
-    fn provider(&self, binder_type: &str, node: &ConfigNode, problems: &mut Problems) -> Option<Arc<dyn BinderProvider>> {
+    fn provider(
+        &self,
+        binder_type: &str,
+        node: &ConfigNode,
+        problems: &mut Problems,
+    ) -> Option<Arc<dyn BinderProvider>> {
         if let Some(provider) = self.providers.get(binder_type) {
             return Some(provider.clone());
         }
@@ -328,14 +393,24 @@ impl Planner<'_> {
         None
     }
 
-    fn default_binder(&self, binders: &BTreeMap<String, PlannedBinder>, problems: &mut Problems) -> Option<String> {
+    fn default_binder(
+        &self,
+        binders: &BTreeMap<String, PlannedBinder>,
+        problems: &mut Problems,
+    ) -> Option<String> {
         match &self.stream.default_binder {
             Some((name, node)) => self.binder_ref(name, node, binders, problems),
             None => match self.stream.binders.len() {
                 0 => Some("memory".to_owned()),
                 1 => self.stream.binders.keys().next().cloned(),
                 _ => {
-                    let origin = self.stream.binders.values().next().map(ConfigNode::origin).unwrap_or_default();
+                    let origin = self
+                        .stream
+                        .binders
+                        .values()
+                        .next()
+                        .map(ConfigNode::origin)
+                        .unwrap_or_default();
                     let names: Vec<&str> = self.stream.binders.keys().map(String::as_str).collect();
                     problems.at_key(
                         origin,
@@ -349,17 +424,25 @@ impl Planner<'_> {
     }
 
     /// `[stream.<type>.bindings.<binding>.consumer|producer]`, checked by the binder type's provider.
-    fn extensions(&self, known: &[String], problems: &mut Problems) -> BTreeMap<(String, String), (Option<ConfigNode>, Option<ConfigNode>)> {
+    fn extensions(&self, known: &[String], problems: &mut Problems) -> Extensions {
         let mut found = BTreeMap::new();
         for (binder_type, node) in &self.stream.extensions {
-            let Some(provider) = self.provider(binder_type, node, problems) else { continue };
-            let Some(section) = node.table(&["bindings"], problems) else { continue };
-            let Some(bindings) = section.get("bindings") else { continue };
+            let Some(provider) = self.provider(binder_type, node, problems) else {
+                continue;
+            };
+            let Some(section) = node.table(&["bindings"], problems) else {
+                continue;
+            };
+            let Some(bindings) = section.get("bindings") else {
+                continue;
+            };
             for (binding, node) in bindings.entries(problems).unwrap_or_default() {
                 if !self.check_binding_name(&binding, Some(&node), known, problems) {
                     continue;
                 }
-                let Some(sides) = node.table(&["consumer", "producer"], problems) else { continue };
+                let Some(sides) = node.table(&["consumer", "producer"], problems) else {
+                    continue;
+                };
                 let consumer = sides.get("consumer").cloned();
                 let producer = sides.get("producer").cloned();
                 if let Some(consumer) = &consumer {
@@ -368,7 +451,10 @@ impl Planner<'_> {
                 if let Some(producer) = &producer {
                     provider.validate_producer(producer, problems);
                 }
-                found.insert((binder_type.clone(), normalize_name(&binding)), (consumer, producer));
+                found.insert(
+                    (binder_type.clone(), normalize_name(&binding)),
+                    (consumer, producer),
+                );
             }
         }
         found
@@ -382,7 +468,7 @@ impl Planner<'_> {
         default_group: Option<&str>,
         default_binder: &str,
         binders: &BTreeMap<String, PlannedBinder>,
-        extensions: &BTreeMap<(String, String), (Option<ConfigNode>, Option<ConfigNode>)>,
+        extensions: &Extensions,
         problems: &mut Problems,
     ) -> ResolvedBinding {
         let normalized = normalize_name(binding);
@@ -396,7 +482,9 @@ impl Planner<'_> {
         let defaults = &self.stream.defaults;
 
         let binder = match &config.binder {
-            Some((name, node)) => self.binder_ref(name, node, binders, problems).unwrap_or_default(),
+            Some((name, node)) => self
+                .binder_ref(name, node, binders, problems)
+                .unwrap_or_default(),
             None => default_binder.to_owned(),
         };
         let mut consumer = ConsumerProperties::default();
@@ -408,13 +496,22 @@ impl Planner<'_> {
             .or_else(|| default_group.map(str::to_owned))
             .or_else(|| defaults.group.clone());
         if consumer.dlq && group.is_none() && binding.ends_with("-in-0") {
-            let dlq_node = config.consumer.dlq.as_ref().or(defaults.consumer.dlq.as_ref()).map(|(_, n)| n);
+            let dlq_node = config
+                .consumer
+                .dlq
+                .as_ref()
+                .or(defaults.consumer.dlq.as_ref())
+                .map(|(_, n)| n);
             let message = format!(
                 "binding `{binding}` has `dlq = true` but no group; dead-letter destinations are named after the group, so set `stream.bindings.{binding}.group`"
             );
             match dlq_node {
                 Some(node) => problems.at(node, message),
-                None => problems.at_key("the configuration", format!("stream.bindings.{binding}.consumer.dlq"), message),
+                None => problems.at_key(
+                    "the configuration",
+                    format!("stream.bindings.{binding}.consumer.dlq"),
+                    message,
+                ),
             }
         }
         let binder_type = binders
@@ -434,10 +531,17 @@ impl Planner<'_> {
                 .or_else(|| default_destination.map(str::to_owned))
                 .unwrap_or_else(|| binding.to_owned()),
             group,
-            content_type: config.content_type.clone().or_else(|| defaults.content_type.clone()),
+            content_type: config
+                .content_type
+                .clone()
+                .or_else(|| defaults.content_type.clone()),
             binder,
             consumer,
-            producer: config.producer.clone().or_else(|| defaults.producer.clone()).unwrap_or_default(),
+            producer: config
+                .producer
+                .clone()
+                .or_else(|| defaults.producer.clone())
+                .unwrap_or_default(),
             consumer_extension,
             producer_extension,
         }
