@@ -28,10 +28,21 @@ pub mod prelude {
     pub use crate::{stream_function, AppConfig, Headers, Message, StreamBridge};
 }
 
+/// The RabbitMQ binder.
+#[cfg(feature = "rabbit")]
+#[cfg_attr(docsrs, doc(cfg(feature = "rabbit")))]
+pub mod rabbit {
+    #[doc(inline)]
+    pub use bindery_rabbit::*;
+}
+
 /// A builder with every binder this build of bindery has: memory, and Kafka and RabbitMQ when
 /// their features are on.
 pub fn application() -> ApplicationBuilder {
-    Application::builder()
+    let builder = Application::builder();
+    #[cfg(feature = "rabbit")]
+    let builder = builder.binder_provider(bindery_rabbit::RabbitBinderProvider);
+    builder
 }
 
 /// Loads `application.toml` (with profiles and environment variables), binds every

@@ -43,6 +43,7 @@ pub struct Suite {
     dead_letters: DeadLetterReader,
     timeout: Duration,
     quiet: Duration,
+    enabled: bool,
 }
 
 impl std::fmt::Debug for Suite {
@@ -71,6 +72,7 @@ impl Suite {
             }),
             timeout: Duration::from_secs(10),
             quiet: Duration::from_millis(300),
+            enabled: true,
         }
     }
 
@@ -79,6 +81,17 @@ impl Suite {
     pub fn timeout(mut self, timeout: Duration) -> Self {
         self.timeout = timeout;
         self
+    }
+
+    /// Runs the cases only when `enabled` (see [`crate::testing::require_broker`]).
+    pub fn enabled(mut self, enabled: bool) -> Self {
+        self.enabled = enabled;
+        self
+    }
+
+    /// Whether the cases run.
+    pub fn is_enabled(&self) -> bool {
+        self.enabled
     }
 
     /// How long to watch for a message that must not come (default 300ms).
@@ -471,7 +484,9 @@ macro_rules! conformance_tests {
             #[::tokio::test(flavor = "multi_thread", worker_threads = 2)]
             async fn $case() {
                 let suite: $crate::conformance::Suite = $suite;
-                suite.$case().await;
+                if suite.is_enabled() {
+                    suite.$case().await;
+                }
             }
         )*
     };

@@ -157,3 +157,46 @@ impl TestApp {
         self.running.shutdown().await
     }
 }
+
+/// Whether broker tests may run against `address` (`host:port`) of the broker `name`.
+///
+/// When the broker does not answer: with `CI` or `BINDERY_REQUIRE_BROKERS` set (as
+/// `scripts/test` does) this panics, so a missing broker fails the run; otherwise it prints a
+/// loud notice and returns `false`, and the caller skips its test.
+pub fn require_broker(name: &str, address: &str) -> bool {
+    use std::net::{TcpStream, ToSocketAddrs};
+    let reachable = address
+        .to_socket_addrs()
+        .ok()
+        .into_iter()
+        .flatten()
+        .any(|addr| TcpStream::connect_timeout(&addr, Duration::from_secs(2)).is_ok());
+    if reachable {
+        return true;
+    }
+    let required = std::env::var_os("CI").is_some() || std::env::var_os("BINDERY_REQUIRE_BROKERS").is_some();
+    if required {
+        panic!("{name} does not answer at {address}, and broker tests are required here (CI or BINDERY_REQUIRE_BROKERS); start it, or run scripts/test which provisions it");
+    }
+    eprintln!(
+        "\n!!!!!!!! SKIPPING {name} TEST: nothing answers at {address}. Run scripts/test to provision the broker. !!!!!!!!\n"
+    );
+    false
+}
+
+/// The `host:port` part of a broker URI such as `amqp://user:password@host:5672/vhost`.
+///
+/// ```
+/// assert_eq!(bindery_core::testing::host_port("amqp://u:p@mq:5673/%2f", 5672), "mq:5673");
+/// assert_eq!(bindery_core::testing::host_port("amqp://localhost", 5672), "localhost:5672");
+/// ```
+pub fn host_port(uri: &str, default_port: u16) -> String {
+    let rest = uri.split_once("://").map_or(uri, |(_, rest)| rest);
+    let authority = rest.split(['/', '?']).next().unwrap_or_default();
+    let host = authority.rsplit_once('@').map_or(authority, |(_, host)| host);
+    if host.contains(':') {
+        host.to_owned()
+    } else {
+        format!("{host}:{default_port}")
+    }
+}

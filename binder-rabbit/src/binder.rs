@@ -1,0 +1,624 @@
+use std::fmt;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use bindery_core::config::Problems;
+use bindery_core::redact::redact_uri;
+use bindery_core::{Acknowledgement, Binder, ConsumerSpec, Delivery, Error, Message, Producer, ProducerSpec, Subscription};
+use futures::StreamExt;
+use lapin::options::{
+    BasicAckOptions, BasicConsumeOptions, BasicNackOptions, BasicPublishOptions, BasicQosOptions,
+    ConfirmSelectOptions, ExchangeDeclareOptions, QueueBindOptions, QueueDeclareOptions,
+};
+use lapin::Confirmation;
+use lapin::types::{AMQPValue, FieldTable, LongString, ShortString};
+use lapin::{Channel, Connection, ConnectionProperties, ExchangeKind};
+use tokio::sync::Mutex;
+
+use crate::mapping;
+use crate::settings::{RabbitConsumerSettings, RabbitProducerSettings, RabbitSettings};
+use crate::{RabbitError, DEAD_LETTER_EXCHANGE};
+
+/// The RabbitMQ binder: one connection, a channel per consumer and per producer.
+///
+/// A lost connection is recovered: subscriptions reconnect with back-off, declare their
+/// topology again and resume; producers open a new channel on their next send. Messages that
+/// were not acknowledged are redelivered by the broker.
+#[derive(Clone)]
+pub struct RabbitBinder {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    name: String,
+    settings: RabbitSettings,
+    connection: Mutex<Option<Connection>>,
+    closed: AtomicBool,
+}
+
+impl fmt::Debug for RabbitBinder {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("RabbitBinder")
+            .field("name", &self.inner.name)
+            .field("settings", &self.inner.settings)
+            .finish_non_exhaustive()
+    }
+}
+
+/// What a subscription declares and consumes, again after a reconnection.
+#[derive(Clone, Debug)]
+struct Topology {
+    exchange: String,
+    exchange_type: String,
+    queue: String,
+    anonymous: bool,
+    dead_letter_queue: Option<String>,
+    consumer: RabbitConsumerSettings,
+    /// Consume this queue as it is, declaring nothing else (a dead-letter queue).
+    only_queue: bool,
+}
+
+fn kind(exchange_type: &str) -> ExchangeKind {
+    match exchange_type {
+        "direct" => ExchangeKind::Direct,
+        "fanout" => ExchangeKind::Fanout,
+        "headers" => ExchangeKind::Headers,
+        _ => ExchangeKind::Topic,
+    }
+}
+
+fn durable_exchange() -> ExchangeDeclareOptions {
+    ExchangeDeclareOptions {
+        durable: true,
+        ..ExchangeDeclareOptions::default()
+    }
+}
+
+fn declare_error(entity: String) -> impl FnOnce(lapin::Error) -> RabbitError {
+    move |e| RabbitError::Declare {
+        entity,
+        reason: e.to_string(),
+    }
+}
+
+impl RabbitBinder {
+    /// Connects to the broker, failing within `connection-timeout` when it cannot.
+    pub async fn connect(name: &str, settings: RabbitSettings) -> Result<Self, Error> {
+        let binder = RabbitBinder {
+            inner: Arc::new(Inner {
+                name: name.to_owned(),
+                settings,
+                connection: Mutex::new(None),
+                closed: AtomicBool::new(false),
+            }),
+        };
+        binder.channel().await.map_err(|e| binder.error(e))?;
+        Ok(binder)
+    }
+
+    /// Connects with the settings of a configuration table (for tests and tools).
+    pub async fn connect_uri(uri: &str) -> Result<Self, Error> {
+        let mut problems = Problems::default();
+        let mut settings = RabbitSettings::read(None, &mut problems);
+        settings.uri = uri.to_owned();
+        Self::connect("rabbit", settings).await
+    }
+
+    fn error(&self, error: RabbitError) -> Error {
+        Error::binder(self.inner.name.clone(), error)
+    }
+
+    fn shown_uri(&self) -> String {
+        redact_uri(&self.inner.settings.uri)
+    }
+
+    async fn open(&self) -> Result<Connection, RabbitError> {
+        let properties = ConnectionProperties::default()
+            .with_connection_name(LongString::from(format!("bindery {}", self.inner.name)));
+        let timeout = self.inner.settings.connection_timeout;
+        match tokio::time::timeout(timeout, Connection::connect(&self.inner.settings.uri, properties)).await {
+            Ok(Ok(connection)) => Ok(connection),
+            Ok(Err(e)) => Err(RabbitError::Connect {
+                uri: self.shown_uri(),
+                reason: redact_uri(&e.to_string()),
+            }),
+            Err(_) => Err(RabbitError::ConnectTimeout {
+                uri: self.shown_uri(),
+                timeout,
+            }),
+        }
+    }
+
+    /// A new channel on the shared connection, reconnecting when it was lost.
+    async fn channel(&self) -> Result<Channel, RabbitError> {
+        let mut connection = self.inner.connection.lock().await;
+        if let Some(open) = connection.as_ref() {
+            if open.status().connected() {
+                if let Ok(channel) = open.create_channel().await {
+                    return Ok(channel);
+                }
+            }
+        }
+        let open = self.open().await?;
+        let channel = open
+            .create_channel()
+            .await
+            .map_err(|e| RabbitError::Channel(e.to_string()))?;
+        *connection = Some(open);
+        Ok(channel)
+    }
+
+    /// Declares what `topology` needs (when provisioning) and starts consuming its queue.
+    async fn consume(&self, topology: &Topology) -> Result<(Channel, lapin::Consumer), RabbitError> {
+        let channel = self.channel().await?;
+        if self.inner.settings.provision && !topology.only_queue {
+            self.declare(&channel, topology).await?;
+        }
+        if topology.only_queue && self.inner.settings.provision {
+            self.declare_dead_letter_queue(&channel, &topology.queue, &topology.exchange, topology.consumer.quorum)
+                .await?;
+        }
+        channel
+            .basic_qos(topology.consumer.prefetch, BasicQosOptions::default())
+            .await
+            .map_err(|e| RabbitError::Channel(e.to_string()))?;
+        let tag = format!("bindery-{}", uuid::Uuid::new_v4().simple());
+        let consumer = channel
+            .basic_consume(
+                ShortString::from(topology.queue.as_str()),
+                ShortString::from(tag),
+                BasicConsumeOptions {
+                    exclusive: false,
+                    ..BasicConsumeOptions::default()
+                },
+                FieldTable::default(),
+            )
+            .await
+            .map_err(declare_error(format!("a consumer on queue `{}`", topology.queue)))?;
+        Ok((channel, consumer))
+    }
+
+    async fn declare(&self, channel: &Channel, topology: &Topology) -> Result<(), RabbitError> {
+        channel
+            .exchange_declare(
+                ShortString::from(topology.exchange.as_str()),
+                kind(&topology.exchange_type),
+                durable_exchange(),
+                FieldTable::default(),
+            )
+            .await
+            .map_err(declare_error(format!("exchange `{}`", topology.exchange)))?;
+        let mut arguments = FieldTable::default();
+        if let Some(dlq) = &topology.dead_letter_queue {
+            self.declare_dead_letter_queue(channel, dlq, &topology.queue, topology.consumer.quorum)
+                .await?;
+            arguments.insert(
+                "x-dead-letter-exchange".into(),
+                AMQPValue::LongString(DEAD_LETTER_EXCHANGE.into()),
+            );
+            arguments.insert(
+                "x-dead-letter-routing-key".into(),
+                AMQPValue::LongString(topology.queue.as_str().into()),
+            );
+        }
+        let consumer = &topology.consumer;
+        if consumer.quorum && !topology.anonymous {
+            arguments.insert("x-queue-type".into(), AMQPValue::LongString("quorum".into()));
+        }
+        if let Some(ttl) = consumer.ttl {
+            let millis = i64::try_from(ttl.as_millis()).unwrap_or(i64::MAX);
+            arguments.insert("x-message-ttl".into(), AMQPValue::LongLongInt(millis));
+        }
+        if let Some(max) = consumer.max_length {
+            arguments.insert("x-max-length".into(), AMQPValue::LongLongInt(max));
+        }
+        let options = if topology.anonymous {
+            QueueDeclareOptions {
+                exclusive: true,
+                auto_delete: true,
+                ..QueueDeclareOptions::default()
+            }
+        } else {
+            QueueDeclareOptions {
+                durable: true,
+                ..QueueDeclareOptions::default()
+            }
+        };
+        channel
+            .queue_declare(ShortString::from(topology.queue.as_str()), options, arguments)
+            .await
+            .map_err(declare_error(format!("queue `{}`", topology.queue)))?;
+        channel
+            .queue_bind(
+                ShortString::from(topology.queue.as_str()),
+                ShortString::from(topology.exchange.as_str()),
+                ShortString::from(consumer.binding_routing_key.as_str()),
+                QueueBindOptions::default(),
+                FieldTable::default(),
+            )
+            .await
+            .map_err(declare_error(format!(
+                "the binding of queue `{}` to exchange `{}`",
+                topology.queue, topology.exchange
+            )))?;
+        Ok(())
+    }
+
+    /// The DLX exchange and a dead-letter queue bound to it with the group queue's name.
+    async fn declare_dead_letter_queue(&self, channel: &Channel, dlq: &str, group_queue: &str, quorum: bool) -> Result<(), RabbitError> {
+        channel
+            .exchange_declare(
+                DEAD_LETTER_EXCHANGE.into(),
+                ExchangeKind::Direct,
+                durable_exchange(),
+                FieldTable::default(),
+            )
+            .await
+            .map_err(declare_error(format!("exchange `{DEAD_LETTER_EXCHANGE}`")))?;
+        let mut arguments = FieldTable::default();
+        if quorum {
+            arguments.insert("x-queue-type".into(), AMQPValue::LongString("quorum".into()));
+        }
+        channel
+            .queue_declare(
+                ShortString::from(dlq),
+                QueueDeclareOptions {
+                    durable: true,
+                    ..QueueDeclareOptions::default()
+                },
+                arguments,
+            )
+            .await
+            .map_err(declare_error(format!("queue `{dlq}`")))?;
+        channel
+            .queue_bind(
+                ShortString::from(dlq),
+                DEAD_LETTER_EXCHANGE.into(),
+                ShortString::from(group_queue),
+                QueueBindOptions::default(),
+                FieldTable::default(),
+            )
+            .await
+            .map_err(declare_error(format!("the binding of queue `{dlq}` to exchange `{DEAD_LETTER_EXCHANGE}`")))?;
+        Ok(())
+    }
+
+    fn topology(&self, spec: &ConsumerSpec) -> Topology {
+        let mut problems = Problems::default();
+        let consumer = RabbitConsumerSettings::read(spec.extension.as_ref(), &mut problems);
+        let (queue, anonymous) = match &spec.group {
+            Some(group) => (format!("{}.{group}", spec.destination), false),
+            None => (
+                format!("{}.anonymous.{}", spec.destination, uuid::Uuid::new_v4().simple()),
+                true,
+            ),
+        };
+        Topology {
+            exchange: spec.destination.clone(),
+            exchange_type: consumer.exchange_type.clone(),
+            dead_letter_queue: (spec.properties.dlq && !anonymous).then(|| spec.dlq_destination()),
+            queue,
+            anonymous,
+            consumer,
+            only_queue: false,
+        }
+    }
+
+    /// Consumes the dead-letter queue of a consumer binding (declaring it when provisioning),
+    /// to inspect or replay what failed.
+    pub async fn dead_letter_subscription(&self, spec: &ConsumerSpec) -> Result<Box<dyn Subscription>, Error> {
+        let mut topology = self.topology(spec);
+        topology.only_queue = true;
+        // For a dead-letter queue, `exchange` holds the group queue's name: its DLX routing key.
+        topology.exchange = topology.queue.clone();
+        topology.queue = spec.dlq_destination();
+        self.subscription(topology).await
+    }
+
+    async fn subscription(&self, topology: Topology) -> Result<Box<dyn Subscription>, Error> {
+        let (channel, consumer) = self.consume(&topology).await.map_err(|e| self.error(e))?;
+        Ok(Box::new(RabbitSubscription {
+            binder: self.clone(),
+            topology,
+            channel,
+            consumer,
+        }))
+    }
+
+    async fn producer_for(&self, exchange: String, exchange_type: String, fixed_routing_key: Option<String>, default_routing_key: String, declare: bool) -> Result<Arc<dyn Producer>, Error> {
+        let producer = RabbitProducer {
+            binder: self.clone(),
+            exchange,
+            exchange_type,
+            fixed_routing_key,
+            default_routing_key,
+            declare: declare && self.inner.settings.provision,
+            channel: Mutex::new(None),
+        };
+        producer.channel().await.map_err(|e| self.error(e))?;
+        Ok(Arc::new(producer))
+    }
+}
+
+#[async_trait]
+impl Binder for RabbitBinder {
+    async fn subscribe(&self, spec: &ConsumerSpec) -> Result<Box<dyn Subscription>, Error> {
+        self.subscription(self.topology(spec)).await
+    }
+
+    async fn producer(&self, spec: &ProducerSpec) -> Result<Arc<dyn Producer>, Error> {
+        let mut problems = Problems::default();
+        let settings = RabbitProducerSettings::read(spec.extension.as_ref(), &mut problems);
+        let exchange_type = settings.exchange_type.clone().unwrap_or_else(|| "topic".to_owned());
+        let producer = self
+            .producer_for(
+                spec.destination.clone(),
+                exchange_type.clone(),
+                None,
+                settings.routing_key.clone().unwrap_or_else(|| spec.destination.clone()),
+                true,
+            )
+            .await?;
+        if self.inner.settings.provision {
+            // Queues of `required-groups` keep what is sent before their consumers start.
+            for group in &spec.properties.required_groups {
+                let topology = Topology {
+                    exchange: spec.destination.clone(),
+                    exchange_type: exchange_type.clone(),
+                    queue: format!("{}.{group}", spec.destination),
+                    anonymous: false,
+                    dead_letter_queue: None,
+                    consumer: RabbitConsumerSettings::default(),
+                    only_queue: false,
+                };
+                let channel = self.channel().await.map_err(|e| self.error(e))?;
+                self.declare(&channel, &topology).await.map_err(|e| self.error(e))?;
+                let _ = channel.close(200, "declared".into()).await;
+            }
+        }
+        Ok(producer)
+    }
+
+    async fn dead_letter_producer(&self, spec: &ConsumerSpec) -> Result<Arc<dyn Producer>, Error> {
+        let topology = self.topology(spec);
+        self.producer_for(
+            DEAD_LETTER_EXCHANGE.to_owned(),
+            "direct".to_owned(),
+            Some(topology.queue.clone()),
+            topology.queue,
+            false,
+        )
+        .await
+    }
+
+    async fn close(&self) -> Result<(), Error> {
+        self.inner.closed.store(true, Ordering::Release);
+        if let Some(connection) = self.inner.connection.lock().await.take() {
+            let _ = connection.close(200, "bindery shutting down".into()).await;
+        }
+        Ok(())
+    }
+}
+
+struct RabbitSubscription {
+    binder: RabbitBinder,
+    topology: Topology,
+    channel: Channel,
+    consumer: lapin::Consumer,
+}
+
+impl fmt::Debug for RabbitSubscription {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("RabbitSubscription").field("queue", &self.topology.queue).finish_non_exhaustive()
+    }
+}
+
+impl RabbitSubscription {
+    /// Reconnects with back-off until the queue is consumed again (or the binder closes).
+    async fn recover(&mut self) -> bool {
+        let mut wait = Duration::from_millis(250);
+        let limit = self.binder.inner.settings.recovery_interval;
+        loop {
+            if self.binder.inner.closed.load(Ordering::Acquire) {
+                return false;
+            }
+            match self.binder.consume(&self.topology).await {
+                Ok((channel, consumer)) => {
+                    tracing::info!(queue = %self.topology.queue, "consuming again after reconnecting to RabbitMQ");
+                    self.channel = channel;
+                    self.consumer = consumer;
+                    return true;
+                }
+                Err(error) => {
+                    tracing::warn!(queue = %self.topology.queue, %error, "reconnecting to RabbitMQ failed; retrying in {wait:?}");
+                    tokio::time::sleep(wait).await;
+                    wait = (wait * 2).min(limit);
+                }
+            }
+        }
+    }
+}
+
+#[async_trait]
+impl Subscription for RabbitSubscription {
+    async fn next(&mut self) -> Option<Result<Delivery, Error>> {
+        loop {
+            match self.consumer.next().await {
+                Some(Ok(delivery)) => {
+                    let message = mapping::message(&delivery);
+                    return Some(Ok(Delivery {
+                        message,
+                        redelivered: delivery.redelivered,
+                        acknowledgement: Box::new(RabbitAck {
+                            acker: Some(delivery.acker),
+                        }),
+                    }));
+                }
+                Some(Err(error)) => {
+                    tracing::warn!(queue = %self.topology.queue, %error, "lost the RabbitMQ consumer; reconnecting");
+                }
+                None => {
+                    tracing::warn!(queue = %self.topology.queue, "the RabbitMQ consumer was cancelled; reconnecting");
+                }
+            }
+            if !self.recover().await {
+                return None;
+            }
+        }
+    }
+
+    async fn close(self: Box<Self>) -> Result<(), Error> {
+        // Closing the channel hands unacknowledged messages back to the broker.
+        let _ = self.channel.close(200, "consumer closed".into()).await;
+        Ok(())
+    }
+}
+
+struct RabbitAck {
+    acker: Option<lapin::Acker>,
+}
+
+impl fmt::Debug for RabbitAck {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("RabbitAck").finish_non_exhaustive()
+    }
+}
+
+const REQUEUE: BasicNackOptions = BasicNackOptions {
+    multiple: false,
+    requeue: true,
+};
+
+#[async_trait]
+impl Acknowledgement for RabbitAck {
+    async fn ack(mut self: Box<Self>) -> Result<(), Error> {
+        if let Some(acker) = self.acker.take() {
+            acker
+                .ack(BasicAckOptions::default())
+                .await
+                .map_err(|e| Error::binder("rabbit", RabbitError::Channel(e.to_string())))?;
+        }
+        Ok(())
+    }
+
+    async fn requeue(mut self: Box<Self>) -> Result<(), Error> {
+        if let Some(acker) = self.acker.take() {
+            acker
+                .nack(REQUEUE)
+                .await
+                .map_err(|e| Error::binder("rabbit", RabbitError::Channel(e.to_string())))?;
+        }
+        Ok(())
+    }
+}
+
+impl Drop for RabbitAck {
+    fn drop(&mut self) {
+        if let (Some(acker), Ok(runtime)) = (self.acker.take(), tokio::runtime::Handle::try_current()) {
+            runtime.spawn(async move {
+                let _ = acker.nack(REQUEUE).await;
+            });
+        }
+    }
+}
+
+struct RabbitProducer {
+    binder: RabbitBinder,
+    exchange: String,
+    exchange_type: String,
+    fixed_routing_key: Option<String>,
+    default_routing_key: String,
+    declare: bool,
+    channel: Mutex<Option<Channel>>,
+}
+
+impl fmt::Debug for RabbitProducer {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("RabbitProducer").field("exchange", &self.exchange).finish_non_exhaustive()
+    }
+}
+
+impl RabbitProducer {
+    /// The producer's confirming channel, opened again when it was closed.
+    async fn channel(&self) -> Result<Channel, RabbitError> {
+        let mut cached = self.channel.lock().await;
+        if let Some(channel) = cached.as_ref() {
+            if channel.status().connected() {
+                return Ok(channel.clone());
+            }
+        }
+        let channel = self.binder.channel().await?;
+        channel
+            .confirm_select(ConfirmSelectOptions::default())
+            .await
+            .map_err(|e| RabbitError::Channel(e.to_string()))?;
+        if self.declare {
+            channel
+                .exchange_declare(
+                    ShortString::from(self.exchange.as_str()),
+                    kind(&self.exchange_type),
+                    durable_exchange(),
+                    FieldTable::default(),
+                )
+                .await
+                .map_err(declare_error(format!("exchange `{}`", self.exchange)))?;
+        }
+        *cached = Some(channel.clone());
+        Ok(channel)
+    }
+
+    async fn publish(&self, message: &Message, routing_key: &str) -> Result<(), RabbitError> {
+        let failed = |reason: String| RabbitError::Publish {
+            exchange: self.exchange.clone(),
+            routing_key: routing_key.to_owned(),
+            reason,
+        };
+        let channel = self.channel().await?;
+        let confirm = channel
+            .basic_publish(
+                ShortString::from(self.exchange.as_str()),
+                ShortString::from(routing_key),
+                BasicPublishOptions {
+                    mandatory: true,
+                    ..BasicPublishOptions::default()
+                },
+                message.payload(),
+                mapping::properties(message),
+            )
+            .await
+            .map_err(|e| failed(e.to_string()))?;
+        match confirm.await.map_err(|e| failed(e.to_string()))? {
+            Confirmation::Ack(None) | Confirmation::NotRequested => Ok(()),
+            Confirmation::Ack(Some(_)) => Err(failed(
+                "no queue is bound for it, so RabbitMQ returned it; start a consumer group first or list the group in `producer.required-groups`".to_owned(),
+            )),
+            Confirmation::Nack(_) => Err(failed("the broker refused it (nack)".to_owned())),
+        }
+    }
+}
+
+#[async_trait]
+impl Producer for RabbitProducer {
+    async fn send(&self, mut message: Message) -> Result<(), Error> {
+        if let (Some(_), Some(key)) = (&self.fixed_routing_key, message.key().cloned()) {
+            message.headers_mut().insert_bytes(mapping::ORIGINAL_KEY, key);
+        }
+        let routing_key = match (&self.fixed_routing_key, message.key_str()) {
+            (Some(fixed), _) => fixed.clone(),
+            (None, Some(key)) if !key.is_empty() && key.len() < 256 => key.to_owned(),
+            (None, _) => self.default_routing_key.clone(),
+        };
+        match self.publish(&message, &routing_key).await {
+            Ok(()) => Ok(()),
+            Err(first) => {
+                // A channel closed under us (reconnection, or a refused publish) is opened again
+                // once; a second failure is the caller's to retry or report.
+                tracing::debug!(exchange = %self.exchange, error = %first, "publishing failed; trying once more on a new channel");
+                self.channel.lock().await.take();
+                self.publish(&message, &routing_key).await.map_err(|_| self.binder.error(first))
+            }
+        }
+    }
+}

@@ -1,0 +1,186 @@
+use std::time::Duration;
+
+use bindery_core::config::{ConfigNode, Problems};
+
+const BINDER_KEYS: &[&str] = &["type", "uri", "connection-timeout", "recovery-interval", "provision"];
+const CONSUMER_KEYS: &[&str] = &[
+    "prefetch",
+    "quorum",
+    "ttl",
+    "max-length",
+    "binding-routing-key",
+    "exchange-type",
+];
+const PRODUCER_KEYS: &[&str] = &["routing-key", "exchange-type"];
+const EXCHANGE_TYPES: &[&str] = &["topic", "direct", "fanout", "headers"];
+
+/// `[stream.binders.<name>]` of a binder of type `rabbit`.
+#[derive(Clone, PartialEq, Eq)]
+pub struct RabbitSettings {
+    /// `uri`: the broker, `amqp://user:password@host:port/vhost`.
+    /// Default `amqp://guest:guest@127.0.0.1:5672/%2f`.
+    pub uri: String,
+    /// `connection-timeout`: how long connecting may take before it is an error. Default 10s.
+    pub connection_timeout: Duration,
+    /// `recovery-interval`: the longest wait between reconnection attempts after the
+    /// connection is lost. Default 5s.
+    pub recovery_interval: Duration,
+    /// `provision`: declare exchanges, queues and bindings. Default true; when false they
+    /// must exist.
+    pub provision: bool,
+}
+
+impl std::fmt::Debug for RabbitSettings {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RabbitSettings")
+            .field("uri", &bindery_core::redact::redact_uri(&self.uri))
+            .field("connection_timeout", &self.connection_timeout)
+            .field("recovery_interval", &self.recovery_interval)
+            .field("provision", &self.provision)
+            .finish()
+    }
+}
+
+impl Default for RabbitSettings {
+    fn default() -> Self {
+        RabbitSettings {
+            uri: "amqp://guest:guest@127.0.0.1:5672/%2f".to_owned(),
+            connection_timeout: Duration::from_secs(10),
+            recovery_interval: Duration::from_secs(5),
+            provision: true,
+        }
+    }
+}
+
+impl RabbitSettings {
+    /// Reads the binder's table, reporting wrong keys.
+    pub fn read(node: Option<&ConfigNode>, problems: &mut Problems) -> Self {
+        let mut settings = RabbitSettings::default();
+        let Some(table) = node.and_then(|n| n.table(BINDER_KEYS, problems)) else {
+            return settings;
+        };
+        for (name, node) in table {
+            match name.as_str() {
+                "uri" => {
+                    if let Some(uri) = node.string(problems) {
+                        if uri.starts_with("amqp://") || uri.starts_with("amqps://") {
+                            settings.uri = uri;
+                        } else {
+                            problems.at(&node, "expected an AMQP URI such as \"amqp://user:password@host:5672/%2f\"");
+                        }
+                    }
+                }
+                "connection-timeout" => {
+                    settings.connection_timeout = node.duration(problems).unwrap_or(settings.connection_timeout)
+                }
+                "recovery-interval" => {
+                    settings.recovery_interval = node.duration(problems).unwrap_or(settings.recovery_interval)
+                }
+                "provision" => settings.provision = node.boolean(problems).unwrap_or(true),
+                _ => {}
+            }
+        }
+        settings
+    }
+}
+
+/// `[stream.rabbit.bindings.<binding>.consumer]`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct RabbitConsumerSettings {
+    /// `prefetch`: unacknowledged messages the broker sends ahead (`basic.qos`). Default 32.
+    pub prefetch: u16,
+    /// `quorum`: declare the group queue (and its DLQ) as a quorum queue. Default false.
+    pub quorum: bool,
+    /// `ttl`: message time-to-live in the group queue (`x-message-ttl`). Default none.
+    pub ttl: Option<Duration>,
+    /// `max-length`: the most messages the group queue holds (`x-max-length`). Default none.
+    pub max_length: Option<i64>,
+    /// `binding-routing-key`: binds the queue to the exchange with this key. Default `#`.
+    pub binding_routing_key: String,
+    /// `exchange-type`: `topic`, `direct`, `fanout` or `headers`. Default `topic`.
+    pub exchange_type: String,
+}
+
+impl Default for RabbitConsumerSettings {
+    fn default() -> Self {
+        RabbitConsumerSettings {
+            prefetch: 32,
+            quorum: false,
+            ttl: None,
+            max_length: None,
+            binding_routing_key: "#".to_owned(),
+            exchange_type: "topic".to_owned(),
+        }
+    }
+}
+
+fn exchange_type(node: &ConfigNode, problems: &mut Problems) -> Option<String> {
+    let kind = node.string(problems)?;
+    if EXCHANGE_TYPES.contains(&kind.as_str()) {
+        Some(kind)
+    } else {
+        problems.at(node, format!("unknown exchange type \"{kind}\"; use topic, direct, fanout or headers"));
+        None
+    }
+}
+
+impl RabbitConsumerSettings {
+    /// Reads a binding's consumer section, reporting wrong keys.
+    pub fn read(node: Option<&ConfigNode>, problems: &mut Problems) -> Self {
+        let mut settings = RabbitConsumerSettings::default();
+        let Some(table) = node.and_then(|n| n.table(CONSUMER_KEYS, problems)) else {
+            return settings;
+        };
+        for (name, node) in table {
+            match name.as_str() {
+                "prefetch" => {
+                    if let Some(n) = node.integer(1, problems) {
+                        settings.prefetch = u16::try_from(n).unwrap_or(u16::MAX);
+                    }
+                }
+                "quorum" => settings.quorum = node.boolean(problems).unwrap_or(false),
+                "ttl" => settings.ttl = node.duration(problems),
+                "max-length" => settings.max_length = node.integer(1, problems),
+                "binding-routing-key" => {
+                    if let Some(key) = node.string(problems) {
+                        settings.binding_routing_key = key;
+                    }
+                }
+                "exchange-type" => {
+                    if let Some(kind) = exchange_type(&node, problems) {
+                        settings.exchange_type = kind;
+                    }
+                }
+                _ => {}
+            }
+        }
+        settings
+    }
+}
+
+/// `[stream.rabbit.bindings.<binding>.producer]`.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct RabbitProducerSettings {
+    /// `routing-key`: the routing key of messages without a key. Default: the destination name.
+    pub routing_key: Option<String>,
+    /// `exchange-type`: as for consumers. Default `topic`.
+    pub exchange_type: Option<String>,
+}
+
+impl RabbitProducerSettings {
+    /// Reads a binding's producer section, reporting wrong keys.
+    pub fn read(node: Option<&ConfigNode>, problems: &mut Problems) -> Self {
+        let mut settings = RabbitProducerSettings::default();
+        let Some(table) = node.and_then(|n| n.table(PRODUCER_KEYS, problems)) else {
+            return settings;
+        };
+        for (name, node) in table {
+            match name.as_str() {
+                "routing-key" => settings.routing_key = node.string(problems),
+                "exchange-type" => settings.exchange_type = exchange_type(&node, problems),
+                _ => {}
+            }
+        }
+        settings
+    }
+}
