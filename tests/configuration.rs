@@ -325,8 +325,8 @@ fn a_memory_binder_has_no_settings() {
 
 #[test]
 fn binder_specific_sections_of_missing_binders_name_the_feature() {
-    let text = error_of("[stream.rabbit.bindings.bill-in-0.consumer]\nprefetch = 10");
-    assert_mentions(&text, &["`stream.rabbit`", "enable the `rabbit` feature"]);
+    let text = error_of("[stream.kafka.bindings.bill-in-0.consumer]\nstart-offset = \"earliest\"");
+    assert_mentions(&text, &["`stream.kafka`", "enable the `kafka` feature"]);
 }
 
 #[test]

@@ -1,0 +1,311 @@
+//! RabbitMQ-specific behaviour against a real server: topology, declaration conflicts,
+//! publisher confirms, connection errors and recovery after the server drops connections.
+
+use std::collections::BTreeSet;
+use std::sync::Arc;
+use std::time::Duration;
+
+use bindery_core::testing::{host_port, require_broker};
+use bindery_core::{Application, Binder, ConsumerSpec, Message, ProducerSpec, StreamFunction};
+use bindery_rabbit::{RabbitBinder, RabbitBinderProvider};
+use bytes::Bytes;
+use lapin::options::{BasicPublishOptions, ExchangeDeclareOptions, QueueDeclareOptions};
+use lapin::types::{AMQPValue, FieldTable};
+use lapin::{BasicProperties, Channel, Connection, ConnectionProperties, ExchangeKind};
+use tokio::time::Instant;
+
+fn uri() -> String {
+    std::env::var("RABBIT_URI").unwrap_or_else(|_| "amqp://guest:guest@127.0.0.1:5672/%2f".to_owned())
+}
+
+fn available() -> bool {
+    require_broker("RabbitMQ", &host_port(&uri(), 5672))
+}
+
+fn unique(name: &str) -> String {
+    format!("rabbit-{name}-{}", &uuid::Uuid::new_v4().simple().to_string()[..8])
+}
+
+async fn raw_channel() -> Channel {
+    let connection = Connection::connect(&uri(), ConnectionProperties::default()).await.expect("connect");
+    let channel = connection.create_channel().await.expect("channel");
+    // Keep the connection open for the channel's lifetime.
+    std::mem::forget(connection);
+    channel
+}
+
+fn passive_queue() -> QueueDeclareOptions {
+    QueueDeclareOptions {
+        passive: true,
+        ..QueueDeclareOptions::default()
+    }
+}
+
+fn application(function: StreamFunction, toml: &str) -> Application {
+    Application::builder()
+        .without_registered_functions()
+        .function(function)
+        .binder_provider(RabbitBinderProvider)
+        .config_str("application.toml", toml)
+        .environment(Vec::<(String, String)>::new())
+        .build()
+        .expect("valid configuration")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn topology_uses_spring_cloud_stream_names_and_arguments() {
+    if !available() {
+        return;
+    }
+    let destination = unique("topology");
+    let received = Arc::new(tokio::sync::Notify::new());
+    let seen = received.clone();
+    let consume = StreamFunction::consumer("consume", move |_: Message| {
+        let seen = seen.clone();
+        async move { seen.notify_one() }
+    });
+    let toml = format!(
+        r#"[stream]
+default-binder = "rabbit"
+[stream.binders.rabbit]
+type = "rabbit"
+uri = "{uri}"
+[stream.bindings.consume-in-0]
+destination = "{destination}"
+group = "billing"
+consumer.dlq = true
+[stream.rabbit.bindings.consume-in-0.consumer]
+quorum = true
+prefetch = 5
+"#,
+        uri = uri()
+    );
+    let app = application(consume, &toml).start().await.expect("start");
+    let channel = raw_channel().await;
+    let group_queue = format!("{destination}.billing");
+    let dlq = format!("{group_queue}.dlq");
+
+    channel
+        .exchange_declare(
+            destination.as_str().into(),
+            ExchangeKind::Topic,
+            ExchangeDeclareOptions { passive: true, ..Default::default() },
+            FieldTable::default(),
+        )
+        .await
+        .expect("the destination is a topic exchange");
+    channel
+        .exchange_declare(
+            "DLX".into(),
+            ExchangeKind::Direct,
+            ExchangeDeclareOptions { passive: true, ..Default::default() },
+            FieldTable::default(),
+        )
+        .await
+        .expect("the dead-letter exchange exists");
+    channel.queue_declare(dlq.as_str().into(), passive_queue(), FieldTable::default()).await.expect("the DLQ exists");
+
+    // Declaring the group queue again with exactly these arguments succeeds only if the broker
+    // holds the same ones.
+    let mut expected = FieldTable::default();
+    expected.insert("x-dead-letter-exchange".into(), AMQPValue::LongString("DLX".into()));
+    expected.insert("x-dead-letter-routing-key".into(), AMQPValue::LongString(group_queue.as_str().into()));
+    expected.insert("x-queue-type".into(), AMQPValue::LongString("quorum".into()));
+    channel
+        .queue_declare(
+            group_queue.as_str().into(),
+            QueueDeclareOptions { durable: true, ..Default::default() },
+            expected,
+        )
+        .await
+        .expect("the group queue is durable, quorum, and dead-letters to DLX");
+
+    // Bound with `#`: any routing key reaches the group.
+    channel
+        .basic_publish(
+            destination.as_str().into(),
+            "any.key.at.all".into(),
+            BasicPublishOptions::default(),
+            b"hello",
+            BasicProperties::default(),
+        )
+        .await
+        .expect("publish");
+    tokio::time::timeout(Duration::from_secs(10), received.notified())
+        .await
+        .expect("a message with any routing key reaches the group");
+    app.shutdown().await.expect("shutdown");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_conflicting_declaration_names_the_queue_and_the_argument() {
+    if !available() {
+        return;
+    }
+    let destination = unique("conflict");
+    let queue = format!("{destination}.billing");
+    let channel = raw_channel().await;
+    let mut limited = FieldTable::default();
+    limited.insert("x-max-length".into(), AMQPValue::LongLongInt(5));
+    channel
+        .queue_declare(queue.as_str().into(), QueueDeclareOptions { durable: true, ..Default::default() }, limited)
+        .await
+        .expect("declare");
+    let binder = RabbitBinder::connect_uri(&uri()).await.expect("connect");
+    let error = binder
+        .subscribe(&ConsumerSpec::new(destination.clone(), Some("billing")))
+        .await
+        .expect_err("the existing queue has other arguments");
+    let text = error.to_string();
+    assert!(text.contains(&format!("queue `{queue}`")), "{text}");
+    assert!(text.contains("x-max-length"), "{text}");
+    binder.close().await.ok();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn publishing_to_a_missing_exchange_without_provisioning_fails_clearly() {
+    if !available() {
+        return;
+    }
+    let mut settings = bindery_rabbit::RabbitSettings { uri: uri(), ..Default::default() };
+    settings.provision = false;
+    let binder = RabbitBinder::connect("rabbit", settings).await.expect("connect");
+    let destination = unique("missing");
+    let producer = binder.producer(&ProducerSpec::new(destination.clone())).await.expect("producer");
+    let error = producer
+        .send(Message::new(Bytes::from_static(b"lost?")))
+        .await
+        .expect_err("no exchange to take it");
+    let text = error.to_string();
+    assert!(text.contains(&format!("exchange `{destination}`")), "{text}");
+    assert!(text.contains("NOT_FOUND") || text.contains("no exchange"), "{text}");
+    binder.close().await.ok();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_unroutable_message_is_a_failure_not_a_silent_loss() {
+    if !available() {
+        return;
+    }
+    let binder = RabbitBinder::connect_uri(&uri()).await.expect("connect");
+    let producer = binder.producer(&ProducerSpec::new(unique("nobody"))).await.expect("producer");
+    let error = producer
+        .send(Message::new(Bytes::from_static(b"anyone?")))
+        .await
+        .expect_err("no queue is bound");
+    assert!(error.to_string().contains("no queue is bound"), "{error}");
+    binder.close().await.ok();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_wrong_password_is_a_clear_error_that_never_shows_the_password() {
+    if !available() {
+        return;
+    }
+    let wrong = uri().replacen("guest:guest@", "guest:not-the-password@", 1);
+    let begun = Instant::now();
+    let error = RabbitBinder::connect_uri(&wrong).await.expect_err("wrong password");
+    let text = format!("{error} {error:?}");
+    assert!(begun.elapsed() < Duration::from_secs(15), "the error comes within the connection timeout");
+    assert!(text.contains(&host_port(&uri(), 5672)), "the host is named: {text}");
+    assert!(!text.contains("not-the-password"), "the password leaked: {text}");
+    assert!(text.contains("user, password"), "{text}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_unreachable_broker_is_an_error_within_the_timeout() {
+    let begun = Instant::now();
+    let error = RabbitBinder::connect_uri("amqp://guest:secret@127.0.0.1:1/%2f")
+        .await
+        .expect_err("nothing listens on port 1");
+    let text = error.to_string();
+    assert!(begun.elapsed() < Duration::from_secs(15));
+    assert!(text.contains("127.0.0.1:1"), "{text}");
+    assert!(!text.contains("secret"), "{text}");
+}
+
+/// Whether `rabbitmqctl` can reach the local server, as the recovery test needs.
+fn can_close_connections() -> bool {
+    let local = host_port(&uri(), 5672).starts_with("127.0.0.1") || host_port(&uri(), 5672).starts_with("localhost");
+    let works = local
+        && std::process::Command::new("rabbitmqctl")
+            .args(["-q", "status"])
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .status()
+            .is_ok_and(|s| s.success());
+    if !works {
+        if std::env::var_os("CI").is_some() || std::env::var_os("BINDERY_REQUIRE_BROKERS").is_some() {
+            panic!("the recovery test needs `rabbitmqctl` for the local RabbitMQ server");
+        }
+        eprintln!("\n!!!!!!!! SKIPPING RabbitMQ RECOVERY TEST: rabbitmqctl cannot reach a local server !!!!!!!!\n");
+    }
+    works
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_message_is_processed_when_the_server_closes_all_connections() {
+    if !available() || !can_close_connections() {
+        return;
+    }
+    let _ = tracing_subscriber::fmt().with_test_writer().with_env_filter("bindery=info,bindery_core=info,bindery_rabbit=info,warn").try_init();
+    let input = unique("recover-in");
+    let output = unique("recover-out");
+    let forward = StreamFunction::function("forward", |message: Message| async move {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        message
+    });
+    let toml = format!(
+        r#"[stream]
+default-binder = "rabbit"
+[stream.binders.rabbit]
+uri = "{uri}"
+recovery-interval = "1s"
+[stream.bindings.forward-in-0]
+destination = "{input}"
+group = "workers"
+consumer.max-attempts = 20
+consumer.back-off-initial-interval = "100ms"
+consumer.back-off-max-interval = "1s"
+[stream.bindings.forward-out-0]
+destination = "{output}"
+"#,
+        uri = uri()
+    );
+    let collector = RabbitBinder::connect_uri(&uri()).await.expect("connect");
+    let mut results = collector
+        .subscribe(&ConsumerSpec::new(output.clone(), Some("results")))
+        .await
+        .expect("subscribe");
+    let app = application(forward, &toml).start().await.expect("start");
+    let sender = RabbitBinder::connect_uri(&uri()).await.expect("connect");
+    let producer = sender.producer(&ProducerSpec::new(input.clone())).await.expect("producer");
+    let total = 40;
+    for n in 0..total {
+        producer.send(Message::new(Bytes::from(format!("m{n:02}")))).await.expect("send");
+    }
+
+    let mut seen = BTreeSet::new();
+    let deadline = Instant::now() + Duration::from_secs(90);
+    let mut closed = false;
+    while seen.len() < total {
+        let next = tokio::time::timeout_at(deadline, results.next()).await;
+        let Ok(Some(Ok(delivery))) = next else {
+            panic!("only {} of {total} messages came through: {:?}", seen.len(), seen);
+        };
+        seen.insert(String::from_utf8_lossy(delivery.message.payload()).into_owned());
+        let _ = delivery.acknowledgement.ack().await;
+        if !closed && seen.len() >= 10 {
+            closed = true;
+            let status = tokio::process::Command::new("rabbitmqctl")
+                .args(["-q", "close_all_connections", "bindery recovery test"])
+                .status()
+                .await
+                .expect("rabbitmqctl");
+            assert!(status.success(), "rabbitmqctl close_all_connections failed");
+        }
+    }
+    assert!(closed, "the connections were closed mid-way");
+    assert_eq!(seen.len(), total);
+    app.shutdown().await.expect("shutdown");
+}
