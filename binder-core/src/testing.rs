@@ -174,7 +174,8 @@ pub fn require_broker(name: &str, address: &str) -> bool {
     if reachable {
         return true;
     }
-    let required = std::env::var_os("CI").is_some() || std::env::var_os("BINDERY_REQUIRE_BROKERS").is_some();
+    let required =
+        std::env::var_os("CI").is_some() || std::env::var_os("BINDERY_REQUIRE_BROKERS").is_some();
     if required {
         panic!("{name} does not answer at {address}, and broker tests are required here (CI or BINDERY_REQUIRE_BROKERS); start it, or run scripts/test which provisions it");
     }
@@ -193,7 +194,9 @@ pub fn require_broker(name: &str, address: &str) -> bool {
 pub fn host_port(uri: &str, default_port: u16) -> String {
     let rest = uri.split_once("://").map_or(uri, |(_, rest)| rest);
     let authority = rest.split(['/', '?']).next().unwrap_or_default();
-    let host = authority.rsplit_once('@').map_or(authority, |(_, host)| host);
+    let host = authority
+        .rsplit_once('@')
+        .map_or(authority, |(_, host)| host);
     if host.contains(':') {
         host.to_owned()
     } else {

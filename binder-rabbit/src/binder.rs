@@ -6,14 +6,17 @@ use std::time::Duration;
 use async_trait::async_trait;
 use bindery_core::config::Problems;
 use bindery_core::redact::redact_uri;
-use bindery_core::{Acknowledgement, Binder, ConsumerSpec, Delivery, Error, Message, Producer, ProducerSpec, Subscription};
+use bindery_core::{
+    Acknowledgement, Binder, ConsumerSpec, Delivery, Error, Message, Producer, ProducerSpec,
+    Subscription,
+};
 use futures::StreamExt;
 use lapin::options::{
     BasicAckOptions, BasicConsumeOptions, BasicNackOptions, BasicPublishOptions, BasicQosOptions,
     ConfirmSelectOptions, ExchangeDeclareOptions, QueueBindOptions, QueueDeclareOptions,
 };
-use lapin::Confirmation;
 use lapin::types::{AMQPValue, FieldTable, LongString, ShortString};
+use lapin::Confirmation;
 use lapin::{Channel, Connection, ConnectionProperties, ExchangeKind};
 use tokio::sync::Mutex;
 
@@ -118,7 +121,12 @@ impl RabbitBinder {
         let properties = ConnectionProperties::default()
             .with_connection_name(LongString::from(format!("bindery {}", self.inner.name)));
         let timeout = self.inner.settings.connection_timeout;
-        match tokio::time::timeout(timeout, Connection::connect(&self.inner.settings.uri, properties)).await {
+        match tokio::time::timeout(
+            timeout,
+            Connection::connect(&self.inner.settings.uri, properties),
+        )
+        .await
+        {
             Ok(Ok(connection)) => Ok(connection),
             Ok(Err(e)) => Err(RabbitError::Connect {
                 uri: self.shown_uri(),
@@ -151,14 +159,22 @@ impl RabbitBinder {
     }
 
     /// Declares what `topology` needs (when provisioning) and starts consuming its queue.
-    async fn consume(&self, topology: &Topology) -> Result<(Channel, lapin::Consumer), RabbitError> {
+    async fn consume(
+        &self,
+        topology: &Topology,
+    ) -> Result<(Channel, lapin::Consumer), RabbitError> {
         let channel = self.channel().await?;
         if self.inner.settings.provision && !topology.only_queue {
             self.declare(&channel, topology).await?;
         }
         if topology.only_queue && self.inner.settings.provision {
-            self.declare_dead_letter_queue(&channel, &topology.queue, &topology.exchange, topology.consumer.quorum)
-                .await?;
+            self.declare_dead_letter_queue(
+                &channel,
+                &topology.queue,
+                &topology.exchange,
+                topology.consumer.quorum,
+            )
+            .await?;
         }
         channel
             .basic_qos(topology.consumer.prefetch, BasicQosOptions::default())
@@ -176,7 +192,10 @@ impl RabbitBinder {
                 FieldTable::default(),
             )
             .await
-            .map_err(declare_error(format!("a consumer on queue `{}`", topology.queue)))?;
+            .map_err(declare_error(format!(
+                "a consumer on queue `{}`",
+                topology.queue
+            )))?;
         Ok((channel, consumer))
     }
 
@@ -205,7 +224,10 @@ impl RabbitBinder {
         }
         let consumer = &topology.consumer;
         if consumer.quorum && !topology.anonymous {
-            arguments.insert("x-queue-type".into(), AMQPValue::LongString("quorum".into()));
+            arguments.insert(
+                "x-queue-type".into(),
+                AMQPValue::LongString("quorum".into()),
+            );
         }
         if let Some(ttl) = consumer.ttl {
             let millis = i64::try_from(ttl.as_millis()).unwrap_or(i64::MAX);
@@ -227,7 +249,11 @@ impl RabbitBinder {
             }
         };
         channel
-            .queue_declare(ShortString::from(topology.queue.as_str()), options, arguments)
+            .queue_declare(
+                ShortString::from(topology.queue.as_str()),
+                options,
+                arguments,
+            )
             .await
             .map_err(declare_error(format!("queue `{}`", topology.queue)))?;
         channel
@@ -247,7 +273,13 @@ impl RabbitBinder {
     }
 
     /// The DLX exchange and a dead-letter queue bound to it with the group queue's name.
-    async fn declare_dead_letter_queue(&self, channel: &Channel, dlq: &str, group_queue: &str, quorum: bool) -> Result<(), RabbitError> {
+    async fn declare_dead_letter_queue(
+        &self,
+        channel: &Channel,
+        dlq: &str,
+        group_queue: &str,
+        quorum: bool,
+    ) -> Result<(), RabbitError> {
         channel
             .exchange_declare(
                 DEAD_LETTER_EXCHANGE.into(),
@@ -259,7 +291,10 @@ impl RabbitBinder {
             .map_err(declare_error(format!("exchange `{DEAD_LETTER_EXCHANGE}`")))?;
         let mut arguments = FieldTable::default();
         if quorum {
-            arguments.insert("x-queue-type".into(), AMQPValue::LongString("quorum".into()));
+            arguments.insert(
+                "x-queue-type".into(),
+                AMQPValue::LongString("quorum".into()),
+            );
         }
         channel
             .queue_declare(
@@ -281,7 +316,9 @@ impl RabbitBinder {
                 FieldTable::default(),
             )
             .await
-            .map_err(declare_error(format!("the binding of queue `{dlq}` to exchange `{DEAD_LETTER_EXCHANGE}`")))?;
+            .map_err(declare_error(format!(
+                "the binding of queue `{dlq}` to exchange `{DEAD_LETTER_EXCHANGE}`"
+            )))?;
         Ok(())
     }
 
@@ -291,7 +328,11 @@ impl RabbitBinder {
         let (queue, anonymous) = match &spec.group {
             Some(group) => (format!("{}.{group}", spec.destination), false),
             None => (
-                format!("{}.anonymous.{}", spec.destination, uuid::Uuid::new_v4().simple()),
+                format!(
+                    "{}.anonymous.{}",
+                    spec.destination,
+                    uuid::Uuid::new_v4().simple()
+                ),
                 true,
             ),
         };
@@ -308,7 +349,10 @@ impl RabbitBinder {
 
     /// Consumes the dead-letter queue of a consumer binding (declaring it when provisioning),
     /// to inspect or replay what failed.
-    pub async fn dead_letter_subscription(&self, spec: &ConsumerSpec) -> Result<Box<dyn Subscription>, Error> {
+    pub async fn dead_letter_subscription(
+        &self,
+        spec: &ConsumerSpec,
+    ) -> Result<Box<dyn Subscription>, Error> {
         let mut topology = self.topology(spec);
         topology.only_queue = true;
         // For a dead-letter queue, `exchange` holds the group queue's name: its DLX routing key.
@@ -327,7 +371,14 @@ impl RabbitBinder {
         }))
     }
 
-    async fn producer_for(&self, exchange: String, exchange_type: String, fixed_routing_key: Option<String>, default_routing_key: String, declare: bool) -> Result<Arc<dyn Producer>, Error> {
+    async fn producer_for(
+        &self,
+        exchange: String,
+        exchange_type: String,
+        fixed_routing_key: Option<String>,
+        default_routing_key: String,
+        declare: bool,
+    ) -> Result<Arc<dyn Producer>, Error> {
         let producer = RabbitProducer {
             binder: self.clone(),
             exchange,
@@ -351,13 +402,19 @@ impl Binder for RabbitBinder {
     async fn producer(&self, spec: &ProducerSpec) -> Result<Arc<dyn Producer>, Error> {
         let mut problems = Problems::default();
         let settings = RabbitProducerSettings::read(spec.extension.as_ref(), &mut problems);
-        let exchange_type = settings.exchange_type.clone().unwrap_or_else(|| "topic".to_owned());
+        let exchange_type = settings
+            .exchange_type
+            .clone()
+            .unwrap_or_else(|| "topic".to_owned());
         let producer = self
             .producer_for(
                 spec.destination.clone(),
                 exchange_type.clone(),
                 None,
-                settings.routing_key.clone().unwrap_or_else(|| spec.destination.clone()),
+                settings
+                    .routing_key
+                    .clone()
+                    .unwrap_or_else(|| spec.destination.clone()),
                 true,
             )
             .await?;
@@ -374,7 +431,9 @@ impl Binder for RabbitBinder {
                     only_queue: false,
                 };
                 let channel = self.channel().await.map_err(|e| self.error(e))?;
-                self.declare(&channel, &topology).await.map_err(|e| self.error(e))?;
+                self.declare(&channel, &topology)
+                    .await
+                    .map_err(|e| self.error(e))?;
                 let _ = channel.close(200, "declared".into()).await;
             }
         }
@@ -411,7 +470,9 @@ struct RabbitSubscription {
 
 impl fmt::Debug for RabbitSubscription {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("RabbitSubscription").field("queue", &self.topology.queue).finish_non_exhaustive()
+        f.debug_struct("RabbitSubscription")
+            .field("queue", &self.topology.queue)
+            .finish_non_exhaustive()
     }
 }
 
@@ -516,7 +577,9 @@ impl Acknowledgement for RabbitAck {
 
 impl Drop for RabbitAck {
     fn drop(&mut self) {
-        if let (Some(acker), Ok(runtime)) = (self.acker.take(), tokio::runtime::Handle::try_current()) {
+        if let (Some(acker), Ok(runtime)) =
+            (self.acker.take(), tokio::runtime::Handle::try_current())
+        {
             runtime.spawn(async move {
                 let _ = acker.nack(REQUEUE).await;
             });
@@ -536,7 +599,9 @@ struct RabbitProducer {
 
 impl fmt::Debug for RabbitProducer {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("RabbitProducer").field("exchange", &self.exchange).finish_non_exhaustive()
+        f.debug_struct("RabbitProducer")
+            .field("exchange", &self.exchange)
+            .finish_non_exhaustive()
     }
 }
 
@@ -603,7 +668,9 @@ impl RabbitProducer {
 impl Producer for RabbitProducer {
     async fn send(&self, mut message: Message) -> Result<(), Error> {
         if let (Some(_), Some(key)) = (&self.fixed_routing_key, message.key().cloned()) {
-            message.headers_mut().insert_bytes(mapping::ORIGINAL_KEY, key);
+            message
+                .headers_mut()
+                .insert_bytes(mapping::ORIGINAL_KEY, key);
         }
         let routing_key = match (&self.fixed_routing_key, message.key_str()) {
             (Some(fixed), _) => fixed.clone(),
@@ -617,7 +684,9 @@ impl Producer for RabbitProducer {
                 // once; a second failure is the caller's to retry or report.
                 tracing::debug!(exchange = %self.exchange, error = %first, "publishing failed; trying once more on a new channel");
                 self.channel.lock().await.take();
-                self.publish(&message, &routing_key).await.map_err(|_| self.binder.error(first))
+                self.publish(&message, &routing_key)
+                    .await
+                    .map_err(|_| self.binder.error(first))
             }
         }
     }

@@ -95,7 +95,10 @@ impl BinderProvider for RabbitBinderProvider {
         RabbitProducerSettings::read(Some(node), problems);
     }
 
-    fn create(&self, settings: BinderSettings) -> BoxFuture<'static, Result<Arc<dyn Binder>, bindery_core::Error>> {
+    fn create(
+        &self,
+        settings: BinderSettings,
+    ) -> BoxFuture<'static, Result<Arc<dyn Binder>, bindery_core::Error>> {
         Box::pin(async move {
             let mut problems = Problems::default();
             let rabbit = RabbitSettings::read(settings.node.as_ref(), &mut problems);

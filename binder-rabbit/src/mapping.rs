@@ -19,7 +19,9 @@ pub(crate) fn properties(message: &Message) -> BasicProperties {
     for (name, value) in message.headers().iter() {
         let text = std::str::from_utf8(value).ok();
         match (name, text) {
-            (header::CONTENT_TYPE, Some(text)) => properties = properties.with_content_type(ShortString::from(text)),
+            (header::CONTENT_TYPE, Some(text)) => {
+                properties = properties.with_content_type(ShortString::from(text))
+            }
             (header::MESSAGE_ID, Some(text)) if text.len() < 256 => {
                 properties = properties.with_message_id(ShortString::from(text))
             }
@@ -27,7 +29,10 @@ pub(crate) fn properties(message: &Message) -> BasicProperties {
                 properties = properties.with_correlation_id(ShortString::from(text))
             }
             _ => {
-                table.insert(ShortString::from(name), AMQPValue::LongString(LongString::from(value.to_vec())));
+                table.insert(
+                    ShortString::from(name),
+                    AMQPValue::LongString(LongString::from(value.to_vec())),
+                );
             }
         }
     }

@@ -2,7 +2,13 @@ use std::time::Duration;
 
 use bindery_core::config::{ConfigNode, Problems};
 
-const BINDER_KEYS: &[&str] = &["type", "uri", "connection-timeout", "recovery-interval", "provision"];
+const BINDER_KEYS: &[&str] = &[
+    "type",
+    "uri",
+    "connection-timeout",
+    "recovery-interval",
+    "provision",
+];
 const CONSUMER_KEYS: &[&str] = &[
     "prefetch",
     "quorum",
@@ -71,10 +77,14 @@ impl RabbitSettings {
                     }
                 }
                 "connection-timeout" => {
-                    settings.connection_timeout = node.duration(problems).unwrap_or(settings.connection_timeout)
+                    settings.connection_timeout = node
+                        .duration(problems)
+                        .unwrap_or(settings.connection_timeout)
                 }
                 "recovery-interval" => {
-                    settings.recovery_interval = node.duration(problems).unwrap_or(settings.recovery_interval)
+                    settings.recovery_interval = node
+                        .duration(problems)
+                        .unwrap_or(settings.recovery_interval)
                 }
                 "provision" => settings.provision = node.boolean(problems).unwrap_or(true),
                 _ => {}
@@ -119,7 +129,10 @@ fn exchange_type(node: &ConfigNode, problems: &mut Problems) -> Option<String> {
     if EXCHANGE_TYPES.contains(&kind.as_str()) {
         Some(kind)
     } else {
-        problems.at(node, format!("unknown exchange type \"{kind}\"; use topic, direct, fanout or headers"));
+        problems.at(
+            node,
+            format!("unknown exchange type \"{kind}\"; use topic, direct, fanout or headers"),
+        );
         None
     }
 }

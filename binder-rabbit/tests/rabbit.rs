@@ -15,7 +15,8 @@ use lapin::{BasicProperties, Channel, Connection, ConnectionProperties, Exchange
 use tokio::time::Instant;
 
 fn uri() -> String {
-    std::env::var("RABBIT_URI").unwrap_or_else(|_| "amqp://guest:guest@127.0.0.1:5672/%2f".to_owned())
+    std::env::var("RABBIT_URI")
+        .unwrap_or_else(|_| "amqp://guest:guest@127.0.0.1:5672/%2f".to_owned())
 }
 
 fn available() -> bool {
@@ -23,11 +24,16 @@ fn available() -> bool {
 }
 
 fn unique(name: &str) -> String {
-    format!("rabbit-{name}-{}", &uuid::Uuid::new_v4().simple().to_string()[..8])
+    format!(
+        "rabbit-{name}-{}",
+        &uuid::Uuid::new_v4().simple().to_string()[..8]
+    )
 }
 
 async fn raw_channel() -> Channel {
-    let connection = Connection::connect(&uri(), ConnectionProperties::default()).await.expect("connect");
+    let connection = Connection::connect(&uri(), ConnectionProperties::default())
+        .await
+        .expect("connect");
     let channel = connection.create_channel().await.expect("channel");
     // Keep the connection open for the channel's lifetime.
     std::mem::forget(connection);
@@ -89,7 +95,10 @@ prefetch = 5
         .exchange_declare(
             destination.as_str().into(),
             ExchangeKind::Topic,
-            ExchangeDeclareOptions { passive: true, ..Default::default() },
+            ExchangeDeclareOptions {
+                passive: true,
+                ..Default::default()
+            },
             FieldTable::default(),
         )
         .await
@@ -98,23 +107,41 @@ prefetch = 5
         .exchange_declare(
             "DLX".into(),
             ExchangeKind::Direct,
-            ExchangeDeclareOptions { passive: true, ..Default::default() },
+            ExchangeDeclareOptions {
+                passive: true,
+                ..Default::default()
+            },
             FieldTable::default(),
         )
         .await
         .expect("the dead-letter exchange exists");
-    channel.queue_declare(dlq.as_str().into(), passive_queue(), FieldTable::default()).await.expect("the DLQ exists");
+    channel
+        .queue_declare(dlq.as_str().into(), passive_queue(), FieldTable::default())
+        .await
+        .expect("the DLQ exists");
 
     // Declaring the group queue again with exactly these arguments succeeds only if the broker
     // holds the same ones.
     let mut expected = FieldTable::default();
-    expected.insert("x-dead-letter-exchange".into(), AMQPValue::LongString("DLX".into()));
-    expected.insert("x-dead-letter-routing-key".into(), AMQPValue::LongString(group_queue.as_str().into()));
-    expected.insert("x-queue-type".into(), AMQPValue::LongString("quorum".into()));
+    expected.insert(
+        "x-dead-letter-exchange".into(),
+        AMQPValue::LongString("DLX".into()),
+    );
+    expected.insert(
+        "x-dead-letter-routing-key".into(),
+        AMQPValue::LongString(group_queue.as_str().into()),
+    );
+    expected.insert(
+        "x-queue-type".into(),
+        AMQPValue::LongString("quorum".into()),
+    );
     channel
         .queue_declare(
             group_queue.as_str().into(),
-            QueueDeclareOptions { durable: true, ..Default::default() },
+            QueueDeclareOptions {
+                durable: true,
+                ..Default::default()
+            },
             expected,
         )
         .await
@@ -148,7 +175,14 @@ async fn a_conflicting_declaration_names_the_queue_and_the_argument() {
     let mut limited = FieldTable::default();
     limited.insert("x-max-length".into(), AMQPValue::LongLongInt(5));
     channel
-        .queue_declare(queue.as_str().into(), QueueDeclareOptions { durable: true, ..Default::default() }, limited)
+        .queue_declare(
+            queue.as_str().into(),
+            QueueDeclareOptions {
+                durable: true,
+                ..Default::default()
+            },
+            limited,
+        )
         .await
         .expect("declare");
     let binder = RabbitBinder::connect_uri(&uri()).await.expect("connect");
@@ -167,18 +201,32 @@ async fn publishing_to_a_missing_exchange_without_provisioning_fails_clearly() {
     if !available() {
         return;
     }
-    let mut settings = bindery_rabbit::RabbitSettings { uri: uri(), ..Default::default() };
+    let mut settings = bindery_rabbit::RabbitSettings {
+        uri: uri(),
+        ..Default::default()
+    };
     settings.provision = false;
-    let binder = RabbitBinder::connect("rabbit", settings).await.expect("connect");
+    let binder = RabbitBinder::connect("rabbit", settings)
+        .await
+        .expect("connect");
     let destination = unique("missing");
-    let producer = binder.producer(&ProducerSpec::new(destination.clone())).await.expect("producer");
+    let producer = binder
+        .producer(&ProducerSpec::new(destination.clone()))
+        .await
+        .expect("producer");
     let error = producer
         .send(Message::new(Bytes::from_static(b"lost?")))
         .await
         .expect_err("no exchange to take it");
     let text = error.to_string();
-    assert!(text.contains(&format!("exchange `{destination}`")), "{text}");
-    assert!(text.contains("NOT_FOUND") || text.contains("no exchange"), "{text}");
+    assert!(
+        text.contains(&format!("exchange `{destination}`")),
+        "{text}"
+    );
+    assert!(
+        text.contains("NOT_FOUND") || text.contains("no exchange"),
+        "{text}"
+    );
     binder.close().await.ok();
 }
 
@@ -188,7 +236,10 @@ async fn an_unroutable_message_is_a_failure_not_a_silent_loss() {
         return;
     }
     let binder = RabbitBinder::connect_uri(&uri()).await.expect("connect");
-    let producer = binder.producer(&ProducerSpec::new(unique("nobody"))).await.expect("producer");
+    let producer = binder
+        .producer(&ProducerSpec::new(unique("nobody")))
+        .await
+        .expect("producer");
     let error = producer
         .send(Message::new(Bytes::from_static(b"anyone?")))
         .await
@@ -204,11 +255,22 @@ async fn a_wrong_password_is_a_clear_error_that_never_shows_the_password() {
     }
     let wrong = uri().replacen("guest:guest@", "guest:not-the-password@", 1);
     let begun = Instant::now();
-    let error = RabbitBinder::connect_uri(&wrong).await.expect_err("wrong password");
+    let error = RabbitBinder::connect_uri(&wrong)
+        .await
+        .expect_err("wrong password");
     let text = format!("{error} {error:?}");
-    assert!(begun.elapsed() < Duration::from_secs(15), "the error comes within the connection timeout");
-    assert!(text.contains(&host_port(&uri(), 5672)), "the host is named: {text}");
-    assert!(!text.contains("not-the-password"), "the password leaked: {text}");
+    assert!(
+        begun.elapsed() < Duration::from_secs(15),
+        "the error comes within the connection timeout"
+    );
+    assert!(
+        text.contains(&host_port(&uri(), 5672)),
+        "the host is named: {text}"
+    );
+    assert!(
+        !text.contains("not-the-password"),
+        "the password leaked: {text}"
+    );
     assert!(text.contains("user, password"), "{text}");
 }
 
@@ -226,7 +288,8 @@ async fn an_unreachable_broker_is_an_error_within_the_timeout() {
 
 /// Whether `rabbitmqctl` can reach the local server, as the recovery test needs.
 fn can_close_connections() -> bool {
-    let local = host_port(&uri(), 5672).starts_with("127.0.0.1") || host_port(&uri(), 5672).starts_with("localhost");
+    let local = host_port(&uri(), 5672).starts_with("127.0.0.1")
+        || host_port(&uri(), 5672).starts_with("localhost");
     let works = local
         && std::process::Command::new("rabbitmqctl")
             .args(["-q", "status"])
@@ -235,7 +298,8 @@ fn can_close_connections() -> bool {
             .status()
             .is_ok_and(|s| s.success());
     if !works {
-        if std::env::var_os("CI").is_some() || std::env::var_os("BINDERY_REQUIRE_BROKERS").is_some() {
+        if std::env::var_os("CI").is_some() || std::env::var_os("BINDERY_REQUIRE_BROKERS").is_some()
+        {
             panic!("the recovery test needs `rabbitmqctl` for the local RabbitMQ server");
         }
         eprintln!("\n!!!!!!!! SKIPPING RabbitMQ RECOVERY TEST: rabbitmqctl cannot reach a local server !!!!!!!!\n");
@@ -248,7 +312,10 @@ async fn every_message_is_processed_when_the_server_closes_all_connections() {
     if !available() || !can_close_connections() {
         return;
     }
-    let _ = tracing_subscriber::fmt().with_test_writer().with_env_filter("bindery=info,bindery_core=info,bindery_rabbit=info,warn").try_init();
+    let _ = tracing_subscriber::fmt()
+        .with_test_writer()
+        .with_env_filter("bindery=info,bindery_core=info,bindery_rabbit=info,warn")
+        .try_init();
     let input = unique("recover-in");
     let output = unique("recover-out");
     let forward = StreamFunction::function("forward", |message: Message| async move {
@@ -279,10 +346,16 @@ destination = "{output}"
         .expect("subscribe");
     let app = application(forward, &toml).start().await.expect("start");
     let sender = RabbitBinder::connect_uri(&uri()).await.expect("connect");
-    let producer = sender.producer(&ProducerSpec::new(input.clone())).await.expect("producer");
+    let producer = sender
+        .producer(&ProducerSpec::new(input.clone()))
+        .await
+        .expect("producer");
     let total = 40;
     for n in 0..total {
-        producer.send(Message::new(Bytes::from(format!("m{n:02}")))).await.expect("send");
+        producer
+            .send(Message::new(Bytes::from(format!("m{n:02}"))))
+            .await
+            .expect("send");
     }
 
     let mut seen = BTreeSet::new();
@@ -291,7 +364,11 @@ destination = "{output}"
     while seen.len() < total {
         let next = tokio::time::timeout_at(deadline, results.next()).await;
         let Ok(Some(Ok(delivery))) = next else {
-            panic!("only {} of {total} messages came through: {:?}", seen.len(), seen);
+            panic!(
+                "only {} of {total} messages came through: {:?}",
+                seen.len(),
+                seen
+            );
         };
         seen.insert(String::from_utf8_lossy(delivery.message.payload()).into_owned());
         let _ = delivery.acknowledgement.ack().await;
