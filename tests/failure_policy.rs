@@ -219,3 +219,34 @@ fn back_off_grows_exponentially_up_to_the_maximum() {
         .collect();
     assert_eq!(waits, vec![100, 300, 500, 500]);
 }
+
+#[tokio::test]
+async fn sending_where_nobody_listens_is_an_error_not_a_silent_loss() {
+    let app = TestApp::start_with(bindery::application().without_registered_functions(), "")
+        .await
+        .unwrap();
+    let error = app.bridge().send("fp-nobody", "hello?").await.unwrap_err();
+    assert!(
+        error
+            .to_string()
+            .contains("no group or consumer is subscribed to destination `fp-nobody`"),
+        "{error}"
+    );
+    app.shutdown().await.unwrap();
+}
+
+#[tokio::test]
+async fn required_groups_keep_messages_sent_before_their_consumer_starts() {
+    let app = TestApp::start_with(
+        bindery::application().without_registered_functions(),
+        r#"stream.output-bindings = "early"
+[stream.bindings.early-out-0]
+destination = "fp-early"
+producer.required-groups = ["late"]"#,
+    )
+    .await
+    .unwrap();
+    app.bridge().send("early-out-0", "kept").await.unwrap();
+    assert_eq!(app.binder().pending("fp-early", "late"), 1);
+    app.shutdown().await.unwrap();
+}

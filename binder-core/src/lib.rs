@@ -29,7 +29,7 @@ pub use handler::{
     Context, Decoded, Encoded, Failure, FailureKind, FromMessage, FromPayload, Handler,
     IntoOutputs, IntoPayload, Outputs,
 };
-pub use memory::{MemoryBinder, MemoryBinderProvider};
+pub use memory::{MemoryBinder, MemoryBinderProvider, MemoryError};
 pub use message::{header, Headers, Message, MessageBuilder};
 pub use runtime::{Application, ApplicationBuilder, RunningApplication, StreamBridge};
 

@@ -3,8 +3,9 @@
 //! Destinations and groups behave as on RabbitMQ: every group of a destination gets every
 //! message, consumers in one group compete for them, an anonymous consumer gets every message
 //! sent while it is subscribed, and a message received but not acknowledged goes back to its
-//! group when its consumer lets go of it. As on RabbitMQ, a message sent to a destination that
-//! has no group yet is kept for nobody; `producer.required-groups` creates groups up front.
+//! group when its consumer lets go of it. As on RabbitMQ with `mandatory`, sending to a
+//! destination that has no group or consumer yet fails rather than losing the message;
+//! `producer.required-groups` creates groups up front.
 
 use std::collections::{HashMap, VecDeque};
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -20,6 +21,15 @@ use crate::binder::{
 };
 use crate::config::Problems;
 use crate::{Error, Message};
+
+/// Why the memory binder could not take a message.
+#[non_exhaustive]
+#[derive(Debug, thiserror::Error)]
+pub enum MemoryError {
+    /// Nothing would receive the message.
+    #[error("no group or consumer is subscribed to destination `{0}`, so the message would be lost; start the consumer first or list its group in `producer.required-groups`")]
+    Unroutable(String),
+}
 
 /// The in-memory binder, type `memory`. Clones share the same destinations.
 ///
@@ -116,7 +126,7 @@ impl MemoryBinder {
             .clone()
     }
 
-    fn publish(&self, destination: &str, message: Message) {
+    fn publish(&self, destination: &str, message: Message) -> Result<(), MemoryError> {
         let queues: Vec<Arc<Queue>> = {
             let destinations = lock(&self.broker.destinations);
             match destinations.get(destination) {
@@ -130,10 +140,7 @@ impl MemoryBinder {
             }
         };
         if queues.is_empty() {
-            tracing::debug!(
-                destination,
-                "no group or consumer on this destination; message kept for nobody"
-            );
+            return Err(MemoryError::Unroutable(destination.to_owned()));
         }
         for queue in queues {
             queue.push_back(Envelope {
@@ -141,6 +148,7 @@ impl MemoryBinder {
                 redelivered: false,
             });
         }
+        Ok(())
     }
 
     /// How many messages wait in `group` of `destination`, not counting those being handled.
@@ -197,8 +205,9 @@ struct MemoryProducer {
 #[async_trait]
 impl Producer for MemoryProducer {
     async fn send(&self, message: Message) -> Result<(), Error> {
-        self.binder.publish(&self.destination, message);
-        Ok(())
+        self.binder
+            .publish(&self.destination, message)
+            .map_err(|e| Error::binder("memory", e))
     }
 }
 

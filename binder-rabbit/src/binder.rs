@@ -101,7 +101,7 @@ impl RabbitBinder {
         Ok(binder)
     }
 
-    /// Connects with the settings of a configuration table (for tests and tools).
+    /// Connects to `uri` with default settings for everything else.
     pub async fn connect_uri(uri: &str) -> Result<Self, Error> {
         let mut problems = Problems::default();
         let mut settings = RabbitSettings::read(None, &mut problems);
