@@ -28,6 +28,14 @@ pub mod prelude {
     pub use crate::{stream_function, AppConfig, Headers, Message, StreamBridge};
 }
 
+/// The Kafka binder.
+#[cfg(feature = "kafka")]
+#[cfg_attr(docsrs, doc(cfg(feature = "kafka")))]
+pub mod kafka {
+    #[doc(inline)]
+    pub use bindery_kafka::*;
+}
+
 /// The RabbitMQ binder.
 #[cfg(feature = "rabbit")]
 #[cfg_attr(docsrs, doc(cfg(feature = "rabbit")))]
@@ -40,6 +48,8 @@ pub mod rabbit {
 /// their features are on.
 pub fn application() -> ApplicationBuilder {
     let builder = Application::builder();
+    #[cfg(feature = "kafka")]
+    let builder = builder.binder_provider(bindery_kafka::KafkaBinderProvider);
     #[cfg(feature = "rabbit")]
     let builder = builder.binder_provider(bindery_rabbit::RabbitBinderProvider);
     builder

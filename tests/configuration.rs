@@ -29,6 +29,20 @@ fn error_of(toml: &str) -> String {
     }
 }
 
+/// Like `error_of`, with the core builder: only the memory binder is available.
+fn core_error_of(toml: &str) -> String {
+    let bill = StreamFunction::function("bill", |n: Decoded<u64>| async move { Encoded(n.0) });
+    bindery::Application::builder()
+        .without_registered_functions()
+        .function(bill)
+        .environment(Vec::<(String, String)>::new())
+        .config_str("application.toml", toml)
+        .build()
+        .err()
+        .map(|e| e.to_string())
+        .unwrap_or_else(|| panic!("configuration was accepted but should not be:\n{toml}"))
+}
+
 fn assert_mentions(text: &str, parts: &[&str]) {
     for part in parts {
         assert!(text.contains(part), "expected {part:?} in:\n{text}");
@@ -230,7 +244,8 @@ fn an_unknown_binder_type_is_named_with_a_suggestion() {
 
 #[test]
 fn a_binder_type_that_is_not_compiled_in_names_the_feature() {
-    let text = error_of("[stream.binders.cluster]\ntype = \"kafka\"");
+    // The core builder alone knows only the memory binder, as a build without features does.
+    let text = core_error_of("[stream.binders.cluster]\ntype = \"kafka\"");
     assert_mentions(
         &text,
         &[
@@ -325,7 +340,10 @@ fn a_memory_binder_has_no_settings() {
 
 #[test]
 fn binder_specific_sections_of_missing_binders_name_the_feature() {
-    let text = error_of("[stream.kafka.bindings.bill-in-0.consumer]\nstart-offset = \"earliest\"");
+    let text = core_error_of("[stream.rabbit.bindings.bill-in-0.consumer]\nprefetch = 10");
+    assert_mentions(&text, &["`stream.rabbit`", "enable the `rabbit` feature"]);
+    let text =
+        core_error_of("[stream.kafka.bindings.bill-in-0.consumer]\nstart-offset = \"earliest\"");
     assert_mentions(&text, &["`stream.kafka`", "enable the `kafka` feature"]);
 }
 
@@ -495,4 +513,47 @@ fn secrets_never_appear_in_errors() {
             "`stream.binders.main.uri`",
         ],
     );
+}
+
+#[test]
+fn kafka_settings_are_checked_with_file_and_key() {
+    let text = error_of(
+        "[stream.binders.kafka]\ntype = \"kafka\"\nbrokrs = \"localhost:9092\"\nmin-partition-count = 0\n[stream.kafka.bindings.bill-in-0.consumer]\nstart-offset = \"beginning\"",
+    );
+    assert_mentions(
+        &text,
+        &[
+            "`stream.binders.kafka.brokrs`",
+            "did you mean `brokers`?",
+            "`stream.binders.kafka.min-partition-count`",
+            "`stream.kafka.bindings.bill-in-0.consumer.start-offset`",
+            "expected \"earliest\" or \"latest\"",
+        ],
+    );
+}
+
+#[test]
+fn rabbit_settings_are_checked_with_file_and_key() {
+    let text = error_of(
+        "[stream.binders.rabbit]\ntype = \"rabbit\"\nuri = \"localhost\"\n[stream.rabbit.bindings.bill-in-0.consumer]\nprefech = 10\nexchange-type = \"round-robin\"",
+    );
+    assert_mentions(
+        &text,
+        &[
+            "`stream.binders.rabbit.uri`",
+            "expected an AMQP URI",
+            "`stream.rabbit.bindings.bill-in-0.consumer.prefech`",
+            "did you mean `prefetch`?",
+            "unknown exchange type",
+        ],
+    );
+}
+
+#[test]
+fn kafka_passthrough_secrets_are_never_shown() {
+    let text = error_of(
+        "[stream.binders.kafka]\ntype = \"kafka\"\nconfiguration.\"sasl.password\" = [\"hunter2\"]",
+    );
+    assert!(!text.contains("hunter2"), "{text}");
+    assert_mentions(&text, &["sasl.password"]);
 }

@@ -5,7 +5,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use bindery::binder::{ConsumerSpec, ProducerSpec};
-use bindery::{Binder, MemoryBinder, Message, StreamFunction};
+use bindery::{Binder, MemoryBinder, Message, RunningApplication, StreamFunction};
 use bytes::Bytes;
 use tokio::time::Instant;
 
@@ -15,6 +15,24 @@ async fn wait_until(what: &str, deadline: Duration, condition: impl Fn() -> bool
         assert!(Instant::now() < until, "timed out waiting until {what}");
         tokio::time::sleep(Duration::from_millis(5)).await;
     }
+}
+
+async fn start_on(
+    binder: &MemoryBinder,
+    function: StreamFunction,
+    toml: &str,
+) -> RunningApplication {
+    bindery::application()
+        .without_registered_functions()
+        .function(function)
+        .config_str("application.toml", toml)
+        .environment(Vec::<(String, String)>::new())
+        .replace_binders(Arc::new(binder.clone()))
+        .build()
+        .unwrap()
+        .start()
+        .await
+        .unwrap()
 }
 
 fn slow_function(
@@ -42,29 +60,21 @@ async fn shutdown_finishes_in_flight_messages_and_loses_none() {
         .subscribe(&ConsumerSpec::new("gs-out", Some("check")))
         .await
         .unwrap();
-    let app = bindery::application()
-        .without_registered_functions()
-        .function(slow_function(
+    let app = start_on(
+        &binder,
+        slow_function(
             started.clone(),
             finished.clone(),
             Duration::from_millis(300),
-        ))
-        .config_str(
-            "application.toml",
-            r#"[stream.bindings.slow-in-0]
+        ),
+        r#"[stream.bindings.slow-in-0]
 destination = "gs-in"
 group = "workers"
 consumer.concurrency = 4
 [stream.bindings.slow-out-0]
 destination = "gs-out""#,
-        )
-        .environment(Vec::<(String, String)>::new())
-        .replace_binders(Arc::new(binder.clone()))
-        .build()
-        .unwrap()
-        .start()
-        .await
-        .unwrap();
+    )
+    .await;
 
     let producer = binder.producer(&ProducerSpec::new("gs-in")).await.unwrap();
     let total = 20;
@@ -116,28 +126,16 @@ async fn a_message_still_in_flight_at_the_timeout_is_left_for_redelivery() {
     let binder = MemoryBinder::new();
     let started = Arc::new(AtomicU32::new(0));
     let finished = Arc::new(AtomicU32::new(0));
-    let app = bindery::application()
-        .without_registered_functions()
-        .function(slow_function(
-            started.clone(),
-            finished.clone(),
-            Duration::from_secs(60),
-        ))
-        .config_str(
-            "application.toml",
-            r#"[stream]
+    let app = start_on(
+        &binder,
+        slow_function(started.clone(), finished.clone(), Duration::from_secs(60)),
+        r#"[stream]
 shutdown-timeout = "200ms"
 [stream.bindings.slow-in-0]
 destination = "gs-stuck"
 group = "workers""#,
-        )
-        .environment(Vec::<(String, String)>::new())
-        .replace_binders(Arc::new(binder.clone()))
-        .build()
-        .unwrap()
-        .start()
-        .await
-        .unwrap();
+    )
+    .await;
     let producer = binder
         .producer(&ProducerSpec::new("gs-stuck"))
         .await

@@ -392,7 +392,18 @@ destination = "{output}""#
     async fn receive_n(&self, subscription: &mut Box<dyn Subscription>, n: usize) -> Vec<String> {
         let mut payloads = Vec::with_capacity(n);
         while payloads.len() < n {
-            let delivery = self.receive_one(subscription).await;
+            let delivery = match tokio::time::timeout(self.timeout, subscription.next()).await {
+                Ok(Some(Ok(delivery))) => delivery,
+                other => panic!(
+                    "received {} of {n} messages, then {}",
+                    payloads.len(),
+                    match other {
+                        Ok(Some(Err(error))) => format!("an error: {error}"),
+                        Ok(None) => "the subscription ended".to_owned(),
+                        _ => format!("nothing within {:?}", self.timeout),
+                    }
+                ),
+            };
             payloads.push(String::from_utf8_lossy(delivery.message.payload()).into_owned());
             delivery.acknowledgement.ack().await.expect("ack");
         }

@@ -1,0 +1,185 @@
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+use bindery_core::config::{ConfigNode, Problems};
+use bindery_core::redact::display_value;
+
+const BINDER_KEYS: &[&str] = &[
+    "type",
+    "brokers",
+    "auto-create-topics",
+    "min-partition-count",
+    "replication-factor",
+    "configuration",
+    "connection-timeout",
+    "start-offset",
+];
+const CONSUMER_KEYS: &[&str] = &["start-offset"];
+
+/// Where a consumer group without committed offsets starts.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum StartOffset {
+    /// The oldest message still kept.
+    Earliest,
+    /// Only messages sent from now on.
+    Latest,
+}
+
+impl StartOffset {
+    pub(crate) fn as_str(self) -> &'static str {
+        match self {
+            StartOffset::Earliest => "earliest",
+            StartOffset::Latest => "latest",
+        }
+    }
+
+    fn read(node: &ConfigNode, problems: &mut Problems) -> Option<Self> {
+        match node.string(problems)?.as_str() {
+            "earliest" => Some(StartOffset::Earliest),
+            "latest" => Some(StartOffset::Latest),
+            other => {
+                problems.at(
+                    node,
+                    format!("expected \"earliest\" or \"latest\", found \"{other}\""),
+                );
+                None
+            }
+        }
+    }
+}
+
+/// `[stream.binders.<name>]` of a binder of type `kafka`.
+#[derive(Clone, PartialEq, Eq)]
+pub struct KafkaSettings {
+    /// `brokers`: bootstrap servers, comma-separated. Default `localhost:9092`.
+    pub brokers: String,
+    /// `auto-create-topics`: create missing topics (and DLQ topics). Default true.
+    pub auto_create_topics: bool,
+    /// `min-partition-count`: partitions of topics the binder creates. Default 1.
+    pub min_partition_count: i32,
+    /// `replication-factor`: replicas of topics the binder creates. Default 1.
+    pub replication_factor: i32,
+    /// `configuration`: librdkafka properties passed as they are (`security.protocol`,
+    /// `sasl.*`, `ssl.*`, `client.id`, ...). Default none.
+    pub configuration: BTreeMap<String, String>,
+    /// `connection-timeout`: how long reaching the brokers at startup may take. Default 10s.
+    pub connection_timeout: Duration,
+    /// `start-offset`: where consumers without committed offsets start, unless their binding
+    /// says otherwise. Default: `earliest` for groups, `latest` for anonymous consumers.
+    pub start_offset: Option<StartOffset>,
+}
+
+impl std::fmt::Debug for KafkaSettings {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let configuration: BTreeMap<&String, String> = self
+            .configuration
+            .iter()
+            .map(|(k, v)| (k, display_value(k, v)))
+            .collect();
+        f.debug_struct("KafkaSettings")
+            .field("brokers", &self.brokers)
+            .field("auto_create_topics", &self.auto_create_topics)
+            .field("min_partition_count", &self.min_partition_count)
+            .field("replication_factor", &self.replication_factor)
+            .field("configuration", &configuration)
+            .field("connection_timeout", &self.connection_timeout)
+            .field("start_offset", &self.start_offset)
+            .finish()
+    }
+}
+
+impl Default for KafkaSettings {
+    fn default() -> Self {
+        KafkaSettings {
+            brokers: "localhost:9092".to_owned(),
+            auto_create_topics: true,
+            min_partition_count: 1,
+            replication_factor: 1,
+            configuration: BTreeMap::new(),
+            connection_timeout: Duration::from_secs(10),
+            start_offset: None,
+        }
+    }
+}
+
+impl KafkaSettings {
+    /// Reads the binder's table, reporting wrong keys.
+    pub fn read(node: Option<&ConfigNode>, problems: &mut Problems) -> Self {
+        let mut settings = KafkaSettings::default();
+        let Some(table) = node.and_then(|n| n.table(BINDER_KEYS, problems)) else {
+            return settings;
+        };
+        for (name, node) in table {
+            match name.as_str() {
+                "brokers" => {
+                    if let Some(list) = node.string_list(problems) {
+                        if list.is_empty() {
+                            problems.at(
+                                &node,
+                                "expected at least one broker, such as \"localhost:9092\"",
+                            );
+                        } else {
+                            settings.brokers = list.join(",");
+                        }
+                    }
+                }
+                "auto-create-topics" => {
+                    settings.auto_create_topics = node.boolean(problems).unwrap_or(true)
+                }
+                "min-partition-count" => {
+                    settings.min_partition_count = node
+                        .integer(1, problems)
+                        .map_or(1, |n| n.min(i32::MAX as i64) as i32)
+                }
+                "replication-factor" => {
+                    settings.replication_factor = node
+                        .integer(1, problems)
+                        .map_or(1, |n| n.min(i32::MAX as i64) as i32)
+                }
+                "connection-timeout" => {
+                    settings.connection_timeout = node
+                        .duration(problems)
+                        .unwrap_or(settings.connection_timeout)
+                }
+                "start-offset" => settings.start_offset = StartOffset::read(&node, problems),
+                "configuration" => {
+                    for (key, value) in node.entries(problems).unwrap_or_default() {
+                        if let Some(text) = value.scalar_text(problems) {
+                            if key == "bootstrap.servers"
+                                || key == "group.id"
+                                || key == "enable.auto.offset.store"
+                            {
+                                problems.at(&value, format!("`{key}` is set by the binder; use `brokers` or the binding's `group`"));
+                            } else {
+                                settings.configuration.insert(key, text);
+                            }
+                        }
+                    }
+                }
+                _ => {}
+            }
+        }
+        settings
+    }
+}
+
+/// `[stream.kafka.bindings.<binding>.consumer]`.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct KafkaConsumerSettings {
+    /// `start-offset`: where the group starts when it has no committed offset.
+    pub start_offset: Option<StartOffset>,
+}
+
+impl KafkaConsumerSettings {
+    /// Reads a binding's consumer section, reporting wrong keys.
+    pub fn read(node: Option<&ConfigNode>, problems: &mut Problems) -> Self {
+        let mut settings = KafkaConsumerSettings::default();
+        let Some(table) = node.and_then(|n| n.table(CONSUMER_KEYS, problems)) else {
+            return settings;
+        };
+        if let Some(node) = table.get("start-offset") {
+            settings.start_offset = StartOffset::read(node, problems);
+        }
+        settings
+    }
+}

@@ -1,0 +1,281 @@
+//! Kafka-specific behaviour against a real Kafka-protocol broker: provisioning, connection
+//! errors, and slow handlers that must not get the consumer thrown out of its group.
+
+use std::collections::BTreeMap;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use bindery_core::testing::require_broker;
+use bindery_core::{Application, Binder, ConsumerSpec, Message, ProducerSpec, StreamFunction};
+use bindery_kafka::{KafkaBinder, KafkaBinderProvider, KafkaSettings, StartOffset};
+use bytes::Bytes;
+use tokio::time::Instant;
+
+fn brokers() -> String {
+    std::env::var("KAFKA_BROKERS").unwrap_or_else(|_| "127.0.0.1:9092".to_owned())
+}
+
+fn available() -> bool {
+    require_broker("Kafka", brokers().split(',').next().unwrap_or_default())
+}
+
+fn unique(name: &str) -> String {
+    format!(
+        "kafka-{name}-{}",
+        &uuid::Uuid::new_v4().simple().to_string()[..8]
+    )
+}
+
+fn settings() -> KafkaSettings {
+    KafkaSettings {
+        brokers: brokers(),
+        start_offset: Some(StartOffset::Earliest),
+        ..KafkaSettings::default()
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn without_auto_create_a_missing_topic_is_a_clear_startup_error() {
+    if !available() {
+        return;
+    }
+    let binder = KafkaBinder::connect(
+        "kafka",
+        KafkaSettings {
+            auto_create_topics: false,
+            ..settings()
+        },
+    )
+    .await
+    .expect("connect");
+    let topic = unique("missing");
+    let error = binder
+        .subscribe(&ConsumerSpec::new(topic.clone(), Some("g")))
+        .await
+        .expect_err("the topic does not exist");
+    let text = error.to_string();
+    assert!(text.contains(&format!("topic `{topic}`")), "{text}");
+    assert!(text.contains("auto-create-topics"), "{text}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn with_auto_create_topics_are_created_and_usable() {
+    if !available() {
+        return;
+    }
+    let binder = KafkaBinder::connect("kafka", settings())
+        .await
+        .expect("connect");
+    let topic = unique("created");
+    let producer = binder
+        .producer(&ProducerSpec::new(topic.clone()))
+        .await
+        .expect("the topic is created");
+    let mut subscription = binder
+        .subscribe(&ConsumerSpec::new(topic.clone(), Some("g")))
+        .await
+        .expect("subscribe");
+    producer
+        .send(Message::new(Bytes::from_static(b"hello")))
+        .await
+        .expect("send");
+    let delivery = tokio::time::timeout(Duration::from_secs(30), subscription.next())
+        .await
+        .expect("a message in time")
+        .expect("open")
+        .expect("ok");
+    assert_eq!(&delivery.message.payload()[..], b"hello");
+    delivery.acknowledgement.ack().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_unreachable_broker_is_an_error_within_the_timeout_naming_the_brokers() {
+    let begun = Instant::now();
+    let error = KafkaBinder::connect(
+        "kafka",
+        KafkaSettings {
+            brokers: "127.0.0.1:1".to_owned(),
+            connection_timeout: Duration::from_secs(2),
+            ..KafkaSettings::default()
+        },
+    )
+    .await
+    .expect_err("nothing listens on port 1");
+    assert!(
+        begun.elapsed() < Duration::from_secs(10),
+        "bounded by connection-timeout"
+    );
+    assert!(error.to_string().contains("127.0.0.1:1"), "{error}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_handler_slower_than_max_poll_interval_keeps_its_group_membership() {
+    if !available() {
+        return;
+    }
+    let input = unique("slow");
+    let handled: Arc<Mutex<BTreeMap<String, u32>>> = Arc::default();
+    let counts = handled.clone();
+    let slow = StreamFunction::consumer("slow", move |text: String| {
+        let counts = counts.clone();
+        async move {
+            if text == "slow" {
+                // Longer than max.poll.interval.ms below.
+                tokio::time::sleep(Duration::from_secs(9)).await;
+            }
+            *counts.lock().unwrap().entry(text).or_default() += 1;
+        }
+    });
+    let toml = format!(
+        r#"[stream]
+default-binder = "kafka"
+[stream.binders.kafka]
+brokers = "{brokers}"
+start-offset = "earliest"
+configuration."max.poll.interval.ms" = "6000"
+configuration."session.timeout.ms" = "6000"
+[stream.bindings.slow-in-0]
+destination = "{input}"
+group = "slow-group"
+"#,
+        brokers = brokers()
+    );
+    let app = Application::builder()
+        .without_registered_functions()
+        .function(slow)
+        .binder_provider(KafkaBinderProvider)
+        .config_str("application.toml", toml)
+        .environment(Vec::<(String, String)>::new())
+        .build()
+        .expect("valid")
+        .start()
+        .await
+        .expect("start");
+    let sender = KafkaBinder::connect("kafka", settings())
+        .await
+        .expect("connect");
+    let producer = sender
+        .producer(&ProducerSpec::new(input.clone()))
+        .await
+        .expect("producer");
+    for text in ["slow", "after-1", "after-2"] {
+        producer
+            .send(Message::new(Bytes::from(text)))
+            .await
+            .expect("send");
+    }
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while handled.lock().unwrap().len() < 3 {
+        assert!(
+            Instant::now() < deadline,
+            "not all handled: {:?}",
+            handled.lock().unwrap()
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    // A consumer thrown out of its group would see the slow message again after rejoining.
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    app.shutdown().await.expect("shutdown");
+    let handled = handled.lock().unwrap().clone();
+    assert_eq!(
+        handled.get("slow"),
+        Some(&1),
+        "handled once, never redelivered: {handled:?}"
+    );
+    assert_eq!(handled.get("after-1"), Some(&1));
+    assert_eq!(handled.get("after-2"), Some(&1));
+}
+
+fn forwarding_app(input: &str, output: &str) -> Application {
+    let forward = StreamFunction::function("forward", |message: Message| async move { message });
+    let toml = format!(
+        r#"[stream]
+default-binder = "kafka"
+[stream.binders.kafka]
+brokers = "{brokers}"
+start-offset = "earliest"
+min-partition-count = 2
+[stream.bindings.forward-in-0]
+destination = "{input}"
+group = "rebalancing"
+consumer.concurrency = 2
+[stream.bindings.forward-out-0]
+destination = "{output}"
+"#,
+        brokers = brokers()
+    );
+    Application::builder()
+        .without_registered_functions()
+        .function(forward)
+        .binder_provider(KafkaBinderProvider)
+        .config_str("application.toml", toml)
+        .environment(Vec::<(String, String)>::new())
+        .build()
+        .expect("valid")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_rebalance_between_two_consumers_of_a_group_loses_nothing() {
+    if !available() {
+        return;
+    }
+    let input = unique("rebalance-in");
+    let output = unique("rebalance-out");
+    let binder = KafkaBinder::connect(
+        "kafka",
+        KafkaSettings {
+            min_partition_count: 2,
+            ..settings()
+        },
+    )
+    .await
+    .expect("connect");
+    let mut results = binder
+        .subscribe(&ConsumerSpec::new(output.clone(), Some("results")))
+        .await
+        .expect("subscribe");
+    let producer = binder
+        .producer(&ProducerSpec::new(input.clone()))
+        .await
+        .expect("producer");
+    let send = |from: usize| {
+        let producer = producer.clone();
+        async move {
+            for n in from..from + 30 {
+                let message = Message::builder(Bytes::from(format!("m{n:03}")))
+                    .key(format!("k{}", n % 7))
+                    .build();
+                producer.send(message).await.expect("send");
+            }
+        }
+    };
+
+    let first = forwarding_app(&input, &output)
+        .start()
+        .await
+        .expect("first consumer");
+    send(0).await;
+    // A second consumer joins the group: partitions move between them.
+    let second = forwarding_app(&input, &output)
+        .start()
+        .await
+        .expect("second consumer");
+    send(30).await;
+    // The first leaves: everything moves to the second.
+    first.shutdown().await.expect("shutdown");
+    send(60).await;
+
+    let mut seen = std::collections::BTreeSet::new();
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while seen.len() < 90 {
+        match tokio::time::timeout_at(deadline, results.next()).await {
+            Ok(Some(Ok(delivery))) => {
+                seen.insert(String::from_utf8_lossy(delivery.message.payload()).into_owned());
+                delivery.acknowledgement.ack().await.unwrap();
+            }
+            _ => panic!("only {} of 90 messages came through", seen.len()),
+        }
+    }
+    second.shutdown().await.expect("shutdown");
+    assert_eq!(seen.len(), 90);
+}
