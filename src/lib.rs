@@ -72,7 +72,9 @@ pub async fn run() -> Result<(), Error> {
 #[doc(hidden)]
 pub mod __private {
     pub use bindery_core::inventory;
-    pub use bindery_core::{Decoded, Encoded, FunctionRegistration, Message, StreamFunction};
+    pub use bindery_core::{
+        Decoded, Encoded, FunctionRegistration, IntoOutputs, Message, StreamFunction,
+    };
     pub use bytes::Bytes;
 
     /// Points a compile error at an argument type that cannot be decoded.

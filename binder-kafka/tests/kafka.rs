@@ -279,3 +279,103 @@ async fn a_rebalance_between_two_consumers_of_a_group_loses_nothing() {
     second.shutdown().await.expect("shutdown");
     assert_eq!(seen.len(), 90);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn offsets_are_never_committed_past_an_unfinished_message() {
+    if !available() {
+        return;
+    }
+    let input = unique("ordered-commits");
+    let handled: Arc<Mutex<Vec<String>>> = Arc::default();
+    let app = |handled: Arc<Mutex<Vec<String>>>, slow_takes: Duration| {
+        let work = StreamFunction::consumer("work", move |text: String| {
+            let handled = handled.clone();
+            async move {
+                if text == "slow" {
+                    tokio::time::sleep(slow_takes).await;
+                }
+                handled.lock().unwrap().push(text);
+            }
+        });
+        let toml = format!(
+            r#"[stream]
+default-binder = "kafka"
+shutdown-timeout = "500ms"
+[stream.binders.kafka]
+brokers = "{brokers}"
+start-offset = "earliest"
+[stream.bindings.work-in-0]
+destination = "{input}"
+group = "committers"
+consumer.concurrency = 4
+"#,
+            brokers = brokers()
+        );
+        Application::builder()
+            .without_registered_functions()
+            .function(work)
+            .binder_provider(KafkaBinderProvider)
+            .config_str("application.toml", toml)
+            .environment(Vec::<(String, String)>::new())
+            .build()
+            .expect("valid")
+    };
+
+    let first = app(handled.clone(), Duration::from_secs(600))
+        .start()
+        .await
+        .expect("start");
+    let sender = KafkaBinder::connect("kafka", settings())
+        .await
+        .expect("connect");
+    let producer = sender
+        .producer(&ProducerSpec::new(input.clone()))
+        .await
+        .expect("producer");
+    // The first message never finishes; the ones after it (other keys, other workers) do.
+    producer
+        .send(
+            Message::builder(Bytes::from_static(b"slow"))
+                .key("a")
+                .build(),
+        )
+        .await
+        .expect("send");
+    for (n, key) in ["b", "c", "d"].iter().enumerate() {
+        let message = Message::builder(Bytes::from(format!("quick-{n}")))
+            .key(*key)
+            .build();
+        producer.send(message).await.expect("send");
+    }
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while handled.lock().unwrap().len() < 3 {
+        assert!(
+            Instant::now() < deadline,
+            "the quick messages were not handled"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    // Give the poll thread time to store what it may (it must not store past "slow").
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    first
+        .shutdown()
+        .await
+        .expect("shutdown gives up on the slow message");
+    assert!(!handled.lock().unwrap().contains(&"slow".to_owned()));
+
+    let again: Arc<Mutex<Vec<String>>> = Arc::default();
+    let second = app(again.clone(), Duration::ZERO)
+        .start()
+        .await
+        .expect("restart");
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while !again.lock().unwrap().contains(&"slow".to_owned()) {
+        assert!(
+            Instant::now() < deadline,
+            "the unfinished message was not delivered again; the group committed past it: {:?}",
+            again.lock().unwrap()
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    second.shutdown().await.expect("shutdown");
+}

@@ -492,10 +492,13 @@ fn expand(args: TokenStream, function: &ItemFn) -> syn::Result<TokenStream> {
         #[allow(non_snake_case, clippy::unused_unit)]
         fn #register() -> #private::StreamFunction {
             #(#checks)*
-            #private::StreamFunction::#constructor(#name, |#(#params),*| async move {
+            // A named fn rather than a closure, so type errors name it the same way wherever
+            // the crate lives.
+            async fn __bindery_handler(#(#params),*) -> impl #private::IntoOutputs {
                 let __bindery_returned = #call;
                 #converted
-            })
+            }
+            #private::StreamFunction::#constructor(#name, __bindery_handler)
             #(#setters)*
         }
 
