@@ -464,11 +464,7 @@ async fn forward(mut subscription: Box<dyn Subscription>, to: mpsc::UnboundedSen
 }
 
 fn application(binder: &Arc<dyn Binder>, function: StreamFunction, toml: &str) -> Application {
-    Application::builder()
-        .without_registered_functions()
-        .function(function)
-        .config_str("conformance configuration", toml)
-        .environment(Vec::<(String, String)>::new())
+    crate::testing::isolated(function, toml)
         .replace_binders(binder.clone())
         .build()
         .expect("the conformance configuration is valid")

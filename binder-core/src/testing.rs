@@ -203,3 +203,14 @@ pub fn host_port(uri: &str, default_port: u16) -> String {
         format!("{host}:{default_port}")
     }
 }
+
+/// A builder for an application of exactly `function`, configured by `toml` alone: no
+/// registered functions, no `application.toml`, no environment variables. Add binder providers
+/// or instances, then build.
+pub fn isolated(function: crate::StreamFunction, toml: &str) -> ApplicationBuilder {
+    Application::builder()
+        .without_registered_functions()
+        .function(function)
+        .config_str("application.toml", toml)
+        .environment(Vec::<(String, String)>::new())
+}

@@ -5,7 +5,7 @@ use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use bindery_core::testing::require_broker;
+use bindery_core::testing::{isolated, require_broker};
 use bindery_core::{Application, Binder, ConsumerSpec, Message, ProducerSpec, StreamFunction};
 use bindery_kafka::{KafkaBinder, KafkaBinderProvider, KafkaSettings, StartOffset};
 use bytes::Bytes;
@@ -140,12 +140,8 @@ group = "slow-group"
 "#,
         brokers = brokers()
     );
-    let app = Application::builder()
-        .without_registered_functions()
-        .function(slow)
+    let app = isolated(slow, &toml)
         .binder_provider(KafkaBinderProvider)
-        .config_str("application.toml", toml)
-        .environment(Vec::<(String, String)>::new())
         .build()
         .expect("valid")
         .start()
@@ -204,12 +200,8 @@ destination = "{output}"
 "#,
         brokers = brokers()
     );
-    Application::builder()
-        .without_registered_functions()
-        .function(forward)
+    isolated(forward, &toml)
         .binder_provider(KafkaBinderProvider)
-        .config_str("application.toml", toml)
-        .environment(Vec::<(String, String)>::new())
         .build()
         .expect("valid")
 }
@@ -311,12 +303,8 @@ consumer.concurrency = 4
 "#,
             brokers = brokers()
         );
-        Application::builder()
-            .without_registered_functions()
-            .function(work)
+        isolated(work, &toml)
             .binder_provider(KafkaBinderProvider)
-            .config_str("application.toml", toml)
-            .environment(Vec::<(String, String)>::new())
             .build()
             .expect("valid")
     };

@@ -5,7 +5,7 @@ use std::collections::BTreeSet;
 use std::sync::Arc;
 use std::time::Duration;
 
-use bindery_core::testing::{host_port, require_broker};
+use bindery_core::testing::{host_port, isolated, require_broker};
 use bindery_core::{Application, Binder, ConsumerSpec, Message, ProducerSpec, StreamFunction};
 use bindery_rabbit::{RabbitBinder, RabbitBinderProvider};
 use bytes::Bytes;
@@ -48,12 +48,8 @@ fn passive_queue() -> QueueDeclareOptions {
 }
 
 fn application(function: StreamFunction, toml: &str) -> Application {
-    Application::builder()
-        .without_registered_functions()
-        .function(function)
+    isolated(function, toml)
         .binder_provider(RabbitBinderProvider)
-        .config_str("application.toml", toml)
-        .environment(Vec::<(String, String)>::new())
         .build()
         .expect("valid configuration")
 }
