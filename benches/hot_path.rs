@@ -49,11 +49,7 @@ fn hot_path(c: &mut Criterion) {
             .subscribe(&ConsumerSpec::new("invoices", Some("bench")))
             .await
             .unwrap();
-        let app = bindery::application()
-            .without_registered_functions()
-            .function(bill)
-            .config_str("bench configuration", "")
-            .environment(Vec::<(String, String)>::new())
+        let app = bindery::test::isolated(bill, "")
             .replace_binders(Arc::new(binder.clone()))
             .build()
             .unwrap()

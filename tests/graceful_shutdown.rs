@@ -22,11 +22,7 @@ async fn start_on(
     function: StreamFunction,
     toml: &str,
 ) -> RunningApplication {
-    bindery::application()
-        .without_registered_functions()
-        .function(function)
-        .config_str("application.toml", toml)
-        .environment(Vec::<(String, String)>::new())
+    bindery::test::isolated(function, toml)
         .replace_binders(Arc::new(binder.clone()))
         .build()
         .unwrap()

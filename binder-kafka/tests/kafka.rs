@@ -26,6 +26,16 @@ fn unique(name: &str) -> String {
     )
 }
 
+/// A producer for `topic` on a binder of its own, as another service sending to it would be.
+async fn producer_for(topic: &str) -> Arc<dyn bindery_core::Producer> {
+    KafkaBinder::connect("kafka", settings())
+        .await
+        .expect("connect")
+        .producer(&ProducerSpec::new(topic))
+        .await
+        .expect("producer")
+}
+
 fn settings() -> KafkaSettings {
     KafkaSettings {
         brokers: brokers(),
@@ -147,13 +157,7 @@ group = "slow-group"
         .start()
         .await
         .expect("start");
-    let sender = KafkaBinder::connect("kafka", settings())
-        .await
-        .expect("connect");
-    let producer = sender
-        .producer(&ProducerSpec::new(input.clone()))
-        .await
-        .expect("producer");
+    let producer = producer_for(&input).await;
     for text in ["slow", "after-1", "after-2"] {
         producer
             .send(Message::new(Bytes::from(text)))
@@ -313,13 +317,7 @@ consumer.concurrency = 4
         .start()
         .await
         .expect("start");
-    let sender = KafkaBinder::connect("kafka", settings())
-        .await
-        .expect("connect");
-    let producer = sender
-        .producer(&ProducerSpec::new(input.clone()))
-        .await
-        .expect("producer");
+    let producer = producer_for(&input).await;
     // The first message never finishes; the ones after it (other keys, other workers) do.
     producer
         .send(
