@@ -5,7 +5,10 @@
 //! core runtime, once for every binder.
 
 use std::fmt;
+use std::future::Future;
+use std::pin::Pin;
 use std::sync::Arc;
+use std::task::{Context, Poll};
 
 use async_trait::async_trait;
 use futures::future::BoxFuture;
@@ -119,16 +122,94 @@ pub trait Subscription: Send + fmt::Debug {
     async fn close(self: Box<Self>) -> Result<(), Error> {
         Ok(())
     }
+
+    /// Whether this subscription needs its messages settled in the order they were received.
+    /// When it does, the core never acknowledges a message before every earlier one was
+    /// settled, however the handling finished. The default is `false`: Kafka's binder tracks
+    /// offsets itself and RabbitMQ acknowledges by delivery tag.
+    fn acknowledges_in_order(&self) -> bool {
+        false
+    }
 }
 
 /// Sends messages to one destination.
+///
+/// The core keeps many messages in flight: it hands each message over with
+/// [`Producer::enqueue`] as soon as it was produced, in order, and awaits the returned
+/// [`Confirmation`] in the background. A binder only has to make two promises: messages
+/// enqueued one after another are sent in that order, and a confirmation resolves to `Ok`
+/// only once the broker has taken responsibility for the message.
 #[async_trait]
 pub trait Producer: Send + Sync + fmt::Debug {
+    /// Hands `message` to the broker client and returns, without waiting for the broker, the
+    /// confirmation to await. An error here (or from the confirmation) is a failed send: the
+    /// core sends the message again later, unless the error [is permanent](Error::is_permanent).
+    async fn enqueue(&self, message: &Message) -> Result<Confirmation, Error>;
+
     /// Sends `message`, returning once the broker has confirmed it (or it failed).
-    async fn send(&self, message: Message) -> Result<(), Error>;
+    async fn send(&self, message: Message) -> Result<(), Error> {
+        self.enqueue(&message).await?.await
+    }
+}
+
+/// The broker's answer to one enqueued message, still to come: a future of `Ok` once the
+/// broker confirmed the message, or of the send's error.
+///
+/// ```
+/// # #[tokio::main(flavor = "current_thread")] async fn main() {
+/// use bindery_core::binder::Confirmation;
+/// assert!(Confirmation::confirmed().await.is_ok());
+/// assert!(Confirmation::pending(async { Ok(()) }).await.is_ok());
+/// # }
+/// ```
+#[must_use = "a confirmation tells whether the broker took the message"]
+pub struct Confirmation(Option<BoxFuture<'static, Result<(), Error>>>);
+
+impl Confirmation {
+    /// Already confirmed (a broker that takes messages synchronously).
+    pub fn confirmed() -> Self {
+        Confirmation(None)
+    }
+
+    /// Confirmed when `future` resolves.
+    pub fn pending(future: impl Future<Output = Result<(), Error>> + Send + 'static) -> Self {
+        Confirmation(Some(Box::pin(future)))
+    }
+}
+
+impl fmt::Debug for Confirmation {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self.0 {
+            None => "Confirmation(confirmed)",
+            Some(_) => "Confirmation(pending)",
+        })
+    }
+}
+
+impl Future for Confirmation {
+    type Output = Result<(), Error>;
+
+    fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        match self.0.as_mut() {
+            None => Poll::Ready(Ok(())),
+            Some(future) => future.as_mut().poll(cx),
+        }
+    }
 }
 
 /// Settles one received message with its broker.
+///
+/// The core calls exactly one of the two, once per message:
+/// - [`ack`](Acknowledgement::ack) ("done") once the handler succeeded and every message it
+///   produced was confirmed, or once the message was dead-lettered and the dead letter was
+///   confirmed (or, without a DLQ, logged). Nothing else acknowledges.
+/// - [`requeue`](Acknowledgement::requeue) ("deliver again") when the binding stops with the
+///   message unfinished (shutdown, or a send that never got through). Retries while running
+///   happen inside the core and never reach the binder.
+///
+/// Acknowledgements may come in any order unless [`Subscription::acknowledges_in_order`] says
+/// otherwise; a Kafka binder, for instance, stores an offset only once every earlier message of
+/// the partition was acknowledged.
 #[async_trait]
 pub trait Acknowledgement: Send + fmt::Debug {
     /// The message was handled (or dead-lettered): the broker may forget it.

@@ -26,6 +26,17 @@ pub enum Error {
         source: BoxError,
     },
 
+    /// The broker refused a message for good (too large, not authorised, ...): sending it
+    /// again cannot succeed, so the core dead-letters the input instead of retrying.
+    #[error("binder `{binder}` refused the message: {source}")]
+    Refused {
+        /// The binder's name in `[stream.binders]`, or its type.
+        binder: String,
+        /// The broker client's error.
+        #[source]
+        source: BoxError,
+    },
+
     /// A destination could not be used for a binding.
     #[error("binding `{binding}`: {message}")]
     Binding {
@@ -63,6 +74,28 @@ pub enum Error {
 }
 
 impl Error {
+    /// A send the broker refused for good; see [`Error::is_permanent`].
+    pub fn refused(binder: impl Into<String>, source: impl Into<BoxError>) -> Self {
+        Error::Refused {
+            binder: binder.into(),
+            source: source.into(),
+        }
+    }
+
+    /// Whether sending the same message again cannot succeed. Every other send failure is
+    /// retried by the core until it succeeds or the application stops.
+    pub fn is_permanent(&self) -> bool {
+        match self {
+            Error::Refused { .. } | Error::Encode { .. } => true,
+            Error::Config(_)
+            | Error::Binder { .. }
+            | Error::Binding { .. }
+            | Error::Function { .. }
+            | Error::ShuttingDown
+            | Error::Signal(_) => false,
+        }
+    }
+
     /// Wraps a binder's own error, naming the binder it came from.
     pub fn binder(binder: impl Into<String>, source: impl Into<BoxError>) -> Self {
         Error::Binder {

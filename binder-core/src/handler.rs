@@ -90,6 +90,10 @@ impl Failure {
         }
     }
 
+    pub(crate) fn panic(text: String) -> Self {
+        Failure::new(FailureKind::Panic, "panic", text)
+    }
+
     fn decode<T>(why: impl fmt::Display) -> Self {
         Failure::new(
             FailureKind::Decode,
@@ -468,7 +472,8 @@ pub type HandlerFuture = BoxFuture<'static, Result<Outputs, Failure>>;
 )]
 pub trait Handler<Args>: Clone + Send + Sync + 'static {
     /// Takes the arguments from `message`, calls the function and collects its outputs.
-    fn call(&self, message: Message, context: Context) -> HandlerFuture;
+    /// The message is shared, so a retry hands the same message over again without a copy.
+    fn call(&self, message: Arc<Message>, context: Context) -> HandlerFuture;
 }
 
 macro_rules! impl_handler {
@@ -481,7 +486,7 @@ macro_rules! impl_handler {
             $($arg: FromMessage,)*
         {
             #[allow(non_snake_case, unused_variables)]
-            fn call(&self, message: Message, context: Context) -> HandlerFuture {
+            fn call(&self, message: Arc<Message>, context: Context) -> HandlerFuture {
                 let handler = self.clone();
                 Box::pin(async move {
                     $(let $arg = $arg::from_message(&message, &context)?;)*
@@ -505,7 +510,7 @@ impl_handler!(A1, A2, A3, A4, A5);
 impl_handler!(A1, A2, A3, A4, A5, A6);
 
 /// A handler with its argument types erased, as the runtime stores it.
-pub(crate) type ErasedHandler = Arc<dyn Fn(Message, Context) -> HandlerFuture + Send + Sync>;
+pub(crate) type ErasedHandler = Arc<dyn Fn(Arc<Message>, Context) -> HandlerFuture + Send + Sync>;
 
 pub(crate) fn erase<Args, H: Handler<Args>>(handler: H) -> ErasedHandler {
     Arc::new(move |message, context| handler.call(message, context))

@@ -19,8 +19,8 @@ pub mod testing;
 pub mod conformance;
 
 pub use binder::{
-    Acknowledgement, Binder, BinderProvider, BinderSettings, ConsumerSpec, Delivery, Producer,
-    ProducerSpec, Subscription,
+    Acknowledgement, Binder, BinderProvider, BinderSettings, Confirmation, ConsumerSpec, Delivery,
+    Producer, ProducerSpec, Subscription,
 };
 pub use config::{AppConfig, ConfigError, ConsumerProperties, ProducerProperties};
 pub use error::{BoxError, Error};

@@ -16,8 +16,8 @@ use futures::future::BoxFuture;
 use tokio::sync::Notify;
 
 use crate::binder::{
-    Acknowledgement, Binder, BinderProvider, BinderSettings, ConsumerSpec, Delivery, Producer,
-    ProducerSpec, Subscription,
+    Acknowledgement, Binder, BinderProvider, BinderSettings, Confirmation, ConsumerSpec, Delivery,
+    Producer, ProducerSpec, Subscription,
 };
 use crate::config::Problems;
 use crate::{Error, Message};
@@ -126,7 +126,7 @@ impl MemoryBinder {
             .clone()
     }
 
-    fn publish(&self, destination: &str, message: Message) -> Result<(), MemoryError> {
+    fn publish(&self, destination: &str, message: &Message) -> Result<(), MemoryError> {
         let queues: Vec<Arc<Queue>> = {
             let destinations = lock(&self.broker.destinations);
             match destinations.get(destination) {
@@ -204,10 +204,11 @@ struct MemoryProducer {
 
 #[async_trait]
 impl Producer for MemoryProducer {
-    async fn send(&self, message: Message) -> Result<(), Error> {
+    async fn enqueue(&self, message: &Message) -> Result<Confirmation, Error> {
         self.binder
             .publish(&self.destination, message)
-            .map_err(|e| Error::binder("memory", e))
+            .map_err(|e| Error::binder("memory", e))?;
+        Ok(Confirmation::confirmed())
     }
 }
 

@@ -1,4 +1,4 @@
-use std::collections::{BTreeMap, BTreeSet, VecDeque};
+use std::collections::{BTreeMap, BTreeSet};
 use std::fmt;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{mpsc as sync_mpsc, Arc, Mutex};
@@ -8,8 +8,8 @@ use async_trait::async_trait;
 use bindery_core::config::Problems;
 use bindery_core::redact::{display_value, redact_uri};
 use bindery_core::{
-    header, Acknowledgement, Binder, ConsumerSpec, Delivery, Error, Headers, Message, Producer,
-    ProducerSpec, Subscription,
+    header, Acknowledgement, Binder, Confirmation, ConsumerSpec, Delivery, Error, Headers, Message,
+    Producer, ProducerSpec, Subscription,
 };
 use bytes::Bytes;
 use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
@@ -30,11 +30,13 @@ use crate::KafkaError;
 const ASSIGNMENT_TIMEOUT: Duration = Duration::from_secs(60);
 /// How long a send may wait for room in librdkafka's queue.
 const QUEUE_TIMEOUT: Duration = Duration::from_secs(30);
-/// Messages the poll thread holds for a busy application before it pauses the partitions.
-/// Pausing is rare by design: each resume fetches again from the application's position.
-const PAUSE_AFTER: usize = 500;
-/// How often the poll thread polls; also how soon acknowledgements become stored offsets.
-const POLL_INTERVAL: Duration = Duration::from_millis(20);
+/// Messages handed from the poll thread to the application ahead of its need.
+const HAND_OVER: usize = 256;
+/// The longest the poll thread waits in one step (for a message, or for room to hand one
+/// over); also the longest acknowledgements wait to become stored offsets.
+const POLL_INTERVAL: Duration = Duration::from_millis(100);
+/// How long the poll thread sleeps before looking again for room in the hand-over.
+const FULL_WAIT: Duration = Duration::from_millis(1);
 
 /// The Kafka binder: one idempotent producer shared by all destinations, one consumer (and one
 /// polling thread) per subscription.
@@ -75,11 +77,20 @@ impl KafkaBinder {
     /// Connects to the brokers, failing within `connection-timeout` when none answers.
     pub async fn connect(name: &str, settings: KafkaSettings) -> Result<Self, Error> {
         let fail = |e: KafkaError| Error::binder(name.to_owned(), e);
+        check_delivery_guarantees(&settings).map_err(fail)?;
         let mut config = base_config(&settings);
-        config
-            .set("acks", "all")
-            .set("enable.idempotence", "true")
-            .set("message.timeout.ms", "30000");
+        // At-least-once needs every replica's confirm and no reordering on retry; the rest are
+        // defaults a Kafka engineer expects, kept when the configuration sets its own.
+        config.set("acks", "all").set("enable.idempotence", "true");
+        for (key, value) in [
+            ("message.timeout.ms", "30000"),
+            // The Java client's partitioner: keys land on the partitions Spring producers use.
+            ("partitioner", "murmur2_random"),
+        ] {
+            if !settings.configuration.contains_key(key) {
+                config.set(key, value);
+            }
+        }
         let producer: FutureProducer = config
             .create()
             .map_err(|e| fail(client_error(&settings, e)))?;
@@ -124,6 +135,18 @@ impl KafkaBinder {
 
     fn error(&self, error: KafkaError) -> Error {
         Error::binder(self.inner.name.clone(), error)
+    }
+
+    fn send_error(&self, topic: &str, error: rdkafka::error::KafkaError) -> Error {
+        let permanent = is_permanent(&error);
+        let error = KafkaError::Send {
+            topic: topic.to_owned(),
+            reason: error.to_string(),
+        };
+        match permanent {
+            true => Error::refused(self.inner.name.clone(), error),
+            false => self.error(error),
+        }
     }
 
     /// Creates `topic` when it is missing and `auto-create-topics` is on; otherwise checks that
@@ -184,6 +207,29 @@ impl KafkaBinder {
     }
 }
 
+/// Refuses configuration that would silently weaken at-least-once delivery.
+fn check_delivery_guarantees(settings: &KafkaSettings) -> Result<(), KafkaError> {
+    let setting = |key: &str| {
+        settings
+            .configuration
+            .get(key)
+            .map(|v| v.trim().to_ascii_lowercase())
+    };
+    if let Some(acks) = setting("acks").or_else(|| setting("request.required.acks")) {
+        if acks != "all" && acks != "-1" {
+            return Err(KafkaError::Config(format!(
+                "`acks = {acks}` would let the broker lose confirmed messages; bindery confirms an input only when its outputs are on every in-sync replica: remove it or set \"all\""
+            )));
+        }
+    }
+    if setting("enable.idempotence").as_deref() == Some("false") {
+        return Err(KafkaError::Config(
+            "`enable.idempotence = false` would let retried sends be duplicated or reordered; remove it".to_owned(),
+        ));
+    }
+    Ok(())
+}
+
 fn base_config(settings: &KafkaSettings) -> ClientConfig {
     let mut config = ClientConfig::new();
     config.set("bootstrap.servers", &settings.brokers);
@@ -213,17 +259,30 @@ impl Binder for KafkaBinder {
             .or(self.inner.settings.start_offset)
             .unwrap_or(default_start);
         let mut config = base_config(&self.inner.settings);
+        // An anonymous consumer leaves nothing behind: it never commits.
+        let commits = spec.group.is_some();
         config
             .set("group.id", &group)
-            .set("enable.auto.commit", "true")
+            .set("enable.auto.commit", if commits { "true" } else { "false" })
             .set("enable.auto.offset.store", "false")
             .set("auto.offset.reset", start.as_str())
             .set("enable.partition.eof", "false");
+        let max_poll_interval = Duration::from_millis(
+            config
+                .get("max.poll.interval.ms")
+                .and_then(|v| v.parse().ok())
+                .unwrap_or(300_000),
+        );
         let assigned = Arc::new(Notify::new());
-        let tracker = Arc::new(Mutex::new(BTreeMap::new()));
+        let (acks, events) = sync_mpsc::channel();
         let context = PollContext {
             assigned: assigned.clone(),
-            offsets: tracker.clone(),
+            tracker: Arc::new(Mutex::new(Tracker {
+                topic: spec.destination.clone(),
+                generation: 0,
+                partitions: BTreeMap::new(),
+                events,
+            })),
         };
         let consumer: BaseConsumer<PollContext> = config
             .create_with_context(context)
@@ -232,9 +291,8 @@ impl Binder for KafkaBinder {
             .subscribe(&[spec.destination.as_str()])
             .map_err(|e| self.error(KafkaError::Client(e.to_string())))?;
 
-        let capacity = (spec.properties.concurrency.max(1) as usize) * 2;
-        let (deliveries, receiver) = mpsc::channel(capacity);
-        let (acks, ack_events) = sync_mpsc::channel();
+        // A small hand-over: the engine's window bounds what is in flight, not this channel.
+        let (deliveries, receiver) = mpsc::channel(HAND_OVER);
         let stop = Arc::new(AtomicBool::new(false));
         let waiting = assigned.notified();
         let poller = Poller {
@@ -242,9 +300,8 @@ impl Binder for KafkaBinder {
             topic: spec.destination.clone(),
             deliveries,
             acks,
-            ack_events,
-            offsets: tracker,
             stop: stop.clone(),
+            max_poll_interval,
         };
         let thread = std::thread::Builder::new()
             .name(format!("bindery-kafka-{}", spec.destination))
@@ -277,6 +334,21 @@ impl Binder for KafkaBinder {
             topic: spec.destination.clone(),
         }))
     }
+
+    /// Waits (up to the producer's `message.timeout.ms` budget of 30 s) for what is still
+    /// queued to be delivered.
+    async fn close(&self) -> Result<(), Error> {
+        let producer = self.inner.producer.clone();
+        let flushed =
+            tokio::task::spawn_blocking(move || producer.flush(Duration::from_secs(30))).await;
+        match flushed {
+            Ok(Ok(())) => Ok(()),
+            Ok(Err(e)) => Err(self.error(KafkaError::Client(format!(
+                "messages were still queued at shutdown: {e}"
+            )))),
+            Err(e) => Err(self.error(KafkaError::Client(e.to_string()))),
+        }
+    }
 }
 
 struct KafkaProducer {
@@ -294,7 +366,10 @@ impl fmt::Debug for KafkaProducer {
 
 #[async_trait]
 impl Producer for KafkaProducer {
-    async fn send(&self, message: Message) -> Result<(), Error> {
+    /// Enqueues the record in librdkafka (waiting while its queue is full) and returns the
+    /// delivery report as the confirmation: records are sent in the order they are enqueued,
+    /// and the idempotent producer keeps that order through its own retries.
+    async fn enqueue(&self, message: &Message) -> Result<Confirmation, Error> {
         let mut headers = OwnedHeaders::new_with_capacity(message.headers().len());
         for (name, value) in message.headers().iter() {
             headers = headers.insert(Header {
@@ -308,30 +383,75 @@ impl Producer for KafkaProducer {
         if let Some(key) = message.key() {
             record = record.key(key.as_ref());
         }
-        self.binder
-            .inner
-            .producer
-            .send(record, Timeout::After(QUEUE_TIMEOUT))
-            .await
-            .map(|_| ())
-            .map_err(|(e, _)| {
-                self.binder.error(KafkaError::Send {
-                    topic: self.topic.clone(),
-                    reason: e.to_string(),
-                })
-            })
+        let give_up = tokio::time::Instant::now() + QUEUE_TIMEOUT;
+        loop {
+            match self.binder.inner.producer.send_result(record) {
+                Ok(delivery) => {
+                    let binder = self.binder.clone();
+                    let topic = self.topic.clone();
+                    return Ok(Confirmation::pending(async move {
+                        match delivery.await {
+                            Ok(Ok(_)) => Ok(()),
+                            Ok(Err((error, _))) => Err(binder.send_error(&topic, error)),
+                            Err(_) => Err(binder.error(KafkaError::Send {
+                                topic,
+                                reason: "the producer was closed before the broker answered"
+                                    .to_owned(),
+                            })),
+                        }
+                    }));
+                }
+                Err((
+                    rdkafka::error::KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull),
+                    returned,
+                )) if tokio::time::Instant::now() < give_up => {
+                    record = returned;
+                    tokio::time::sleep(Duration::from_millis(5)).await;
+                }
+                Err((error, _)) => return Err(self.binder.send_error(&self.topic, error)),
+            }
+        }
     }
 }
 
-/// Offsets of one partition: those being handled, and the next after the highest done.
-#[derive(Debug, Default)]
+/// Whether librdkafka's error means the same record can never be accepted.
+fn is_permanent(error: &rdkafka::error::KafkaError) -> bool {
+    use RDKafkaErrorCode::*;
+    matches!(
+        error.rdkafka_error_code(),
+        Some(
+            MessageSizeTooLarge
+                | InvalidMessageSize
+                | MessageBatchTooLarge
+                | InvalidRecord
+                | TopicAuthorizationFailed
+                | ClusterAuthorizationFailed
+                | TransactionalIdAuthorizationFailed
+                | Fatal
+        )
+    )
+}
+
+/// Offsets of one partition in one assignment: those being handled, and the next after the
+/// highest done.
+#[derive(Debug)]
 struct PartitionOffsets {
+    generation: u64,
     in_flight: BTreeSet<i64>,
     next_after_done: i64,
     stored: i64,
 }
 
 impl PartitionOffsets {
+    fn new(generation: u64) -> Self {
+        PartitionOffsets {
+            generation,
+            in_flight: BTreeSet::new(),
+            next_after_done: 0,
+            stored: 0,
+        }
+    }
+
     fn received(&mut self, offset: i64) {
         self.in_flight.insert(offset);
     }
@@ -356,95 +476,131 @@ impl PartitionOffsets {
     }
 }
 
-type OffsetTracker = Arc<Mutex<BTreeMap<i32, PartitionOffsets>>>;
-
 fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     mutex
         .lock()
         .unwrap_or_else(|poisoned| poisoned.into_inner())
 }
 
+/// What the application said of one message, tagged with the assignment it came from.
+struct AckEvent {
+    partition: i32,
+    offset: i64,
+    generation: u64,
+    done: bool,
+}
+
+/// The offsets of the current assignment and the acknowledgements not yet applied. Every
+/// assignment change starts a new generation: acknowledgements of messages received before it
+/// are ignored, so a partition revoked and assigned back never stores an offset past a message
+/// its new copy has not handled.
+struct Tracker {
+    topic: String,
+    generation: u64,
+    partitions: BTreeMap<i32, PartitionOffsets>,
+    events: sync_mpsc::Receiver<AckEvent>,
+}
+
+impl Tracker {
+    /// Applies acknowledgements and stores, per partition, the offset below which everything
+    /// is done. "Deliver again" leaves the message in flight: nothing is stored past it, and the
+    /// partition's next reader gets it again.
+    fn settle<C: ConsumerContext>(&mut self, consumer: &BaseConsumer<C>) {
+        for event in self.events.try_iter() {
+            if event.generation != self.generation || !event.done {
+                continue;
+            }
+            if let Some(p) = self.partitions.get_mut(&event.partition) {
+                p.done(event.offset);
+            }
+        }
+        let mut store = TopicPartitionList::new();
+        for (partition, p) in self.partitions.iter_mut() {
+            if let Some(safe) = p.advance_stored() {
+                let _ = store.add_partition_offset(&self.topic, *partition, Offset::Offset(safe));
+            }
+        }
+        if store.count() > 0 {
+            if let Err(error) = consumer.store_offsets(&store) {
+                tracing::debug!(topic = %self.topic, %error, "storing offsets failed (partition revoked?)");
+            }
+        }
+    }
+}
+
 struct PollContext {
     assigned: Arc<Notify>,
-    offsets: OffsetTracker,
+    tracker: Arc<Mutex<Tracker>>,
 }
 
 impl ClientContext for PollContext {}
 
 impl ConsumerContext for PollContext {
-    fn pre_rebalance(&self, _: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
+    fn pre_rebalance(&self, consumer: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
         if let Rebalance::Revoke(partitions) = rebalance {
-            // librdkafka commits the stored offsets of revoked partitions; what is still in
-            // flight there will be delivered again to the partition's next owner.
-            let mut offsets = lock(&self.offsets);
+            // Store what is done before librdkafka's commit of the revoked partitions; what is
+            // still in flight there is delivered again to the partition's next owner.
+            let mut tracker = lock(&self.tracker);
+            tracker.settle(consumer);
+            tracker.generation += 1;
             for element in partitions.elements() {
-                offsets.remove(&element.partition());
+                tracker.partitions.remove(&element.partition());
             }
         }
     }
 
     fn post_rebalance(&self, _: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
         if let Rebalance::Assign(_) = rebalance {
+            lock(&self.tracker).generation += 1;
             self.assigned.notify_one();
         }
     }
 }
 
-enum AckEvent {
-    Done { partition: i32, offset: i64 },
-    Again { partition: i32, offset: i64 },
-}
-
-/// Owns the consumer on its own thread: polls it all the time, hands messages to the runtime,
-/// pauses while the runtime is busy, and turns acknowledgements into stored offsets.
+/// Owns the consumer on its own thread. It polls only when the application has room for a
+/// message, so a backlog never piles up here: no pause, no seek in the steady state. Should the
+/// application stay full for longer than half of `max.poll.interval.ms` (every message waiting
+/// in back-off), the partitions are paused and polling goes on to keep the group membership.
 struct Poller {
     consumer: BaseConsumer<PollContext>,
     topic: String,
     deliveries: mpsc::Sender<Delivery>,
     acks: sync_mpsc::Sender<AckEvent>,
-    ack_events: sync_mpsc::Receiver<AckEvent>,
-    offsets: OffsetTracker,
     stop: Arc<AtomicBool>,
+    max_poll_interval: Duration,
 }
 
 impl Poller {
     fn run(self) {
-        let mut waiting: VecDeque<Delivery> = VecDeque::new();
-        let mut paused = false;
-        // The offset after the last message polled, per partition: where to go on resuming.
+        // The offset after the last message handed over, per partition: where to go on resuming.
         let mut positions: BTreeMap<i32, i64> = BTreeMap::new();
+        let mut full_since: Option<std::time::Instant> = None;
+        let mut paused = false;
         while !self.stop.load(Ordering::Acquire) {
-            self.settle_acknowledgements();
-            while let Some(delivery) = waiting.pop_front() {
-                match self.deliveries.try_send(delivery) {
-                    Ok(()) => {}
-                    Err(mpsc::error::TrySendError::Full(delivery)) => {
-                        waiting.push_front(delivery);
-                        break;
+            self.settle();
+            let permit = match self.deliveries.try_reserve() {
+                Ok(permit) => permit,
+                Err(mpsc::error::TrySendError::Closed(())) => break,
+                Err(mpsc::error::TrySendError::Full(())) => {
+                    let since = *full_since.get_or_insert_with(std::time::Instant::now);
+                    if !paused && since.elapsed() > self.max_poll_interval / 2 {
+                        tracing::warn!(topic = %self.topic, "the application has been full for a long time; pausing the partitions to keep the group membership");
+                        self.pause_or_resume(true, &positions);
+                        paused = true;
                     }
-                    Err(mpsc::error::TrySendError::Closed(_)) => return self.finish(),
-                }
-            }
-            // Keep polling while busy, with the partitions paused, so the group keeps us.
-            let busy = if paused {
-                !waiting.is_empty()
-            } else {
-                waiting.len() >= PAUSE_AFTER
-            };
-            if busy != paused {
-                if let Ok(assignment) = self.consumer.assignment() {
-                    let result = if busy {
-                        self.consumer.pause(&assignment)
+                    if paused {
+                        // Serves rebalances and keeps the membership; paused partitions return nothing.
+                        self.poll_paused();
                     } else {
-                        self.consumer
-                            .resume(&assignment)
-                            .and_then(|()| self.seek_to(&positions))
-                    };
-                    if let Err(error) = result {
-                        tracing::warn!(topic = %self.topic, %error, "pausing or resuming partitions failed");
+                        std::thread::sleep(FULL_WAIT);
                     }
+                    continue;
                 }
-                paused = busy;
+            };
+            full_since = None;
+            if paused {
+                self.pause_or_resume(false, &positions);
+                paused = false;
             }
             match self.consumer.poll(POLL_INTERVAL) {
                 None => {}
@@ -454,17 +610,27 @@ impl Poller {
                 Some(Ok(record)) => {
                     let (partition, offset) = (record.partition(), record.offset());
                     positions.insert(partition, offset + 1);
-                    lock(&self.offsets)
-                        .entry(partition)
-                        .or_default()
-                        .received(offset);
-                    waiting.push_back(Delivery {
+                    let generation = {
+                        let mut tracker = lock(&self.consumer.context().tracker);
+                        let generation = tracker.generation;
+                        let p = tracker
+                            .partitions
+                            .entry(partition)
+                            .or_insert_with(|| PartitionOffsets::new(generation));
+                        if p.generation != generation {
+                            *p = PartitionOffsets::new(generation);
+                        }
+                        p.received(offset);
+                        generation
+                    };
+                    permit.send(Delivery {
                         message: to_message(&record),
                         redelivered: false,
                         acknowledgement: Box::new(KafkaAck {
                             events: Some(self.acks.clone()),
                             partition,
                             offset,
+                            generation,
                         }),
                     });
                 }
@@ -473,68 +639,51 @@ impl Poller {
         self.finish();
     }
 
-    /// Continues each partition right after the last message polled from it: what librdkafka
-    /// had fetched while the partitions were paused is fetched again, never skipped.
-    fn seek_to(&self, positions: &BTreeMap<i32, i64>) -> rdkafka::error::KafkaResult<()> {
-        for (partition, offset) in positions {
-            self.consumer.seek(
-                &self.topic,
-                *partition,
-                Offset::Offset(*offset),
-                Duration::from_secs(5),
-            )?;
+    fn settle(&self) {
+        lock(&self.consumer.context().tracker).settle(&self.consumer);
+    }
+
+    fn poll_paused(&self) {
+        if let Some(Ok(record)) = self.consumer.poll(POLL_INTERVAL) {
+            // Fetched before the pause took effect: it comes again after the resume's seek.
+            tracing::debug!(topic = %self.topic, offset = record.offset(), "record of a paused partition set aside");
         }
-        Ok(())
+    }
+
+    /// Pausing keeps the group membership while the application is full; resuming continues
+    /// each partition right after the last message handed over (what librdkafka had fetched
+    /// meanwhile is fetched again, never skipped).
+    fn pause_or_resume(&self, pause: bool, positions: &BTreeMap<i32, i64>) {
+        let Ok(assignment) = self.consumer.assignment() else {
+            return;
+        };
+        let result = if pause {
+            self.consumer.pause(&assignment)
+        } else {
+            self.consumer.resume(&assignment).and_then(|()| {
+                for (partition, offset) in positions {
+                    self.consumer.seek(
+                        &self.topic,
+                        *partition,
+                        Offset::Offset(*offset),
+                        Duration::from_secs(5),
+                    )?;
+                }
+                Ok(())
+            })
+        };
+        if let Err(error) = result {
+            tracing::warn!(topic = %self.topic, %error, "pausing or resuming partitions failed");
+        }
     }
 
     fn finish(self) {
-        self.settle_acknowledgements();
+        self.settle();
         if let Err(error) = self
             .consumer
             .commit_consumer_state(rdkafka::consumer::CommitMode::Sync)
         {
             tracing::debug!(topic = %self.topic, %error, "final commit");
-        }
-    }
-
-    /// Applies acknowledgements: stores, per partition, the offset after which nothing is in
-    /// flight; seeks back to a message that must be delivered again.
-    fn settle_acknowledgements(&self) {
-        let mut store = TopicPartitionList::new();
-        {
-            let mut offsets = lock(&self.offsets);
-            for event in self.ack_events.try_iter() {
-                match event {
-                    AckEvent::Done { partition, offset } => {
-                        if let Some(p) = offsets.get_mut(&partition) {
-                            p.done(offset);
-                        }
-                    }
-                    AckEvent::Again { partition, offset } => {
-                        if offsets.contains_key(&partition) {
-                            if let Err(error) = self.consumer.seek(
-                                &self.topic,
-                                partition,
-                                Offset::Offset(offset),
-                                Duration::from_secs(5),
-                            ) {
-                                tracing::warn!(topic = %self.topic, partition, offset, %error, "seeking back failed; the message comes back after a restart");
-                            }
-                        }
-                    }
-                }
-            }
-            for (partition, p) in offsets.iter_mut() {
-                if let Some(safe) = p.advance_stored() {
-                    let _ =
-                        store.add_partition_offset(&self.topic, *partition, Offset::Offset(safe));
-                }
-            }
-        }
-        if store.count() > 0 {
-            if let Err(error) = self.consumer.store_offsets(&store) {
-                tracing::debug!(topic = %self.topic, %error, "storing offsets failed (partition revoked?)");
-            }
         }
     }
 }
@@ -598,6 +747,20 @@ struct KafkaAck {
     events: Option<sync_mpsc::Sender<AckEvent>>,
     partition: i32,
     offset: i64,
+    generation: u64,
+}
+
+impl KafkaAck {
+    fn tell(&mut self, done: bool) {
+        if let Some(events) = self.events.take() {
+            let _ = events.send(AckEvent {
+                partition: self.partition,
+                offset: self.offset,
+                generation: self.generation,
+                done,
+            });
+        }
+    }
 }
 
 impl fmt::Debug for KafkaAck {
@@ -612,34 +775,19 @@ impl fmt::Debug for KafkaAck {
 #[async_trait]
 impl Acknowledgement for KafkaAck {
     async fn ack(mut self: Box<Self>) -> Result<(), Error> {
-        if let Some(events) = self.events.take() {
-            let _ = events.send(AckEvent::Done {
-                partition: self.partition,
-                offset: self.offset,
-            });
-        }
+        self.tell(true);
         Ok(())
     }
 
     async fn requeue(mut self: Box<Self>) -> Result<(), Error> {
-        if let Some(events) = self.events.take() {
-            let _ = events.send(AckEvent::Again {
-                partition: self.partition,
-                offset: self.offset,
-            });
-        }
+        self.tell(false);
         Ok(())
     }
 }
 
 impl Drop for KafkaAck {
     fn drop(&mut self) {
-        if let Some(events) = self.events.take() {
-            let _ = events.send(AckEvent::Again {
-                partition: self.partition,
-                offset: self.offset,
-            });
-        }
+        self.tell(false);
     }
 }
 
@@ -649,7 +797,7 @@ mod tests {
 
     #[test]
     fn stored_offsets_never_pass_a_message_in_flight() {
-        let mut p = PartitionOffsets::default();
+        let mut p = PartitionOffsets::new(0);
         for offset in 0..5 {
             p.received(offset);
         }
@@ -679,7 +827,7 @@ mod tests {
 
     #[test]
     fn a_failed_message_holds_the_commit_back() {
-        let mut p = PartitionOffsets::default();
+        let mut p = PartitionOffsets::new(0);
         for offset in 10..13 {
             p.received(offset);
         }

@@ -7,8 +7,8 @@ use async_trait::async_trait;
 use bindery_core::config::Problems;
 use bindery_core::redact::redact_uri;
 use bindery_core::{
-    Acknowledgement, Binder, ConsumerSpec, Delivery, Error, Message, Producer, ProducerSpec,
-    Subscription,
+    header, Acknowledgement, Binder, Confirmation, ConsumerSpec, Delivery, Error, Message,
+    Producer, ProducerSpec, Subscription,
 };
 use futures::StreamExt;
 use lapin::options::{
@@ -16,8 +16,8 @@ use lapin::options::{
     ConfirmSelectOptions, ExchangeDeclareOptions, QueueBindOptions, QueueDeclareOptions,
 };
 use lapin::types::{AMQPValue, FieldTable, LongString, ShortString};
-use lapin::Confirmation;
-use lapin::{Channel, Connection, ConnectionProperties, ExchangeKind};
+use lapin::Confirmation as Confirmation_;
+use lapin::{BasicProperties, Channel, Connection, ConnectionProperties, ExchangeKind};
 use tokio::sync::Mutex;
 
 use crate::mapping;
@@ -410,11 +410,8 @@ impl Binder for RabbitBinder {
             .producer_for(
                 spec.destination.clone(),
                 exchange_type.clone(),
-                None,
-                settings
-                    .routing_key
-                    .clone()
-                    .unwrap_or_else(|| spec.destination.clone()),
+                settings.routing_key.clone(),
+                spec.destination.clone(),
                 true,
             )
             .await?;
@@ -634,12 +631,14 @@ impl RabbitProducer {
         Ok(channel)
     }
 
-    async fn publish(&self, message: &Message, routing_key: &str) -> Result<(), RabbitError> {
-        let failed = |reason: String| RabbitError::Publish {
-            exchange: self.exchange.clone(),
-            routing_key: routing_key.to_owned(),
-            reason,
-        };
+    /// Publishes on the producer's confirming channel; the confirmation resolves when the
+    /// broker acknowledged the message (or returned or refused it).
+    async fn publish(
+        &self,
+        message: &Message,
+        routing_key: &str,
+        properties: BasicProperties,
+    ) -> Result<Confirmation, RabbitError> {
         let channel = self.channel().await?;
         let confirm = channel
             .basic_publish(
@@ -650,41 +649,107 @@ impl RabbitProducer {
                     ..BasicPublishOptions::default()
                 },
                 message.payload(),
-                mapping::properties(message),
+                properties,
             )
             .await
-            .map_err(|e| failed(e.to_string()))?;
-        match confirm.await.map_err(|e| failed(e.to_string()))? {
-            Confirmation::Ack(None) | Confirmation::NotRequested => Ok(()),
-            Confirmation::Ack(Some(_)) => Err(failed(
-                "no queue is bound for it, so RabbitMQ returned it; start a consumer group first or list the group in `producer.required-groups`".to_owned(),
-            )),
-            Confirmation::Nack(_) => Err(failed("the broker refused it (nack)".to_owned())),
+            .map_err(|e| self.publish_error(routing_key, e.to_string()))?;
+        let own_id = message
+            .headers()
+            .get_str(header::MESSAGE_ID)
+            .map(str::to_owned);
+        let (binder, exchange, routing_key) = (
+            self.binder.clone(),
+            self.exchange.clone(),
+            routing_key.to_owned(),
+        );
+        Ok(Confirmation::pending(async move {
+            let failed = |reason: String| {
+                binder.error(RabbitError::Publish {
+                    exchange: exchange.clone(),
+                    routing_key: routing_key.clone(),
+                    reason,
+                })
+            };
+            match confirm.await.map_err(|e| failed(e.to_string()))? {
+                Confirmation_::Ack(None) | Confirmation_::NotRequested => Ok(()),
+                // lapin attaches returned messages to confirms by position: only a return
+                // carrying this message's own id says this message was unroutable.
+                Confirmation_::Ack(Some(returned))
+                    if returned.properties.message_id().as_ref().map(|id| id.as_str())
+                        != own_id.as_deref() && own_id.is_some() =>
+                {
+                    Ok(())
+                }
+                Confirmation_::Ack(Some(_)) => Err(failed(
+                    "no queue is bound for it, so RabbitMQ returned it; start a consumer group first or list the group in `producer.required-groups`".to_owned(),
+                )),
+                Confirmation_::Nack(_) => Err(failed("the broker refused it (nack)".to_owned())),
+            }
+        }))
+    }
+
+    fn publish_error(&self, routing_key: &str, reason: String) -> RabbitError {
+        RabbitError::Publish {
+            exchange: self.exchange.clone(),
+            routing_key: routing_key.to_owned(),
+            reason,
+        }
+    }
+
+    /// The routing key for `message`, and whether its key must travel in a header because it
+    /// cannot be the routing key (none is fixed, it is UTF-8, not empty, short enough, and not
+    /// the exchange's name, which stands for "no key" on receipt).
+    fn route(&self, message: &Message) -> (String, bool) {
+        if let Some(fixed) = &self.fixed_routing_key {
+            return (fixed.clone(), message.key().is_some());
+        }
+        match (message.key(), message.key_str()) {
+            (None, _) => (self.default_routing_key.clone(), false),
+            (Some(_), Some(key))
+                if !key.is_empty()
+                    && key.len() <= mapping::SHORT_STRING_MAX
+                    && key != self.exchange =>
+            {
+                (key.to_owned(), false)
+            }
+            (Some(_), _) => (self.default_routing_key.clone(), true),
         }
     }
 }
 
 #[async_trait]
 impl Producer for RabbitProducer {
-    async fn send(&self, mut message: Message) -> Result<(), Error> {
-        if let (Some(_), Some(key)) = (&self.fixed_routing_key, message.key().cloned()) {
-            message
-                .headers_mut()
-                .insert_bytes(mapping::ORIGINAL_KEY, key);
-        }
-        let routing_key = match (&self.fixed_routing_key, message.key_str()) {
-            (Some(fixed), _) => fixed.clone(),
-            (None, Some(key)) if !key.is_empty() && key.len() < 256 => key.to_owned(),
-            (None, _) => self.default_routing_key.clone(),
+    async fn enqueue(&self, message: &Message) -> Result<Confirmation, Error> {
+        let (routing_key, key_in_header) = self.route(message);
+        let refused = |reason: String| {
+            Error::refused(
+                self.binder.inner.name.clone(),
+                self.publish_error(&routing_key, reason),
+            )
         };
-        match self.publish(&message, &routing_key).await {
-            Ok(()) => Ok(()),
+        let properties = if key_in_header {
+            let mut carried = message.clone();
+            if let Some(key) = message.key().cloned() {
+                carried
+                    .headers_mut()
+                    .insert_bytes(mapping::ORIGINAL_KEY, key);
+            }
+            mapping::properties(&carried)
+        } else {
+            mapping::properties(message)
+        }
+        .map_err(refused)?;
+        match self
+            .publish(message, &routing_key, properties.clone())
+            .await
+        {
+            Ok(confirmation) => Ok(confirmation),
             Err(first) => {
                 // A channel closed under us (reconnection, or a refused publish) is opened again
-                // once; a second failure is the caller's to retry or report.
+                // once; a second failure is the core's to retry.
                 tracing::debug!(exchange = %self.exchange, error = %first, "publishing failed; trying once more on a new channel");
                 self.channel.lock().await.take();
-                self.publish(&message, &routing_key)
+                self.publish(message, &routing_key, properties)
                     .await
                     .map_err(|_| self.binder.error(first))
             }

@@ -12,20 +12,31 @@ use crate::DEAD_LETTER_EXCHANGE;
 /// its queue's name).
 pub(crate) const ORIGINAL_KEY: &str = "x-original-routing-key";
 
-/// Properties for publishing `message`: persistent, with its headers and ids.
-pub(crate) fn properties(message: &Message) -> BasicProperties {
+/// The longest AMQP short string (names, header names, routing keys, content types).
+pub(crate) const SHORT_STRING_MAX: usize = 255;
+
+/// Properties for publishing `message`: persistent, with its headers and ids. A header name
+/// or content type longer than AMQP allows is refused with the reason, never a panic.
+pub(crate) fn properties(message: &Message) -> Result<BasicProperties, String> {
     let mut table = FieldTable::default();
     let mut properties = BasicProperties::default().with_delivery_mode(2);
     for (name, value) in message.headers().iter() {
+        if name.len() > SHORT_STRING_MAX {
+            return Err(format!(
+                "header name `{}...` is {} bytes long; AMQP allows at most {SHORT_STRING_MAX}",
+                name.chars().take(32).collect::<String>(),
+                name.len()
+            ));
+        }
         let text = std::str::from_utf8(value).ok();
         match (name, text) {
-            (header::CONTENT_TYPE, Some(text)) => {
+            (header::CONTENT_TYPE, Some(text)) if text.len() <= SHORT_STRING_MAX => {
                 properties = properties.with_content_type(ShortString::from(text))
             }
-            (header::MESSAGE_ID, Some(text)) if text.len() < 256 => {
+            (header::MESSAGE_ID, Some(text)) if text.len() <= SHORT_STRING_MAX => {
                 properties = properties.with_message_id(ShortString::from(text))
             }
-            (header::CORRELATION_ID, Some(text)) if text.len() < 256 => {
+            (header::CORRELATION_ID, Some(text)) if text.len() <= SHORT_STRING_MAX => {
                 properties = properties.with_correlation_id(ShortString::from(text))
             }
             _ => {
@@ -36,7 +47,7 @@ pub(crate) fn properties(message: &Message) -> BasicProperties {
             }
         }
     }
-    properties.with_headers(table)
+    Ok(properties.with_headers(table))
 }
 
 /// The message a delivery carries. The routing key is the key unless it is the exchange's

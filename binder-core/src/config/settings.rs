@@ -19,6 +19,10 @@ pub struct ConsumerProperties {
     pub back_off_max_interval: Duration,
     /// `concurrency`: messages handled at once; messages with one key keep their order. Default 1.
     pub concurrency: u32,
+    /// `max-in-flight`: messages a binding holds at once, from receipt until settled with the
+    /// broker (being handled, waiting for a retry or for their outputs' confirmations).
+    /// Default 1000.
+    pub max_in_flight: u32,
     /// `dlq`: send messages that still fail after every attempt to the dead-letter destination.
     /// Default false (they are logged with their id and acknowledged).
     pub dlq: bool,
@@ -34,6 +38,7 @@ impl Default for ConsumerProperties {
             back_off_multiplier: 2.0,
             back_off_max_interval: Duration::from_secs(10),
             concurrency: 1,
+            max_in_flight: 1000,
             dlq: false,
             dlq_name: None,
         }
@@ -83,6 +88,7 @@ const CONSUMER_KEYS: &[&str] = &[
     "back-off-multiplier",
     "back-off-max-interval",
     "concurrency",
+    "max-in-flight",
     "dlq",
     "dlq-name",
 ];
@@ -109,6 +115,7 @@ pub(crate) struct ConsumerOverrides {
     back_off_multiplier: Option<f64>,
     back_off_max_interval: Option<Duration>,
     concurrency: Option<u32>,
+    max_in_flight: Option<u32>,
     pub(crate) dlq: Option<(bool, ConfigNode)>,
     dlq_name: Option<String>,
 }
@@ -129,6 +136,9 @@ impl ConsumerOverrides {
         }
         if let Some(v) = self.concurrency {
             to.concurrency = v;
+        }
+        if let Some(v) = self.max_in_flight {
+            to.max_in_flight = v;
         }
         if let Some((v, _)) = &self.dlq {
             to.dlq = *v;
@@ -312,6 +322,7 @@ fn read_consumer(node: &ConfigNode, problems: &mut Problems) -> ConsumerOverride
             "back-off-multiplier" => consumer.back_off_multiplier = node.float(1.0, problems),
             "back-off-max-interval" => consumer.back_off_max_interval = node.duration(problems),
             "concurrency" => consumer.concurrency = node.integer(1, problems).map(clamp_u32),
+            "max-in-flight" => consumer.max_in_flight = node.integer(1, problems).map(clamp_u32),
             "dlq" => consumer.dlq = node.boolean(problems).map(|b| (b, node)),
             "dlq-name" => consumer.dlq_name = non_empty(&node, problems),
             _ => {}

@@ -1,24 +1,44 @@
-//! The path of one message: binder (receive) → decode, invoke, retry or dead-letter, encode →
-//! binder (send, confirm) → acknowledge. This is the only place that policy lives.
+//! The delivery engine: the path of every received message, and the only place its policy
+//! lives.
+//!
+//! binder (receive) → [window](super::window) → [lanes](super::lanes) (one key at a time) →
+//! decode, invoke, encode → hand the outputs to the producer → the next message is taken at
+//! once while confirmations are awaited in the background → [settle](super::settle).
+//!
+//! Failures: a handler failure is retried in-process with back-off (the message waits, its
+//! key held, without occupying a handler), then dead-lettered or logged. A send that fails is
+//! sent again (the send, not the handler) until it is confirmed or the binding stops, when the
+//! input is handed back unacknowledged; only a send the broker refused for good dead-letters
+//! the input.
 
 use std::any::Any;
-use std::collections::hash_map::DefaultHasher;
-use std::hash::{Hash, Hasher};
+use std::collections::VecDeque;
+use std::future::Future;
 use std::panic::AssertUnwindSafe;
+use std::pin::Pin;
 use std::sync::Arc;
+use std::task::{Context as TaskContext, Poll};
 use std::time::Duration;
 
 use bytes::Bytes;
-use futures::FutureExt;
-use tokio::sync::{mpsc, watch};
-use tokio::task::JoinSet;
+use futures::future::BoxFuture;
+use futures::stream::FuturesUnordered;
+use futures::{FutureExt, StreamExt};
+use tokio::sync::watch;
+use tokio::task::{JoinError, JoinHandle};
+use tokio::time::Instant;
 
 use super::bridge::Output;
-use crate::binder::{Delivery, Producer, Subscription};
+use super::ids::{new_message_id, output_id};
+use super::lanes::Lanes;
+use super::send::{confirm_all, enqueue_all, stamp, Sending};
+use super::settle::{settle, InOrder, Verdict};
+use super::window::Window;
+use crate::binder::{Acknowledgement, Delivery, Producer, Subscription};
 use crate::config::ConsumerProperties;
 use crate::handler::{Context, ErasedHandler, Failure, FailureKind};
 use crate::message::header;
-use crate::Message;
+use crate::{Error, Message};
 
 /// One handler bound to its input (or poll timer) and its output.
 #[derive(Clone)]
@@ -30,43 +50,25 @@ pub(crate) struct Invoker {
 }
 
 impl Invoker {
-    /// Calls the handler and sends what it returned; a panic is a failure like any other.
-    async fn invoke(
-        &self,
-        message: Message,
-        correlation_id: Option<&Bytes>,
-    ) -> Result<usize, Failure> {
+    /// Calls the handler; a panic is a failure like any other. Returns what it produced.
+    async fn call(&self, message: Arc<Message>) -> Result<Vec<Message>, Failure> {
         let call = (self.handler)(message, self.context.clone());
         let outputs = match AssertUnwindSafe(call).catch_unwind().await {
             Ok(result) => result?,
-            Err(panic) => {
-                return Err(Failure::new(
-                    FailureKind::Panic,
-                    "panic",
-                    panic_text(&*panic),
-                ))
-            }
+            Err(panic) => return Err(Failure::panic(panic_text(&*panic))),
         };
-        let sent = outputs.len();
-        match &self.output {
-            Some(output) => output
-                .send_all(outputs, correlation_id)
-                .await
-                .map_err(|e| Failure::new(FailureKind::Send, "bindery::Error", e.to_string()))?,
-            None if outputs.is_empty() => {}
-            None => {
-                return Err(Failure::new(
-                    FailureKind::Encode,
-                    "bindery::Error",
-                    "a consumer returned messages but has no output binding",
-                ))
-            }
+        if self.output.is_none() && !outputs.is_empty() {
+            return Err(Failure::new(
+                FailureKind::Encode,
+                "bindery::Error",
+                "a consumer returned messages but has no output binding",
+            ));
         }
-        Ok(sent)
+        Ok(outputs.into_messages())
     }
 }
 
-fn panic_text(panic: &(dyn Any + Send)) -> String {
+pub(crate) fn panic_text(panic: &(dyn Any + Send)) -> String {
     if let Some(text) = panic.downcast_ref::<&str>() {
         format!("handler panicked: {text}")
     } else if let Some(text) = panic.downcast_ref::<String>() {
@@ -82,171 +84,453 @@ pub(crate) struct InputBinding {
     pub(crate) destination: String,
     pub(crate) properties: ConsumerProperties,
     pub(crate) invoker: Invoker,
-    pub(crate) dead_letter: Option<Arc<dyn Producer>>,
+    pub(crate) dead_letter: Option<(String, Arc<dyn Producer>)>,
 }
 
-enum Outcome {
-    Handled,
-    Failed(Failure, u32),
-    Abandoned,
+/// A received message on its way through the binding.
+struct InFlight {
+    /// Arrival order, from 0.
+    sequence: u64,
+    message: Arc<Message>,
+    id: String,
+    correlation_id: Option<Bytes>,
+    acknowledgement: Box<dyn Acknowledgement>,
+    /// Handler attempts made so far.
+    attempts: u32,
+    /// Failed sends of this message's outputs (or dead letter) so far.
+    send_failures: u32,
+}
+
+impl InFlight {
+    fn key(&self) -> Option<&Bytes> {
+        self.message.key()
+    }
+}
+
+/// What a group of sends was for.
+enum Target {
+    Outputs,
+    DeadLetter { failure: Failure, attempts: u32 },
+}
+
+/// A finished piece of work of the binding.
+enum Step {
+    /// The handler ran: its outputs handed to the producer, or why it failed.
+    Handled(InFlight, Result<Vec<Sending>, Failure>),
+    /// A retry's back-off is over.
+    BackedOff(InFlight),
+    /// Sends were answered; those not confirmed are listed with why.
+    Confirmed(InFlight, Target, Vec<(Message, Error)>),
+    /// The binding is stopping while the message waited: it goes back to the broker.
+    Abandoned(InFlight),
+    /// Settlements finished.
+    Settled { count: usize, in_order: bool },
+}
+
+type Job = BoxFuture<'static, Step>;
+type Receiving = BoxFuture<'static, (Box<dyn Subscription>, Option<Result<Delivery, Error>>)>;
+
+/// Waits for the subscription's next message, keeping the `next` call alive however often the
+/// engine's loop turns: a receive is never cancelled half-way.
+fn receive(mut subscription: Box<dyn Subscription>) -> Receiving {
+    Box::pin(async move {
+        let next = subscription.next().await;
+        (subscription, next)
+    })
+}
+
+/// A spawned handler call, aborted if the binding lets go of it (shutdown timeout).
+struct Spawned<T>(JoinHandle<T>);
+
+impl<T> Future for Spawned<T> {
+    type Output = Result<T, JoinError>;
+
+    fn poll(mut self: Pin<&mut Self>, cx: &mut TaskContext<'_>) -> Poll<Self::Output> {
+        Pin::new(&mut self.0).poll(cx)
+    }
+}
+
+impl<T> Drop for Spawned<T> {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
 }
 
 impl InputBinding {
-    /// Reads from the subscription until shutdown, handing messages to `concurrency` workers.
-    /// Messages with the same key always go to the same worker, so their order is kept.
+    /// Receives, handles and settles messages until shutdown, then finishes what is in flight
+    /// and hands back what was not started.
     pub(crate) async fn run(
         self: Arc<Self>,
-        mut subscription: Box<dyn Subscription>,
-        mut shutdown: watch::Receiver<bool>,
+        subscription: Box<dyn Subscription>,
+        shutdown: watch::Receiver<bool>,
     ) {
-        let workers = self.properties.concurrency.max(1) as usize;
-        let mut senders = Vec::with_capacity(workers);
-        let mut tasks = JoinSet::new();
-        for _ in 0..workers {
-            let (tx, mut rx) = mpsc::channel::<Delivery>(1);
-            senders.push(tx);
-            let binding = self.clone();
-            let shutdown = shutdown.clone();
-            tasks.spawn(async move {
-                while let Some(delivery) = rx.recv().await {
-                    binding.process(delivery, &shutdown).await;
-                }
-            });
-        }
-        let mut next_worker = 0usize;
+        let mut engine = Engine {
+            window: Window::new(self.properties.max_in_flight),
+            concurrency: self.properties.concurrency.max(1) as usize,
+            in_order: subscription.acknowledges_in_order().then(InOrder::default),
+            binding: self,
+            lanes: Lanes::default(),
+            ready: VecDeque::new(),
+            running: 0,
+            jobs: FuturesUnordered::new(),
+            settling_in_order: false,
+            stopping: false,
+            next_sequence: 0,
+            shutdown: shutdown.clone(),
+        };
+        let mut stop = shutdown;
+        let mut idle = Some(subscription);
+        let mut receiving: Option<Receiving> = None;
+        let mut receive_again_at: Option<Instant> = None;
         loop {
-            let delivery = tokio::select! {
-                biased;
-                _ = shutdown.wait_for(|stop| *stop) => break,
-                next = subscription.next() => next,
-            };
-            let delivery = match delivery {
-                Some(Ok(delivery)) => delivery,
-                Some(Err(error)) => {
-                    tracing::error!(binding = %self.binding, %error, "receiving failed; trying again in 1s");
-                    tokio::select! {
-                        _ = shutdown.wait_for(|stop| *stop) => break,
-                        _ = tokio::time::sleep(Duration::from_secs(1)) => continue,
-                    }
+            if !engine.stopping && receive_again_at.is_none() && engine.window.has_room() {
+                if let Some(subscription) = idle.take() {
+                    receiving = Some(receive(subscription));
                 }
-                None => break,
-            };
-            let worker = match delivery.message.key() {
-                Some(key) => {
-                    let mut hasher = DefaultHasher::new();
-                    key.hash(&mut hasher);
-                    (hasher.finish() % workers as u64) as usize
-                }
-                None => {
-                    next_worker = (next_worker + 1) % workers;
-                    next_worker
-                }
-            };
-            // A delivery dropped here, unsent because of shutdown, is redelivered by the binder.
+            }
+            if engine.jobs.is_empty()
+                && (engine.stopping || (receiving.is_none() && idle.is_none()))
+            {
+                break;
+            }
             tokio::select! {
                 biased;
-                _ = shutdown.wait_for(|stop| *stop) => break,
-                _ = senders[worker].send(delivery) => {}
+                _ = stop.wait_for(|stop| *stop), if !engine.stopping => engine.stop(),
+                Some(step) = engine.jobs.next(), if !engine.jobs.is_empty() => engine.on_step(step),
+                (subscription, next) = async { receiving.as_mut().expect("receiving").await }, if receiving.is_some() => {
+                    receiving = None;
+                    idle = Some(subscription);
+                    match next {
+                        Some(Ok(delivery)) => engine.admit(delivery),
+                        Some(Err(error)) => {
+                            tracing::error!(binding = %engine.binding.binding, %error, "receiving failed; trying again in 1s");
+                            receive_again_at = Some(Instant::now() + Duration::from_secs(1));
+                        }
+                        None => {
+                            tracing::error!(binding = %engine.binding.binding, "the subscription ended; this binding receives nothing more");
+                            idle = None;
+                        }
+                    }
+                }
+                _ = tokio::time::sleep_until(receive_again_at.unwrap_or_else(Instant::now)), if receive_again_at.is_some() => {
+                    receive_again_at = None;
+                }
+            }
+            engine.start_ready();
+        }
+        // A receive still waiting has taken nothing yet; dropping it hands nothing back.
+        drop(receiving);
+        if let Some(subscription) = idle {
+            if let Err(error) = subscription.close().await {
+                tracing::warn!(binding = %engine.binding.binding, %error, "closing the subscription failed");
             }
         }
-        drop(senders);
-        while tasks.join_next().await.is_some() {}
-        if let Err(error) = subscription.close().await {
-            tracing::warn!(binding = %self.binding, %error, "closing the subscription failed");
-        }
     }
+}
 
-    async fn process(&self, delivery: Delivery, shutdown: &watch::Receiver<bool>) {
+/// The state of one running binding.
+struct Engine {
+    binding: Arc<InputBinding>,
+    window: Window,
+    lanes: Lanes<InFlight>,
+    /// Messages whose key is theirs, waiting for a free handler.
+    ready: VecDeque<InFlight>,
+    /// Handler calls running.
+    running: usize,
+    concurrency: usize,
+    jobs: FuturesUnordered<Job>,
+    in_order: Option<InOrder>,
+    settling_in_order: bool,
+    stopping: bool,
+    next_sequence: u64,
+    shutdown: watch::Receiver<bool>,
+}
+
+impl Engine {
+    fn admit(&mut self, delivery: Delivery) {
         let Delivery {
             mut message,
             acknowledgement,
             ..
         } = delivery;
-        let message_id = message
-            .headers()
-            .get_str(header::MESSAGE_ID)
-            .map(str::to_owned)
-            .unwrap_or_else(|| uuid::Uuid::new_v4().to_string());
+        let id = match message.headers().get_str(header::MESSAGE_ID) {
+            Some(id) => id.to_owned(),
+            None => new_message_id(),
+        };
         if !message.headers().contains(header::CORRELATION_ID) {
-            message
-                .headers_mut()
-                .insert(header::CORRELATION_ID, &message_id);
+            message.headers_mut().insert(header::CORRELATION_ID, &id);
         }
         let correlation_id = message.headers().get(header::CORRELATION_ID).cloned();
-
-        let outcome = self
-            .handle(&message, correlation_id.as_ref(), &message_id, shutdown)
-            .await;
-        let settled = match outcome {
-            Outcome::Handled => acknowledgement.ack().await,
-            Outcome::Abandoned => acknowledgement.requeue().await,
-            Outcome::Failed(failure, attempts) => match &self.dead_letter {
-                Some(dlq) => match dlq
-                    .send(dead_letter(message, &failure, &self.destination, attempts))
-                    .await
-                {
-                    Ok(()) => {
-                        tracing::warn!(binding = %self.binding, %message_id, attempts, %failure, "message sent to the dead-letter destination");
-                        acknowledgement.ack().await
-                    }
-                    Err(error) => {
-                        tracing::error!(binding = %self.binding, %message_id, %error, "dead-lettering failed; the message will be redelivered");
-                        tokio::time::sleep(
-                            self.properties
-                                .back_off_max_interval
-                                .min(Duration::from_secs(1)),
-                        )
-                        .await;
-                        acknowledgement.requeue().await
-                    }
-                },
-                None => {
-                    tracing::error!(binding = %self.binding, %message_id, attempts, %failure, "message dropped after failing; set `dlq = true` to keep such messages");
-                    acknowledgement.ack().await
-                }
-            },
+        self.window.open();
+        let item = InFlight {
+            sequence: self.next_sequence,
+            message: Arc::new(message),
+            id,
+            correlation_id,
+            acknowledgement,
+            attempts: 0,
+            send_failures: 0,
         };
-        if let Err(error) = settled {
-            tracing::warn!(binding = %self.binding, %message_id, %error, "acknowledging failed; the broker may deliver the message again");
+        self.next_sequence += 1;
+        if self.stopping {
+            return self.settle(item, Verdict::Requeue);
+        }
+        let key = item.key().cloned();
+        if let Some(item) = self.lanes.admit(key.as_ref(), item) {
+            self.ready.push_back(item);
         }
     }
 
-    /// Tries the handler up to `max-attempts` times with exponential back-off.
-    async fn handle(
-        &self,
-        message: &Message,
-        correlation_id: Option<&Bytes>,
-        message_id: &str,
-        shutdown: &watch::Receiver<bool>,
-    ) -> Outcome {
-        let mut attempt = 1;
-        loop {
-            let failure = match self.invoker.invoke(message.clone(), correlation_id).await {
-                Ok(_) => return Outcome::Handled,
-                Err(failure) => failure,
+    fn start_ready(&mut self) {
+        while !self.stopping && self.running < self.concurrency {
+            let Some(item) = self.ready.pop_front() else {
+                break;
             };
-            if !failure.is_retryable() || attempt >= self.properties.max_attempts {
-                return Outcome::Failed(failure, attempt);
+            self.running += 1;
+            let job = self.handle(item);
+            self.jobs.push(job);
+        }
+    }
+
+    /// Calls the handler and hands its outputs to the producer, in order, before the key is
+    /// released: so outputs of one key are sent in the order their inputs arrived.
+    fn handle(&self, mut item: InFlight) -> Job {
+        item.attempts += 1;
+        let invoker = self.binding.invoker.clone();
+        let spawn = self.concurrency > 1;
+        Box::pin(async move {
+            let message = item.message.clone();
+            let outcome = if spawn {
+                let call = invoker.clone();
+                Spawned(tokio::spawn(async move { call.call(message).await }))
+                    .await
+                    .unwrap_or_else(|error| Err(Failure::panic(error.to_string())))
+            } else {
+                invoker.call(message).await
+            };
+            let outcome = match (outcome, &invoker.output) {
+                (Ok(outputs), Some(output)) => {
+                    let messages = outputs
+                        .into_iter()
+                        .enumerate()
+                        .map(|(index, mut message)| {
+                            stamp(
+                                &mut message,
+                                || output_id(&item.id, index),
+                                item.correlation_id.as_ref(),
+                            );
+                            message
+                        })
+                        .collect();
+                    Ok(enqueue_all(&output.producer, &output.destination, messages).await)
+                }
+                (Ok(_), None) => Ok(Vec::new()),
+                (Err(failure), _) => Err(failure),
+            };
+            Step::Handled(item, outcome)
+        })
+    }
+
+    fn on_step(&mut self, step: Step) {
+        match step {
+            Step::Handled(item, Ok(sendings)) => {
+                self.running -= 1;
+                self.release_key(&item);
+                if sendings.is_empty() {
+                    self.settle(item, Verdict::Ack);
+                } else {
+                    self.jobs.push(Box::pin(async move {
+                        let failed = confirm_all(sendings).await;
+                        Step::Confirmed(item, Target::Outputs, failed)
+                    }));
+                }
             }
-            let wait = self.properties.back_off(attempt);
-            tracing::warn!(binding = %self.binding, %message_id, attempt, %failure, "handling failed; retrying in {wait:?}");
-            let mut shutdown = shutdown.clone();
+            Step::Handled(item, Err(failure)) => {
+                self.running -= 1;
+                self.handler_failed(item, failure);
+            }
+            Step::BackedOff(item) => self.ready.push_front(item),
+            Step::Confirmed(item, target, failed) => self.confirmed(item, target, failed),
+            Step::Abandoned(item) => self.settle(item, Verdict::Requeue),
+            Step::Settled { count, in_order } => {
+                self.window.close(count);
+                if in_order {
+                    self.settling_in_order = false;
+                    self.release_in_order();
+                }
+            }
+        }
+    }
+
+    fn release_key(&mut self, item: &InFlight) {
+        if let Some(next) = self.lanes.release(item.key()) {
+            self.ready.push_back(next);
+        }
+    }
+
+    fn handler_failed(&mut self, item: InFlight, failure: Failure) {
+        let binding = &self.binding;
+        let retry = failure.is_retryable() && item.attempts < binding.properties.max_attempts;
+        if retry && self.stopping {
+            return self.settle(item, Verdict::Requeue);
+        }
+        if retry {
+            // The message waits without a handler; its key stays held, so only later
+            // messages with the same key wait with it.
+            let wait = binding.properties.back_off(item.attempts);
+            tracing::warn!(binding = %binding.binding, message_id = %item.id, attempt = item.attempts, %failure, "handling failed; retrying in {wait:?}");
+            let job = self.after(wait, item, Step::BackedOff);
+            return self.jobs.push(job);
+        }
+        self.release_key(&item);
+        self.dead_letter(item, failure);
+    }
+
+    /// Waits `wait`, then makes the step; or hands the message back if the binding stops.
+    fn after(&self, wait: Duration, item: InFlight, then: fn(InFlight) -> Step) -> Job {
+        let mut stop = self.shutdown.clone();
+        Box::pin(async move {
             tokio::select! {
-                _ = shutdown.wait_for(|stop| *stop) => return Outcome::Abandoned,
+                _ = stop.wait_for(|stop| *stop) => Step::Abandoned(item),
+                _ = tokio::time::sleep(wait) => then(item),
+            }
+        })
+    }
+
+    fn dead_letter(&mut self, item: InFlight, failure: Failure) {
+        let binding = &self.binding;
+        let attempts = item.attempts;
+        let Some((destination, producer)) = binding.dead_letter.clone() else {
+            tracing::error!(binding = %binding.binding, message_id = %item.id, attempts, %failure, "message dropped after failing; set `dlq = true` to keep such messages");
+            return self.settle(item, Verdict::Ack);
+        };
+        let letter = dead_letter(&item.message, &failure, &binding.destination, attempts);
+        self.jobs.push(Box::pin(async move {
+            let sendings = enqueue_all(&producer, &destination, vec![letter]).await;
+            let failed = confirm_all(sendings).await;
+            Step::Confirmed(item, Target::DeadLetter { failure, attempts }, failed)
+        }));
+    }
+
+    fn confirmed(&mut self, mut item: InFlight, target: Target, failed: Vec<(Message, Error)>) {
+        let binding = self.binding.clone();
+        if failed.is_empty() {
+            if let Target::DeadLetter { failure, attempts } = &target {
+                tracing::warn!(binding = %binding.binding, message_id = %item.id, attempts, %failure, "message sent to the dead-letter destination");
+            }
+            return self.settle(item, Verdict::Ack);
+        }
+        let refused = failed.iter().find(|(_, error)| error.is_permanent());
+        if let (Target::Outputs, Some((_, error))) = (&target, refused) {
+            tracing::error!(binding = %binding.binding, message_id = %item.id, %error, "the broker refused an output for good; the input is dead-lettered instead of retried");
+            let failure =
+                Failure::new(FailureKind::Send, "bindery::SendRefused", error.to_string());
+            return self.dead_letter(item, failure);
+        }
+        let (_, error) = &failed[0];
+        if self.stopping {
+            tracing::warn!(binding = %binding.binding, message_id = %item.id, %error, "sending failed while stopping; the message will be delivered again");
+            return self.settle(item, Verdict::Requeue);
+        }
+        item.send_failures += 1;
+        let wait = binding.properties.back_off(item.send_failures);
+        let what = match target {
+            Target::Outputs => "sending an output",
+            Target::DeadLetter { .. } => "dead-lettering",
+        };
+        tracing::warn!(binding = %binding.binding, message_id = %item.id, failures = item.send_failures, %error, "{what} failed; sending it again in {wait:?}");
+        let messages: Vec<Message> = failed.into_iter().map(|(message, _)| message).collect();
+        let mut stop = self.shutdown.clone();
+        self.jobs.push(Box::pin(async move {
+            tokio::select! {
+                _ = stop.wait_for(|stop| *stop) => return Step::Abandoned(item),
                 _ = tokio::time::sleep(wait) => {}
             }
-            attempt += 1;
+            let (destination, producer) = match &target {
+                Target::Outputs => match &binding.invoker.output {
+                    Some(output) => (output.destination.clone(), output.producer.clone()),
+                    None => return Step::Abandoned(item),
+                },
+                Target::DeadLetter { .. } => match &binding.dead_letter {
+                    Some(dead_letter) => dead_letter.clone(),
+                    None => return Step::Abandoned(item),
+                },
+            };
+            let sendings = enqueue_all(&producer, &destination, messages).await;
+            let failed = confirm_all(sendings).await;
+            Step::Confirmed(item, target, failed)
+        }));
+    }
+
+    fn settle(&mut self, item: InFlight, verdict: Verdict) {
+        if let Some(in_order) = &mut self.in_order {
+            in_order.decide(item.sequence, item.acknowledgement, verdict);
+            return self.release_in_order();
+        }
+        let binding = self.binding.binding.clone();
+        let id = item.id;
+        let mut settling = Box::pin(async move {
+            if let Err(error) = settle(item.acknowledgement, verdict).await {
+                tracing::warn!(%binding, message_id = %id, %error, "settling the message with the broker failed; it may be delivered again");
+            }
+        });
+        // Most brokers settle without waiting; only those that must wait cost a job.
+        match (&mut settling).now_or_never() {
+            Some(()) => self.window.close(1),
+            None => self.jobs.push(Box::pin(async move {
+                settling.await;
+                Step::Settled {
+                    count: 1,
+                    in_order: false,
+                }
+            })),
+        }
+    }
+
+    /// Settles, one at a time and in arrival order, every verdict with none undecided before it.
+    fn release_in_order(&mut self) {
+        let Some(in_order) = &mut self.in_order else {
+            return;
+        };
+        if self.settling_in_order {
+            return;
+        }
+        let batch = in_order.releasable();
+        if batch.is_empty() {
+            return;
+        }
+        self.settling_in_order = true;
+        let binding = self.binding.binding.clone();
+        self.jobs.push(Box::pin(async move {
+            let count = batch.len();
+            for (acknowledgement, verdict) in batch {
+                if let Err(error) = settle(acknowledgement, verdict).await {
+                    tracing::warn!(%binding, %error, "settling a message with the broker failed; it may be delivered again");
+                }
+            }
+            Step::Settled {
+                count,
+                in_order: true,
+            }
+        }));
+    }
+
+    /// Stops taking messages: those not started go back to the broker; handlers running
+    /// finish and their outputs are confirmed; waits are cut short.
+    fn stop(&mut self) {
+        self.stopping = true;
+        let waiting: Vec<InFlight> = self.ready.drain(..).chain(self.lanes.drain()).collect();
+        let mut waiting = waiting;
+        waiting.sort_by_key(|item| item.sequence);
+        for item in waiting {
+            self.settle(item, Verdict::Requeue);
         }
     }
 }
 
 /// The original message with the failure headers of the dead-letter contract.
-fn dead_letter(
-    mut message: Message,
-    failure: &Failure,
-    destination: &str,
-    attempts: u32,
-) -> Message {
+fn dead_letter(message: &Message, failure: &Failure, destination: &str, attempts: u32) -> Message {
+    let mut message = message.clone();
     let headers = message.headers_mut();
     headers.insert(header::EXCEPTION_MESSAGE, failure.message());
     headers.insert(header::EXCEPTION_TYPE, failure.type_name());
@@ -269,7 +553,16 @@ pub(crate) async fn run_supplier(
             _ = shutdown.wait_for(|stop| *stop) => break,
             _ = ticks.tick() => {}
         }
-        if let Err(failure) = invoker.invoke(Message::new(Bytes::new()), None).await {
+        let sent = match invoker.call(Arc::new(Message::new(Bytes::new()))).await {
+            Ok(messages) => match &invoker.output {
+                Some(output) => output.send_all(messages, None).await.map_err(|error| {
+                    Failure::new(FailureKind::Send, "bindery::Error", error.to_string())
+                }),
+                None => Ok(()),
+            },
+            Err(failure) => Err(failure),
+        };
+        if let Err(failure) = sent {
             tracing::error!(function = %invoker.function, %failure, "supplier failed; it will be polled again");
         }
     }

@@ -6,11 +6,12 @@ use std::sync::Arc;
 use bytes::Bytes;
 use tokio::sync::Mutex;
 
+use super::ids::new_message_id;
 use super::plan::ResolvedBinding;
+use super::send::{confirm_all, enqueue_all, stamp};
 use crate::binder::{Binder, Producer, ProducerSpec};
 use crate::config::{normalize_name, BindingConfig};
 use crate::handler::{IntoOutputs, Outputs, DEFAULT_CONTENT_TYPE};
-use crate::message::header;
 use crate::{Error, Message};
 
 /// Sends values or messages to any output binding or destination at run time, with the same
@@ -51,33 +52,29 @@ impl fmt::Debug for StreamBridge {
 #[derive(Debug)]
 pub(crate) struct Output {
     pub(crate) content_type: String,
-    producer: Arc<dyn Producer>,
+    pub(crate) destination: String,
+    pub(crate) producer: Arc<dyn Producer>,
 }
 
 impl Output {
-    /// Sends each message in order, waiting for each confirmation; the first failure stops.
+    /// Sends the messages in order, each with a new id, and waits until all were confirmed;
+    /// the first failure is returned.
     pub(crate) async fn send_all(
         &self,
-        outputs: Outputs,
+        messages: Vec<Message>,
         correlation_id: Option<&Bytes>,
     ) -> Result<(), Error> {
-        for mut message in outputs.into_messages() {
-            stamp(&mut message, correlation_id);
-            self.producer.send(message).await?;
-        }
-        Ok(())
-    }
-}
-
-/// Gives a message its id and carries the correlation id over, unless the handler set them.
-pub(crate) fn stamp(message: &mut Message, correlation_id: Option<&Bytes>) {
-    let headers = message.headers_mut();
-    if !headers.contains(header::MESSAGE_ID) {
-        headers.insert(header::MESSAGE_ID, uuid::Uuid::new_v4().to_string());
-    }
-    if let Some(id) = correlation_id {
-        if !headers.contains(header::CORRELATION_ID) {
-            headers.insert_bytes(header::CORRELATION_ID, id.clone());
+        let messages = messages
+            .into_iter()
+            .map(|mut message| {
+                stamp(&mut message, new_message_id, correlation_id);
+                message
+            })
+            .collect();
+        let sendings = enqueue_all(&self.producer, &self.destination, messages).await;
+        match confirm_all(sendings).await.into_iter().next() {
+            Some((_, error)) => Err(error),
+            None => Ok(()),
         }
     }
 }
@@ -113,7 +110,7 @@ impl StreamBridge {
                 destination: target.to_owned(),
                 message: failure.to_string(),
             })?;
-        output.send_all(outputs, None).await
+        output.send_all(outputs.into_messages(), None).await
     }
 
     /// The output for a binding name or destination, created (and provisioned) on first use.
@@ -155,6 +152,7 @@ impl StreamBridge {
         let producer = binder.producer(&spec).await?;
         let output = Arc::new(Output {
             content_type: content_type.unwrap_or_else(|| DEFAULT_CONTENT_TYPE.to_owned()),
+            destination: spec.destination.clone(),
             producer,
         });
         outputs.insert(target.to_owned(), output.clone());

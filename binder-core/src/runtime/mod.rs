@@ -3,7 +3,12 @@
 
 mod binding;
 mod bridge;
+mod ids;
+mod lanes;
 mod plan;
+mod send;
+mod settle;
+mod window;
 
 use std::collections::{BTreeMap, HashMap};
 use std::future::Future;
@@ -292,7 +297,10 @@ impl Application {
             let binder = &binders[&input.binder];
             let spec = input.consumer_spec();
             let dead_letter = match spec.properties.dlq {
-                true => Some(binder.dead_letter_producer(&spec).await?),
+                true => Some((
+                    spec.dlq_destination(),
+                    binder.dead_letter_producer(&spec).await?,
+                )),
                 false => None,
             };
             let subscription = match binder.subscribe(&spec).await {
@@ -326,6 +334,9 @@ impl Application {
     }
 }
 
+/// How long binders may take to close when the shutdown budget is already spent.
+const CLOSE_AT_LEAST: Duration = Duration::from_millis(500);
+
 /// A started application: its bridge, and the way to stop it.
 #[derive(Debug)]
 pub struct RunningApplication {
@@ -354,10 +365,14 @@ impl RunningApplication {
     /// Stops taking new messages, finishes and acknowledges those in flight, then closes the
     /// binders, within `stream.shutdown-timeout`. Messages still in flight after that are left
     /// unacknowledged, so the broker delivers them again.
+    ///
+    /// Closing the binders (flushing producers, closing connections) shares that budget; a
+    /// binder that has not closed when it runs out is reported in the error, by name.
     pub async fn shutdown(mut self) -> Result<(), Error> {
         tracing::info!("shutting down: finishing messages in flight");
+        let deadline = tokio::time::Instant::now() + self.shutdown_timeout;
         self.stop.send_replace(true);
-        let drained = tokio::time::timeout(self.shutdown_timeout, async {
+        let drained = tokio::time::timeout_at(deadline, async {
             while self.suppliers.join_next().await.is_some() {}
             while self.consumers.join_next().await.is_some() {}
         })
@@ -370,10 +385,31 @@ impl RunningApplication {
             self.abort().await;
         }
         self.bridge.close();
-        for (name, binder) in &self.binders {
-            if let Err(error) = binder.close().await {
-                tracing::warn!(binder = %name, %error, "closing the binder failed");
+        // Binders get what is left of the budget, and at least a moment to say goodbye.
+        let closing_deadline = deadline.max(tokio::time::Instant::now() + CLOSE_AT_LEAST);
+        let closes = self.binders.iter().map(|(name, binder)| async move {
+            match tokio::time::timeout_at(closing_deadline, binder.close()).await {
+                Ok(Ok(())) => None,
+                Ok(Err(error)) => {
+                    tracing::warn!(binder = %name, %error, "closing the binder failed");
+                    None
+                }
+                Err(_) => Some(name.clone()),
             }
+        });
+        let hung: Vec<String> = futures::future::join_all(closes)
+            .await
+            .into_iter()
+            .flatten()
+            .collect();
+        if let Some(binder) = hung.into_iter().next() {
+            return Err(Error::binder(
+                binder,
+                format!(
+                    "did not close within `stream.shutdown-timeout` ({:?}); its connections were dropped",
+                    self.shutdown_timeout
+                ),
+            ));
         }
         tracing::info!("shut down");
         Ok(())

@@ -1,0 +1,82 @@
+//! Sending: messages are handed to their producer in order and confirmed in the background.
+
+use std::panic::AssertUnwindSafe;
+use std::sync::Arc;
+
+use bytes::Bytes;
+use futures::FutureExt;
+
+use super::binding::panic_text;
+use crate::binder::{Confirmation, Producer};
+use crate::message::header;
+use crate::{Error, Message};
+
+/// One message handed to a producer, with the broker's answer still to come.
+#[derive(Debug)]
+pub(crate) struct Sending {
+    pub(crate) message: Message,
+    confirmation: Result<Confirmation, Error>,
+}
+
+/// Hands `messages` to `producer` one after the other, so they are sent in this order.
+/// A producer that panics refuses the message for good rather than taking the binding down.
+pub(crate) async fn enqueue_all(
+    producer: &Arc<dyn Producer>,
+    destination: &str,
+    messages: Vec<Message>,
+) -> Vec<Sending> {
+    let mut sendings = Vec::with_capacity(messages.len());
+    for message in messages {
+        let confirmation = match AssertUnwindSafe(producer.enqueue(&message))
+            .catch_unwind()
+            .await
+        {
+            Ok(confirmation) => confirmation,
+            Err(panic) => Err(Error::refused(
+                destination,
+                format!(
+                    "sending to `{destination}` panicked: {}",
+                    panic_text(&*panic)
+                ),
+            )),
+        };
+        sendings.push(Sending {
+            message,
+            confirmation,
+        });
+    }
+    sendings
+}
+
+/// Awaits every confirmation; returns the messages that were not confirmed, with why.
+pub(crate) async fn confirm_all(sendings: Vec<Sending>) -> Vec<(Message, Error)> {
+    let answers = futures::future::join_all(sendings.into_iter().map(|sending| async move {
+        let answer = match sending.confirmation {
+            Ok(confirmation) => confirmation.await,
+            Err(error) => Err(error),
+        };
+        (sending.message, answer)
+    }))
+    .await;
+    answers
+        .into_iter()
+        .filter_map(|(message, answer)| answer.err().map(|error| (message, error)))
+        .collect()
+}
+
+/// Gives a message its id (unless the handler set one) and carries the correlation id over.
+pub(crate) fn stamp(
+    message: &mut Message,
+    id: impl FnOnce() -> String,
+    correlation: Option<&Bytes>,
+) {
+    let headers = message.headers_mut();
+    if !headers.contains(header::MESSAGE_ID) {
+        headers.insert(header::MESSAGE_ID, id());
+    }
+    if let Some(correlation) = correlation {
+        if !headers.contains(header::CORRELATION_ID) {
+            headers.insert_bytes(header::CORRELATION_ID, correlation.clone());
+        }
+    }
+}

@@ -1,0 +1,440 @@
+//! The delivery engine's promises, checked with a stub binder (the memory binder with slow or
+//! failing confirmations, recorded acknowledgements, or a close that never returns).
+
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use async_trait::async_trait;
+use bindery::binder::{
+    Acknowledgement, Confirmation, ConsumerSpec, Delivery, Producer, ProducerSpec, Subscription,
+};
+use bindery::{header, Binder, Error, MemoryBinder, Message, StreamFunction};
+use bytes::Bytes;
+
+/// What happened, in order: `sent:<id>`, `confirmed:<correlation id>`, `acked:<id>`,
+/// `requeued:<id>`, `called:<id>`.
+type Log = Arc<Mutex<Vec<String>>>;
+
+fn record(log: &Log, event: String) {
+    log.lock().expect("log").push(event);
+}
+
+fn events(log: &Log, prefix: &str) -> Vec<String> {
+    log.lock()
+        .expect("log")
+        .iter()
+        .filter_map(|e| e.strip_prefix(prefix).map(str::to_owned))
+        .collect()
+}
+
+#[derive(Debug, Clone, Default)]
+struct Stub {
+    memory: MemoryBinder,
+    log: Log,
+    confirm_delay: Duration,
+    /// Sends fail until then.
+    broken_until: Option<Instant>,
+    in_order: bool,
+    hang_on_close: bool,
+}
+
+#[async_trait]
+impl Binder for Stub {
+    async fn subscribe(&self, spec: &ConsumerSpec) -> Result<Box<dyn Subscription>, Error> {
+        Ok(Box::new(StubSubscription {
+            inner: self.memory.subscribe(spec).await?,
+            stub: self.clone(),
+        }))
+    }
+
+    async fn producer(&self, spec: &ProducerSpec) -> Result<Arc<dyn Producer>, Error> {
+        Ok(Arc::new(StubProducer {
+            inner: self.memory.producer(spec).await?,
+            stub: self.clone(),
+        }))
+    }
+
+    async fn close(&self) -> Result<(), Error> {
+        if self.hang_on_close {
+            std::future::pending::<()>().await;
+        }
+        Ok(())
+    }
+}
+
+#[derive(Debug)]
+struct StubSubscription {
+    inner: Box<dyn Subscription>,
+    stub: Stub,
+}
+
+#[async_trait]
+impl Subscription for StubSubscription {
+    async fn next(&mut self) -> Option<Result<Delivery, Error>> {
+        let mut delivery = match self.inner.next().await? {
+            Ok(delivery) => delivery,
+            Err(error) => return Some(Err(error)),
+        };
+        let id = delivery
+            .message
+            .headers()
+            .get_str(header::MESSAGE_ID)
+            .unwrap_or_default()
+            .to_owned();
+        delivery.acknowledgement = Box::new(StubAck {
+            inner: delivery.acknowledgement,
+            id,
+            log: self.stub.log.clone(),
+        });
+        Some(Ok(delivery))
+    }
+
+    fn acknowledges_in_order(&self) -> bool {
+        self.stub.in_order
+    }
+}
+
+#[derive(Debug)]
+struct StubAck {
+    inner: Box<dyn Acknowledgement>,
+    id: String,
+    log: Log,
+}
+
+#[async_trait]
+impl Acknowledgement for StubAck {
+    async fn ack(self: Box<Self>) -> Result<(), Error> {
+        record(&self.log, format!("acked:{}", self.id));
+        self.inner.ack().await
+    }
+
+    async fn requeue(self: Box<Self>) -> Result<(), Error> {
+        record(&self.log, format!("requeued:{}", self.id));
+        self.inner.requeue().await
+    }
+}
+
+#[derive(Debug)]
+struct StubProducer {
+    inner: Arc<dyn Producer>,
+    stub: Stub,
+}
+
+#[async_trait]
+impl Producer for StubProducer {
+    async fn enqueue(&self, message: &Message) -> Result<Confirmation, Error> {
+        if self.stub.broken_until.is_some_and(|t| Instant::now() < t) {
+            return Err(Error::binder("stub", "the broker is down"));
+        }
+        self.inner.enqueue(message).await?.await?;
+        let correlation = message
+            .headers()
+            .get_str(header::CORRELATION_ID)
+            .unwrap_or_default()
+            .to_owned();
+        let (log, delay) = (self.stub.log.clone(), self.stub.confirm_delay);
+        Ok(Confirmation::pending(async move {
+            tokio::time::sleep(delay).await;
+            record(&log, format!("confirmed:{correlation}"));
+            Ok(())
+        }))
+    }
+}
+
+fn order(id: usize, key: &str) -> Message {
+    Message::builder(Bytes::from(id.to_string()))
+        .header(header::MESSAGE_ID, format!("order-{id}"))
+        .key(key)
+        .build()
+}
+
+/// `echo`: orders → invoices, the payload unchanged; `poison` keys fail.
+fn echo(log: Log) -> StreamFunction {
+    StreamFunction::function("echo", move |message: Message<Bytes>| {
+        let log = log.clone();
+        async move {
+            let id = message
+                .headers()
+                .get_str(header::MESSAGE_ID)
+                .unwrap_or_default()
+                .to_owned();
+            record(&log, format!("called:{id}"));
+            let wait = message
+                .headers()
+                .get_str("x-work-ms")
+                .and_then(|ms| ms.parse().ok());
+            if let Some(ms) = wait {
+                tokio::time::sleep(Duration::from_millis(ms)).await;
+            }
+            if message.key_str() == Some("poison") {
+                return Err(format!("{id} is poison"));
+            }
+            Ok(message.into_payload())
+        }
+    })
+    .input("orders")
+    .output("invoices")
+    .group("billing")
+}
+
+struct Harness {
+    stub: Stub,
+    app: bindery::RunningApplication,
+    invoices: Box<dyn Subscription>,
+    dead: Box<dyn Subscription>,
+    orders: Arc<dyn Producer>,
+}
+
+async fn start(stub: Stub, consumer: &str) -> Harness {
+    let dlq = if consumer.contains("dlq") {
+        ""
+    } else {
+        "dlq = true"
+    };
+    let toml = format!(
+        "[stream]\nshutdown-timeout = \"1s\"\n[stream.bindings.echo-in-0.consumer]\n{dlq}\n{consumer}"
+    );
+    let invoices = stub
+        .memory
+        .subscribe(&ConsumerSpec::new("invoices", Some("test")))
+        .await
+        .expect("invoices");
+    let dead = stub
+        .memory
+        .subscribe(&ConsumerSpec::new("orders.billing.dlq", Some("test")))
+        .await
+        .expect("dead letters");
+    let app = bindery::test::isolated(echo(stub.log.clone()), &toml)
+        .replace_binders(Arc::new(stub.clone()))
+        .build()
+        .expect("configuration")
+        .start()
+        .await
+        .expect("start");
+    let orders = stub
+        .memory
+        .producer(&ProducerSpec::new("orders"))
+        .await
+        .expect("producer");
+    Harness {
+        stub,
+        app,
+        invoices,
+        dead,
+        orders,
+    }
+}
+
+async fn receive(subscription: &mut Box<dyn Subscription>, within: Duration) -> Option<Message> {
+    let delivery = tokio::time::timeout(within, subscription.next())
+        .await
+        .ok()??
+        .ok()?;
+    let message = delivery.message.clone();
+    delivery.acknowledgement.ack().await.ok()?;
+    Some(message)
+}
+
+fn payload(message: &Message) -> String {
+    String::from_utf8_lossy(message.payload()).into_owned()
+}
+
+#[tokio::test]
+async fn confirmations_are_awaited_in_the_background_and_outputs_keep_input_order() {
+    let stub = Stub {
+        confirm_delay: Duration::from_millis(50),
+        ..Stub::default()
+    };
+    let mut h = start(stub, "").await;
+    let started = Instant::now();
+    for id in 0..1_000 {
+        h.orders
+            .send(order(id, &format!("k{}", id % 7)))
+            .await
+            .expect("send");
+    }
+    for id in 0..1_000 {
+        let invoice = receive(&mut h.invoices, Duration::from_secs(60))
+            .await
+            .unwrap_or_else(|| panic!("invoice {id} did not come"));
+        assert_eq!(payload(&invoice), id.to_string(), "outputs in input order");
+    }
+    // Waiting for each 50 ms confirm in turn would take 50 s; pipelined it takes a fraction.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while events(&h.stub.log, "acked:").len() < 1_000 {
+        assert!(
+            Instant::now() < deadline,
+            "not every order was acknowledged"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let elapsed = started.elapsed();
+    assert!(
+        elapsed < Duration::from_secs(10),
+        "1,000 orders with 50 ms confirms took {elapsed:?}: confirms were awaited one by one"
+    );
+    h.app.shutdown().await.expect("shutdown");
+}
+
+#[tokio::test]
+async fn a_broker_outage_longer_than_the_retries_loses_nothing_and_acknowledges_nothing_early() {
+    let stub = Stub {
+        broken_until: Some(Instant::now() + Duration::from_secs(10)),
+        ..Stub::default()
+    };
+    // max-attempts = 3, default back-off (1s, 2s, 4s, ...), no DLQ.
+    let mut h = start(stub, "dlq = false\nmax-attempts = 3").await;
+    for id in 0..20 {
+        h.orders
+            .send(order(id, &format!("k{id}")))
+            .await
+            .expect("send");
+    }
+    let mut received = std::collections::BTreeSet::new();
+    while received.len() < 20 {
+        let invoice = receive(&mut h.invoices, Duration::from_secs(40))
+            .await
+            .expect("every order is invoiced once the broker is back");
+        received.insert(payload(&invoice));
+    }
+    assert!(
+        h.stub.broken_until.is_some_and(|t| Instant::now() >= t),
+        "invoices came while the broker was down"
+    );
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while events(&h.stub.log, "acked:").len() < 20 {
+        assert!(
+            Instant::now() < deadline,
+            "not every order was acknowledged"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let log = h.stub.log.lock().expect("log").clone();
+    for id in 0..20 {
+        let confirmed = log
+            .iter()
+            .position(|e| e == &format!("confirmed:order-{id}"));
+        let acked = log.iter().position(|e| e == &format!("acked:order-{id}"));
+        assert!(
+            matches!((confirmed, acked), (Some(c), Some(a)) if c < a),
+            "order-{id} was acknowledged before its invoice was confirmed: {log:?}"
+        );
+    }
+    h.app.shutdown().await.expect("shutdown");
+}
+
+async fn a_key_in_back_off_holds_back_only_itself(concurrency: u32) {
+    let consumer = format!(
+        "concurrency = {concurrency}\nmax-attempts = 3\nback-off-initial-interval = \"1s\"\nback-off-max-interval = \"2s\""
+    );
+    let mut h = start(Stub::default(), &consumer).await;
+    h.orders.send(order(0, "poison")).await.expect("send");
+    for id in 1..=20 {
+        h.orders
+            .send(order(id, &format!("k{id}")))
+            .await
+            .expect("send");
+    }
+    h.orders.send(order(21, "poison")).await.expect("send");
+    // The poison order waits 1 s + 2 s in back-off; everything else flows meanwhile.
+    for _ in 1..=20 {
+        let invoice = receive(&mut h.invoices, Duration::from_secs(2))
+            .await
+            .expect("other keys flow while the poison key waits");
+        assert_ne!(payload(&invoice), "0");
+    }
+    assert!(
+        events(&h.stub.log, "acked:")
+            .iter()
+            .all(|id| id != "order-0"),
+        "the poison order is still in back-off"
+    );
+    let first = receive(&mut h.dead, Duration::from_secs(10))
+        .await
+        .expect("dead letter 0");
+    let second = receive(&mut h.dead, Duration::from_secs(10))
+        .await
+        .expect("dead letter 21");
+    assert_eq!(
+        (payload(&first), payload(&second)),
+        ("0".to_owned(), "21".to_owned())
+    );
+    let calls = events(&h.stub.log, "called:");
+    let last_of_first = calls
+        .iter()
+        .rposition(|c| c == "order-0")
+        .expect("0 was called");
+    let first_of_second = calls
+        .iter()
+        .position(|c| c == "order-21")
+        .expect("21 was called");
+    assert!(
+        last_of_first < first_of_second,
+        "the later poison order ran before the earlier one was done: {calls:?}"
+    );
+    h.app.shutdown().await.expect("shutdown");
+}
+
+#[tokio::test]
+async fn a_key_in_back_off_holds_back_only_itself_at_concurrency_1() {
+    a_key_in_back_off_holds_back_only_itself(1).await;
+}
+
+#[tokio::test]
+async fn a_key_in_back_off_holds_back_only_itself_at_concurrency_4() {
+    a_key_in_back_off_holds_back_only_itself(4).await;
+}
+
+#[tokio::test]
+async fn acknowledgements_follow_arrival_order_when_the_subscription_asks() {
+    let stub = Stub {
+        in_order: true,
+        ..Stub::default()
+    };
+    let mut h = start(stub, "concurrency = 4").await;
+    for id in 0..40 {
+        // Later orders finish first: each takes less work than the one before.
+        let mut message = order(id, &format!("k{id}"));
+        message
+            .headers_mut()
+            .insert("x-work-ms", ((40 - id) * 3).to_string());
+        h.orders.send(message).await.expect("send");
+    }
+    for _ in 0..40 {
+        receive(&mut h.invoices, Duration::from_secs(10))
+            .await
+            .expect("invoice");
+    }
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while events(&h.stub.log, "acked:").len() < 40 {
+        assert!(
+            Instant::now() < deadline,
+            "not every order was acknowledged"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let expected: Vec<String> = (0..40).map(|id| format!("order-{id}")).collect();
+    assert_eq!(events(&h.stub.log, "acked:"), expected);
+    h.app.shutdown().await.expect("shutdown");
+}
+
+#[tokio::test]
+async fn shutdown_is_bounded_when_a_binder_will_not_close() {
+    let stub = Stub {
+        hang_on_close: true,
+        ..Stub::default()
+    };
+    let h = start(stub, "").await;
+    let started = Instant::now();
+    let result = tokio::time::timeout(Duration::from_secs(10), h.app.shutdown())
+        .await
+        .expect("shutdown returned");
+    let elapsed = started.elapsed();
+    let error = result.expect_err("a binder that did not close is an error");
+    assert!(error.to_string().contains("did not close"), "{error}");
+    assert!(error.to_string().contains("binder `"), "{error}");
+    assert!(
+        elapsed < Duration::from_millis(2_000),
+        "shutdown took {elapsed:?} with a 1 s shutdown-timeout"
+    );
+}
