@@ -24,6 +24,10 @@ use serde::Serialize;
 
 use measure::{median, Latency, Throughput};
 
+/// The offered rate of the latency runs, as a share of the raw side's throughput: below
+/// saturation of the whole machine (broker, producer, pipeline and reader share two cores).
+const LATENCY_LOAD: f64 = 0.2;
+
 /// Which implementation of the pipeline runs.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub(crate) enum Side {
@@ -187,7 +191,7 @@ async fn run_pipeline(name: &'static str, options: &Options) -> Result<PipelineR
             .collect(),
     );
     if name != "memory" {
-        let rate = (raw_rate * 0.5).max(10.0);
+        let rate = (raw_rate * LATENCY_LOAD).max(10.0);
         for round in 1..=options.rounds {
             for side in [Side::Raw, Side::Bindery] {
                 eprintln!(

@@ -379,6 +379,149 @@ destination = "{output}""#
         binder.close().await.ok();
     }
 
+    /// A message in retry back-off holds back only later messages with its key: the rest flow
+    /// meanwhile, and the next message with its key waits until it is dead-lettered.
+    pub async fn back_off_holds_back_only_its_key(&self) {
+        let binder = self.binder().await;
+        let input = unique("poison-in");
+        let output = unique("poison-out");
+        let calls = Arc::new(std::sync::Mutex::new(Vec::<String>::new()));
+        let log = calls.clone();
+        let poisoned = StreamFunction::function("conformance-poison", move |message: Message| {
+            let log = log.clone();
+            async move {
+                let text = String::from_utf8_lossy(message.payload()).into_owned();
+                log.lock().expect("calls").push(text.clone());
+                match message.key_str() {
+                    Some("poison") => Err(format!("{text} is poison")),
+                    _ => Ok(message),
+                }
+            }
+        });
+        let toml = format!(
+            r#"[stream.bindings.conformance-poison-in-0]
+destination = "{input}"
+group = "billing"
+consumer.max-attempts = 3
+consumer.back-off-initial-interval = "3s"
+consumer.back-off-max-interval = "3s"
+consumer.dlq = true
+[stream.bindings.conformance-poison-out-0]
+destination = "{output}""#
+        );
+        let mut spec = ConsumerSpec::new(input.clone(), Some("billing"));
+        spec.properties.dlq = true;
+        let mut dead_letters = (self.dead_letters)(binder.clone(), spec)
+            .await
+            .expect("dead-letter reader");
+        let mut results = subscribe(&binder, &output, Some("results")).await;
+        let app = application(&binder, poisoned, &toml)
+            .start()
+            .await
+            .expect("start");
+        let producer = producer(&binder, &input).await;
+        let keyed =
+            |payload: String, key: &str| Message::builder(Bytes::from(payload)).key(key).build();
+        producer
+            .send(keyed("first-poison".to_owned(), "poison"))
+            .await
+            .expect("send");
+        for n in 0..20 {
+            producer
+                .send(keyed(format!("order-{n:02}"), &format!("key-{n}")))
+                .await
+                .expect("send");
+        }
+        producer
+            .send(keyed("second-poison".to_owned(), "poison"))
+            .await
+            .expect("send");
+        let mut flowed = self.receive_n(&mut results, 20).await;
+        let first_poison_calls = calls
+            .lock()
+            .expect("calls")
+            .iter()
+            .filter(|c| *c == "first-poison")
+            .count();
+        assert!(
+            first_poison_calls < 3,
+            "the other keys waited for the poison message's retries to end"
+        );
+        flowed.sort();
+        let expected: Vec<String> = (0..20).map(|n| format!("order-{n:02}")).collect();
+        assert_eq!(flowed, expected);
+        let mut dead = Vec::new();
+        for _ in 0..2 {
+            let letter = self.receive_one(&mut dead_letters).await;
+            dead.push(String::from_utf8_lossy(letter.message.payload()).into_owned());
+            letter.acknowledgement.ack().await.expect("ack");
+        }
+        app.shutdown().await.expect("shutdown");
+        assert_eq!(dead, ["first-poison", "second-poison"]);
+        let calls = calls.lock().expect("calls").clone();
+        let last_first = calls.iter().rposition(|c| c == "first-poison");
+        let first_second = calls.iter().position(|c| c == "second-poison");
+        assert!(
+            last_first < first_second,
+            "the second message with the poison key ran before the first was done: {calls:?}"
+        );
+        binder.close().await.ok();
+    }
+
+    /// A backlog sent before the application starts drains through a function at default
+    /// settings: every message once, in order within each key.
+    pub async fn a_backlog_drains_in_order_within_each_key(&self) {
+        let binder = self.binder().await;
+        let input = unique("backlog-in");
+        let output = unique("backlog-out");
+        let forward = StreamFunction::function(
+            "conformance-backlog",
+            |message: Message| async move { message },
+        );
+        let toml = format!(
+            r#"[stream.bindings.conformance-backlog-in-0]
+destination = "{input}"
+group = "forwarders"
+[stream.bindings.conformance-backlog-out-0]
+destination = "{output}""#
+        );
+        let mut results = subscribe(&binder, &output, Some("results")).await;
+        // The group exists before the backlog is sent, so it keeps every message.
+        let mut spec = ProducerSpec::new(input.clone());
+        spec.properties.required_groups = vec!["forwarders".to_owned()];
+        let producer = binder.producer(&spec).await.expect("producer");
+        let count = 600;
+        for n in 0..count {
+            let key = format!("key-{}", n % 3);
+            let message = Message::builder(Bytes::from(format!("{key}:{n:04}")))
+                .key(key)
+                .build();
+            producer.send(message).await.expect("send");
+        }
+        let app = application(&binder, forward, &toml)
+            .start()
+            .await
+            .expect("start");
+        let received = self.receive_n(&mut results, count).await;
+        app.shutdown().await.expect("shutdown");
+        let distinct: BTreeSet<&String> = received.iter().collect();
+        assert_eq!(distinct.len(), count, "every message must arrive once");
+        let mut by_key: BTreeMap<&str, Vec<&str>> = BTreeMap::new();
+        for payload in &received {
+            let (key, n) = payload.split_once(':').expect("key:n");
+            by_key.entry(key).or_default().push(n);
+        }
+        for (key, numbers) in by_key {
+            let mut sorted = numbers.clone();
+            sorted.sort();
+            assert_eq!(
+                numbers, sorted,
+                "messages with key `{key}` must keep their order"
+            );
+        }
+        binder.close().await.ok();
+    }
+
     async fn receive_one(&self, subscription: &mut Box<dyn Subscription>) -> Delivery {
         match tokio::time::timeout(self.timeout, subscription.next()).await {
             Ok(Some(Ok(delivery))) => delivery,
@@ -483,7 +626,9 @@ macro_rules! conformance_tests {
             headers_key_and_content_type_round_trip,
             unacknowledged_messages_are_redelivered,
             retries_then_dead_letter_with_failure_headers,
-            nothing_is_lost_under_concurrency
+            nothing_is_lost_under_concurrency,
+            back_off_holds_back_only_its_key,
+            a_backlog_drains_in_order_within_each_key
         );
     };
     (@cases $suite:expr; $($case:ident),*) => {

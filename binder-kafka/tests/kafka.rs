@@ -365,3 +365,145 @@ consumer.concurrency = 4
     }
     second.shutdown().await.expect("shutdown");
 }
+
+/// An application forwarding `input` to `output` in group `group`, at default settings.
+fn forwarder(input: &str, output: &str, group: &str) -> Application {
+    let forward = StreamFunction::function("forward", |message: Message| async move { message });
+    let toml = format!(
+        r#"[stream]
+default-binder = "kafka"
+[stream.binders.kafka]
+brokers = "{brokers}"
+[stream.bindings.forward-in-0]
+destination = "{input}"
+group = "{group}"
+[stream.bindings.forward-out-0]
+destination = "{output}"
+"#,
+        brokers = brokers()
+    );
+    isolated(forward, &toml)
+        .binder_provider(KafkaBinderProvider)
+        .build()
+        .expect("valid")
+}
+
+/// Sends `payloads` as another service would: pipelined, so librdkafka batches several
+/// records together (multi-record batches, as real producers make).
+async fn send_batched(topic: &str, payloads: impl Iterator<Item = String>) {
+    let producer = producer_for(topic).await;
+    let mut confirmations = Vec::new();
+    for payload in payloads {
+        let message = Message::new(Bytes::from(payload));
+        confirmations.push(producer.enqueue(&message).await.expect("enqueue"));
+    }
+    for confirmation in futures::future::join_all(confirmations).await {
+        confirmation.expect("confirmed");
+    }
+}
+
+/// Reads `topic` in a group of its own until `n` distinct payloads came, then for `quiet`
+/// more; returns how many records came in all and the distinct payloads.
+async fn read_all(
+    topic: &str,
+    n: usize,
+    quiet: Duration,
+) -> (usize, std::collections::BTreeSet<String>) {
+    let binder = KafkaBinder::connect("kafka", settings())
+        .await
+        .expect("connect");
+    let mut reader = binder
+        .subscribe(&ConsumerSpec::new(topic, Some(&unique("reader"))))
+        .await
+        .expect("subscribe");
+    let mut seen = std::collections::BTreeSet::new();
+    let mut records = 0;
+    let deadline = Instant::now() + Duration::from_secs(120);
+    loop {
+        let wait = if seen.len() < n {
+            deadline
+        } else {
+            Instant::now() + quiet
+        };
+        match tokio::time::timeout_at(wait, reader.next()).await {
+            Ok(Some(Ok(delivery))) => {
+                records += 1;
+                seen.insert(String::from_utf8_lossy(delivery.message.payload()).into_owned());
+                delivery.acknowledgement.ack().await.expect("ack");
+            }
+            _ if seen.len() >= n => break,
+            _ => panic!("only {} of {n} records came", seen.len()),
+        }
+    }
+    (records, seen)
+}
+
+/// The offset `group` committed for partition 0 of `topic`.
+fn committed(topic: &str, group: &str) -> i64 {
+    use rdkafka::consumer::{BaseConsumer, Consumer};
+    let consumer: BaseConsumer = rdkafka::ClientConfig::new()
+        .set("bootstrap.servers", brokers())
+        .set("group.id", group)
+        .create()
+        .expect("consumer");
+    let mut partitions = rdkafka::TopicPartitionList::new();
+    partitions.add_partition(topic, 0);
+    let committed = consumer
+        .committed_offsets(partitions, Duration::from_secs(10))
+        .expect("committed offsets");
+    match committed.find_partition(topic, 0).map(|p| p.offset()) {
+        Some(rdkafka::Offset::Offset(offset)) => offset,
+        other => panic!("no committed offset for {group}: {other:?}"),
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_backlog_of_50000_drains_once_and_the_group_commits_the_end() {
+    if !available() {
+        return;
+    }
+    let (input, output, group) = (unique("backlog-in"), unique("backlog-out"), unique("g"));
+    let count = 50_000;
+    send_batched(&input, (0..count).map(|n| format!("order-{n:05}"))).await;
+    let app = forwarder(&input, &output, &group)
+        .start()
+        .await
+        .expect("start");
+    let (records, seen) = read_all(&output, count, Duration::from_secs(2)).await;
+    app.shutdown().await.expect("shutdown");
+    assert_eq!(seen.len(), count, "every order forwarded");
+    assert_eq!(records, count, "no order forwarded twice");
+    assert_eq!(
+        committed(&input, &group),
+        count as i64,
+        "the group committed the end"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn what_was_acknowledged_is_not_delivered_again_after_a_restart() {
+    if !available() {
+        return;
+    }
+    let (input, output, group) = (unique("restart-in"), unique("restart-out"), unique("g"));
+    send_batched(&input, (0..1_000).map(|n| format!("first-{n:04}"))).await;
+    let app = forwarder(&input, &output, &group)
+        .start()
+        .await
+        .expect("start");
+    let (_, seen) = read_all(&output, 1_000, Duration::ZERO).await;
+    assert_eq!(seen.len(), 1_000);
+    app.shutdown().await.expect("shutdown");
+    assert_eq!(committed(&input, &group), 1_000);
+
+    // Started again, the group goes on after what it acknowledged: only the new order comes.
+    let app = forwarder(&input, &output, &group)
+        .start()
+        .await
+        .expect("restart");
+    send_batched(&input, std::iter::once("second".to_owned())).await;
+    let (records, seen) = read_all(&output, 1_001, Duration::from_secs(3)).await;
+    app.shutdown().await.expect("shutdown");
+    assert!(seen.contains("second"), "the restarted group consumes");
+    assert_eq!(records, 1_001, "nothing acknowledged was delivered again");
+}

@@ -97,7 +97,7 @@ impl RabbitSettings {
 /// `[stream.rabbit.bindings.<binding>.consumer]`.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct RabbitConsumerSettings {
-    /// `prefetch`: unacknowledged messages the broker sends ahead (`basic.qos`). Default 32.
+    /// `prefetch`: unacknowledged messages the broker sends ahead (`basic.qos`). Default 250, as in Spring AMQP.
     pub prefetch: u16,
     /// `quorum`: declare the group queue (and its DLQ) as a quorum queue. Default false.
     pub quorum: bool,
@@ -114,7 +114,7 @@ pub struct RabbitConsumerSettings {
 impl Default for RabbitConsumerSettings {
     fn default() -> Self {
         RabbitConsumerSettings {
-            prefetch: 32,
+            prefetch: 250,
             quorum: false,
             ttl: None,
             max_length: None,
