@@ -13,6 +13,7 @@ use rdkafka::consumer::{BaseConsumer, Consumer, StreamConsumer};
 use rdkafka::error::{KafkaError, RDKafkaErrorCode};
 use rdkafka::producer::{FutureProducer, FutureRecord, Producer};
 use rdkafka::{Message, Offset, TopicPartitionList};
+use tokio::sync::watch;
 
 use crate::measure::{Latency, Meter, Throughput};
 use crate::pipeline::{bill_raw, latency_us, order_json};
@@ -200,13 +201,13 @@ impl Kafka {
     ) -> Result<Running, String> {
         match side {
             Side::Raw => {
-                let stop = Arc::new(AtomicBool::new(false));
+                let (stop, stopped) = watch::channel(false);
                 let task = tokio::spawn(raw_pipeline(
                     self.brokers.clone(),
                     input.to_owned(),
                     output.to_owned(),
                     group.to_owned(),
-                    stop.clone(),
+                    stopped,
                 ));
                 Ok(Running::Raw(stop, task))
             }
@@ -275,7 +276,10 @@ impl ReadHandle {
 }
 
 enum Running {
-    Raw(Arc<AtomicBool>, tokio::task::JoinHandle<Result<(), String>>),
+    Raw(
+        watch::Sender<bool>,
+        tokio::task::JoinHandle<Result<(), String>>,
+    ),
     Bindery(bindery::RunningApplication),
 }
 
@@ -283,7 +287,7 @@ impl Running {
     async fn stop(self) -> Result<(), String> {
         match self {
             Running::Raw(stop, task) => {
-                stop.store(true, Ordering::Relaxed);
+                stop.send_replace(true);
                 task.await.map_err(|e| e.to_string())?
             }
             Running::Bindery(app) => app.shutdown().await.map_err(|e| e.to_string()),
@@ -298,7 +302,7 @@ async fn raw_pipeline(
     input: String,
     output: String,
     group: String,
-    stop: Arc<AtomicBool>,
+    mut stop: watch::Receiver<bool>,
 ) -> Result<(), String> {
     let consumer: StreamConsumer = config(&brokers)
         .set("group.id", &group)
@@ -321,11 +325,10 @@ async fn raw_pipeline(
             .map_err(|e| e.to_string())?;
         consumer.store_offsets(&store).map_err(|e| e.to_string())
     };
-    while !stop.load(Ordering::Relaxed) {
-        let record = match tokio::time::timeout(Duration::from_millis(100), consumer.recv()).await {
-            Ok(Ok(record)) => record,
-            Ok(Err(e)) => return Err(e.to_string()),
-            Err(_) => continue,
+    loop {
+        let record = tokio::select! {
+            _ = async { stop.wait_for(|stop| *stop).await.is_ok() } => break,
+            record = consumer.recv() => record.map_err(|e| e.to_string())?,
         };
         let (partition, offset) = (record.partition(), record.offset());
         let invoice = record.payload().and_then(bill_raw).unwrap_or_default();

@@ -1,7 +1,5 @@
 //! The pipeline on RabbitMQ: hand-written lapin against bindery's RabbitMQ binder.
 
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use futures::stream::FuturesOrdered;
@@ -12,6 +10,7 @@ use lapin::options::{
 };
 use lapin::types::FieldTable;
 use lapin::{BasicProperties, Channel, Confirmation, Connection, ConnectionProperties};
+use tokio::sync::watch;
 
 use crate::measure::{Latency, Meter, Throughput};
 use crate::pipeline::{bill_raw, latency_us, order_json};
@@ -225,12 +224,12 @@ impl Rabbit {
     ) -> Result<Running, String> {
         match side {
             Side::Raw => {
-                let stop = Arc::new(AtomicBool::new(false));
+                let (stop, stopped) = watch::channel(false);
                 let task = tokio::spawn(raw_pipeline(
                     self.uri.clone(),
                     format!("{input}.{group}"),
                     output.to_owned(),
-                    stop.clone(),
+                    stopped,
                 ));
                 Ok(Running::Raw(stop, task))
             }
@@ -305,7 +304,10 @@ async fn read_latencies(uri: String, queue: String, n: usize) -> Result<Vec<u64>
 }
 
 enum Running {
-    Raw(Arc<AtomicBool>, tokio::task::JoinHandle<Result<(), String>>),
+    Raw(
+        watch::Sender<bool>,
+        tokio::task::JoinHandle<Result<(), String>>,
+    ),
     Bindery(bindery::RunningApplication),
 }
 
@@ -313,7 +315,7 @@ impl Running {
     async fn stop(self) -> Result<(), String> {
         match self {
             Running::Raw(stop, task) => {
-                stop.store(true, Ordering::Relaxed);
+                stop.send_replace(true);
                 task.await.map_err(|e| e.to_string())?
             }
             Running::Bindery(app) => app.shutdown().await.map_err(|e| e.to_string()),
@@ -328,7 +330,7 @@ async fn raw_pipeline(
     uri: String,
     queue: String,
     output: String,
-    stop: Arc<AtomicBool>,
+    mut stop: watch::Receiver<bool>,
 ) -> Result<(), String> {
     let connection = connect(&uri).await?;
     let consume = connection
@@ -366,19 +368,19 @@ async fn raw_pipeline(
             .map(|_| ())
             .map_err(|e| e.to_string())
     }
-    while !stop.load(Ordering::Relaxed) {
+    loop {
         let next = tokio::select! {
+            _ = async { stop.wait_for(|stop| *stop).await.is_ok() } => break,
             Some(done) = in_flight.next(), if !in_flight.is_empty() => {
                 settle(done).await?;
                 continue;
             }
-            next = tokio::time::timeout(Duration::from_millis(100), deliveries.next()) => next,
+            next = deliveries.next() => next,
         };
         let delivery = match next {
-            Ok(Some(Ok(delivery))) => delivery,
-            Ok(Some(Err(e))) => return Err(e.to_string()),
-            Ok(None) => break,
-            Err(_) => continue,
+            Some(Ok(delivery)) => delivery,
+            Some(Err(e)) => return Err(e.to_string()),
+            None => break,
         };
         let invoice = bill_raw(&delivery.data).unwrap_or_default();
         let confirm = publish

@@ -171,6 +171,11 @@ impl Confirmation {
         Confirmation(None)
     }
 
+    /// Whether the broker confirmed already: awaiting it returns `Ok` at once.
+    pub fn is_confirmed(&self) -> bool {
+        self.0.is_none()
+    }
+
     /// Confirmed when `future` resolves.
     pub fn pending(future: impl Future<Output = Result<(), Error>> + Send + 'static) -> Self {
         Confirmation(Some(Box::pin(future)))

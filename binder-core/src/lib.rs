@@ -5,6 +5,7 @@
 //! Applications use the `bindery` crate, which re-exports this one with the macro and binders.
 
 pub mod binder;
+mod bridge;
 pub mod config;
 mod error;
 mod function;
@@ -22,6 +23,7 @@ pub use binder::{
     Acknowledgement, Binder, BinderProvider, BinderSettings, Confirmation, ConsumerSpec, Delivery,
     Producer, ProducerSpec, Subscription,
 };
+pub use bridge::StreamBridge;
 pub use config::{AppConfig, ConfigError, ConsumerProperties, ProducerProperties};
 pub use error::{BoxError, Error};
 pub use function::{registered_functions, FunctionKind, FunctionRegistration, StreamFunction};
@@ -31,7 +33,7 @@ pub use handler::{
 };
 pub use memory::{MemoryBinder, MemoryBinderProvider, MemoryError};
 pub use message::{header, Headers, Message, MessageBuilder};
-pub use runtime::{Application, ApplicationBuilder, RunningApplication, StreamBridge};
+pub use runtime::{Application, ApplicationBuilder, RunningApplication};
 
 #[doc(hidden)]
 pub use inventory;

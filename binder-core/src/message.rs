@@ -2,6 +2,7 @@
 
 use std::collections::BTreeMap;
 use std::fmt;
+use std::sync::Arc;
 
 use bytes::Bytes;
 
@@ -33,7 +34,9 @@ pub mod header {
 /// ```
 #[derive(Clone, Default, PartialEq, Eq)]
 pub struct Headers {
-    entries: BTreeMap<String, Bytes>,
+    // Shared until changed: messages are cloned on every hop (fan-out, retries, dead letters),
+    // headers rarely change after they were set.
+    entries: Arc<BTreeMap<String, Bytes>>,
 }
 
 impl Headers {
@@ -59,18 +62,21 @@ impl Headers {
 
     /// Sets `name` to `value` (copied), replacing any earlier value.
     pub fn insert(&mut self, name: impl Into<String>, value: impl AsRef<[u8]>) {
-        self.entries
+        Arc::make_mut(&mut self.entries)
             .insert(name.into(), Bytes::copy_from_slice(value.as_ref()));
     }
 
     /// Sets `name` to `value` without copying it.
     pub fn insert_bytes(&mut self, name: impl Into<String>, value: Bytes) {
-        self.entries.insert(name.into(), value);
+        Arc::make_mut(&mut self.entries).insert(name.into(), value);
     }
 
     /// Removes `name`, returning its value.
     pub fn remove(&mut self, name: &str) -> Option<Bytes> {
-        self.entries.remove(name)
+        if !self.entries.contains_key(name) {
+            return None;
+        }
+        Arc::make_mut(&mut self.entries).remove(name)
     }
 
     /// Every header, in name order.
@@ -92,7 +98,7 @@ impl Headers {
 impl fmt::Debug for Headers {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         let mut map = f.debug_map();
-        for (name, value) in &self.entries {
+        for (name, value) in self.entries.iter() {
             match std::str::from_utf8(value) {
                 Ok(text) => map.entry(name, &text),
                 Err(_) => map.entry(name, value),

@@ -11,7 +11,6 @@
 //! input is handed back unacknowledged; only a send the broker refused for good dead-letters
 //! the input.
 
-use std::any::Any;
 use std::collections::VecDeque;
 use std::future::Future;
 use std::panic::AssertUnwindSafe;
@@ -28,15 +27,15 @@ use tokio::sync::watch;
 use tokio::task::{JoinError, JoinHandle};
 use tokio::time::Instant;
 
-use super::bridge::Output;
-use super::ids::{new_message_id, output_id};
 use super::lanes::Lanes;
-use super::send::{confirm_all, enqueue_all, stamp, Sending};
 use super::settle::{settle, InOrder, Verdict};
 use super::window::Window;
 use crate::binder::{Acknowledgement, Delivery, Producer, Subscription};
+use crate::bridge::{
+    all_confirmed, confirm_all, enqueue_all, new_message_id, output_id, stamp, Output, Sending,
+};
 use crate::config::ConsumerProperties;
-use crate::handler::{Context, ErasedHandler, Failure, FailureKind};
+use crate::handler::{panic_text, Context, ErasedHandler, Failure, FailureKind};
 use crate::message::header;
 use crate::{Error, Message};
 
@@ -65,16 +64,6 @@ impl Invoker {
             ));
         }
         Ok(outputs.into_messages())
-    }
-}
-
-pub(crate) fn panic_text(panic: &(dyn Any + Send)) -> String {
-    if let Some(text) = panic.downcast_ref::<&str>() {
-        format!("handler panicked: {text}")
-    } else if let Some(text) = panic.downcast_ref::<String>() {
-        format!("handler panicked: {text}")
-    } else {
-        "handler panicked".to_owned()
     }
 }
 
@@ -336,7 +325,7 @@ impl Engine {
             Step::Handled(item, Ok(sendings)) => {
                 self.running -= 1;
                 self.release_key(&item);
-                if sendings.is_empty() {
+                if all_confirmed(&sendings) {
                     self.settle(item, Verdict::Ack);
                 } else {
                     self.jobs.push(Box::pin(async move {

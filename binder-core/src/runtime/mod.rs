@@ -2,11 +2,8 @@
 //! shuts it down without losing a message.
 
 mod binding;
-mod bridge;
-mod ids;
 mod lanes;
 mod plan;
-mod send;
 mod settle;
 mod window;
 
@@ -20,10 +17,10 @@ use tokio::sync::watch;
 use tokio::task::JoinSet;
 
 use binding::{run_supplier, InputBinding, Invoker};
-pub use bridge::StreamBridge;
 use plan::{Plan, Planner, KNOWN_BINDER_TYPES};
 
 use crate::binder::{Binder, BinderProvider};
+use crate::bridge::StreamBridge;
 use crate::config::{
     load, AppConfig, ConfigError, ConfigSource, LoadOptions, Problems, StreamConfig,
 };

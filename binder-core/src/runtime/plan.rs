@@ -5,10 +5,11 @@ use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::Duration;
 
-use crate::binder::{BinderProvider, BinderSettings, ConsumerSpec, ProducerSpec};
+use crate::binder::{BinderProvider, BinderSettings};
+use crate::bridge::ResolvedBinding;
 use crate::config::{
     normalize_name, quoted_list, suggestion, BindingConfig, ConfigNode, ConsumerProperties,
-    Problems, ProducerProperties, StreamConfig,
+    Problems, StreamConfig,
 };
 use crate::function::{FunctionKind, StreamFunction};
 
@@ -20,41 +21,6 @@ pub(crate) const KNOWN_BINDER_TYPES: &[(&str, &str)] =
 type Extensions = BTreeMap<(String, String), (Option<ConfigNode>, Option<ConfigNode>)>;
 
 const DEFAULT_POLL: Duration = Duration::from_secs(1);
-
-/// One binding, fully decided.
-#[derive(Clone, Debug)]
-pub(crate) struct ResolvedBinding {
-    pub(crate) name: String,
-    pub(crate) destination: String,
-    pub(crate) group: Option<String>,
-    pub(crate) content_type: Option<String>,
-    pub(crate) binder: String,
-    pub(crate) consumer: ConsumerProperties,
-    pub(crate) producer: ProducerProperties,
-    pub(crate) consumer_extension: Option<ConfigNode>,
-    pub(crate) producer_extension: Option<ConfigNode>,
-}
-
-impl ResolvedBinding {
-    pub(crate) fn consumer_spec(&self) -> ConsumerSpec {
-        ConsumerSpec {
-            binding: self.name.clone(),
-            destination: self.destination.clone(),
-            group: self.group.clone(),
-            properties: self.consumer.clone(),
-            extension: self.consumer_extension.clone(),
-        }
-    }
-
-    pub(crate) fn producer_spec(&self) -> ProducerSpec {
-        ProducerSpec {
-            binding: self.name.clone(),
-            destination: self.destination.clone(),
-            properties: self.producer.clone(),
-            extension: self.producer_extension.clone(),
-        }
-    }
-}
 
 #[derive(Clone, Debug)]
 pub(crate) struct PlannedFunction {

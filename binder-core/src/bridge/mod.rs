@@ -6,13 +6,16 @@ use std::sync::Arc;
 use bytes::Bytes;
 use tokio::sync::Mutex;
 
-use super::ids::new_message_id;
-use super::plan::ResolvedBinding;
-use super::send::{confirm_all, enqueue_all, stamp};
-use crate::binder::{Binder, Producer, ProducerSpec};
+mod ids;
+mod send;
+
+use crate::binder::{Binder, ConsumerSpec, Producer, ProducerSpec};
 use crate::config::{normalize_name, BindingConfig};
+use crate::config::{ConfigNode, ConsumerProperties, ProducerProperties};
 use crate::handler::{IntoOutputs, Outputs, DEFAULT_CONTENT_TYPE};
 use crate::{Error, Message};
+pub(crate) use ids::{new_message_id, output_id};
+pub(crate) use send::{all_confirmed, confirm_all, enqueue_all, stamp, Sending};
 
 /// Sends values or messages to any output binding or destination at run time, with the same
 /// conversion and binder selection as a function's output (Spring's `StreamBridge`).
@@ -161,5 +164,40 @@ impl StreamBridge {
 
     pub(crate) fn close(&self) {
         self.inner.closed.store(true, Ordering::Release);
+    }
+}
+
+/// One binding, fully decided.
+#[derive(Clone, Debug)]
+pub(crate) struct ResolvedBinding {
+    pub(crate) name: String,
+    pub(crate) destination: String,
+    pub(crate) group: Option<String>,
+    pub(crate) content_type: Option<String>,
+    pub(crate) binder: String,
+    pub(crate) consumer: ConsumerProperties,
+    pub(crate) producer: ProducerProperties,
+    pub(crate) consumer_extension: Option<ConfigNode>,
+    pub(crate) producer_extension: Option<ConfigNode>,
+}
+
+impl ResolvedBinding {
+    pub(crate) fn consumer_spec(&self) -> ConsumerSpec {
+        ConsumerSpec {
+            binding: self.name.clone(),
+            destination: self.destination.clone(),
+            group: self.group.clone(),
+            properties: self.consumer.clone(),
+            extension: self.consumer_extension.clone(),
+        }
+    }
+
+    pub(crate) fn producer_spec(&self) -> ProducerSpec {
+        ProducerSpec {
+            binding: self.name.clone(),
+            destination: self.destination.clone(),
+            properties: self.producer.clone(),
+            extension: self.producer_extension.clone(),
+        }
     }
 }

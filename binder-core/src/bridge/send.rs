@@ -6,8 +6,8 @@ use std::sync::Arc;
 use bytes::Bytes;
 use futures::FutureExt;
 
-use super::binding::panic_text;
 use crate::binder::{Confirmation, Producer};
+use crate::handler::panic_text;
 use crate::message::header;
 use crate::{Error, Message};
 
@@ -46,6 +46,14 @@ pub(crate) async fn enqueue_all(
         });
     }
     sendings
+}
+
+/// Whether every send was confirmed already (a broker that takes messages synchronously), so
+/// there is nothing to wait for.
+pub(crate) fn all_confirmed(sendings: &[Sending]) -> bool {
+    sendings
+        .iter()
+        .all(|s| matches!(&s.confirmation, Ok(c) if c.is_confirmed()))
 }
 
 /// Awaits every confirmation; returns the messages that were not confirmed, with why.

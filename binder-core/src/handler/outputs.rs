@@ -1,0 +1,186 @@
+//! What a handler returns: values turned into messages to send.
+
+use std::any::type_name;
+use std::fmt;
+
+use bytes::Bytes;
+use serde::Serialize;
+
+use super::{is_json, Failure, FailureKind};
+use crate::message::header;
+use crate::Message;
+
+/// Messages produced by one handler call, not yet sent.
+#[derive(Debug)]
+pub struct Outputs {
+    content_type: String,
+    messages: Vec<Message>,
+}
+
+impl Outputs {
+    /// No messages yet; values will be encoded as `content_type`.
+    pub fn new(content_type: impl Into<String>) -> Self {
+        Outputs {
+            content_type: content_type.into(),
+            messages: Vec::new(),
+        }
+    }
+
+    /// The content type values are encoded as.
+    pub fn content_type(&self) -> &str {
+        &self.content_type
+    }
+
+    /// Adds a message, ready to send.
+    pub fn push(&mut self, message: Message) {
+        self.messages.push(message);
+    }
+
+    /// The messages, in the order they were produced.
+    pub fn into_messages(self) -> Vec<Message> {
+        self.messages
+    }
+
+    /// How many messages there are.
+    pub fn len(&self) -> usize {
+        self.messages.len()
+    }
+
+    /// Whether there are none.
+    pub fn is_empty(&self) -> bool {
+        self.messages.is_empty()
+    }
+}
+
+/// A handler's return value, turned into zero or more messages (or a failure).
+#[diagnostic::on_unimplemented(
+    message = "`{Self}` cannot be returned from a stream function",
+    label = "not accepted as a return value",
+    note = "accepted: `()`, a type that implements `serde::Serialize` (`Encoded<T>` when written by hand), `Message<T>`, `String`, `bytes::Bytes`, `Option<T>`, `Vec<T>` and `Result<T, E>` of these, where `E: Display`"
+)]
+pub trait IntoOutputs: Send {
+    /// Adds the messages this value stands for to `outputs`.
+    fn into_outputs(self, outputs: &mut Outputs) -> Result<(), Failure>;
+}
+
+/// A payload type turned into bytes for sending.
+#[diagnostic::on_unimplemented(
+    message = "`{Self}` cannot be the payload of an outgoing `Message`",
+    note = "accepted payloads: `Encoded<T>` for `T: serde::Serialize`, `String`, `&'static str`, `bytes::Bytes`, `Vec<u8>`"
+)]
+pub trait IntoPayload: Send {
+    /// The bytes, and the content type to set when the message has none (`None`: the
+    /// binding's content type).
+    fn into_payload(self, content_type: &str) -> Result<(Bytes, Option<&'static str>), Failure>;
+}
+
+/// A value encoded by content type (JSON by default). `#[stream_function]` wraps plain return
+/// values in it.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Encoded<T>(pub T);
+
+impl<T: Serialize + Send> IntoPayload for Encoded<T> {
+    fn into_payload(self, content_type: &str) -> Result<(Bytes, Option<&'static str>), Failure> {
+        if !is_json(content_type) {
+            return Err(Failure::encode::<T>(format_args!(
+                "content type `{content_type}` carries no structured value; return `String` or `Bytes`, or use a JSON content type"
+            )));
+        }
+        let bytes = serde_json::to_vec(&self.0).map_err(Failure::encode::<T>)?;
+        Ok((Bytes::from(bytes), None))
+    }
+}
+
+impl IntoPayload for String {
+    fn into_payload(self, _: &str) -> Result<(Bytes, Option<&'static str>), Failure> {
+        Ok((Bytes::from(self), Some("text/plain; charset=utf-8")))
+    }
+}
+
+impl IntoPayload for &'static str {
+    fn into_payload(self, _: &str) -> Result<(Bytes, Option<&'static str>), Failure> {
+        Ok((
+            Bytes::from_static(self.as_bytes()),
+            Some("text/plain; charset=utf-8"),
+        ))
+    }
+}
+
+impl IntoPayload for Bytes {
+    fn into_payload(self, _: &str) -> Result<(Bytes, Option<&'static str>), Failure> {
+        Ok((self, Some("application/octet-stream")))
+    }
+}
+
+impl IntoPayload for Vec<u8> {
+    fn into_payload(self, _: &str) -> Result<(Bytes, Option<&'static str>), Failure> {
+        Ok((Bytes::from(self), Some("application/octet-stream")))
+    }
+}
+
+impl<P: IntoPayload> IntoOutputs for Message<P> {
+    fn into_outputs(self, outputs: &mut Outputs) -> Result<(), Failure> {
+        let (payload, mut headers, key) = self.into_parts();
+        let (bytes, own_type) = payload.into_payload(&outputs.content_type)?;
+        if !headers.contains(header::CONTENT_TYPE) {
+            headers.insert(
+                header::CONTENT_TYPE,
+                own_type.unwrap_or(&outputs.content_type),
+            );
+        }
+        outputs.push(Message::from_parts(bytes, headers, key));
+        Ok(())
+    }
+}
+
+macro_rules! single_payload_outputs {
+    ($($ty:ty),*) => {$(
+        impl IntoOutputs for $ty {
+            fn into_outputs(self, outputs: &mut Outputs) -> Result<(), Failure> {
+                Message::new(self).into_outputs(outputs)
+            }
+        }
+    )*};
+}
+single_payload_outputs!(String, &'static str, Bytes);
+
+impl<T: Serialize + Send> IntoOutputs for Encoded<T> {
+    fn into_outputs(self, outputs: &mut Outputs) -> Result<(), Failure> {
+        Message::new(self).into_outputs(outputs)
+    }
+}
+
+impl IntoOutputs for () {
+    fn into_outputs(self, _: &mut Outputs) -> Result<(), Failure> {
+        Ok(())
+    }
+}
+
+impl<O: IntoOutputs> IntoOutputs for Option<O> {
+    fn into_outputs(self, outputs: &mut Outputs) -> Result<(), Failure> {
+        match self {
+            Some(value) => value.into_outputs(outputs),
+            None => Ok(()),
+        }
+    }
+}
+
+impl<O: IntoOutputs> IntoOutputs for Vec<O> {
+    fn into_outputs(self, outputs: &mut Outputs) -> Result<(), Failure> {
+        self.into_iter()
+            .try_for_each(|value| value.into_outputs(outputs))
+    }
+}
+
+impl<O: IntoOutputs, E: fmt::Display + Send + 'static> IntoOutputs for Result<O, E> {
+    fn into_outputs(self, outputs: &mut Outputs) -> Result<(), Failure> {
+        match self {
+            Ok(value) => value.into_outputs(outputs),
+            Err(error) => Err(Failure::new(
+                FailureKind::Handler,
+                type_name::<E>(),
+                error.to_string(),
+            )),
+        }
+    }
+}
