@@ -54,6 +54,7 @@ struct Options {
     rounds: usize,
     latency_seconds: f64,
     soak: u64,
+    max_rate: f64,
     json: String,
 }
 
@@ -64,6 +65,7 @@ fn parse() -> Result<Options, String> {
         rounds: 3,
         latency_seconds: 5.0,
         soak: 5_000_000,
+        max_rate: f64::INFINITY,
         json: "bench-results.json".to_owned(),
     };
     let mut args = std::env::args().skip(1);
@@ -86,6 +88,7 @@ fn parse() -> Result<Options, String> {
                 options.rounds = 1;
                 options.latency_seconds = 1.0;
                 options.soak = 20_000;
+                options.max_rate = 500.0;
             }
             other => return Err(format!("unknown argument `{other}`")),
         }
@@ -191,7 +194,7 @@ async fn run_pipeline(name: &'static str, options: &Options) -> Result<PipelineR
             .collect(),
     );
     if name != "memory" {
-        let rate = (raw_rate * LATENCY_LOAD).max(10.0);
+        let rate = (raw_rate * LATENCY_LOAD).clamp(10.0, options.max_rate);
         for round in 1..=options.rounds {
             for side in [Side::Raw, Side::Bindery] {
                 eprintln!(
@@ -353,13 +356,17 @@ fn main() -> ExitCode {
         .build()
         .expect("a tokio runtime");
     let options = Arc::new(options);
-    let reports = runtime.block_on(async {
-        let mut reports = Vec::new();
-        for name in options.pipelines.clone() {
-            reports.push(run_pipeline(name, &options).await?);
-        }
-        Ok::<_, String>(reports)
-    });
+    // On a worker thread like any service's code, not on the thread blocked in `block_on`.
+    let run = options.clone();
+    let reports = runtime
+        .block_on(runtime.spawn(async move {
+            let mut reports = Vec::new();
+            for name in run.pipelines.clone() {
+                reports.push(run_pipeline(name, &run).await?);
+            }
+            Ok::<_, String>(reports)
+        }))
+        .unwrap_or_else(|e| Err(e.to_string()));
     let reports = match reports {
         Ok(reports) => reports,
         Err(error) => {

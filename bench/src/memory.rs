@@ -36,19 +36,23 @@ async fn prepared() -> Result<(MemoryBinder, Box<dyn Subscription>), String> {
 }
 
 async fn read(mut invoices: Box<dyn Subscription>, n: u64) -> Result<(), String> {
-    for _ in 0..n {
-        let next = tokio::time::timeout(Duration::from_secs(60), invoices.next()).await;
-        let delivery = match next {
-            Ok(Some(Ok(delivery))) => delivery,
-            _ => return Err("an invoice did not come within 60 s".to_owned()),
-        };
-        delivery
-            .acknowledgement
-            .ack()
-            .await
-            .map_err(|e| e.to_string())?;
-    }
-    Ok(())
+    let all = async {
+        for _ in 0..n {
+            let delivery = match invoices.next().await {
+                Some(Ok(delivery)) => delivery,
+                _ => return Err("the invoice reader stopped".to_owned()),
+            };
+            delivery
+                .acknowledgement
+                .ack()
+                .await
+                .map_err(|e| e.to_string())?;
+        }
+        Ok(())
+    };
+    tokio::time::timeout(Duration::from_secs(600), all)
+        .await
+        .map_err(|_| "the invoices did not all come within 600 s".to_owned())?
 }
 
 pub(crate) async fn throughput(side: Side, n: u64) -> Result<Throughput, String> {

@@ -287,9 +287,18 @@ impl Binder for KafkaBinder {
         let consumer: BaseConsumer<PollContext> = config
             .create_with_context(context)
             .map_err(|e| self.error(client_error(&self.inner.settings, e)))?;
-        consumer
-            .subscribe(&[spec.destination.as_str()])
-            .map_err(|e| self.error(KafkaError::Client(e.to_string())))?;
+        // A group joins and gets partitions from the group; an anonymous consumer takes every
+        // partition itself, at the end of each, so no group join stands between `subscribe`
+        // returning and the first message it must see.
+        let anonymous_start = match &spec.group {
+            Some(_) => {
+                consumer
+                    .subscribe(&[spec.destination.as_str()])
+                    .map_err(|e| self.error(KafkaError::Client(e.to_string())))?;
+                None
+            }
+            None => Some(start),
+        };
 
         // A small hand-over: the engine's window bounds what is in flight, not this channel.
         let (deliveries, receiver) = mpsc::channel(HAND_OVER);
@@ -302,6 +311,8 @@ impl Binder for KafkaBinder {
             acks,
             stop: stop.clone(),
             max_poll_interval,
+            anonymous_start,
+            timeout: self.inner.settings.connection_timeout,
         };
         let thread = std::thread::Builder::new()
             .name(format!("bindery-kafka-{}", spec.destination))
@@ -568,10 +579,47 @@ struct Poller {
     acks: sync_mpsc::Sender<AckEvent>,
     stop: Arc<AtomicBool>,
     max_poll_interval: Duration,
+    /// Where an anonymous consumer starts; `None` for a group member.
+    anonymous_start: Option<StartOffset>,
+    /// How long looking up partitions and offsets may take.
+    timeout: Duration,
 }
 
 impl Poller {
+    /// Assigns every partition of the topic, each at its end (or start), resolved now: what is
+    /// sent after this returns is received.
+    fn assign_all(&self, start: StartOffset) -> rdkafka::error::KafkaResult<()> {
+        let metadata = self
+            .consumer
+            .fetch_metadata(Some(&self.topic), self.timeout)?;
+        let mut assignment = TopicPartitionList::new();
+        for topic in metadata.topics() {
+            for partition in topic.partitions() {
+                let (low, high) =
+                    self.consumer
+                        .fetch_watermarks(&self.topic, partition.id(), self.timeout)?;
+                let offset = match start {
+                    StartOffset::Earliest => low,
+                    StartOffset::Latest => high,
+                };
+                assignment.add_partition_offset(
+                    &self.topic,
+                    partition.id(),
+                    Offset::Offset(offset),
+                )?;
+            }
+        }
+        self.consumer.assign(&assignment)
+    }
+
     fn run(self) {
+        if let Some(start) = self.anonymous_start {
+            if let Err(error) = self.assign_all(start) {
+                tracing::error!(topic = %self.topic, %error, "could not assign the topic's partitions to an anonymous consumer");
+                return;
+            }
+            self.consumer.context().assigned.notify_one();
+        }
         // The offset after the last message handed over, per partition: where to go on resuming.
         let mut positions: BTreeMap<i32, i64> = BTreeMap::new();
         let mut full_since: Option<std::time::Instant> = None;

@@ -507,3 +507,323 @@ async fn what_was_acknowledged_is_not_delivered_again_after_a_restart() {
     assert!(seen.contains("second"), "the restarted group consumes");
     assert_eq!(records, 1_001, "nothing acknowledged was delivered again");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_anonymous_consumer_gets_what_is_sent_right_after_it_subscribed() {
+    if !available() {
+        return;
+    }
+    // Anonymous consumers start at the latest offset: once `subscribe` returns, that offset
+    // must be resolved, or a message sent right then is skipped.
+    let binder = KafkaBinder::connect(
+        "kafka",
+        KafkaSettings {
+            brokers: brokers(),
+            ..KafkaSettings::default()
+        },
+    )
+    .await
+    .expect("connect");
+    let topic = unique("anonymous");
+    let producer = binder
+        .producer(&ProducerSpec::new(topic.clone()))
+        .await
+        .expect("producer");
+    for round in 0..20 {
+        let mut subscription = binder
+            .subscribe(&ConsumerSpec::new(topic.clone(), None))
+            .await
+            .expect("subscribe");
+        let sent = format!("round-{round:02}");
+        producer
+            .send(Message::new(Bytes::from(sent.clone())))
+            .await
+            .expect("send");
+        let received = tokio::time::timeout(Duration::from_secs(30), subscription.next())
+            .await
+            .unwrap_or_else(|_| {
+                panic!("round {round}: the message sent after subscribing never came")
+            })
+            .expect("a delivery")
+            .expect("no error");
+        assert_eq!(
+            String::from_utf8_lossy(received.message.payload()),
+            sent,
+            "round {round}: only what was sent after subscribing"
+        );
+        received.acknowledgement.ack().await.expect("ack");
+        subscription.close().await.expect("close");
+    }
+}
+
+/// Where the partition and offset of a record sent without `x-message-id` can be read: the
+/// binder names such records `<topic>-<partition>@<offset>`.
+fn partition_and_offset(message: &Message) -> (i32, i64) {
+    let id = message
+        .headers()
+        .get_str(bindery_core::header::MESSAGE_ID)
+        .expect("an id");
+    let (rest, offset) = id.rsplit_once('@').expect("topic-partition@offset");
+    let (_, partition) = rest.rsplit_once('-').expect("topic-partition");
+    (
+        partition.parse().expect("partition"),
+        offset.parse().expect("offset"),
+    )
+}
+
+/// The offsets `group` committed for partitions 0 and 1 of `topic` (-1 where none).
+fn committed_pair(topic: &str, group: &str) -> [i64; 2] {
+    use rdkafka::consumer::{BaseConsumer, Consumer};
+    let consumer: BaseConsumer = rdkafka::ClientConfig::new()
+        .set("bootstrap.servers", brokers())
+        .set("group.id", group)
+        .create()
+        .expect("consumer");
+    let mut partitions = rdkafka::TopicPartitionList::new();
+    partitions.add_partition(topic, 0);
+    partitions.add_partition(topic, 1);
+    let committed = consumer
+        .committed_offsets(partitions, Duration::from_secs(10))
+        .expect("committed offsets");
+    [0, 1].map(
+        |p| match committed.find_partition(topic, p).map(|e| e.offset()) {
+            Some(rdkafka::Offset::Offset(offset)) => offset,
+            _ => -1,
+        },
+    )
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_member_joining_and_leaving_mid_stream_never_lets_the_group_commit_past_unhandled_work() {
+    if !available() {
+        return;
+    }
+    let (input, group) = (unique("joining"), unique("g"));
+    type Handled = Arc<Mutex<std::collections::BTreeSet<(i32, i64)>>>;
+    let handled: Handled = Arc::default();
+    let app = |handled: Handled| {
+        let work = StreamFunction::consumer("work", move |message: Message| {
+            let handled = handled.clone();
+            async move {
+                tokio::time::sleep(Duration::from_millis(20)).await;
+                handled
+                    .lock()
+                    .unwrap()
+                    .insert(partition_and_offset(&message));
+            }
+        });
+        let toml = format!(
+            r#"[stream]
+default-binder = "kafka"
+shutdown-timeout = "5s"
+[stream.binders.kafka]
+brokers = "{brokers}"
+min-partition-count = 2
+[stream.bindings.work-in-0]
+destination = "{input}"
+group = "{group}"
+consumer.concurrency = 2
+"#,
+            brokers = brokers()
+        );
+        isolated(work, &toml)
+            .binder_provider(KafkaBinderProvider)
+            .build()
+            .expect("valid")
+    };
+    let first = app(handled.clone()).start().await.expect("first member");
+
+    // An outside observer: whatever the group committed must have been handled already.
+    let watching = Arc::new(std::sync::atomic::AtomicBool::new(true));
+    let observer = {
+        let (input, group, handled, watching) = (
+            input.clone(),
+            group.clone(),
+            handled.clone(),
+            watching.clone(),
+        );
+        std::thread::spawn(move || {
+            let mut checks = 0;
+            while watching.load(std::sync::atomic::Ordering::Relaxed) {
+                let committed = committed_pair(&input, &group);
+                let done = handled.lock().unwrap().clone();
+                for (partition, &upto) in committed.iter().enumerate() {
+                    for offset in 0..upto {
+                        assert!(
+                            done.contains(&(partition as i32, offset)),
+                            "partition {partition} committed {upto} while offset {offset} was not handled"
+                        );
+                    }
+                }
+                checks += 1;
+                std::thread::sleep(Duration::from_millis(100));
+            }
+            checks
+        })
+    };
+
+    // One record per batch: a member taking over a partition fetches from the committed offset,
+    // which Tansu 0.6.0 cannot serve from inside a multi-record batch.
+    let producer = KafkaBinder::connect("kafka", {
+        let mut s = settings();
+        s.min_partition_count = 2;
+        s.configuration
+            .insert("batch.num.messages".to_owned(), "1".to_owned());
+        s
+    })
+    .await
+    .expect("connect")
+    .producer(&ProducerSpec::new(input.clone()))
+    .await
+    .expect("producer");
+    let total = 300;
+    let wait_for = |count: usize| {
+        let handled = handled.clone();
+        async move {
+            let deadline = Instant::now() + Duration::from_secs(120);
+            while handled.lock().unwrap().len() < count {
+                assert!(
+                    Instant::now() < deadline,
+                    "only {} of {count} handled",
+                    handled.lock().unwrap().len()
+                );
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+        }
+    };
+    for n in 0..total {
+        let message = Message::builder(Bytes::from(format!("m{n}")))
+            .key(format!("k{}", n % 11))
+            .build();
+        producer.send(message).await.expect("send");
+    }
+    wait_for(50).await;
+    let second = app(handled.clone())
+        .start()
+        .await
+        .expect("second member joins");
+    wait_for(150).await;
+    first.shutdown().await.expect("the first member leaves");
+    wait_for(total).await;
+    second.shutdown().await.expect("shutdown");
+    watching.store(false, std::sync::atomic::Ordering::Relaxed);
+    let checks = observer.join().expect("no commit passed unhandled work");
+    assert!(checks > 0, "the observer looked");
+}
+
+const KILL_TEST: &str = "BINDERY_KAFKA_KILL_TEST";
+
+/// Not a test of its own: the application process that
+/// `a_sigkill_mid_backlog_loses_nothing` starts (with `BINDERY_KAFKA_KILL_TEST` set) and kills.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "the child process of a_sigkill_mid_backlog_loses_nothing, started by it"]
+async fn sigkill_child() {
+    let Ok(names) = std::env::var(KILL_TEST) else {
+        return;
+    };
+    let names: Vec<&str> = names.split(',').collect();
+    let slow = StreamFunction::function("forward", |message: Message| async move {
+        tokio::time::sleep(Duration::from_millis(2)).await;
+        message
+    });
+    let toml = format!(
+        r#"[stream]
+default-binder = "kafka"
+[stream.binders.kafka]
+brokers = "{brokers}"
+# The killed member leaves no goodbye: the group waits this long before handing its
+# partitions to the restarted one.
+configuration."session.timeout.ms" = "6000"
+[stream.bindings.forward-in-0]
+destination = "{input}"
+group = "{group}"
+[stream.bindings.forward-out-0]
+destination = "{output}"
+"#,
+        brokers = brokers(),
+        input = names[0],
+        output = names[1],
+        group = names[2],
+    );
+    let _app = isolated(slow, &toml)
+        .binder_provider(KafkaBinderProvider)
+        .build()
+        .expect("valid")
+        .start()
+        .await
+        .expect("start");
+    std::future::pending::<()>().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_sigkill_mid_backlog_loses_nothing() {
+    if !available() {
+        return;
+    }
+    let (input, output, group) = (unique("killed-in"), unique("killed-out"), unique("g"));
+    // One record per batch: the restarted group fetches from its committed offset, which
+    // Tansu 0.6.0 cannot serve from inside a multi-record batch.
+    let mut one_per_batch = settings();
+    one_per_batch
+        .configuration
+        .insert("batch.num.messages".to_owned(), "1".to_owned());
+    let producer = KafkaBinder::connect("kafka", one_per_batch)
+        .await
+        .expect("connect")
+        .producer(&ProducerSpec::new(input.clone()))
+        .await
+        .expect("producer");
+    let total = 3_000;
+    let mut confirmations = Vec::new();
+    for n in 0..total {
+        let message = Message::new(Bytes::from(format!("order-{n:04}")));
+        confirmations.push(producer.enqueue(&message).await.expect("enqueue"));
+    }
+    for confirmation in futures::future::join_all(confirmations).await {
+        confirmation.expect("confirmed");
+    }
+    let start_child = || {
+        std::process::Command::new(std::env::current_exe().expect("the test binary"))
+            .args(["--exact", "sigkill_child", "--ignored", "--nocapture"])
+            .env(KILL_TEST, format!("{input},{output},{group}"))
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .expect("the application process")
+    };
+    let binder = KafkaBinder::connect("kafka", settings())
+        .await
+        .expect("connect");
+    let mut reader = binder
+        .subscribe(&ConsumerSpec::new(output.clone(), Some(&unique("reader"))))
+        .await
+        .expect("subscribe");
+    let mut seen = std::collections::BTreeSet::new();
+    let mut child = start_child();
+    read_until(&mut reader, &mut seen, 500).await;
+    child.kill().expect("SIGKILL");
+    child.wait().expect("reaped");
+    let mut child = start_child();
+    read_until(&mut reader, &mut seen, total).await;
+    child.kill().expect("SIGKILL");
+    child.wait().expect("reaped");
+    assert_eq!(seen.len(), total, "every order forwarded after the kill");
+}
+
+/// Reads `reader` until `seen` holds `count` distinct payloads.
+async fn read_until(
+    reader: &mut Box<dyn bindery_core::Subscription>,
+    seen: &mut std::collections::BTreeSet<String>,
+    count: usize,
+) {
+    let deadline = Instant::now() + Duration::from_secs(120);
+    while seen.len() < count {
+        match tokio::time::timeout_at(deadline, reader.next()).await {
+            Ok(Some(Ok(delivery))) => {
+                seen.insert(String::from_utf8_lossy(delivery.message.payload()).into_owned());
+                delivery.acknowledgement.ack().await.expect("ack");
+            }
+            _ => panic!("only {} of {count} orders forwarded", seen.len()),
+        }
+    }
+}
