@@ -1,4 +1,4 @@
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::{BTreeMap, BTreeSet, VecDeque};
 use std::fmt;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{mpsc as sync_mpsc, Arc, Mutex};
@@ -28,6 +28,9 @@ use crate::KafkaError;
 
 /// How long a new consumer may wait for its partitions (group joins can take seconds).
 const ASSIGNMENT_TIMEOUT: Duration = Duration::from_secs(60);
+/// How long closing waits for queued records. Every input whose outputs are still queued is
+/// unacknowledged and comes back, so this only saves redeliveries; it keeps shutdown short.
+const CLOSE_FLUSH: Duration = Duration::from_secs(2);
 /// How long a send may wait for room in librdkafka's queue.
 const QUEUE_TIMEOUT: Duration = Duration::from_secs(30);
 /// Messages handed from the poll thread to the application ahead of its need.
@@ -279,8 +282,9 @@ impl Binder for KafkaBinder {
             assigned: assigned.clone(),
             tracker: Arc::new(Mutex::new(Tracker {
                 topic: spec.destination.clone(),
-                generation: 0,
+                next_generation: 0,
                 partitions: BTreeMap::new(),
+                positions: BTreeMap::new(),
                 events,
             })),
         };
@@ -346,12 +350,10 @@ impl Binder for KafkaBinder {
         }))
     }
 
-    /// Waits (up to the producer's `message.timeout.ms` budget of 30 s) for what is still
-    /// queued to be delivered.
+    /// Waits briefly for what is still queued to be delivered.
     async fn close(&self) -> Result<(), Error> {
         let producer = self.inner.producer.clone();
-        let flushed =
-            tokio::task::spawn_blocking(move || producer.flush(Duration::from_secs(30))).await;
+        let flushed = tokio::task::spawn_blocking(move || producer.flush(CLOSE_FLUSH)).await;
         match flushed {
             Ok(Ok(())) => Ok(()),
             Ok(Err(e)) => Err(self.error(KafkaError::Client(format!(
@@ -438,7 +440,6 @@ fn is_permanent(error: &rdkafka::error::KafkaError) -> bool {
                 | TopicAuthorizationFailed
                 | ClusterAuthorizationFailed
                 | TransactionalIdAuthorizationFailed
-                | Fatal
         )
     )
 }
@@ -502,27 +503,61 @@ struct AckEvent {
 }
 
 /// The offsets of the current assignment and the acknowledgements not yet applied. Every
-/// assignment change starts a new generation: acknowledgements of messages received before it
-/// are ignored, so a partition revoked and assigned back never stores an offset past a message
-/// its new copy has not handled.
+/// assignment of a partition starts a new generation of it: acknowledgements of messages
+/// received before are ignored, so a partition revoked and assigned back never stores an offset
+/// past a message its new copy has not handled.
 struct Tracker {
     topic: String,
-    generation: u64,
+    next_generation: u64,
     partitions: BTreeMap<i32, PartitionOffsets>,
+    /// The offset after the last record polled, per partition: where a resume continues.
+    positions: BTreeMap<i32, i64>,
     events: sync_mpsc::Receiver<AckEvent>,
 }
 
 impl Tracker {
+    /// Starts a new generation of `partition`.
+    fn assign(&mut self, partition: i32) -> &mut PartitionOffsets {
+        self.next_generation += 1;
+        let fresh = PartitionOffsets::new(self.next_generation);
+        self.partitions.insert(partition, fresh);
+        self.partitions.get_mut(&partition).expect("just assigned")
+    }
+
+    /// Records a polled record; returns the generation its acknowledgement must carry.
+    fn received(&mut self, partition: i32, offset: i64) -> u64 {
+        self.positions.insert(partition, offset + 1);
+        let p = match self.partitions.contains_key(&partition) {
+            true => self.partitions.get_mut(&partition).expect("present"),
+            false => self.assign(partition),
+        };
+        p.received(offset);
+        p.generation
+    }
+
+    fn is_current(&self, partition: i32, generation: u64) -> bool {
+        self.partitions
+            .get(&partition)
+            .is_some_and(|p| p.generation == generation)
+    }
+
+    fn revoke(&mut self, partition: i32) {
+        self.partitions.remove(&partition);
+        self.positions.remove(&partition);
+    }
+
     /// Applies acknowledgements and stores, per partition, the offset below which everything
     /// is done. "Deliver again" leaves the message in flight: nothing is stored past it, and the
     /// partition's next reader gets it again.
     fn settle<C: ConsumerContext>(&mut self, consumer: &BaseConsumer<C>) {
         for event in self.events.try_iter() {
-            if event.generation != self.generation || !event.done {
+            if !event.done {
                 continue;
             }
             if let Some(p) = self.partitions.get_mut(&event.partition) {
-                p.done(event.offset);
+                if p.generation == event.generation {
+                    p.done(event.offset);
+                }
             }
         }
         let mut store = TopicPartitionList::new();
@@ -553,25 +588,30 @@ impl ConsumerContext for PollContext {
             // still in flight there is delivered again to the partition's next owner.
             let mut tracker = lock(&self.tracker);
             tracker.settle(consumer);
-            tracker.generation += 1;
             for element in partitions.elements() {
-                tracker.partitions.remove(&element.partition());
+                tracker.revoke(element.partition());
             }
         }
     }
 
     fn post_rebalance(&self, _: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
-        if let Rebalance::Assign(_) = rebalance {
-            lock(&self.tracker).generation += 1;
+        if let Rebalance::Assign(partitions) = rebalance {
+            let mut tracker = lock(&self.tracker);
+            for element in partitions.elements() {
+                tracker.assign(element.partition());
+            }
+            drop(tracker);
             self.assigned.notify_one();
         }
     }
 }
 
-/// Owns the consumer on its own thread. It polls only when the application has room for a
-/// message, so a backlog never piles up here: no pause, no seek in the steady state. Should the
-/// application stay full for longer than half of `max.poll.interval.ms` (every message waiting
-/// in back-off), the partitions are paused and polling goes on to keep the group membership.
+/// Owns the consumer on its own thread. It polls only when the hand-over to the application
+/// has room, so a backlog waits in the broker (and librdkafka's prefetch), not in this thread:
+/// no pause and no seek in the steady state. Should the application stay full for longer than
+/// half of `max.poll.interval.ms` (every message waiting in back-off, say), the partitions are
+/// paused and polling goes on to keep the group membership; records that arrive meanwhile are
+/// kept, and resuming continues after the last record polled.
 struct Poller {
     consumer: BaseConsumer<PollContext>,
     topic: String,
@@ -583,6 +623,13 @@ struct Poller {
     anonymous_start: Option<StartOffset>,
     /// How long looking up partitions and offsets may take.
     timeout: Duration,
+}
+
+/// A record polled and not yet handed over, with the assignment it came from.
+struct Polled {
+    partition: i32,
+    generation: u64,
+    delivery: Delivery,
 }
 
 impl Poller {
@@ -620,58 +667,72 @@ impl Poller {
             }
             self.consumer.context().assigned.notify_one();
         }
-        // The offset after the last message handed over, per partition: where to go on resuming.
-        let mut positions: BTreeMap<i32, i64> = BTreeMap::new();
+        // Records polled but not handed over yet: at most one in the steady state, more only
+        // while paused.
+        let mut pending: VecDeque<Polled> = VecDeque::new();
         let mut full_since: Option<std::time::Instant> = None;
         let mut paused = false;
         while !self.stop.load(Ordering::Acquire) {
             self.settle();
-            let permit = match self.deliveries.try_reserve() {
-                Ok(permit) => permit,
-                Err(mpsc::error::TrySendError::Closed(())) => break,
-                Err(mpsc::error::TrySendError::Full(())) => {
-                    let since = *full_since.get_or_insert_with(std::time::Instant::now);
-                    if !paused && since.elapsed() > self.max_poll_interval / 2 {
-                        tracing::warn!(topic = %self.topic, "the application has been full for a long time; pausing the partitions to keep the group membership");
-                        self.pause_or_resume(true, &positions);
-                        paused = true;
-                    }
-                    if paused {
-                        // Serves rebalances and keeps the membership; paused partitions return nothing.
-                        self.poll_paused();
-                    } else {
-                        std::thread::sleep(FULL_WAIT);
-                    }
+            if let Some(polled) = pending.pop_front() {
+                let current = lock(&self.consumer.context().tracker)
+                    .is_current(polled.partition, polled.generation);
+                if !current {
+                    // Its partition was revoked since: its next owner delivers it.
                     continue;
                 }
-            };
-            full_since = None;
+                match self.deliveries.try_send(polled.delivery) {
+                    Ok(()) => {
+                        full_since = None;
+                        continue;
+                    }
+                    Err(mpsc::error::TrySendError::Closed(_)) => break,
+                    Err(mpsc::error::TrySendError::Full(delivery)) => {
+                        pending.push_front(Polled { delivery, ..polled });
+                        let since = *full_since.get_or_insert_with(std::time::Instant::now);
+                        if since.elapsed() > self.max_poll_interval / 2 {
+                            if !paused {
+                                tracing::warn!(topic = %self.topic, "the application has been full for a long time; pausing the partitions to keep the group membership");
+                                paused = true;
+                            }
+                            // Paused again each time, so partitions assigned meanwhile pause too;
+                            // polling serves rebalances and keeps the membership.
+                            self.pause();
+                            if let Some(record) = self.poll() {
+                                pending.push_back(record);
+                            }
+                        } else {
+                            std::thread::sleep(FULL_WAIT);
+                        }
+                        continue;
+                    }
+                }
+            }
             if paused {
-                self.pause_or_resume(false, &positions);
+                self.resume();
                 paused = false;
             }
-            match self.consumer.poll(POLL_INTERVAL) {
-                None => {}
-                Some(Err(error)) => {
-                    tracing::warn!(topic = %self.topic, %error, "Kafka consumer error")
-                }
-                Some(Ok(record)) => {
-                    let (partition, offset) = (record.partition(), record.offset());
-                    positions.insert(partition, offset + 1);
-                    let generation = {
-                        let mut tracker = lock(&self.consumer.context().tracker);
-                        let generation = tracker.generation;
-                        let p = tracker
-                            .partitions
-                            .entry(partition)
-                            .or_insert_with(|| PartitionOffsets::new(generation));
-                        if p.generation != generation {
-                            *p = PartitionOffsets::new(generation);
-                        }
-                        p.received(offset);
-                        generation
-                    };
-                    permit.send(Delivery {
+            if let Some(record) = self.poll() {
+                pending.push_back(record);
+            }
+        }
+        self.finish();
+    }
+
+    /// Polls once; a record becomes a delivery whose acknowledgement carries its generation.
+    fn poll(&self) -> Option<Polled> {
+        match self.consumer.poll(POLL_INTERVAL)? {
+            Err(error) => {
+                tracing::warn!(topic = %self.topic, %error, "Kafka consumer error");
+                None
+            }
+            Ok(record) => {
+                let (partition, offset) = (record.partition(), record.offset());
+                let generation = lock(&self.consumer.context().tracker).received(partition, offset);
+                Some(Polled {
+                    partition,
+                    generation,
+                    delivery: Delivery {
                         message: to_message(&record),
                         redelivered: false,
                         acknowledgement: Box::new(KafkaAck {
@@ -680,53 +741,54 @@ impl Poller {
                             offset,
                             generation,
                         }),
-                    });
-                }
+                    },
+                })
             }
         }
-        self.finish();
     }
 
     fn settle(&self) {
         lock(&self.consumer.context().tracker).settle(&self.consumer);
     }
 
-    fn poll_paused(&self) {
-        if let Some(Ok(record)) = self.consumer.poll(POLL_INTERVAL) {
-            // Fetched before the pause took effect: it comes again after the resume's seek.
-            tracing::debug!(topic = %self.topic, offset = record.offset(), "record of a paused partition set aside");
+    fn pause(&self) {
+        if let Err(error) = self
+            .consumer
+            .assignment()
+            .and_then(|assignment| self.consumer.pause(&assignment))
+        {
+            tracing::warn!(topic = %self.topic, %error, "pausing the partitions failed");
         }
     }
 
-    /// Pausing keeps the group membership while the application is full; resuming continues
-    /// each partition right after the last message handed over (what librdkafka had fetched
-    /// meanwhile is fetched again, never skipped).
-    fn pause_or_resume(&self, pause: bool, positions: &BTreeMap<i32, i64>) {
+    /// Resumes every partition right after the last record polled from it: what librdkafka
+    /// had fetched meanwhile is fetched again, never skipped.
+    fn resume(&self) {
         let Ok(assignment) = self.consumer.assignment() else {
             return;
         };
-        let result = if pause {
-            self.consumer.pause(&assignment)
-        } else {
-            self.consumer.resume(&assignment).and_then(|()| {
-                for (partition, offset) in positions {
-                    self.consumer.seek(
-                        &self.topic,
-                        *partition,
-                        Offset::Offset(*offset),
-                        Duration::from_secs(5),
-                    )?;
-                }
-                Ok(())
-            })
-        };
-        if let Err(error) = result {
-            tracing::warn!(topic = %self.topic, %error, "pausing or resuming partitions failed");
+        if let Err(error) = self.consumer.resume(&assignment) {
+            tracing::warn!(topic = %self.topic, %error, "resuming the partitions failed");
+        }
+        let positions = lock(&self.consumer.context().tracker).positions.clone();
+        for (partition, offset) in positions {
+            if let Err(error) = self.consumer.seek(
+                &self.topic,
+                partition,
+                Offset::Offset(offset),
+                Duration::from_secs(5),
+            ) {
+                tracing::warn!(topic = %self.topic, partition, %error, "continuing a partition after the pause failed");
+            }
         }
     }
 
     fn finish(self) {
         self.settle();
+        // An anonymous consumer leaves nothing behind.
+        if self.anonymous_start.is_some() {
+            return;
+        }
         if let Err(error) = self
             .consumer
             .commit_consumer_state(rdkafka::consumer::CommitMode::Sync)

@@ -63,6 +63,25 @@ struct Topology {
     only_queue: bool,
 }
 
+/// How long a publish may wait to be written, and then for its confirm, before it is a failed
+/// send (which the core sends again).
+const PUBLISH_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// Exchange and queue names are AMQP short strings: longer ones are refused, never a panic.
+fn check_name(name: &str) -> Result<(), RabbitError> {
+    if name.len() > mapping::SHORT_STRING_MAX {
+        return Err(RabbitError::Declare {
+            entity: format!("`{}...`", name.chars().take(40).collect::<String>()),
+            reason: format!(
+                "the name is {} bytes long; RabbitMQ allows at most {}: choose a shorter destination, group or `dlq-name`",
+                name.len(),
+                mapping::SHORT_STRING_MAX
+            ),
+        });
+    }
+    Ok(())
+}
+
 fn kind(exchange_type: &str) -> ExchangeKind {
     match exchange_type {
         "direct" => ExchangeKind::Direct,
@@ -139,8 +158,18 @@ impl RabbitBinder {
         }
     }
 
-    /// A new channel on the shared connection, reconnecting when it was lost.
+    /// A new channel on the shared connection, reconnecting when it was lost; an error when
+    /// the broker does not answer within twice `connection-timeout`.
     async fn channel(&self) -> Result<Channel, RabbitError> {
+        let limit = self.inner.settings.connection_timeout * 2;
+        tokio::time::timeout(limit, self.open_channel())
+            .await
+            .map_err(|_| {
+                RabbitError::Channel(format!("RabbitMQ did not open a channel within {limit:?}"))
+            })?
+    }
+
+    async fn open_channel(&self) -> Result<Channel, RabbitError> {
         let mut connection = self.inner.connection.lock().await;
         if let Some(open) = connection.as_ref() {
             if open.status().connected() {
@@ -158,8 +187,32 @@ impl RabbitBinder {
         Ok(channel)
     }
 
-    /// Declares what `topology` needs (when provisioning) and starts consuming its queue.
+    /// Declares what `topology` needs (when provisioning) and starts consuming its queue; an
+    /// error when a name is too long for AMQP or the broker does not answer in time.
     async fn consume(
+        &self,
+        topology: &Topology,
+    ) -> Result<(Channel, lapin::Consumer), RabbitError> {
+        for name in [
+            &topology.exchange,
+            &topology.queue,
+            &topology.consumer.binding_routing_key,
+        ]
+        .into_iter()
+        .chain(topology.dead_letter_queue.as_ref())
+        {
+            check_name(name)?;
+        }
+        let limit = self.inner.settings.connection_timeout * 3;
+        tokio::time::timeout(limit, self.declare_and_consume(topology))
+            .await
+            .map_err(|_| RabbitError::Declare {
+                entity: format!("queue `{}`", topology.queue),
+                reason: format!("RabbitMQ did not answer within {limit:?}"),
+            })?
+    }
+
+    async fn declare_and_consume(
         &self,
         topology: &Topology,
     ) -> Result<(Channel, lapin::Consumer), RabbitError> {
@@ -379,6 +432,7 @@ impl RabbitBinder {
         default_routing_key: String,
         declare: bool,
     ) -> Result<Arc<dyn Producer>, Error> {
+        check_name(&exchange).map_err(|e| self.error(e))?;
         let producer = RabbitProducer {
             binder: self.clone(),
             exchange,
@@ -387,6 +441,7 @@ impl RabbitBinder {
             default_routing_key,
             declare: declare && self.inner.settings.provision,
             channel: Mutex::new(None),
+            returned: Arc::default(),
         };
         producer.channel().await.map_err(|e| self.error(e))?;
         Ok(Arc::new(producer))
@@ -427,6 +482,7 @@ impl Binder for RabbitBinder {
                     consumer: RabbitConsumerSettings::default(),
                     only_queue: false,
                 };
+                check_name(&topology.queue).map_err(|e| self.error(e))?;
                 let channel = self.channel().await.map_err(|e| self.error(e))?;
                 self.declare(&channel, &topology)
                     .await
@@ -592,6 +648,8 @@ struct RabbitProducer {
     default_routing_key: String,
     declare: bool,
     channel: Mutex<Option<Channel>>,
+    /// Ids of returned messages whose return came with another message's confirm.
+    returned: Arc<std::sync::Mutex<std::collections::HashSet<String>>>,
 }
 
 impl fmt::Debug for RabbitProducer {
@@ -603,8 +661,18 @@ impl fmt::Debug for RabbitProducer {
 }
 
 impl RabbitProducer {
-    /// The producer's confirming channel, opened again when it was closed.
+    /// The producer's confirming channel, opened again when it was closed; an error when the
+    /// broker does not answer in time.
     async fn channel(&self) -> Result<Channel, RabbitError> {
+        let limit = self.binder.inner.settings.connection_timeout * 2;
+        tokio::time::timeout(limit, self.confirming_channel())
+            .await
+            .map_err(|_| {
+                RabbitError::Channel(format!("RabbitMQ did not open a channel within {limit:?}"))
+            })?
+    }
+
+    async fn confirming_channel(&self) -> Result<Channel, RabbitError> {
         let mut cached = self.channel.lock().await;
         if let Some(channel) = cached.as_ref() {
             if channel.status().connected() {
@@ -640,29 +708,46 @@ impl RabbitProducer {
         properties: BasicProperties,
     ) -> Result<Confirmation, RabbitError> {
         let channel = self.channel().await?;
-        let confirm = channel
-            .basic_publish(
-                ShortString::from(self.exchange.as_str()),
-                ShortString::from(routing_key),
-                BasicPublishOptions {
-                    mandatory: true,
-                    ..BasicPublishOptions::default()
-                },
-                message.payload(),
-                properties,
-            )
+        let publishing = channel.basic_publish(
+            ShortString::from(self.exchange.as_str()),
+            ShortString::from(routing_key),
+            BasicPublishOptions {
+                mandatory: true,
+                ..BasicPublishOptions::default()
+            },
+            message.payload(),
+            properties,
+        );
+        // A connection the broker blocks (memory or disk alarm) takes no more frames.
+        let confirm = tokio::time::timeout(PUBLISH_TIMEOUT, publishing)
             .await
+            .map_err(|_| {
+                self.publish_error(
+                    routing_key,
+                    format!("RabbitMQ did not take the message within {PUBLISH_TIMEOUT:?} (is the connection blocked?)"),
+                )
+            })?
             .map_err(|e| self.publish_error(routing_key, e.to_string()))?;
+        // The id the broker hands back with a return: the `message_id` property, when set.
         let own_id = message
             .headers()
             .get_str(header::MESSAGE_ID)
+            .filter(|id| id.len() <= mapping::SHORT_STRING_MAX)
             .map(str::to_owned);
-        let (binder, exchange, routing_key) = (
+        let (binder, exchange, routing_key, returned) = (
             self.binder.clone(),
             self.exchange.clone(),
             routing_key.to_owned(),
+            self.returned.clone(),
         );
         Ok(Confirmation::pending(async move {
+            let unroutable = || {
+                binder.error(RabbitError::Publish {
+                    exchange: exchange.clone(),
+                    routing_key: routing_key.clone(),
+                    reason: "no queue is bound for it, so RabbitMQ returned it; start a consumer group first or list the group in `producer.required-groups`".to_owned(),
+                })
+            };
             let failed = |reason: String| {
                 binder.error(RabbitError::Publish {
                     exchange: exchange.clone(),
@@ -670,19 +755,45 @@ impl RabbitProducer {
                     reason,
                 })
             };
-            match confirm.await.map_err(|e| failed(e.to_string()))? {
-                Confirmation_::Ack(None) | Confirmation_::NotRequested => Ok(()),
-                // lapin attaches returned messages to confirms by position: only a return
-                // carrying this message's own id says this message was unroutable.
-                Confirmation_::Ack(Some(returned))
-                    if returned.properties.message_id().as_ref().map(|id| id.as_str())
-                        != own_id.as_deref() && own_id.is_some() =>
+            let answer = tokio::time::timeout(PUBLISH_TIMEOUT, confirm)
+                .await
+                .map_err(|_| failed(format!("no confirm within {PUBLISH_TIMEOUT:?}")))?;
+            match answer.map_err(|e| failed(e.to_string()))? {
+                // Without an id of its own, any return is taken as its own: sending again
+                // risks a duplicate, never a loss.
+                Confirmation_::Ack(Some(message))
+                    if own_id.is_some()
+                        && message
+                            .properties
+                            .message_id()
+                            .as_ref()
+                            .map(|id| id.as_str())
+                            != own_id.as_deref() =>
                 {
+                    // lapin attaches returns to confirms by position: this one is another
+                    // message's. Its owner finds it here when its own confirm comes.
+                    if let Some(id) = message.properties.message_id() {
+                        let mut ids = returned.lock().unwrap_or_else(|p| p.into_inner());
+                        if ids.len() > 10_000 {
+                            ids.clear();
+                        }
+                        ids.insert(id.to_string());
+                    }
                     Ok(())
                 }
-                Confirmation_::Ack(Some(_)) => Err(failed(
-                    "no queue is bound for it, so RabbitMQ returned it; start a consumer group first or list the group in `producer.required-groups`".to_owned(),
-                )),
+                Confirmation_::Ack(Some(_)) => Err(unroutable()),
+                Confirmation_::Ack(None) | Confirmation_::NotRequested => {
+                    let mine = own_id.as_ref().is_some_and(|id| {
+                        returned
+                            .lock()
+                            .unwrap_or_else(|p| p.into_inner())
+                            .remove(id)
+                    });
+                    match mine {
+                        true => Err(unroutable()),
+                        false => Ok(()),
+                    }
+                }
                 Confirmation_::Nack(_) => Err(failed("the broker refused it (nack)".to_owned())),
             }
         }))

@@ -382,3 +382,196 @@ destination = "{output}"
     assert_eq!(seen.len(), total);
     app.shutdown().await.expect("shutdown");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn keys_and_header_names_too_long_for_amqp_never_panic() {
+    if !available() {
+        return;
+    }
+    let binder = RabbitBinder::connect_uri(&uri()).await.expect("connect");
+    let destination = unique("long");
+    let mut subscription = binder
+        .subscribe(&ConsumerSpec::new(destination.clone(), Some("g")))
+        .await
+        .expect("subscribe");
+    let producer = binder
+        .producer(&ProducerSpec::new(destination.clone()))
+        .await
+        .expect("producer");
+    // A 300-byte key cannot be the routing key: it travels in a header and comes back.
+    let key = "k".repeat(300);
+    producer
+        .send(
+            Message::builder(Bytes::from_static(b"long key"))
+                .key(&key)
+                .build(),
+        )
+        .await
+        .expect("a long key is sent");
+    let delivery = tokio::time::timeout(Duration::from_secs(10), subscription.next())
+        .await
+        .expect("in time")
+        .expect("a delivery")
+        .expect("no error");
+    assert_eq!(delivery.message.key_str(), Some(key.as_str()));
+    delivery.acknowledgement.ack().await.expect("ack");
+    // A 300-byte header name cannot travel at all: a clear, permanent error.
+    let error = producer
+        .send(
+            Message::builder(Bytes::from_static(b"long header"))
+                .header("h".repeat(300), "value")
+                .build(),
+        )
+        .await
+        .expect_err("a header name over 255 bytes is refused");
+    assert!(error.is_permanent(), "{error}");
+    assert!(error.to_string().contains("header name"), "{error}");
+    // A destination whose names exceed 255 bytes is a startup error, not a panic.
+    let error = binder
+        .subscribe(&ConsumerSpec::new("d".repeat(300), Some("g")))
+        .await
+        .expect_err("a 300-byte exchange name is refused");
+    assert!(error.to_string().contains("at most 255"), "{error}");
+    binder.close().await.ok();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn routable_and_unroutable_sends_in_flight_together_are_told_apart() {
+    if !available() {
+        return;
+    }
+    let binder = RabbitBinder::connect_uri(&uri()).await.expect("connect");
+    let destination = unique("mixed");
+    let producer = binder
+        .producer(&ProducerSpec::new(destination.clone()))
+        .await
+        .expect("producer");
+    // Only keys `kept.*` are bound: one channel carries confirms and returns of both kinds.
+    let queue = format!("{destination}.kept");
+    let channel = raw_channel().await;
+    channel
+        .queue_declare(
+            queue.as_str().into(),
+            QueueDeclareOptions {
+                durable: true,
+                ..QueueDeclareOptions::default()
+            },
+            FieldTable::default(),
+        )
+        .await
+        .expect("queue");
+    channel
+        .queue_bind(
+            queue.as_str().into(),
+            destination.as_str().into(),
+            "kept.*".into(),
+            Default::default(),
+            FieldTable::default(),
+        )
+        .await
+        .expect("bind");
+    let mut confirmations = Vec::new();
+    for n in 0..300 {
+        let label = if n % 3 == 0 { "lost" } else { "kept" };
+        let message = Message::builder(Bytes::from(format!("{label}-{n:03}")))
+            .header(bindery_core::header::MESSAGE_ID, format!("id-{n:03}"))
+            .key(format!("{label}.{n}"))
+            .build();
+        confirmations.push((label, producer.enqueue(&message).await.expect("enqueue")));
+    }
+    let mut kept = 0;
+    for (label, confirmation) in confirmations {
+        match (label, confirmation.await) {
+            ("kept", Ok(())) => kept += 1,
+            ("lost", Err(error)) => assert!(error.to_string().contains("no queue is bound")),
+            (label, outcome) => panic!("a `{label}` send ended {outcome:?}"),
+        }
+    }
+    assert_eq!(kept, 200);
+    let depth = channel
+        .queue_declare(
+            queue.as_str().into(),
+            passive_queue(),
+            FieldTable::default(),
+        )
+        .await
+        .expect("the queue")
+        .message_count();
+    assert_eq!(depth, 200, "every routable send delivered exactly once");
+    let _ = channel
+        .queue_delete(queue.as_str().into(), Default::default())
+        .await;
+    binder.close().await.ok();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_backlog_of_50000_drains_once_and_in_order_within_each_key() {
+    if !available() {
+        return;
+    }
+    let (input, output) = (unique("backlog-in"), unique("backlog-out"));
+    let binder = RabbitBinder::connect_uri(&uri()).await.expect("connect");
+    let mut results = binder
+        .subscribe(&ConsumerSpec::new(output.clone(), Some("results")))
+        .await
+        .expect("subscribe");
+    let mut spec = ProducerSpec::new(input.clone());
+    spec.properties.required_groups = vec!["forwarders".to_owned()];
+    let producer = binder.producer(&spec).await.expect("producer");
+    let count = 50_000;
+    let mut confirmations = Vec::with_capacity(count);
+    for n in 0..count {
+        let key = format!("key-{}", n % 10);
+        let message = Message::builder(Bytes::from(format!("{key}:{n:05}")))
+            .key(key)
+            .build();
+        confirmations.push(producer.enqueue(&message).await.expect("enqueue"));
+    }
+    for confirmation in futures::future::join_all(confirmations).await {
+        confirmation.expect("confirmed");
+    }
+    let forward = StreamFunction::function("forward", |message: Message| async move { message });
+    let toml = format!(
+        r#"[stream]
+default-binder = "rabbit"
+[stream.binders.rabbit]
+uri = "{uri}"
+[stream.bindings.forward-in-0]
+destination = "{input}"
+group = "forwarders"
+[stream.bindings.forward-out-0]
+destination = "{output}"
+"#,
+        uri = uri()
+    );
+    let app = application(forward, &toml).start().await.expect("start");
+    let mut by_key: std::collections::BTreeMap<String, Vec<String>> = Default::default();
+    let mut records = 0;
+    let deadline = Instant::now() + Duration::from_secs(180);
+    loop {
+        let wait = if records < count {
+            deadline
+        } else {
+            Instant::now() + Duration::from_secs(1)
+        };
+        match tokio::time::timeout_at(wait, results.next()).await {
+            Ok(Some(Ok(delivery))) => {
+                records += 1;
+                let payload = String::from_utf8_lossy(delivery.message.payload()).into_owned();
+                let (key, n) = payload.split_once(':').expect("key:n");
+                by_key.entry(key.to_owned()).or_default().push(n.to_owned());
+                delivery.acknowledgement.ack().await.expect("ack");
+            }
+            _ if records >= count => break,
+            _ => panic!("only {records} of {count} forwarded"),
+        }
+    }
+    app.shutdown().await.expect("shutdown");
+    assert_eq!(records, count, "no order forwarded twice");
+    for (key, numbers) in by_key {
+        let mut sorted = numbers.clone();
+        sorted.sort();
+        assert_eq!(numbers, sorted, "key `{key}` kept its order");
+    }
+    binder.close().await.ok();
+}

@@ -117,15 +117,13 @@ enum Step {
 }
 
 type Job = BoxFuture<'static, Step>;
-type Receiving = BoxFuture<'static, (Box<dyn Subscription>, Option<Result<Delivery, Error>>)>;
+type Shared = Arc<tokio::sync::Mutex<Box<dyn Subscription>>>;
+type Receiving = BoxFuture<'static, Option<Result<Delivery, Error>>>;
 
 /// Waits for the subscription's next message, keeping the `next` call alive however often the
-/// engine's loop turns: a receive is never cancelled half-way.
-fn receive(mut subscription: Box<dyn Subscription>) -> Receiving {
-    Box::pin(async move {
-        let next = subscription.next().await;
-        (subscription, next)
-    })
+/// engine's loop turns: a receive is cancelled only when the binding stops.
+fn receive(subscription: Shared) -> Receiving {
+    Box::pin(async move { subscription.lock().await.next().await })
 }
 
 /// A spawned handler call, aborted if the binding lets go of it (shutdown timeout).
@@ -168,27 +166,28 @@ impl InputBinding {
             shutdown: shutdown.clone(),
         };
         let mut stop = shutdown;
-        let mut idle = Some(subscription);
+        let subscription: Shared = Arc::new(tokio::sync::Mutex::new(subscription));
+        let mut open = true;
         let mut receiving: Option<Receiving> = None;
         let mut receive_again_at: Option<Instant> = None;
         loop {
-            if !engine.stopping && receive_again_at.is_none() && engine.window.has_room() {
-                if let Some(subscription) = idle.take() {
-                    receiving = Some(receive(subscription));
-                }
-            }
-            if engine.jobs.is_empty()
-                && (engine.stopping || (receiving.is_none() && idle.is_none()))
+            if open
+                && receiving.is_none()
+                && !engine.stopping
+                && receive_again_at.is_none()
+                && engine.window.has_room()
             {
+                receiving = Some(receive(subscription.clone()));
+            }
+            if engine.jobs.is_empty() && (engine.stopping || (receiving.is_none() && !open)) {
                 break;
             }
             tokio::select! {
                 biased;
                 _ = stop.wait_for(|stop| *stop), if !engine.stopping => engine.stop(),
                 Some(step) = engine.jobs.next(), if !engine.jobs.is_empty() => engine.on_step(step),
-                (subscription, next) = async { receiving.as_mut().expect("receiving").await }, if receiving.is_some() => {
+                next = async { receiving.as_mut().expect("receiving").await }, if receiving.is_some() => {
                     receiving = None;
-                    idle = Some(subscription);
                     match next {
                         Some(Ok(delivery)) => engine.admit(delivery),
                         Some(Err(error)) => {
@@ -197,7 +196,7 @@ impl InputBinding {
                         }
                         None => {
                             tracing::error!(binding = %engine.binding.binding, "the subscription ended; this binding receives nothing more");
-                            idle = None;
+                            open = false;
                         }
                     }
                 }
@@ -207,9 +206,13 @@ impl InputBinding {
             }
             engine.start_ready();
         }
-        // A receive still waiting has taken nothing yet; dropping it hands nothing back.
+        // A receive still waiting has taken nothing yet: it is cancelled, and the subscription
+        // closed (for Kafka: the final commit of what was acknowledged).
         drop(receiving);
-        if let Some(subscription) = idle {
+        let subscription = Arc::try_unwrap(subscription)
+            .map(tokio::sync::Mutex::into_inner)
+            .ok();
+        if let Some(subscription) = subscription {
             if let Err(error) = subscription.close().await {
                 tracing::warn!(binding = %engine.binding.binding, %error, "closing the subscription failed");
             }
@@ -338,6 +341,7 @@ impl Engine {
                 self.running -= 1;
                 self.handler_failed(item, failure);
             }
+            Step::BackedOff(item) if self.stopping => self.settle(item, Verdict::Requeue),
             Step::BackedOff(item) => self.ready.push_front(item),
             Step::Confirmed(item, target, failed) => self.confirmed(item, target, failed),
             Step::Abandoned(item) => self.settle(item, Verdict::Requeue),
