@@ -270,12 +270,32 @@ impl Binder for KafkaBinder {
             .set("enable.auto.offset.store", "false")
             .set("auto.offset.reset", start.as_str())
             .set("enable.partition.eof", "false");
+        if !self
+            .inner
+            .settings
+            .configuration
+            .contains_key("partition.assignment.strategy")
+        {
+            // Members joining or leaving move only the partitions that must move; the others
+            // keep their messages in flight.
+            config.set("partition.assignment.strategy", "cooperative-sticky");
+        }
         let max_poll_interval = Duration::from_millis(
             config
                 .get("max.poll.interval.ms")
                 .and_then(|v| v.parse().ok())
                 .unwrap_or(300_000),
         );
+        let properties = &spec.properties;
+        let longest_retry: Duration = (1..properties.max_attempts)
+            .map(|attempt| properties.back_off(attempt))
+            .sum();
+        if longest_retry > max_poll_interval / 2 {
+            tracing::warn!(
+                binding = %spec.binding, ?longest_retry, ?max_poll_interval,
+                "one message's retries can wait longer than half of `max.poll.interval.ms`; if they fill the whole window, the partitions are paused meanwhile, and resuming fetches again from the application's position"
+            );
+        }
         let assigned = Arc::new(Notify::new());
         let (acks, events) = sync_mpsc::channel();
         let context = PollContext {
@@ -722,6 +742,12 @@ impl Poller {
     /// Polls once; a record becomes a delivery whose acknowledgement carries its generation.
     fn poll(&self) -> Option<Polled> {
         match self.consumer.poll(POLL_INTERVAL)? {
+            Err(error) if error.rdkafka_error_code() == Some(RDKafkaErrorCode::Fatal) => {
+                // The consumer cannot go on: the subscription ends, and the binding with it.
+                tracing::error!(topic = %self.topic, %error, "fatal Kafka consumer error; this subscription stops");
+                self.stop.store(true, Ordering::Release);
+                None
+            }
             Err(error) => {
                 tracing::warn!(topic = %self.topic, %error, "Kafka consumer error");
                 None
