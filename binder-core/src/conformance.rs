@@ -522,6 +522,83 @@ destination = "{output}""#
         binder.close().await.ok();
     }
 
+    /// A function bound to a binding's dead-letter destination receives its dead letters with
+    /// the failure headers, as any other input: the same configuration reads them on every
+    /// binder.
+    pub async fn a_binding_on_the_dead_letter_destination_reads_dead_letters(&self) {
+        let binder = self.binder().await;
+        let destination = unique("audited");
+        let dlq = format!("{destination}.billing.dlq");
+        let letters = Arc::new(std::sync::Mutex::new(Vec::<Message>::new()));
+        let seen = letters.clone();
+        let audit = StreamFunction::consumer("conformance-audit", move |letter: Message| {
+            let seen = seen.clone();
+            async move {
+                seen.lock().expect("letters").push(letter);
+            }
+        });
+        let auditor = application(
+            &binder,
+            audit,
+            &format!(
+                r#"[stream.bindings.conformance-audit-in-0]
+destination = "{dlq}"
+group = "audit""#
+            ),
+        )
+        .start()
+        .await
+        .expect("the auditor starts");
+        let fails = StreamFunction::consumer("conformance-refuses", |_: Message| async move {
+            Err::<(), _>("refused for the audit")
+        });
+        let billing = application(
+            &binder,
+            fails,
+            &format!(
+                r#"[stream.bindings.conformance-refuses-in-0]
+destination = "{destination}"
+group = "billing"
+consumer.max-attempts = 1
+consumer.dlq = true"#
+            ),
+        )
+        .start()
+        .await
+        .expect("start");
+        let original = Message::builder(Bytes::from_static(b"audit me"))
+            .key("order-9")
+            .build();
+        producer(&binder, &destination)
+            .await
+            .send(original)
+            .await
+            .expect("send");
+        let deadline = Instant::now() + self.timeout;
+        while letters.lock().expect("letters").is_empty() {
+            assert!(
+                Instant::now() < deadline,
+                "no dead letter reached the binding on `{dlq}` within {:?}",
+                self.timeout
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        billing.shutdown().await.expect("shutdown");
+        auditor.shutdown().await.expect("shutdown");
+        let letter = letters.lock().expect("letters")[0].clone();
+        assert_eq!(&letter.payload()[..], b"audit me");
+        assert_eq!(letter.key_str(), Some("order-9"));
+        assert_eq!(
+            letter.headers().get_str(header::EXCEPTION_MESSAGE),
+            Some("refused for the audit")
+        );
+        assert_eq!(
+            letter.headers().get_str(header::ORIGINAL_DESTINATION),
+            Some(destination.as_str())
+        );
+        binder.close().await.ok();
+    }
+
     async fn receive_one(&self, subscription: &mut Box<dyn Subscription>) -> Delivery {
         match tokio::time::timeout(self.timeout, subscription.next()).await {
             Ok(Some(Ok(delivery))) => delivery,
@@ -628,7 +705,8 @@ macro_rules! conformance_tests {
             retries_then_dead_letter_with_failure_headers,
             nothing_is_lost_under_concurrency,
             back_off_holds_back_only_its_key,
-            a_backlog_drains_in_order_within_each_key
+            a_backlog_drains_in_order_within_each_key,
+            a_binding_on_the_dead_letter_destination_reads_dead_letters
         );
     };
     (@cases $suite:expr; $($case:ident),*) => {

@@ -372,6 +372,30 @@ impl RabbitBinder {
             .map_err(declare_error(format!(
                 "the binding of queue `{dlq}` to exchange `{DEAD_LETTER_EXCHANGE}`"
             )))?;
+        // The dead-letter destination is also a destination like any other: an exchange of
+        // its name, which bindery dead-letters to, so a binding on it reads dead letters as it
+        // would on Kafka or the memory binder.
+        channel
+            .exchange_declare(
+                ShortString::from(dlq),
+                ExchangeKind::Topic,
+                durable_exchange(),
+                FieldTable::default(),
+            )
+            .await
+            .map_err(declare_error(format!("exchange `{dlq}`")))?;
+        channel
+            .queue_bind(
+                ShortString::from(dlq),
+                ShortString::from(dlq),
+                "#".into(),
+                QueueBindOptions::default(),
+                FieldTable::default(),
+            )
+            .await
+            .map_err(declare_error(format!(
+                "the binding of queue `{dlq}` to exchange `{dlq}`"
+            )))?;
         Ok(())
     }
 
@@ -493,16 +517,13 @@ impl Binder for RabbitBinder {
         Ok(producer)
     }
 
+    /// Dead letters go to the exchange named after the dead-letter destination, which routes
+    /// them to the DLQ (declared with the group queue, bound to `DLX` too for broker-side
+    /// dead-lettering) and to any group bound to that destination.
     async fn dead_letter_producer(&self, spec: &ConsumerSpec) -> Result<Arc<dyn Producer>, Error> {
-        let topology = self.topology(spec);
-        self.producer_for(
-            DEAD_LETTER_EXCHANGE.to_owned(),
-            "direct".to_owned(),
-            Some(topology.queue.clone()),
-            topology.queue,
-            false,
-        )
-        .await
+        let dlq = spec.dlq_destination();
+        self.producer_for(dlq.clone(), "topic".to_owned(), None, dlq, true)
+            .await
     }
 
     async fn close(&self) -> Result<(), Error> {
