@@ -17,7 +17,7 @@ use tokio::sync::watch;
 
 use crate::measure::{Latency, Meter, Throughput};
 use crate::pipeline::{bill_raw, latency_us, order_json};
-use crate::Side;
+use crate::{Running, Side};
 
 /// Messages the hand-written pipeline keeps in flight (enqueued, not yet reported delivered).
 const WINDOW: usize = 1_000;
@@ -275,26 +275,6 @@ impl ReadHandle {
         match joined {
             Ok(Ok(result)) => result,
             _ => Err("the reader thread failed".to_owned()),
-        }
-    }
-}
-
-enum Running {
-    Raw(
-        watch::Sender<bool>,
-        tokio::task::JoinHandle<Result<(), String>>,
-    ),
-    Bindery(bindery::RunningApplication),
-}
-
-impl Running {
-    async fn stop(self) -> Result<(), String> {
-        match self {
-            Running::Raw(stop, task) => {
-                stop.send_replace(true);
-                task.await.map_err(|e| e.to_string())?
-            }
-            Running::Bindery(app) => app.shutdown().await.map_err(|e| e.to_string()),
         }
     }
 }

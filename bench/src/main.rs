@@ -254,6 +254,28 @@ async fn run_pipeline(name: &'static str, options: &Options) -> Result<PipelineR
     })
 }
 
+/// A pipeline running on a broker, until stopped.
+pub(crate) enum Running {
+    /// The hand-written pipeline, with the switch that stops it.
+    Raw(
+        tokio::sync::watch::Sender<bool>,
+        tokio::task::JoinHandle<Result<(), String>>,
+    ),
+    Bindery(bindery::RunningApplication),
+}
+
+impl Running {
+    pub(crate) async fn stop(self) -> Result<(), String> {
+        match self {
+            Running::Raw(stop, task) => {
+                stop.send_replace(true);
+                task.await.map_err(|e| e.to_string())?
+            }
+            Running::Bindery(app) => app.shutdown().await.map_err(|e| e.to_string()),
+        }
+    }
+}
+
 /// Starts the `#[stream_function]` `bill` with `toml` as its whole configuration.
 pub(crate) async fn bindery_app(toml: &str) -> Result<bindery::RunningApplication, String> {
     bindery::application()

@@ -35,6 +35,19 @@ async fn prepared() -> Result<(MemoryBinder, Box<dyn Subscription>), String> {
     Ok((binder, invoices))
 }
 
+/// bindery's `bill` on `binder`.
+async fn start(binder: &MemoryBinder) -> Result<bindery::RunningApplication, String> {
+    bindery::application()
+        .config_str("bench.toml", TOML)
+        .environment(Vec::<(String, String)>::new())
+        .replace_binders(Arc::new(binder.clone()))
+        .build()
+        .map_err(|e| e.to_string())?
+        .start()
+        .await
+        .map_err(|e| e.to_string())
+}
+
 async fn read(mut invoices: Box<dyn Subscription>, n: u64) -> Result<(), String> {
     let all = async {
         for _ in 0..n {
@@ -71,15 +84,7 @@ pub(crate) async fn throughput(side: Side, n: u64) -> Result<Throughput, String>
                     .map_err(|e| e.to_string())?;
             }
             let meter = Meter::start();
-            let app = bindery::application()
-                .config_str("bench.toml", TOML)
-                .environment(Vec::<(String, String)>::new())
-                .replace_binders(Arc::new(binder.clone()))
-                .build()
-                .map_err(|e| e.to_string())?
-                .start()
-                .await
-                .map_err(|e| e.to_string())?;
+            let app = start(&binder).await?;
             let result = read(invoices, n).await;
             let seconds = meter.elapsed().as_secs_f64();
             let cpu = meter.cpu();
@@ -127,15 +132,7 @@ async fn floor(n: u64) -> Result<Throughput, String> {
 /// resident memory after a warm-up of a tenth of them, and at the end.
 pub(crate) async fn soak(n: u64) -> Result<(f64, f64), String> {
     let (binder, invoices) = prepared().await?;
-    let app = bindery::application()
-        .config_str("bench.toml", TOML)
-        .environment(Vec::<(String, String)>::new())
-        .replace_binders(Arc::new(binder.clone()))
-        .build()
-        .map_err(|e| e.to_string())?
-        .start()
-        .await
-        .map_err(|e| e.to_string())?;
+    let app = start(&binder).await?;
     let orders = binder
         .producer(&ProducerSpec::new("orders"))
         .await

@@ -14,7 +14,7 @@ use tokio::sync::watch;
 
 use crate::measure::{Latency, Meter, Throughput};
 use crate::pipeline::{bill_raw, latency_us, order_json};
-use crate::Side;
+use crate::{Running, Side};
 
 /// The binder's default `prefetch`, so both sides have as many deliveries outstanding.
 pub(crate) const PREFETCH: u16 = 250;
@@ -301,26 +301,6 @@ async fn read_latencies(uri: String, queue: String, n: usize) -> Result<Vec<u64>
     }
     let _ = connection.close(200, "done".into()).await;
     Ok(latencies)
-}
-
-enum Running {
-    Raw(
-        watch::Sender<bool>,
-        tokio::task::JoinHandle<Result<(), String>>,
-    ),
-    Bindery(bindery::RunningApplication),
-}
-
-impl Running {
-    async fn stop(self) -> Result<(), String> {
-        match self {
-            Running::Raw(stop, task) => {
-                stop.send_replace(true);
-                task.await.map_err(|e| e.to_string())?
-            }
-            Running::Bindery(app) => app.shutdown().await.map_err(|e| e.to_string()),
-        }
-    }
 }
 
 /// The pipeline as an expert writes it on lapin: consume with a prefetch, transform, publish

@@ -361,21 +361,7 @@ destination = "{output}""#
         }
         let received = self.receive_n(&mut results, count).await;
         app.shutdown().await.expect("shutdown");
-        let distinct: BTreeSet<&String> = received.iter().collect();
-        assert_eq!(distinct.len(), count, "every message must arrive once");
-        let mut by_key: BTreeMap<&str, Vec<&str>> = BTreeMap::new();
-        for payload in &received {
-            let (key, n) = payload.split_once(':').expect("key:n");
-            by_key.entry(key).or_default().push(n);
-        }
-        for (key, numbers) in by_key {
-            let mut sorted = numbers.clone();
-            sorted.sort();
-            assert_eq!(
-                numbers, sorted,
-                "messages with key `{key}` must keep their order"
-            );
-        }
+        assert_once_and_in_order_per_key(&received, count);
         binder.close().await.ok();
     }
 
@@ -504,21 +490,7 @@ destination = "{output}""#
             .expect("start");
         let received = self.receive_n(&mut results, count).await;
         app.shutdown().await.expect("shutdown");
-        let distinct: BTreeSet<&String> = received.iter().collect();
-        assert_eq!(distinct.len(), count, "every message must arrive once");
-        let mut by_key: BTreeMap<&str, Vec<&str>> = BTreeMap::new();
-        for payload in &received {
-            let (key, n) = payload.split_once(':').expect("key:n");
-            by_key.entry(key).or_default().push(n);
-        }
-        for (key, numbers) in by_key {
-            let mut sorted = numbers.clone();
-            sorted.sort();
-            assert_eq!(
-                numbers, sorted,
-                "messages with key `{key}` must keep their order"
-            );
-        }
+        assert_once_and_in_order_per_key(&received, count);
         binder.close().await.ok();
     }
 
@@ -628,6 +600,25 @@ consumer.dlq = true"#
             delivery.acknowledgement.ack().await.expect("ack");
         }
         payloads
+    }
+}
+
+/// Every `key:n` payload arrived once, and those of each key in the order sent.
+fn assert_once_and_in_order_per_key(received: &[String], count: usize) {
+    let distinct: BTreeSet<&String> = received.iter().collect();
+    assert_eq!(distinct.len(), count, "every message must arrive once");
+    let mut by_key: BTreeMap<&str, Vec<&str>> = BTreeMap::new();
+    for payload in received {
+        let (key, n) = payload.split_once(':').expect("key:n");
+        by_key.entry(key).or_default().push(n);
+    }
+    for (key, numbers) in by_key {
+        let mut sorted = numbers.clone();
+        sorted.sort();
+        assert_eq!(
+            numbers, sorted,
+            "messages with key `{key}` must keep their order"
+        );
     }
 }
 

@@ -440,21 +440,7 @@ async fn read_all(
 
 /// The offset `group` committed for partition 0 of `topic`.
 fn committed(topic: &str, group: &str) -> i64 {
-    use rdkafka::consumer::{BaseConsumer, Consumer};
-    let consumer: BaseConsumer = rdkafka::ClientConfig::new()
-        .set("bootstrap.servers", brokers())
-        .set("group.id", group)
-        .create()
-        .expect("consumer");
-    let mut partitions = rdkafka::TopicPartitionList::new();
-    partitions.add_partition(topic, 0);
-    let committed = consumer
-        .committed_offsets(partitions, Duration::from_secs(10))
-        .expect("committed offsets");
-    match committed.find_partition(topic, 0).map(|p| p.offset()) {
-        Some(rdkafka::Offset::Offset(offset)) => offset,
-        other => panic!("no committed offset for {group}: {other:?}"),
-    }
+    committed_pair(topic, group)[0]
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
