@@ -122,8 +122,8 @@ impl Suite {
     pub async fn pub_sub_across_groups(&self) {
         let binder = self.binder().await;
         let destination = unique("pubsub");
-        let mut first = subscribe(&binder, &destination, Some("first")).await;
-        let mut second = subscribe(&binder, &destination, Some("second")).await;
+        let mut first = subscribe(&binder, &destination, Some(&unique("first"))).await;
+        let mut second = subscribe(&binder, &destination, Some(&unique("second"))).await;
         let sent = send_numbered(&binder, &destination, 10, None).await;
         assert_eq!(
             self.receive_n(&mut first, 10).await,
@@ -144,8 +144,9 @@ impl Suite {
         let destination = unique("competing");
         let (tx, mut rx) = mpsc::unbounded_channel();
         let mut readers = Vec::new();
+        let workers = unique("workers");
         for _ in 0..2 {
-            let subscription = subscribe(&binder, &destination, Some("workers")).await;
+            let subscription = subscribe(&binder, &destination, Some(&workers)).await;
             readers.push(tokio::spawn(forward(subscription, tx.clone())));
         }
         let sent = send_numbered(&binder, &destination, 20, None).await;
@@ -188,7 +189,7 @@ impl Suite {
     pub async fn order_is_kept_within_a_key(&self) {
         let binder = self.binder().await;
         let destination = unique("ordered");
-        let mut subscription = subscribe(&binder, &destination, Some("ordered")).await;
+        let mut subscription = subscribe(&binder, &destination, Some(&unique("ordered"))).await;
         let sent = send_numbered(&binder, &destination, 50, Some("same-key")).await;
         assert_eq!(
             self.receive_n(&mut subscription, 50).await,
@@ -202,7 +203,7 @@ impl Suite {
     pub async fn headers_key_and_content_type_round_trip(&self) {
         let binder = self.binder().await;
         let destination = unique("roundtrip");
-        let mut subscription = subscribe(&binder, &destination, Some("roundtrip")).await;
+        let mut subscription = subscribe(&binder, &destination, Some(&unique("roundtrip"))).await;
         let mut message = Message::builder(Bytes::from_static(b"{\"n\":1}"))
             .header(header::CONTENT_TYPE, "application/json")
             .header("tenant", "acme")
@@ -235,7 +236,8 @@ impl Suite {
     pub async fn unacknowledged_messages_are_redelivered(&self) {
         let binder = self.binder().await;
         let destination = unique("redeliver");
-        let mut first = subscribe(&binder, &destination, Some("redeliver")).await;
+        let group = unique("redeliver");
+        let mut first = subscribe(&binder, &destination, Some(&group)).await;
         producer(&binder, &destination)
             .await
             .send(Message::new(Bytes::from_static(b"again")))
@@ -246,7 +248,7 @@ impl Suite {
         // The consumer goes away without acknowledging.
         drop(delivery);
         first.close().await.expect("close");
-        let mut second = subscribe(&binder, &destination, Some("redeliver")).await;
+        let mut second = subscribe(&binder, &destination, Some(&group)).await;
         let again = self.receive_one(&mut second).await;
         assert_eq!(
             &again.message.payload()[..],
@@ -271,16 +273,17 @@ impl Suite {
                 Err::<(), _>("the ledger is closed")
             }
         });
+        let group = unique("billing");
         let toml = format!(
             r#"[stream.bindings.conformance-fails-in-0]
 destination = "{destination}"
-group = "billing"
+group = "{group}"
 consumer.max-attempts = 3
 consumer.back-off-initial-interval = "10ms"
 consumer.back-off-max-interval = "50ms"
 consumer.dlq = true"#
         );
-        let mut spec = ConsumerSpec::new(destination.clone(), Some("billing"));
+        let mut spec = ConsumerSpec::new(destination.clone(), Some(&group));
         spec.properties.dlq = true;
         let mut dead_letters = (self.dead_letters)(binder.clone(), spec)
             .await
@@ -337,15 +340,16 @@ consumer.dlq = true"#
                 tokio::time::sleep(Duration::from_millis(u64::from(delay))).await;
                 message
             });
+        let forwarders = unique("forwarders");
         let toml = format!(
             r#"[stream.bindings.conformance-forward-in-0]
 destination = "{input}"
-group = "forwarders"
+group = "{forwarders}"
 consumer.concurrency = 4
 [stream.bindings.conformance-forward-out-0]
 destination = "{output}""#
         );
-        let mut results = subscribe(&binder, &output, Some("results")).await;
+        let mut results = subscribe(&binder, &output, Some(&unique("results"))).await;
         let app = application(&binder, forward, &toml)
             .start()
             .await
@@ -384,10 +388,11 @@ destination = "{output}""#
                 }
             }
         });
+        let group = unique("billing");
         let toml = format!(
             r#"[stream.bindings.conformance-poison-in-0]
 destination = "{input}"
-group = "billing"
+group = "{group}"
 consumer.max-attempts = 3
 consumer.back-off-initial-interval = "3s"
 consumer.back-off-max-interval = "3s"
@@ -395,12 +400,12 @@ consumer.dlq = true
 [stream.bindings.conformance-poison-out-0]
 destination = "{output}""#
         );
-        let mut spec = ConsumerSpec::new(input.clone(), Some("billing"));
+        let mut spec = ConsumerSpec::new(input.clone(), Some(&group));
         spec.properties.dlq = true;
         let mut dead_letters = (self.dead_letters)(binder.clone(), spec)
             .await
             .expect("dead-letter reader");
-        let mut results = subscribe(&binder, &output, Some("results")).await;
+        let mut results = subscribe(&binder, &output, Some(&unique("results"))).await;
         let app = application(&binder, poisoned, &toml)
             .start()
             .await
@@ -464,17 +469,18 @@ destination = "{output}""#
             "conformance-backlog",
             |message: Message| async move { message },
         );
+        let forwarders = unique("forwarders");
         let toml = format!(
             r#"[stream.bindings.conformance-backlog-in-0]
 destination = "{input}"
-group = "forwarders"
+group = "{forwarders}"
 [stream.bindings.conformance-backlog-out-0]
 destination = "{output}""#
         );
-        let mut results = subscribe(&binder, &output, Some("results")).await;
+        let mut results = subscribe(&binder, &output, Some(&unique("results"))).await;
         // The group exists before the backlog is sent, so it keeps every message.
         let mut spec = ProducerSpec::new(input.clone());
-        spec.properties.required_groups = vec!["forwarders".to_owned()];
+        spec.properties.required_groups = vec![forwarders.clone()];
         let producer = binder.producer(&spec).await.expect("producer");
         let count = 600;
         for n in 0..count {
@@ -500,7 +506,8 @@ destination = "{output}""#
     pub async fn a_binding_on_the_dead_letter_destination_reads_dead_letters(&self) {
         let binder = self.binder().await;
         let destination = unique("audited");
-        let dlq = format!("{destination}.billing.dlq");
+        let (group, audit_group) = (unique("billing"), unique("audit"));
+        let dlq = format!("{destination}.{group}.dlq");
         let letters = Arc::new(std::sync::Mutex::new(Vec::<Message>::new()));
         let seen = letters.clone();
         let audit = StreamFunction::consumer("conformance-audit", move |letter: Message| {
@@ -515,7 +522,7 @@ destination = "{output}""#
             &format!(
                 r#"[stream.bindings.conformance-audit-in-0]
 destination = "{dlq}"
-group = "audit""#
+group = "{audit_group}""#
             ),
         )
         .start()
@@ -530,7 +537,7 @@ group = "audit""#
             &format!(
                 r#"[stream.bindings.conformance-refuses-in-0]
 destination = "{destination}"
-group = "billing"
+group = "{group}"
 consumer.max-attempts = 1
 consumer.dlq = true"#
             ),

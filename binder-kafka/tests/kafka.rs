@@ -60,7 +60,7 @@ async fn without_auto_create_a_missing_topic_is_a_clear_startup_error() {
     .expect("connect");
     let topic = unique("missing");
     let error = binder
-        .subscribe(&ConsumerSpec::new(topic.clone(), Some("g")))
+        .subscribe(&ConsumerSpec::new(topic.clone(), Some(&unique("g"))))
         .await
         .expect_err("the topic does not exist");
     let text = error.to_string();
@@ -82,7 +82,7 @@ async fn with_auto_create_topics_are_created_and_usable() {
         .await
         .expect("the topic is created");
     let mut subscription = binder
-        .subscribe(&ConsumerSpec::new(topic.clone(), Some("g")))
+        .subscribe(&ConsumerSpec::new(topic.clone(), Some(&unique("g"))))
         .await
         .expect("subscribe");
     producer
@@ -124,6 +124,7 @@ async fn a_handler_slower_than_max_poll_interval_keeps_its_group_membership() {
         return;
     }
     let input = unique("slow");
+    let group = unique("slow-group");
     let handled: Arc<Mutex<BTreeMap<String, u32>>> = Arc::default();
     let counts = handled.clone();
     let slow = StreamFunction::consumer("slow", move |text: String| {
@@ -146,7 +147,7 @@ configuration."max.poll.interval.ms" = "6000"
 configuration."session.timeout.ms" = "6000"
 [stream.bindings.slow-in-0]
 destination = "{input}"
-group = "slow-group"
+group = "{group}"
 "#,
         brokers = brokers()
     );
@@ -186,7 +187,7 @@ group = "slow-group"
     assert_eq!(handled.get("after-2"), Some(&1));
 }
 
-fn forwarding_app(input: &str, output: &str) -> Application {
+fn forwarding_app(input: &str, output: &str, group: &str) -> Application {
     let forward = StreamFunction::function("forward", |message: Message| async move { message });
     let toml = format!(
         r#"[stream]
@@ -197,7 +198,7 @@ start-offset = "earliest"
 min-partition-count = 2
 [stream.bindings.forward-in-0]
 destination = "{input}"
-group = "rebalancing"
+group = "{group}"
 consumer.concurrency = 2
 [stream.bindings.forward-out-0]
 destination = "{output}"
@@ -216,6 +217,7 @@ async fn a_rebalance_between_two_consumers_of_a_group_loses_nothing() {
         return;
     }
     let input = unique("rebalance-in");
+    let group = unique("rebalancing");
     let output = unique("rebalance-out");
     let binder = KafkaBinder::connect(
         "kafka",
@@ -227,7 +229,7 @@ async fn a_rebalance_between_two_consumers_of_a_group_loses_nothing() {
     .await
     .expect("connect");
     let mut results = binder
-        .subscribe(&ConsumerSpec::new(output.clone(), Some("results")))
+        .subscribe(&ConsumerSpec::new(output.clone(), Some(&unique("results"))))
         .await
         .expect("subscribe");
     let producer = binder
@@ -246,13 +248,13 @@ async fn a_rebalance_between_two_consumers_of_a_group_loses_nothing() {
         }
     };
 
-    let first = forwarding_app(&input, &output)
+    let first = forwarding_app(&input, &output, &group)
         .start()
         .await
         .expect("first consumer");
     send(0).await;
     // A second consumer joins the group: partitions move between them.
-    let second = forwarding_app(&input, &output)
+    let second = forwarding_app(&input, &output, &group)
         .start()
         .await
         .expect("second consumer");
@@ -282,6 +284,7 @@ async fn offsets_are_never_committed_past_an_unfinished_message() {
         return;
     }
     let input = unique("ordered-commits");
+    let group = unique("committers");
     let handled: Arc<Mutex<Vec<String>>> = Arc::default();
     let app = |handled: Arc<Mutex<Vec<String>>>, slow_takes: Duration| {
         let work = StreamFunction::consumer("work", move |text: String| {
@@ -302,7 +305,7 @@ brokers = "{brokers}"
 start-offset = "earliest"
 [stream.bindings.work-in-0]
 destination = "{input}"
-group = "committers"
+group = "{group}"
 consumer.concurrency = 4
 "#,
             brokers = brokers()

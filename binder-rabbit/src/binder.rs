@@ -16,10 +16,10 @@ use lapin::options::{
     ConfirmSelectOptions, ExchangeDeclareOptions, QueueBindOptions, QueueDeclareOptions,
 };
 use lapin::types::{AMQPValue, FieldTable, LongString, ShortString};
-use lapin::Confirmation as Confirmation_;
 use lapin::{BasicProperties, Channel, Connection, ConnectionProperties, ExchangeKind};
 use tokio::sync::Mutex;
 
+use crate::confirms::{Confirms, Outcome};
 use crate::mapping;
 use crate::settings::{RabbitConsumerSettings, RabbitProducerSettings, RabbitSettings};
 use crate::{RabbitError, DEAD_LETTER_EXCHANGE};
@@ -465,7 +465,6 @@ impl RabbitBinder {
             default_routing_key,
             declare: declare && self.inner.settings.provision,
             channel: Mutex::new(None),
-            returned: Arc::default(),
         };
         producer.channel().await.map_err(|e| self.error(e))?;
         Ok(Arc::new(producer))
@@ -520,7 +519,22 @@ impl Binder for RabbitBinder {
     /// Dead letters go to the exchange named after the dead-letter destination, which routes
     /// them to the DLQ (declared with the group queue, bound to `DLX` too for broker-side
     /// dead-lettering) and to any group bound to that destination.
+    ///
+    /// Without provisioning the binder declares nothing, so it uses what a Spring-provisioned
+    /// topology has: the `DLX` exchange, with the group queue's name as the routing key.
     async fn dead_letter_producer(&self, spec: &ConsumerSpec) -> Result<Arc<dyn Producer>, Error> {
+        if !self.inner.settings.provision {
+            let group_queue = self.topology(spec).queue;
+            return self
+                .producer_for(
+                    DEAD_LETTER_EXCHANGE.to_owned(),
+                    "direct".to_owned(),
+                    Some(group_queue.clone()),
+                    group_queue,
+                    false,
+                )
+                .await;
+        }
         let dlq = spec.dlq_destination();
         self.producer_for(dlq.clone(), "topic".to_owned(), None, dlq, true)
             .await
@@ -668,9 +682,8 @@ struct RabbitProducer {
     fixed_routing_key: Option<String>,
     default_routing_key: String,
     declare: bool,
-    channel: Mutex<Option<Channel>>,
-    /// Ids of returned messages whose return came with another message's confirm.
-    returned: Arc<std::sync::Mutex<std::collections::HashSet<String>>>,
+    /// The confirming channel and the settler of its confirms.
+    channel: Mutex<Option<(Channel, Confirms)>>,
 }
 
 impl fmt::Debug for RabbitProducer {
@@ -684,7 +697,7 @@ impl fmt::Debug for RabbitProducer {
 impl RabbitProducer {
     /// The producer's confirming channel, opened again when it was closed; an error when the
     /// broker does not answer in time.
-    async fn channel(&self) -> Result<Channel, RabbitError> {
+    async fn channel(&self) -> Result<(Channel, Confirms), RabbitError> {
         let limit = self.binder.inner.settings.connection_timeout * 2;
         tokio::time::timeout(limit, self.confirming_channel())
             .await
@@ -693,11 +706,11 @@ impl RabbitProducer {
             })?
     }
 
-    async fn confirming_channel(&self) -> Result<Channel, RabbitError> {
+    async fn confirming_channel(&self) -> Result<(Channel, Confirms), RabbitError> {
         let mut cached = self.channel.lock().await;
-        if let Some(channel) = cached.as_ref() {
+        if let Some((channel, confirms)) = cached.as_ref() {
             if channel.status().connected() {
-                return Ok(channel.clone());
+                return Ok((channel.clone(), confirms.clone()));
             }
         }
         let channel = self.binder.channel().await?;
@@ -716,8 +729,9 @@ impl RabbitProducer {
                 .await
                 .map_err(declare_error(format!("exchange `{}`", self.exchange)))?;
         }
-        *cached = Some(channel.clone());
-        Ok(channel)
+        let confirms = Confirms::start();
+        *cached = Some((channel.clone(), confirms.clone()));
+        Ok((channel, confirms))
     }
 
     /// Publishes on the producer's confirming channel; the confirmation resolves when the
@@ -728,7 +742,7 @@ impl RabbitProducer {
         routing_key: &str,
         properties: BasicProperties,
     ) -> Result<Confirmation, RabbitError> {
-        let channel = self.channel().await?;
+        let (channel, confirms) = self.channel().await?;
         let publishing = channel.basic_publish(
             ShortString::from(self.exchange.as_str()),
             ShortString::from(routing_key),
@@ -755,67 +769,31 @@ impl RabbitProducer {
             .get_str(header::MESSAGE_ID)
             .filter(|id| id.len() <= mapping::SHORT_STRING_MAX)
             .map(str::to_owned);
-        let (binder, exchange, routing_key, returned) = (
+        let outcome = confirms.track(own_id, confirm);
+        let (binder, exchange, routing_key) = (
             self.binder.clone(),
             self.exchange.clone(),
             routing_key.to_owned(),
-            self.returned.clone(),
         );
         Ok(Confirmation::pending(async move {
-            let unroutable = || {
+            let failed = |reason: &str| {
                 binder.error(RabbitError::Publish {
                     exchange: exchange.clone(),
                     routing_key: routing_key.clone(),
-                    reason: "no queue is bound for it, so RabbitMQ returned it; start a consumer group first or list the group in `producer.required-groups`".to_owned(),
+                    reason: reason.to_owned(),
                 })
             };
-            let failed = |reason: String| {
-                binder.error(RabbitError::Publish {
-                    exchange: exchange.clone(),
-                    routing_key: routing_key.clone(),
-                    reason,
-                })
+            let outcome = match tokio::time::timeout(PUBLISH_TIMEOUT, outcome).await {
+                Err(_) => return Err(failed(&format!("no confirm within {PUBLISH_TIMEOUT:?}"))),
+                Ok(Err(_)) => return Err(failed("the channel closed before the broker answered")),
+                Ok(Ok(outcome)) => outcome.map_err(|e| failed(&e.to_string()))?,
             };
-            let answer = tokio::time::timeout(PUBLISH_TIMEOUT, confirm)
-                .await
-                .map_err(|_| failed(format!("no confirm within {PUBLISH_TIMEOUT:?}")))?;
-            match answer.map_err(|e| failed(e.to_string()))? {
-                // Without an id of its own, any return is taken as its own: sending again
-                // risks a duplicate, never a loss.
-                Confirmation_::Ack(Some(message))
-                    if own_id.is_some()
-                        && message
-                            .properties
-                            .message_id()
-                            .as_ref()
-                            .map(|id| id.as_str())
-                            != own_id.as_deref() =>
-                {
-                    // lapin attaches returns to confirms by position: this one is another
-                    // message's. Its owner finds it here when its own confirm comes.
-                    if let Some(id) = message.properties.message_id() {
-                        let mut ids = returned.lock().unwrap_or_else(|p| p.into_inner());
-                        if ids.len() > 10_000 {
-                            ids.clear();
-                        }
-                        ids.insert(id.to_string());
-                    }
-                    Ok(())
-                }
-                Confirmation_::Ack(Some(_)) => Err(unroutable()),
-                Confirmation_::Ack(None) | Confirmation_::NotRequested => {
-                    let mine = own_id.as_ref().is_some_and(|id| {
-                        returned
-                            .lock()
-                            .unwrap_or_else(|p| p.into_inner())
-                            .remove(id)
-                    });
-                    match mine {
-                        true => Err(unroutable()),
-                        false => Ok(()),
-                    }
-                }
-                Confirmation_::Nack(_) => Err(failed("the broker refused it (nack)".to_owned())),
+            match outcome {
+                Outcome::Delivered => Ok(()),
+                Outcome::Returned => Err(failed(
+                    "no queue is bound for it, so RabbitMQ returned it; start a consumer group first or list the group in `producer.required-groups`",
+                )),
+                Outcome::Refused => Err(failed("the broker refused it (nack)")),
             }
         }))
     }

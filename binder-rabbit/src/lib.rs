@@ -15,6 +15,7 @@
 //! talks to the broker.
 
 mod binder;
+mod confirms;
 mod mapping;
 mod settings;
 
