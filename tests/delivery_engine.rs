@@ -36,6 +36,8 @@ struct Stub {
     broken_until: Option<Instant>,
     in_order: bool,
     hang_on_close: bool,
+    /// Subscriptions end at once, as when the broker cancels the consumer for good.
+    ended: bool,
 }
 
 #[async_trait]
@@ -71,6 +73,9 @@ struct StubSubscription {
 #[async_trait]
 impl Subscription for StubSubscription {
     async fn next(&mut self) -> Option<Result<Delivery, Error>> {
+        if self.stub.ended {
+            return None;
+        }
         let mut delivery = match self.inner.next().await? {
             Ok(delivery) => delivery,
             Err(error) => return Some(Err(error)),
@@ -443,4 +448,25 @@ async fn shutdown_is_bounded_when_a_binder_will_not_close() {
         elapsed < Duration::from_millis(2_000),
         "shutdown took {elapsed:?} with a 1 s shutdown-timeout"
     );
+}
+
+#[tokio::test]
+async fn a_binding_whose_subscription_ends_stops_the_application_with_its_name() {
+    let stub = Stub {
+        ended: true,
+        ..Stub::default()
+    };
+    let application = bindery::test::isolated(echo(stub.log.clone()), "")
+        .replace_binders(Arc::new(stub))
+        .build()
+        .expect("configuration");
+    let outcome = tokio::time::timeout(
+        Duration::from_secs(10),
+        application.run_until(std::future::pending()),
+    )
+    .await
+    .expect("the application stopped by itself");
+    let error = outcome.expect_err("a dead binding is an error");
+    assert!(error.to_string().contains("echo-in-0"), "{error}");
+    assert!(error.to_string().contains("subscription ended"), "{error}");
 }

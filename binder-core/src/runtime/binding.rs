@@ -146,11 +146,12 @@ impl<T> Drop for Spawned<T> {
 impl InputBinding {
     /// Receives, handles and settles messages until shutdown, then finishes what is in flight
     /// and hands back what was not started.
+    /// Returns an error when the subscription ended while the application was running.
     pub(crate) async fn run(
         self: Arc<Self>,
         subscription: Box<dyn Subscription>,
         shutdown: watch::Receiver<bool>,
-    ) {
+    ) -> Result<(), Error> {
         let mut engine = Engine {
             window: Window::new(self.properties.max_in_flight),
             concurrency: self.properties.concurrency.max(1) as usize,
@@ -195,7 +196,7 @@ impl InputBinding {
                             receive_again_at = Some(Instant::now() + Duration::from_secs(1));
                         }
                         None => {
-                            tracing::error!(binding = %engine.binding.binding, "the subscription ended; this binding receives nothing more");
+                            tracing::error!(binding = %engine.binding.binding, "the subscription ended; the application stops");
                             open = false;
                         }
                     }
@@ -216,6 +217,13 @@ impl InputBinding {
             if let Err(error) = subscription.close().await {
                 tracing::warn!(binding = %engine.binding.binding, %error, "closing the subscription failed");
             }
+        }
+        match open || engine.stopping {
+            true => Ok(()),
+            false => Err(Error::Binding {
+                binding: engine.binding.binding.clone(),
+                message: "its subscription ended (the broker cancelled the consumer or the client failed for good; see the log); the application stopped".to_owned(),
+            }),
         }
     }
 }

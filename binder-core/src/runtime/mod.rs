@@ -216,22 +216,23 @@ impl Application {
     }
 
     /// Binds every function, runs until Ctrl-C or SIGTERM, then shuts down gracefully.
+    ///
+    /// A binding that stops by itself (its subscription ended for good) stops the application
+    /// too, and `run` returns the error naming it.
     pub async fn run(self) -> Result<(), Error> {
-        let running = self.start().await?;
-        let signal = shutdown_signal().await;
-        running.shutdown().await?;
-        signal
+        self.run_until(std::future::pending()).await
     }
 
     /// Like [`Application::run`], but also stops when `stop` completes.
     pub async fn run_until(self, stop: impl Future<Output = ()>) -> Result<(), Error> {
-        let running = self.start().await?;
-        let signal = tokio::select! {
+        let mut running = self.start().await?;
+        let outcome = tokio::select! {
             signal = shutdown_signal() => signal,
             () = stop => Ok(()),
+            failure = running.binding_failure() => Err(failure),
         };
         running.shutdown().await?;
-        signal
+        outcome
     }
 
     /// Connects the binders, binds every input, then every output and supplier, and returns
@@ -339,7 +340,7 @@ const CLOSE_AT_LEAST: Duration = Duration::from_millis(500);
 pub struct RunningApplication {
     bridge: StreamBridge,
     stop: watch::Sender<bool>,
-    consumers: JoinSet<()>,
+    consumers: JoinSet<Result<(), Error>>,
     suppliers: JoinSet<()>,
     binders: HashMap<String, Arc<dyn Binder>>,
     shutdown_timeout: Duration,
@@ -410,6 +411,23 @@ impl RunningApplication {
         }
         tracing::info!("shut down");
         Ok(())
+    }
+
+    /// Waits until a binding stops by itself, and says why; never, while all run.
+    async fn binding_failure(&mut self) -> Error {
+        loop {
+            match self.consumers.join_next().await {
+                Some(Ok(Err(error))) => return error,
+                Some(Ok(Ok(()))) => {}
+                Some(Err(panic)) => {
+                    return Error::Binding {
+                        binding: "(a consumer binding)".to_owned(),
+                        message: format!("its task failed: {panic}"),
+                    }
+                }
+                None => std::future::pending::<()>().await,
+            }
+        }
     }
 
     async fn abort(&mut self) {
