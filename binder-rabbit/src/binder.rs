@@ -643,23 +643,39 @@ const REQUEUE: BasicNackOptions = BasicNackOptions {
 #[async_trait]
 impl Acknowledgement for RabbitAck {
     async fn ack(mut self: Box<Self>) -> Result<(), Error> {
-        if let Some(acker) = self.acker.take() {
-            acker
-                .ack(BasicAckOptions::default())
-                .await
-                .map_err(|e| Error::binder("rabbit", RabbitError::Channel(e.to_string())))?;
+        match self.acker.take() {
+            Some(acker) => {
+                settle_delivery(acker.ack(BasicAckOptions::default()), "basic.ack").await
+            }
+            None => Ok(()),
         }
-        Ok(())
     }
 
     async fn requeue(mut self: Box<Self>) -> Result<(), Error> {
-        if let Some(acker) = self.acker.take() {
-            acker
-                .nack(REQUEUE)
-                .await
-                .map_err(|e| Error::binder("rabbit", RabbitError::Channel(e.to_string())))?;
+        match self.acker.take() {
+            Some(acker) => settle_delivery(acker.nack(REQUEUE), "basic.nack").await,
+            None => Ok(()),
         }
-        Ok(())
+    }
+}
+
+/// Sends an ack or nack within a deadline (a blocked connection takes no frames), and reports
+/// one lapin did not send (`false`: the delivery's channel failed, so the broker delivers it
+/// again).
+async fn settle_delivery(
+    sending: impl std::future::Future<Output = lapin::Result<bool>>,
+    what: &str,
+) -> Result<(), Error> {
+    let failed = |reason: String| Error::binder("rabbit", RabbitError::Channel(reason));
+    match tokio::time::timeout(PUBLISH_TIMEOUT, sending).await {
+        Ok(Ok(true)) => Ok(()),
+        Ok(Ok(false)) => Err(failed(format!(
+            "{what} was not sent: lapin no longer accepts it for this delivery (its channel failed); RabbitMQ delivers the message again"
+        ))),
+        Ok(Err(error)) => Err(failed(format!("{what} failed: {error}"))),
+        Err(_) => Err(failed(format!(
+            "{what} was not sent within {PUBLISH_TIMEOUT:?} (is the connection blocked?)"
+        ))),
     }
 }
 
