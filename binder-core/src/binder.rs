@@ -70,6 +70,10 @@ pub struct ProducerSpec {
     pub properties: ProducerProperties,
     /// The binder-specific section `[stream.<type>.bindings.<binding>.producer]`, already validated.
     pub extension: Option<ConfigNode>,
+    /// The consumers of this application in the producer's `required-groups`, so a binder can
+    /// provision their subscriptions exactly as those consumers will (a RabbitMQ queue with its
+    /// dead-letter, quorum, TTL and length arguments), whichever starts first.
+    pub required_group_consumers: Vec<ConsumerSpec>,
 }
 
 impl ProducerSpec {
@@ -81,6 +85,7 @@ impl ProducerSpec {
             destination,
             properties: ProducerProperties::default(),
             extension: None,
+            required_group_consumers: Vec::new(),
         }
     }
 }

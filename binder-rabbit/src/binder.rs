@@ -424,6 +424,64 @@ impl RabbitBinder {
         }
     }
 
+    /// Declares the queue of a required group the way its consumer will: with the consumer's
+    /// own arguments when it is bound in this application; otherwise only when the queue does
+    /// not exist yet, so one declared elsewhere with other arguments is left as it is.
+    async fn provision_required_group(
+        &self,
+        spec: &ProducerSpec,
+        group: &str,
+        exchange_type: &str,
+    ) -> Result<(), RabbitError> {
+        let consumer = spec
+            .required_group_consumers
+            .iter()
+            .find(|c| c.group.as_deref() == Some(group));
+        let topology = match consumer {
+            Some(consumer) => self.topology(consumer),
+            None => Topology {
+                exchange: spec.destination.clone(),
+                exchange_type: exchange_type.to_owned(),
+                queue: format!("{}.{group}", spec.destination),
+                anonymous: false,
+                dead_letter_queue: None,
+                consumer: RabbitConsumerSettings::default(),
+                only_queue: false,
+            },
+        };
+        check_name(&topology.queue)?;
+        let limit = self.inner.settings.connection_timeout;
+        if consumer.is_none() {
+            // A passive declaration of a missing queue closes its channel: a channel of its own.
+            let probe = self.channel().await?;
+            let exists = tokio::time::timeout(
+                limit,
+                probe.queue_declare(
+                    ShortString::from(topology.queue.as_str()),
+                    QueueDeclareOptions {
+                        passive: true,
+                        ..QueueDeclareOptions::default()
+                    },
+                    FieldTable::default(),
+                ),
+            )
+            .await;
+            if matches!(exists, Ok(Ok(_))) {
+                let _ = probe.close(200, "exists".into()).await;
+                return Ok(());
+            }
+        }
+        let channel = self.channel().await?;
+        tokio::time::timeout(limit * 3, self.declare(&channel, &topology))
+            .await
+            .map_err(|_| RabbitError::Declare {
+                entity: format!("queue `{}`", topology.queue),
+                reason: format!("RabbitMQ did not answer within {:?}", limit * 3),
+            })??;
+        let _ = channel.close(200, "declared".into()).await;
+        Ok(())
+    }
+
     /// Consumes the dead-letter queue of a consumer binding (declaring it when provisioning),
     /// to inspect or replay what failed.
     pub async fn dead_letter_subscription(
@@ -496,21 +554,9 @@ impl Binder for RabbitBinder {
         if self.inner.settings.provision {
             // Queues of `required-groups` keep what is sent before their consumers start.
             for group in &spec.properties.required_groups {
-                let topology = Topology {
-                    exchange: spec.destination.clone(),
-                    exchange_type: exchange_type.clone(),
-                    queue: format!("{}.{group}", spec.destination),
-                    anonymous: false,
-                    dead_letter_queue: None,
-                    consumer: RabbitConsumerSettings::default(),
-                    only_queue: false,
-                };
-                check_name(&topology.queue).map_err(|e| self.error(e))?;
-                let channel = self.channel().await.map_err(|e| self.error(e))?;
-                self.declare(&channel, &topology)
+                self.provision_required_group(spec, group, &exchange_type)
                     .await
                     .map_err(|e| self.error(e))?;
-                let _ = channel.close(200, "declared".into()).await;
             }
         }
         Ok(producer)

@@ -575,3 +575,81 @@ destination = "{output}"
     }
     binder.close().await.ok();
 }
+
+/// A supplier sending to `destination` with `required-groups = ["billing"]`, and the `billing`
+/// consumer with a DLQ on a quorum queue, in one application; functions start in name order.
+fn producer_and_group(destination: &str, supplier: &str, consumer: &str) -> Application {
+    let tick = StreamFunction::supplier(supplier, || async { Option::<String>::None });
+    let bill = StreamFunction::consumer(consumer, |_: Message| async {});
+    let toml = format!(
+        r#"[stream]
+default-binder = "rabbit"
+[stream.binders.rabbit]
+uri = "{uri}"
+[stream.bindings.{supplier}-out-0]
+destination = "{destination}"
+producer.required-groups = ["billing"]
+[stream.bindings.{consumer}-in-0]
+destination = "{destination}"
+group = "billing"
+consumer.dlq = true
+[stream.rabbit.bindings.{consumer}-in-0.consumer]
+quorum = true
+"#,
+        uri = uri()
+    );
+    bindery_core::Application::builder()
+        .without_registered_functions()
+        .function(tick)
+        .function(bill)
+        .config_str("application.toml", toml)
+        .environment(Vec::<(String, String)>::new())
+        .binder_provider(RabbitBinderProvider)
+        .build()
+        .expect("valid configuration")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn required_groups_are_declared_as_their_consumers_declare_them_in_either_order() {
+    if !available() {
+        return;
+    }
+    // "a-tick" starts before "b-bill"; "z-tick" after "b-bill".
+    for supplier in ["a-tick", "z-tick"] {
+        let destination = unique("required");
+        let app = tokio::time::timeout(
+            Duration::from_secs(60),
+            producer_and_group(&destination, supplier, "b-bill").start(),
+        )
+        .await
+        .expect("started in time")
+        .unwrap_or_else(|e| panic!("{supplier} first: {e}"));
+        app.shutdown().await.expect("shutdown");
+        // The queue carries the consumer's arguments: declaring it so again succeeds.
+        let channel = raw_channel().await;
+        let mut arguments = FieldTable::default();
+        arguments.insert(
+            "x-queue-type".into(),
+            AMQPValue::LongString("quorum".into()),
+        );
+        arguments.insert(
+            "x-dead-letter-exchange".into(),
+            AMQPValue::LongString("DLX".into()),
+        );
+        arguments.insert(
+            "x-dead-letter-routing-key".into(),
+            AMQPValue::LongString(format!("{destination}.billing").into()),
+        );
+        channel
+            .queue_declare(
+                format!("{destination}.billing").as_str().into(),
+                QueueDeclareOptions {
+                    durable: true,
+                    ..QueueDeclareOptions::default()
+                },
+                arguments,
+            )
+            .await
+            .unwrap_or_else(|e| panic!("{supplier} first: the group queue differs: {e}"));
+    }
+}

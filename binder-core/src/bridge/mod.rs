@@ -179,6 +179,8 @@ pub(crate) struct ResolvedBinding {
     pub(crate) producer: ProducerProperties,
     pub(crate) consumer_extension: Option<ConfigNode>,
     pub(crate) producer_extension: Option<ConfigNode>,
+    /// For an output: the application's inputs in its `required-groups`.
+    pub(crate) required_group_consumers: Vec<ConsumerSpec>,
 }
 
 impl ResolvedBinding {
@@ -198,6 +200,7 @@ impl ResolvedBinding {
             destination: self.destination.clone(),
             properties: self.producer.clone(),
             extension: self.producer_extension.clone(),
+            required_group_consumers: self.required_group_consumers.clone(),
         }
     }
 }

@@ -138,6 +138,28 @@ impl Planner<'_> {
             }
         }
 
+        // Outputs provision their required groups as this application's consumers of them will.
+        let inputs: Vec<ResolvedBinding> = planned.iter().filter_map(|f| f.input.clone()).collect();
+        let required = |output: &mut ResolvedBinding| {
+            output.required_group_consumers = inputs
+                .iter()
+                .filter(|input| {
+                    input.destination == output.destination
+                        && input.binder == output.binder
+                        && input
+                            .group
+                            .as_ref()
+                            .is_some_and(|g| output.producer.required_groups.contains(g))
+                })
+                .map(ResolvedBinding::consumer_spec)
+                .collect();
+        };
+        planned
+            .iter_mut()
+            .filter_map(|f| f.output.as_mut())
+            .for_each(required);
+        outputs.values_mut().for_each(required);
+
         if !problems.is_empty() {
             return None;
         }
@@ -510,6 +532,7 @@ impl Planner<'_> {
                 .unwrap_or_default(),
             consumer_extension,
             producer_extension,
+            required_group_consumers: Vec::new(),
         }
     }
 
