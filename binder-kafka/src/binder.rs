@@ -51,6 +51,9 @@ pub struct KafkaBinder {
 struct Inner {
     name: String,
     settings: KafkaSettings,
+    /// Set when the idempotent producer failed for good: every subscription then ends, which
+    /// stops the application (its inputs stay unacknowledged and come back after a restart).
+    producer_failed: Arc<AtomicBool>,
     producer: FutureProducer,
     admin: AdminClient<DefaultClientContext>,
 }
@@ -121,6 +124,7 @@ impl KafkaBinder {
             inner: Arc::new(Inner {
                 name: name.to_owned(),
                 settings,
+                producer_failed: Arc::default(),
                 producer,
                 admin,
             }),
@@ -141,6 +145,10 @@ impl KafkaBinder {
     }
 
     fn send_error(&self, topic: &str, error: rdkafka::error::KafkaError) -> Error {
+        if error.rdkafka_error_code() == Some(RDKafkaErrorCode::Fatal) {
+            tracing::error!(binder = %self.inner.name, %error, "the Kafka producer failed for good; the application stops");
+            self.inner.producer_failed.store(true, Ordering::Release);
+        }
         let permanent = is_permanent(&error);
         let error = KafkaError::Send {
             topic: topic.to_owned(),
@@ -334,6 +342,7 @@ impl Binder for KafkaBinder {
             deliveries,
             acks,
             stop: stop.clone(),
+            producer_failed: self.inner.producer_failed.clone(),
             max_poll_interval,
             anonymous_start,
             timeout: self.inner.settings.connection_timeout,
@@ -638,6 +647,8 @@ struct Poller {
     deliveries: mpsc::Sender<Delivery>,
     acks: sync_mpsc::Sender<AckEvent>,
     stop: Arc<AtomicBool>,
+    /// The binder's producer failed for good: stop too.
+    producer_failed: Arc<AtomicBool>,
     max_poll_interval: Duration,
     /// Where an anonymous consumer starts; `None` for a group member.
     anonymous_start: Option<StartOffset>,
@@ -692,7 +703,7 @@ impl Poller {
         let mut pending: VecDeque<Polled> = VecDeque::new();
         let mut full_since: Option<std::time::Instant> = None;
         let mut paused = false;
-        while !self.stop.load(Ordering::Acquire) {
+        while !self.stop.load(Ordering::Acquire) && !self.producer_failed.load(Ordering::Acquire) {
             self.settle();
             if let Some(polled) = pending.pop_front() {
                 let current = lock(&self.consumer.context().tracker)
