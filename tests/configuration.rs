@@ -550,6 +550,20 @@ fn rabbit_settings_are_checked_with_file_and_key() {
 }
 
 #[test]
+fn a_direct_exchange_with_the_catch_all_binding_key_is_refused() {
+    let text = error_of(
+        "[stream.binders.rabbit]\ntype = \"rabbit\"\n[stream.rabbit.bindings.bill-in-0.consumer]\nexchange-type = \"direct\"",
+    );
+    assert_mentions(
+        &text,
+        &[
+            "`stream.rabbit.bindings.bill-in-0.consumer.exchange-type`",
+            "set `binding-routing-key`",
+        ],
+    );
+}
+
+#[test]
 fn kafka_passthrough_secrets_are_never_shown() {
     let text = error_of(
         "[stream.binders.kafka]\ntype = \"kafka\"\nconfiguration.\"sasl.password\" = [\"hunter2\"]",

@@ -144,6 +144,7 @@ impl RabbitConsumerSettings {
         let Some(table) = node.and_then(|n| n.table(CONSUMER_KEYS, problems)) else {
             return settings;
         };
+        let mut exchange_type_node = None;
         for (name, node) in table {
             match name.as_str() {
                 "prefetch" => {
@@ -162,9 +163,18 @@ impl RabbitConsumerSettings {
                 "exchange-type" => {
                     if let Some(kind) = exchange_type(&node, problems) {
                         settings.exchange_type = kind;
+                        exchange_type_node = Some(node.clone());
                     }
                 }
                 _ => {}
+            }
+        }
+        if let Some(node) = exchange_type_node {
+            if settings.exchange_type == "direct" && settings.binding_routing_key == "#" {
+                problems.at(
+                    &node,
+                    "a direct exchange routes by exact key, so the default `binding-routing-key` `#` would bind only the key `#`; set `binding-routing-key` to the key this group receives",
+                );
             }
         }
         settings
@@ -174,7 +184,8 @@ impl RabbitConsumerSettings {
 /// `[stream.rabbit.bindings.<binding>.producer]`.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct RabbitProducerSettings {
-    /// `routing-key`: the routing key of messages without a key. Default: the destination name.
+    /// `routing-key`: the routing key of every message (keys then travel in a header). Default:
+    /// the message key, else the destination name.
     pub routing_key: Option<String>,
     /// `exchange-type`: as for consumers. Default `topic`.
     pub exchange_type: Option<String>,
