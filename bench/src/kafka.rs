@@ -215,26 +215,10 @@ impl Kafka {
                 ));
                 Ok(Running::Raw(stop, task))
             }
-            Side::Bindery => {
-                let toml = format!(
-                    r#"
-                    [stream]
-                    default-binder = "kafka"
-                    function.definition = "bill"
-                    [stream.binders.kafka]
-                    type = "kafka"
-                    brokers = "{}"
-                    [stream.bindings.bill-in-0]
-                    destination = "{input}"
-                    group = "{group}"
-                    [stream.bindings.bill-out-0]
-                    destination = "{output}"
-                    "#,
-                    self.brokers
-                );
-                let app = crate::bindery_app(&toml).await?;
-                Ok(Running::Bindery(app))
-            }
+            Side::Bindery => Ok(Running::Bindery(
+                crate::bindery_pipeline("kafka", "brokers", &self.brokers, (input, output, group))
+                    .await?,
+            )),
         }
     }
 }

@@ -276,8 +276,35 @@ impl Running {
     }
 }
 
+/// Starts the `#[stream_function]` `bill` from `input` to `output` in `group` at default
+/// settings, on a binder of `binder_type` whose `connection_key` (`brokers`, `uri`) is
+/// `connection`.
+pub(crate) async fn bindery_pipeline(
+    binder_type: &str,
+    connection_key: &str,
+    connection: &str,
+    (input, output, group): (&str, &str, &str),
+) -> Result<bindery::RunningApplication, String> {
+    let toml = format!(
+        r#"
+        [stream]
+        default-binder = "{binder_type}"
+        function.definition = "bill"
+        [stream.binders.{binder_type}]
+        type = "{binder_type}"
+        {connection_key} = "{connection}"
+        [stream.bindings.bill-in-0]
+        destination = "{input}"
+        group = "{group}"
+        [stream.bindings.bill-out-0]
+        destination = "{output}"
+        "#
+    );
+    bindery_app(&toml).await
+}
+
 /// Starts the `#[stream_function]` `bill` with `toml` as its whole configuration.
-pub(crate) async fn bindery_app(toml: &str) -> Result<bindery::RunningApplication, String> {
+async fn bindery_app(toml: &str) -> Result<bindery::RunningApplication, String> {
     bindery::application()
         .config_str("bench.toml", toml)
         .environment(Vec::<(String, String)>::new())

@@ -233,25 +233,9 @@ impl Rabbit {
                 ));
                 Ok(Running::Raw(stop, task))
             }
-            Side::Bindery => {
-                let toml = format!(
-                    r#"
-                    [stream]
-                    default-binder = "rabbit"
-                    function.definition = "bill"
-                    [stream.binders.rabbit]
-                    type = "rabbit"
-                    uri = "{}"
-                    [stream.bindings.bill-in-0]
-                    destination = "{input}"
-                    group = "{group}"
-                    [stream.bindings.bill-out-0]
-                    destination = "{output}"
-                    "#,
-                    self.uri
-                );
-                Ok(Running::Bindery(crate::bindery_app(&toml).await?))
-            }
+            Side::Bindery => Ok(Running::Bindery(
+                crate::bindery_pipeline("rabbit", "uri", &self.uri, (input, output, group)).await?,
+            )),
         }
     }
 }

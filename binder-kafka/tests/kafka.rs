@@ -151,13 +151,7 @@ group = "{group}"
 "#,
         brokers = brokers()
     );
-    let app = isolated(slow, &toml)
-        .binder_provider(KafkaBinderProvider)
-        .build()
-        .expect("valid")
-        .start()
-        .await
-        .expect("start");
+    let app = kafka_app(slow, &toml).start().await.expect("start");
     let producer = producer_for(&input).await;
     for text in ["slow", "after-1", "after-2"] {
         producer
@@ -187,6 +181,14 @@ group = "{group}"
     assert_eq!(handled.get("after-2"), Some(&1));
 }
 
+/// An application of `function` alone on the Kafka binder, configured by `toml`.
+fn kafka_app(function: StreamFunction, toml: &str) -> Application {
+    isolated(function, toml)
+        .binder_provider(KafkaBinderProvider)
+        .build()
+        .expect("valid")
+}
+
 fn forwarding_app(input: &str, output: &str, group: &str) -> Application {
     let forward = StreamFunction::function("forward", |message: Message| async move { message });
     let toml = format!(
@@ -205,10 +207,7 @@ destination = "{output}"
 "#,
         brokers = brokers()
     );
-    isolated(forward, &toml)
-        .binder_provider(KafkaBinderProvider)
-        .build()
-        .expect("valid")
+    kafka_app(forward, &toml)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -310,10 +309,7 @@ consumer.concurrency = 4
 "#,
             brokers = brokers()
         );
-        isolated(work, &toml)
-            .binder_provider(KafkaBinderProvider)
-            .build()
-            .expect("valid")
+        kafka_app(work, &toml)
     };
 
     let first = app(handled.clone(), Duration::from_secs(600))
@@ -385,10 +381,7 @@ destination = "{output}"
 "#,
         brokers = brokers()
     );
-    isolated(forward, &toml)
-        .binder_provider(KafkaBinderProvider)
-        .build()
-        .expect("valid")
+    kafka_app(forward, &toml)
 }
 
 /// Sends `payloads` as another service would: pipelined, so librdkafka batches several
@@ -615,10 +608,7 @@ consumer.concurrency = 2
 "#,
             brokers = brokers()
         );
-        isolated(work, &toml)
-            .binder_provider(KafkaBinderProvider)
-            .build()
-            .expect("valid")
+        kafka_app(work, &toml)
     };
     let first = app(handled.clone()).start().await.expect("first member");
 
@@ -734,13 +724,7 @@ destination = "{output}"
         output = names[1],
         group = names[2],
     );
-    let _app = isolated(slow, &toml)
-        .binder_provider(KafkaBinderProvider)
-        .build()
-        .expect("valid")
-        .start()
-        .await
-        .expect("start");
+    let _app = kafka_app(slow, &toml).start().await.expect("start");
     std::future::pending::<()>().await;
 }
 
