@@ -128,6 +128,18 @@ pub trait Subscription: Send + fmt::Debug {
         Ok(())
     }
 
+    /// Called once when the application begins to shut down: asks the broker to send no more
+    /// messages and returns `true` when, from now on, [`next`](Self::next) yields only what
+    /// the client has already received and then `None`. The core then handles those messages
+    /// to the end before it closes the subscription, so a graceful shutdown hands nothing
+    /// back that was already on its way (RabbitMQ would mark it redelivered).
+    ///
+    /// The default returns `false`: the core stops taking messages at once, and whatever the
+    /// client had received comes back through the broker.
+    async fn drain(&mut self) -> bool {
+        false
+    }
+
     /// Whether this subscription needs its messages settled in the order they were received.
     /// When it does, the core never acknowledges a message before every earlier one was
     /// settled, however the handling finished. The default is `false`: Kafka's binder tracks

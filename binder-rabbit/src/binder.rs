@@ -12,8 +12,9 @@ use bindery_core::{
 };
 use futures::StreamExt;
 use lapin::options::{
-    BasicAckOptions, BasicConsumeOptions, BasicNackOptions, BasicPublishOptions, BasicQosOptions,
-    ConfirmSelectOptions, ExchangeDeclareOptions, QueueBindOptions, QueueDeclareOptions,
+    BasicAckOptions, BasicCancelOptions, BasicConsumeOptions, BasicNackOptions,
+    BasicPublishOptions, BasicQosOptions, ConfirmSelectOptions, ExchangeDeclareOptions,
+    QueueBindOptions, QueueDeclareOptions,
 };
 use lapin::types::{AMQPValue, FieldTable, LongString, ShortString};
 use lapin::{BasicProperties, Channel, Connection, ConnectionProperties, ExchangeKind};
@@ -21,14 +22,23 @@ use tokio::sync::Mutex;
 
 use crate::confirms::{Confirms, Outcome};
 use crate::mapping;
-use crate::settings::{RabbitConsumerSettings, RabbitProducerSettings, RabbitSettings};
+use crate::settings::{
+    RabbitConsumerSettings, RabbitProducerSettings, RabbitSettings, RequiredGroupQueue,
+};
 use crate::{RabbitError, DEAD_LETTER_EXCHANGE};
 
-/// The RabbitMQ binder: one connection, a channel per consumer and per producer.
+/// The RabbitMQ binder: a connection for consumers and one for producers, a channel per
+/// consumer and per producer.
+///
+/// Publishing has a connection of its own because a broker under a memory or disk alarm blocks
+/// every connection that publishes: consumers keep acknowledging on theirs, and sends wait
+/// (and are retried) until the alarm clears.
 ///
 /// A lost connection is recovered: subscriptions reconnect with back-off, declare their
 /// topology again and resume; producers open a new channel on their next send. Messages that
-/// were not acknowledged are redelivered by the broker.
+/// were not acknowledged are redelivered by the broker. A refusal that reconnecting cannot
+/// cure (access refused, a queue that exists with other arguments, or is missing while
+/// `provision = false`) ends the subscription with the broker's reason.
 #[derive(Clone)]
 pub struct RabbitBinder {
     inner: Arc<Inner>,
@@ -37,8 +47,54 @@ pub struct RabbitBinder {
 struct Inner {
     name: String,
     settings: RabbitSettings,
-    connection: Mutex<Option<Connection>>,
+    consuming: Mutex<Option<(Connection, Blocked)>>,
+    publishing: Mutex<Option<(Connection, Blocked)>>,
     closed: AtomicBool,
+}
+
+/// Which of the binder's connections a channel is opened on.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Role {
+    Consume,
+    Publish,
+}
+
+/// Why the broker blocks a publishing connection (`connection.blocked`), while it does.
+#[derive(Clone, Debug, Default)]
+pub(crate) struct Blocked(Arc<std::sync::Mutex<Option<String>>>);
+
+impl Blocked {
+    /// Follows the connection's `connection.blocked` and `connection.unblocked` notices.
+    fn follow(connection: &Connection, binder: String) -> Self {
+        let blocked = Blocked::default();
+        let state = blocked.clone();
+        let mut events = connection.events_listener();
+        tokio::spawn(async move {
+            while let Some(event) = events.next().await {
+                match event {
+                    lapin::Event::ConnectionBlocked(reason) => {
+                        tracing::warn!(%binder, %reason, "RabbitMQ blocked the publishing connection (a memory or disk alarm); sends wait and are retried until it is unblocked, consumers go on");
+                        state.set(Some(reason));
+                    }
+                    lapin::Event::ConnectionUnblocked => {
+                        tracing::info!(%binder, "RabbitMQ unblocked the publishing connection");
+                        state.set(None);
+                    }
+                    _ => {}
+                }
+            }
+        });
+        blocked
+    }
+
+    fn set(&self, reason: Option<String>) {
+        *self.0.lock().unwrap_or_else(|e| e.into_inner()) = reason;
+    }
+
+    /// The broker's reason, while the connection is blocked.
+    pub(crate) fn reason(&self) -> Option<String> {
+        self.0.lock().unwrap_or_else(|e| e.into_inner()).clone()
+    }
 }
 
 impl fmt::Debug for RabbitBinder {
@@ -77,6 +133,7 @@ fn check_name(name: &str) -> Result<(), RabbitError> {
                 name.len(),
                 mapping::SHORT_STRING_MAX
             ),
+            permanent: true,
         });
     }
     Ok(())
@@ -102,6 +159,25 @@ fn declare_error(entity: String) -> impl FnOnce(lapin::Error) -> RabbitError {
     move |e| RabbitError::Declare {
         entity,
         reason: e.to_string(),
+        permanent: refused_for_good(&e),
+    }
+}
+
+/// Whether the broker's answer is one that asking again cannot change: access refused, an
+/// entity that exists with other arguments, or one that does not exist (only passive
+/// declarations and `provision = false` meet that).
+fn refused_for_good(error: &lapin::Error) -> bool {
+    use lapin::protocol::{AMQPErrorKind, AMQPSoftError};
+    match error.kind() {
+        lapin::ErrorKind::ProtocolError(amqp) => matches!(
+            amqp.kind(),
+            AMQPErrorKind::Soft(
+                AMQPSoftError::ACCESSREFUSED
+                    | AMQPSoftError::NOTFOUND
+                    | AMQPSoftError::PRECONDITIONFAILED
+            )
+        ),
+        _ => false,
     }
 }
 
@@ -112,11 +188,15 @@ impl RabbitBinder {
             inner: Arc::new(Inner {
                 name: name.to_owned(),
                 settings,
-                connection: Mutex::new(None),
+                consuming: Mutex::new(None),
+                publishing: Mutex::new(None),
                 closed: AtomicBool::new(false),
             }),
         };
-        binder.channel().await.map_err(|e| binder.error(e))?;
+        binder
+            .channel(Role::Consume)
+            .await
+            .map_err(|e| binder.error(e))?;
         Ok(binder)
     }
 
@@ -136,9 +216,13 @@ impl RabbitBinder {
         redact_uri(&self.inner.settings.uri)
     }
 
-    async fn open(&self) -> Result<Connection, RabbitError> {
-        let properties = ConnectionProperties::default()
-            .with_connection_name(LongString::from(format!("bindery {}", self.inner.name)));
+    async fn open(&self, role: Role) -> Result<Connection, RabbitError> {
+        let name = match role {
+            Role::Consume => format!("bindery {}", self.inner.name),
+            Role::Publish => format!("bindery {} publisher", self.inner.name),
+        };
+        let properties =
+            ConnectionProperties::default().with_connection_name(LongString::from(name));
         let timeout = self.inner.settings.connection_timeout;
         match tokio::time::timeout(
             timeout,
@@ -150,6 +234,7 @@ impl RabbitBinder {
             Ok(Err(e)) => Err(RabbitError::Connect {
                 uri: self.shown_uri(),
                 reason: redact_uri(&e.to_string()),
+                permanent: refused_for_good(&e),
             }),
             Err(_) => Err(RabbitError::ConnectTimeout {
                 uri: self.shown_uri(),
@@ -158,33 +243,49 @@ impl RabbitBinder {
         }
     }
 
-    /// A new channel on the shared connection, reconnecting when it was lost; an error when
-    /// the broker does not answer within twice `connection-timeout`.
-    async fn channel(&self) -> Result<Channel, RabbitError> {
+    /// A new channel on the connection for `role`, reconnecting when it was lost; an error
+    /// when the broker does not answer within twice `connection-timeout`.
+    async fn channel(&self, role: Role) -> Result<Channel, RabbitError> {
+        self.channel_and_blocked(role)
+            .await
+            .map(|(channel, _)| channel)
+    }
+
+    /// As [`channel`](Self::channel), with the blocked state of its connection.
+    async fn channel_and_blocked(&self, role: Role) -> Result<(Channel, Blocked), RabbitError> {
         let limit = self.inner.settings.connection_timeout * 2;
-        tokio::time::timeout(limit, self.open_channel())
+        tokio::time::timeout(limit, self.open_channel(role))
             .await
             .map_err(|_| {
                 RabbitError::Channel(format!("RabbitMQ did not open a channel within {limit:?}"))
             })?
     }
 
-    async fn open_channel(&self) -> Result<Channel, RabbitError> {
-        let mut connection = self.inner.connection.lock().await;
-        if let Some(open) = connection.as_ref() {
+    async fn open_channel(&self, role: Role) -> Result<(Channel, Blocked), RabbitError> {
+        let connections = match role {
+            Role::Consume => &self.inner.consuming,
+            Role::Publish => &self.inner.publishing,
+        };
+        let mut cached = connections.lock().await;
+        if let Some((open, blocked)) = cached.as_ref() {
             if open.status().connected() {
                 if let Ok(channel) = open.create_channel().await {
-                    return Ok(channel);
+                    return Ok((channel, blocked.clone()));
                 }
             }
         }
-        let open = self.open().await?;
+        let reconnecting = cached.is_some();
+        let open = self.open(role).await?;
         let channel = open
             .create_channel()
             .await
             .map_err(|e| RabbitError::Channel(e.to_string()))?;
-        *connection = Some(open);
-        Ok(channel)
+        if reconnecting {
+            tracing::info!(binder = %self.inner.name, ?role, "connected to RabbitMQ again");
+        }
+        let blocked = Blocked::follow(&open, self.inner.name.clone());
+        *cached = Some((open, blocked.clone()));
+        Ok((channel, blocked))
     }
 
     /// Declares what `topology` needs (when provisioning) and starts consuming its queue; an
@@ -209,6 +310,7 @@ impl RabbitBinder {
             .map_err(|_| RabbitError::Declare {
                 entity: format!("queue `{}`", topology.queue),
                 reason: format!("RabbitMQ did not answer within {limit:?}"),
+                permanent: false,
             })?
     }
 
@@ -216,7 +318,7 @@ impl RabbitBinder {
         &self,
         topology: &Topology,
     ) -> Result<(Channel, lapin::Consumer), RabbitError> {
-        let channel = self.channel().await?;
+        let channel = self.channel(Role::Consume).await?;
         if self.inner.settings.provision && !topology.only_queue {
             self.declare(&channel, topology).await?;
         }
@@ -431,7 +533,7 @@ impl RabbitBinder {
         &self,
         spec: &ProducerSpec,
         group: &str,
-        exchange_type: &str,
+        queue: &RequiredGroupQueue,
     ) -> Result<(), RabbitError> {
         let consumer = spec
             .required_group_consumers
@@ -441,11 +543,13 @@ impl RabbitBinder {
             Some(consumer) => self.topology(consumer),
             None => Topology {
                 exchange: spec.destination.clone(),
-                exchange_type: exchange_type.to_owned(),
+                exchange_type: queue.consumer.exchange_type.clone(),
                 queue: format!("{}.{group}", spec.destination),
                 anonymous: false,
-                dead_letter_queue: None,
-                consumer: RabbitConsumerSettings::default(),
+                dead_letter_queue: queue
+                    .dlq
+                    .then(|| format!("{}.{group}.dlq", spec.destination)),
+                consumer: queue.consumer.clone(),
                 only_queue: false,
             },
         };
@@ -453,7 +557,7 @@ impl RabbitBinder {
         let limit = self.inner.settings.connection_timeout;
         if consumer.is_none() {
             // A passive declaration of a missing queue closes its channel: a channel of its own.
-            let probe = self.channel().await?;
+            let probe = self.channel(Role::Consume).await?;
             let exists = tokio::time::timeout(
                 limit,
                 probe.queue_declare(
@@ -471,12 +575,13 @@ impl RabbitBinder {
                 return Ok(());
             }
         }
-        let channel = self.channel().await?;
+        let channel = self.channel(Role::Consume).await?;
         tokio::time::timeout(limit * 3, self.declare(&channel, &topology))
             .await
             .map_err(|_| RabbitError::Declare {
                 entity: format!("queue `{}`", topology.queue),
                 reason: format!("RabbitMQ did not answer within {:?}", limit * 3),
+                permanent: false,
             })??;
         let _ = channel.close(200, "declared".into()).await;
         Ok(())
@@ -503,6 +608,7 @@ impl RabbitBinder {
             topology,
             channel,
             consumer,
+            cancelled: false,
         }))
     }
 
@@ -554,7 +660,7 @@ impl Binder for RabbitBinder {
         if self.inner.settings.provision {
             // Queues of `required-groups` keep what is sent before their consumers start.
             for group in &spec.properties.required_groups {
-                self.provision_required_group(spec, group, &exchange_type)
+                self.provision_required_group(spec, group, &settings.required_group_queue)
                     .await
                     .map_err(|e| self.error(e))?;
             }
@@ -588,8 +694,10 @@ impl Binder for RabbitBinder {
 
     async fn close(&self) -> Result<(), Error> {
         self.inner.closed.store(true, Ordering::Release);
-        if let Some(connection) = self.inner.connection.lock().await.take() {
-            let _ = connection.close(200, "bindery shutting down".into()).await;
+        for connections in [&self.inner.publishing, &self.inner.consuming] {
+            if let Some((connection, _)) = connections.lock().await.take() {
+                let _ = connection.close(200, "bindery shutting down".into()).await;
+            }
         }
         Ok(())
     }
@@ -600,6 +708,8 @@ struct RabbitSubscription {
     topology: Topology,
     channel: Channel,
     consumer: lapin::Consumer,
+    /// `basic.cancel` was sent at shutdown: the consumer yields what it holds, then ends.
+    cancelled: bool,
 }
 
 impl fmt::Debug for RabbitSubscription {
@@ -611,6 +721,19 @@ impl fmt::Debug for RabbitSubscription {
 }
 
 impl RabbitSubscription {
+    /// Asks the broker to send this consumer no more (`basic.cancel`), within a deadline.
+    async fn cancel(&mut self) -> bool {
+        if self.cancelled {
+            return true;
+        }
+        let cancelling = self
+            .channel
+            .basic_cancel(self.consumer.tag(), BasicCancelOptions::default());
+        let limit = self.binder.inner.settings.connection_timeout;
+        self.cancelled = matches!(tokio::time::timeout(limit, cancelling).await, Ok(Ok(())));
+        self.cancelled
+    }
+
     /// Reconnects with back-off until the queue is consumed again (or the binder closes).
     async fn recover(&mut self) -> bool {
         let mut wait = Duration::from_millis(250);
@@ -622,9 +745,14 @@ impl RabbitSubscription {
             match self.binder.consume(&self.topology).await {
                 Ok((channel, consumer)) => {
                     tracing::info!(queue = %self.topology.queue, "consuming again after reconnecting to RabbitMQ");
+                    self.cancelled = false;
                     self.channel = channel;
                     self.consumer = consumer;
                     return true;
+                }
+                Err(error) if error.is_permanent() => {
+                    tracing::error!(queue = %self.topology.queue, %error, "RabbitMQ refused the subscription for good; it ends, which stops the application");
+                    return false;
                 }
                 Err(error) => {
                     tracing::warn!(queue = %self.topology.queue, %error, "reconnecting to RabbitMQ failed; retrying in {wait:?}");
@@ -651,6 +779,8 @@ impl Subscription for RabbitSubscription {
                         }),
                     }));
                 }
+                // Draining at shutdown: what was received has been yielded; nothing is recovered.
+                _ if self.cancelled => return None,
                 Some(Err(error)) => {
                     tracing::warn!(queue = %self.topology.queue, %error, "lost the RabbitMQ consumer; reconnecting");
                 }
@@ -664,9 +794,17 @@ impl Subscription for RabbitSubscription {
         }
     }
 
-    async fn close(self: Box<Self>) -> Result<(), Error> {
-        // Closing the channel hands unacknowledged messages back to the broker.
-        let _ = self.channel.close(200, "consumer closed".into()).await;
+    async fn drain(&mut self) -> bool {
+        self.cancel().await
+    }
+
+    async fn close(mut self: Box<Self>) -> Result<(), Error> {
+        // Cancelled first, so the broker sends nothing more while the channel closes; closing
+        // the channel hands unacknowledged messages back to the broker.
+        self.cancel().await;
+        let limit = self.binder.inner.settings.connection_timeout;
+        let _ =
+            tokio::time::timeout(limit, self.channel.close(200, "consumer closed".into())).await;
         Ok(())
     }
 }
@@ -744,8 +882,9 @@ struct RabbitProducer {
     fixed_routing_key: Option<String>,
     default_routing_key: String,
     declare: bool,
-    /// The confirming channel and the settler of its confirms.
-    channel: Mutex<Option<(Channel, Confirms)>>,
+    /// The confirming channel, the settler of its confirms, and its connection's blocked
+    /// state.
+    channel: Mutex<Option<(Channel, Confirms, Blocked)>>,
 }
 
 impl fmt::Debug for RabbitProducer {
@@ -759,7 +898,7 @@ impl fmt::Debug for RabbitProducer {
 impl RabbitProducer {
     /// The producer's confirming channel, opened again when it was closed; an error when the
     /// broker does not answer in time.
-    async fn channel(&self) -> Result<(Channel, Confirms), RabbitError> {
+    async fn channel(&self) -> Result<(Channel, Confirms, Blocked), RabbitError> {
         let limit = self.binder.inner.settings.connection_timeout * 2;
         tokio::time::timeout(limit, self.confirming_channel())
             .await
@@ -768,14 +907,14 @@ impl RabbitProducer {
             })?
     }
 
-    async fn confirming_channel(&self) -> Result<(Channel, Confirms), RabbitError> {
+    async fn confirming_channel(&self) -> Result<(Channel, Confirms, Blocked), RabbitError> {
         let mut cached = self.channel.lock().await;
-        if let Some((channel, confirms)) = cached.as_ref() {
+        if let Some((channel, confirms, blocked)) = cached.as_ref() {
             if channel.status().connected() {
-                return Ok((channel.clone(), confirms.clone()));
+                return Ok((channel.clone(), confirms.clone(), blocked.clone()));
             }
         }
-        let channel = self.binder.channel().await?;
+        let (channel, blocked) = self.binder.channel_and_blocked(Role::Publish).await?;
         channel
             .confirm_select(ConfirmSelectOptions::default())
             .await
@@ -792,8 +931,8 @@ impl RabbitProducer {
                 .map_err(declare_error(format!("exchange `{}`", self.exchange)))?;
         }
         let confirms = Confirms::start();
-        *cached = Some((channel.clone(), confirms.clone()));
-        Ok((channel, confirms))
+        *cached = Some((channel.clone(), confirms.clone(), blocked.clone()));
+        Ok((channel, confirms, blocked))
     }
 
     /// Publishes on the producer's confirming channel; the confirmation resolves when the
@@ -804,7 +943,15 @@ impl RabbitProducer {
         routing_key: &str,
         properties: BasicProperties,
     ) -> Result<Confirmation, RabbitError> {
-        let (channel, confirms) = self.channel().await?;
+        let (channel, confirms, blocked) = self.channel().await?;
+        if let Some(reason) = blocked.reason() {
+            // Frames written now would wait in the socket until the alarm clears; the core
+            // sends the message again after its back-off instead.
+            return Err(self.publish_error(
+                routing_key,
+                format!("RabbitMQ blocks publishing ({reason}): a memory or disk alarm on the broker; the message is sent again once it clears"),
+            ));
+        }
         let publishing = channel.basic_publish(
             ShortString::from(self.exchange.as_str()),
             ShortString::from(routing_key),

@@ -20,7 +20,9 @@ mod mapping;
 mod settings;
 
 pub use binder::RabbitBinder;
-pub use settings::{RabbitConsumerSettings, RabbitProducerSettings, RabbitSettings};
+pub use settings::{
+    RabbitConsumerSettings, RabbitProducerSettings, RabbitSettings, RequiredGroupQueue,
+};
 
 use std::sync::Arc;
 
@@ -42,6 +44,8 @@ pub enum RabbitError {
         uri: String,
         /// Why.
         reason: String,
+        /// Whether trying again cannot help (the broker refused the credentials).
+        permanent: bool,
     },
     /// Connecting took longer than `connection-timeout`.
     #[error("cannot connect to RabbitMQ at {uri}: no answer within {timeout:?}; check the host and port in `stream.binders.<name>.uri`")]
@@ -59,6 +63,9 @@ pub enum RabbitError {
         entity: String,
         /// The broker's answer, which names the differing argument.
         reason: String,
+        /// Whether declaring again cannot help (access refused, different arguments, or
+        /// missing while `provision = false`).
+        permanent: bool,
     },
     /// The broker refused or returned a published message.
     #[error("RabbitMQ did not take the message for exchange `{exchange}` (routing key `{routing_key}`): {reason}")]
@@ -73,6 +80,22 @@ pub enum RabbitError {
     /// Any other channel or connection failure.
     #[error("RabbitMQ: {0}")]
     Channel(String),
+}
+
+impl RabbitError {
+    /// Whether the broker refused for good, so reconnecting would only repeat the refusal.
+    pub fn is_permanent(&self) -> bool {
+        matches!(
+            self,
+            RabbitError::Connect {
+                permanent: true,
+                ..
+            } | RabbitError::Declare {
+                permanent: true,
+                ..
+            }
+        )
+    }
 }
 
 /// Creates [`RabbitBinder`]s for `type = "rabbit"`.

@@ -17,7 +17,15 @@ const CONSUMER_KEYS: &[&str] = &[
     "binding-routing-key",
     "exchange-type",
 ];
-const PRODUCER_KEYS: &[&str] = &["routing-key", "exchange-type"];
+const PRODUCER_KEYS: &[&str] = &[
+    "routing-key",
+    "exchange-type",
+    "dlq",
+    "quorum",
+    "ttl",
+    "max-length",
+    "binding-routing-key",
+];
 const EXCHANGE_TYPES: &[&str] = &["topic", "direct", "fanout", "headers"];
 
 /// `[stream.binders.<name>]` of a binder of type `rabbit`.
@@ -189,6 +197,20 @@ pub struct RabbitProducerSettings {
     pub routing_key: Option<String>,
     /// `exchange-type`: as for consumers. Default `topic`.
     pub exchange_type: Option<String>,
+    /// How the queues of `required-groups` are declared when their consumers run in another
+    /// application: `dlq`, `quorum`, `ttl`, `max-length` and `binding-routing-key`, with the
+    /// meaning they have for the consumer, which must declare its queue alike. A consumer
+    /// bound in the same application is declared with its own settings instead.
+    pub required_group_queue: RequiredGroupQueue,
+}
+
+/// The arguments of a required group's queue, given on the producer's side.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct RequiredGroupQueue {
+    /// `dlq`: the queue dead-letters to `DLX`, and `<destination>.<group>.dlq` is declared.
+    pub dlq: bool,
+    /// `quorum`, `ttl`, `max-length`, `binding-routing-key`: as in the consumer's section.
+    pub consumer: RabbitConsumerSettings,
 }
 
 impl RabbitProducerSettings {
@@ -199,11 +221,24 @@ impl RabbitProducerSettings {
             return settings;
         };
         for (name, node) in table {
+            let queue = &mut settings.required_group_queue;
             match name.as_str() {
                 "routing-key" => settings.routing_key = node.string(problems),
                 "exchange-type" => settings.exchange_type = exchange_type(&node, problems),
+                "dlq" => queue.dlq = node.boolean(problems).unwrap_or(false),
+                "quorum" => queue.consumer.quorum = node.boolean(problems).unwrap_or(false),
+                "ttl" => queue.consumer.ttl = node.duration(problems),
+                "max-length" => queue.consumer.max_length = node.integer(1, problems),
+                "binding-routing-key" => {
+                    if let Some(key) = node.string(problems) {
+                        queue.consumer.binding_routing_key = key;
+                    }
+                }
                 _ => {}
             }
+        }
+        if let Some(kind) = &settings.exchange_type {
+            settings.required_group_queue.consumer.exchange_type = kind.clone();
         }
         settings
     }

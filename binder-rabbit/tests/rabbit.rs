@@ -14,10 +14,8 @@ use lapin::types::{AMQPValue, FieldTable};
 use lapin::{BasicProperties, Channel, Connection, ConnectionProperties, ExchangeKind};
 use tokio::time::Instant;
 
-fn uri() -> String {
-    std::env::var("RABBIT_URI")
-        .unwrap_or_else(|_| "amqp://guest:guest@127.0.0.1:5672/%2f".to_owned())
-}
+mod common;
+use common::{close_connections_named, connections_named, uri};
 
 fn available() -> bool {
     require_broker("RabbitMQ", &host_port(&uri(), 5672))
@@ -31,10 +29,16 @@ fn unique(name: &str) -> String {
 }
 
 async fn raw_channel() -> Channel {
-    let connection = Connection::connect(&uri(), ConnectionProperties::default())
+    let uri = uri();
+    let connecting = Connection::connect(&uri, ConnectionProperties::default());
+    let connection = tokio::time::timeout(Duration::from_secs(30), connecting)
         .await
+        .expect("connected in time")
         .expect("connect");
-    let channel = connection.create_channel().await.expect("channel");
+    let channel = tokio::time::timeout(Duration::from_secs(30), connection.create_channel())
+        .await
+        .expect("channel opened in time")
+        .expect("channel");
     // Keep the connection open for the channel's lifetime.
     std::mem::forget(connection);
     channel
@@ -282,30 +286,9 @@ async fn an_unreachable_broker_is_an_error_within_the_timeout() {
     assert!(!text.contains("secret"), "{text}");
 }
 
-/// Whether `rabbitmqctl` can reach the local server, as the recovery test needs.
-fn can_close_connections() -> bool {
-    let local = host_port(&uri(), 5672).starts_with("127.0.0.1")
-        || host_port(&uri(), 5672).starts_with("localhost");
-    let works = local
-        && std::process::Command::new("rabbitmqctl")
-            .args(["-q", "status"])
-            .stdout(std::process::Stdio::null())
-            .stderr(std::process::Stdio::null())
-            .status()
-            .is_ok_and(|s| s.success());
-    if !works {
-        if std::env::var_os("CI").is_some() || std::env::var_os("BINDERY_REQUIRE_BROKERS").is_some()
-        {
-            panic!("the recovery test needs `rabbitmqctl` for the local RabbitMQ server");
-        }
-        eprintln!("\n!!!!!!!! SKIPPING RabbitMQ RECOVERY TEST: rabbitmqctl cannot reach a local server !!!!!!!!\n");
-    }
-    works
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn every_message_is_processed_when_the_server_closes_all_connections() {
-    if !available() || !can_close_connections() {
+async fn every_message_is_processed_when_the_server_closes_the_connections() {
+    if !available() || !common::can_control_server() {
         return;
     }
     let _ = tracing_subscriber::fmt()
@@ -314,14 +297,24 @@ async fn every_message_is_processed_when_the_server_closes_all_connections() {
         .try_init();
     let input = unique("recover-in");
     let output = unique("recover-out");
-    let forward = StreamFunction::function("forward", |message: Message| async move {
-        tokio::time::sleep(Duration::from_millis(20)).await;
-        message
+    // Messages from m020 on wait until the connections were closed, so that the producer has
+    // sends to make after its connection was closed under it.
+    let (connections_closed, closed_signal) = tokio::sync::watch::channel(false);
+    let forward = StreamFunction::function("forward", move |message: Message| {
+        let mut closed_signal = closed_signal.clone();
+        async move {
+            if message.payload().as_ref() >= b"m020".as_slice() {
+                let _ = closed_signal.wait_for(|closed| *closed).await;
+            }
+            tokio::time::sleep(Duration::from_millis(5)).await;
+            message
+        }
     });
     let toml = format!(
         r#"[stream]
-default-binder = "rabbit"
-[stream.binders.rabbit]
+default-binder = "recovering"
+[stream.binders.recovering]
+type = "rabbit"
 uri = "{uri}"
 recovery-interval = "1s"
 [stream.bindings.forward-in-0]
@@ -346,17 +339,17 @@ destination = "{output}"
         .producer(&ProducerSpec::new(input.clone()))
         .await
         .expect("producer");
-    let total = 40;
+    let total = 100;
     for n in 0..total {
         producer
-            .send(Message::new(Bytes::from(format!("m{n:02}"))))
+            .send(Message::new(Bytes::from(format!("m{n:03}"))))
             .await
             .expect("send");
     }
 
     let mut seen = BTreeSet::new();
     let deadline = Instant::now() + Duration::from_secs(90);
-    let mut closed = false;
+    let mut closed = BTreeSet::new();
     while seen.len() < total {
         let next = tokio::time::timeout_at(deadline, results.next()).await;
         let Ok(Some(Ok(delivery))) = next else {
@@ -368,18 +361,28 @@ destination = "{output}"
         };
         seen.insert(String::from_utf8_lossy(delivery.message.payload()).into_owned());
         let _ = delivery.acknowledgement.ack().await;
-        if !closed && seen.len() >= 10 {
-            closed = true;
-            let status = tokio::process::Command::new("rabbitmqctl")
-                .args(["-q", "close_all_connections", "bindery recovery test"])
-                .status()
-                .await
-                .expect("rabbitmqctl");
-            assert!(status.success(), "rabbitmqctl close_all_connections failed");
+        if closed.is_empty() && seen.len() >= 10 {
+            // The application's consuming and publishing connections, with sends in flight.
+            closed = close_connections_named("bindery recovering").await;
+            assert_eq!(
+                closed.len(),
+                2,
+                "the application has a consuming and a publishing connection"
+            );
+            connections_closed.send_replace(true);
         }
     }
-    assert!(closed, "the connections were closed mid-way");
     assert_eq!(seen.len(), total);
+    // Both connections were opened again: new ones, under the same names.
+    let mut reopened = connections_named("bindery recovering").await;
+    while reopened.len() != 2 || !reopened.is_disjoint(&closed) {
+        assert!(
+            Instant::now() < deadline,
+            "not reconnected: closed {closed:?}, open {reopened:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        reopened = connections_named("bindery recovering").await;
+    }
     app.shutdown().await.expect("shutdown");
 }
 
@@ -625,31 +628,233 @@ async fn required_groups_are_declared_as_their_consumers_declare_them_in_either_
         .expect("started in time")
         .unwrap_or_else(|e| panic!("{supplier} first: {e}"));
         app.shutdown().await.expect("shutdown");
-        // The queue carries the consumer's arguments: declaring it so again succeeds.
-        let channel = raw_channel().await;
-        let mut arguments = FieldTable::default();
-        arguments.insert(
-            "x-queue-type".into(),
-            AMQPValue::LongString("quorum".into()),
-        );
-        arguments.insert(
-            "x-dead-letter-exchange".into(),
-            AMQPValue::LongString("DLX".into()),
-        );
-        arguments.insert(
-            "x-dead-letter-routing-key".into(),
-            AMQPValue::LongString(format!("{destination}.billing").into()),
-        );
-        channel
-            .queue_declare(
-                format!("{destination}.billing").as_str().into(),
-                QueueDeclareOptions {
-                    durable: true,
-                    ..QueueDeclareOptions::default()
-                },
-                arguments,
-            )
+        assert_billing_queue_is_quorum_with_dlq(&destination)
             .await
             .unwrap_or_else(|e| panic!("{supplier} first: the group queue differs: {e}"));
     }
+}
+
+/// Whether `<destination>.billing` is a quorum queue dead-lettering to `DLX`, as its consumer
+/// with `dlq = true` and `quorum = true` declares it: declaring it so again succeeds.
+async fn assert_billing_queue_is_quorum_with_dlq(destination: &str) -> Result<(), lapin::Error> {
+    let channel = raw_channel().await;
+    let mut arguments = FieldTable::default();
+    arguments.insert(
+        "x-queue-type".into(),
+        AMQPValue::LongString("quorum".into()),
+    );
+    arguments.insert(
+        "x-dead-letter-exchange".into(),
+        AMQPValue::LongString("DLX".into()),
+    );
+    arguments.insert(
+        "x-dead-letter-routing-key".into(),
+        AMQPValue::LongString(format!("{destination}.billing").into()),
+    );
+    let declared = tokio::time::timeout(
+        Duration::from_secs(30),
+        channel.queue_declare(
+            format!("{destination}.billing").as_str().into(),
+            QueueDeclareOptions {
+                durable: true,
+                ..QueueDeclareOptions::default()
+            },
+            arguments,
+        ),
+    )
+    .await
+    .expect("RabbitMQ answers in time");
+    declared.map(|_| ())
+}
+
+/// One side of `required_groups_declared_by_another_application_match_their_consumer`: the
+/// producer, which describes the `billing` queue in its own section, or the consumer.
+fn one_side(destination: &str, producer: bool) -> Application {
+    let toml = if producer {
+        format!(
+            r#"[stream]
+default-binder = "rabbit"
+[stream.binders.rabbit]
+uri = "{uri}"
+[stream.bindings.tick-out-0]
+destination = "{destination}"
+producer.required-groups = ["billing"]
+[stream.rabbit.bindings.tick-out-0.producer]
+dlq = true
+quorum = true
+"#,
+            uri = uri()
+        )
+    } else {
+        format!(
+            r#"[stream]
+default-binder = "rabbit"
+[stream.binders.rabbit]
+uri = "{uri}"
+[stream.bindings.bill-in-0]
+destination = "{destination}"
+group = "billing"
+consumer.dlq = true
+[stream.rabbit.bindings.bill-in-0.consumer]
+quorum = true
+"#,
+            uri = uri()
+        )
+    };
+    let function = match producer {
+        true => StreamFunction::supplier("tick", || async { Option::<String>::None }),
+        false => StreamFunction::consumer("bill", |_: Message| async {}),
+    };
+    application(function, &toml)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn required_groups_declared_by_another_application_match_their_consumer() {
+    if !available() {
+        return;
+    }
+    for producer_first in [true, false] {
+        let destination = unique("required-apart");
+        let order = match producer_first {
+            true => "producer first",
+            false => "consumer first",
+        };
+        let mut running = Vec::new();
+        for producer in [producer_first, !producer_first] {
+            let app = tokio::time::timeout(
+                Duration::from_secs(60),
+                one_side(&destination, producer).start(),
+            )
+            .await
+            .unwrap_or_else(|_| panic!("{order}: started in time"))
+            .unwrap_or_else(|e| panic!("{order}: {e}"));
+            running.push(app);
+        }
+        for app in running {
+            app.shutdown().await.expect("shutdown");
+        }
+        assert_billing_queue_is_quorum_with_dlq(&destination)
+            .await
+            .unwrap_or_else(|e| panic!("{order}: the group queue differs: {e}"));
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn shutdown_handles_what_was_prefetched_instead_of_handing_it_back() {
+    if !available() {
+        return;
+    }
+    let destination = unique("drain");
+    let queue = format!("{destination}.workers");
+    // The group queue exists before anything is sent, so the backlog waits in it.
+    let binder = RabbitBinder::connect_uri(&uri()).await.expect("connect");
+    binder
+        .subscribe(&ConsumerSpec::new(destination.clone(), Some("workers")))
+        .await
+        .expect("subscribe")
+        .close()
+        .await
+        .expect("close");
+    let producer = binder
+        .producer(&ProducerSpec::new(destination.clone()))
+        .await
+        .expect("producer");
+    let total = 1_000;
+    let confirmations = futures::future::join_all((0..total).map(|n| {
+        let producer = producer.clone();
+        async move {
+            producer
+                .send(Message::new(Bytes::from(format!("m{n:04}"))))
+                .await
+        }
+    }));
+    for sent in tokio::time::timeout(Duration::from_secs(60), confirmations)
+        .await
+        .expect("the backlog is sent in time")
+    {
+        sent.expect("send");
+    }
+
+    let handled = Arc::new(std::sync::Mutex::new(Vec::new()));
+    let started = Arc::new(tokio::sync::Notify::new());
+    let (record, first) = (handled.clone(), started.clone());
+    let work = StreamFunction::consumer("work", move |message: Message| {
+        let (record, first) = (record.clone(), first.clone());
+        async move {
+            tokio::time::sleep(Duration::from_millis(2)).await;
+            let mut handled = record.lock().expect("lock");
+            handled.push(String::from_utf8_lossy(message.payload()).into_owned());
+            if handled.len() == 50 {
+                first.notify_one();
+            }
+        }
+    });
+    let toml = format!(
+        r#"[stream]
+default-binder = "rabbit"
+[stream.binders.rabbit]
+uri = "{uri}"
+[stream.bindings.work-in-0]
+destination = "{destination}"
+group = "workers"
+"#,
+        uri = uri()
+    );
+    let app = application(work, &toml).start().await.expect("start");
+    tokio::time::timeout(Duration::from_secs(30), started.notified())
+        .await
+        .expect("50 messages handled in time");
+    tokio::time::timeout(Duration::from_secs(60), app.shutdown())
+        .await
+        .expect("shut down in time")
+        .expect("shutdown");
+    let handled: Vec<String> = handled.lock().expect("lock").clone();
+
+    // What is left was never delivered: the prefetched messages were handled, not handed back.
+    let channel = raw_channel().await;
+    let mut left = Vec::new();
+    let mut redelivered = Vec::new();
+    loop {
+        let got = tokio::time::timeout(
+            Duration::from_secs(10),
+            channel.basic_get(
+                queue.as_str().into(),
+                lapin::options::BasicGetOptions::default(),
+            ),
+        )
+        .await
+        .expect("basic.get answered in time")
+        .expect("basic.get");
+        let Some(message) = got else { break };
+        let payload = String::from_utf8_lossy(&message.delivery.data).into_owned();
+        if message.delivery.redelivered {
+            redelivered.push(payload.clone());
+        }
+        left.push(payload);
+        message
+            .delivery
+            .acker
+            .ack(lapin::options::BasicAckOptions::default())
+            .await
+            .expect("ack");
+    }
+    assert!(
+        handled.len() < total,
+        "the shutdown came while a backlog was left"
+    );
+    assert!(
+        redelivered.is_empty(),
+        "{} messages were handed back as redelivered, such as {:?}",
+        redelivered.len(),
+        redelivered.first()
+    );
+    let handled_set: BTreeSet<&String> = handled.iter().collect();
+    assert_eq!(
+        handled_set.len(),
+        handled.len(),
+        "a message was handled twice"
+    );
+    let all: BTreeSet<&String> = handled.iter().chain(left.iter()).collect();
+    assert_eq!(all.len(), total, "every message was either handled or left");
+    assert_eq!(handled.len() + left.len(), total, "no message was both");
 }

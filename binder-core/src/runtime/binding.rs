@@ -74,6 +74,9 @@ pub(crate) struct InputBinding {
     pub(crate) properties: ConsumerProperties,
     pub(crate) invoker: Invoker,
     pub(crate) dead_letter: Option<(String, Arc<dyn Producer>)>,
+    /// How long, at shutdown, the binding may handle what its subscription had already
+    /// received (see [`Subscription::drain`]) before it hands the rest back.
+    pub(crate) drain_for: Duration,
 }
 
 /// A received message on its way through the binding.
@@ -117,6 +120,9 @@ enum Step {
 }
 
 type Job = BoxFuture<'static, Step>;
+
+/// How long a subscription may take to answer [`Subscription::drain`].
+const DRAIN_REQUEST_LIMIT: Duration = Duration::from_secs(5);
 type Shared = Arc<tokio::sync::Mutex<Box<dyn Subscription>>>;
 type Receiving = BoxFuture<'static, Option<Result<Delivery, Error>>>;
 
@@ -171,6 +177,8 @@ impl InputBinding {
         let mut open = true;
         let mut receiving: Option<Receiving> = None;
         let mut receive_again_at: Option<Instant> = None;
+        let mut drain_until: Option<Instant> = None;
+        let mut stop_asked = false;
         loop {
             if open
                 && receiving.is_none()
@@ -185,7 +193,13 @@ impl InputBinding {
             }
             tokio::select! {
                 biased;
-                _ = stop.wait_for(|stop| *stop), if !engine.stopping => engine.stop(),
+                _ = stop.wait_for(|stop| *stop), if !engine.stopping && drain_until.is_none() => {
+                    stop_asked = true;
+                }
+                _ = tokio::time::sleep_until(drain_until.unwrap_or_else(Instant::now)), if drain_until.is_some() && !engine.stopping => {
+                    tracing::warn!(binding = %engine.binding.binding, "messages already received were not all handled before shutdown; the rest go back to the broker");
+                    engine.stop();
+                }
                 Some(step) = engine.jobs.next(), if !engine.jobs.is_empty() => engine.on_step(step),
                 next = async { receiving.as_mut().expect("receiving").await }, if receiving.is_some() => {
                     receiving = None;
@@ -195,6 +209,8 @@ impl InputBinding {
                             tracing::error!(binding = %engine.binding.binding, %error, "receiving failed; trying again in 1s");
                             receive_again_at = Some(Instant::now() + Duration::from_secs(1));
                         }
+                        // Drained: what was admitted is finished before the binding ends.
+                        None if drain_until.is_some() => open = false,
                         None => {
                             tracing::error!(binding = %engine.binding.binding, "the subscription ended; the application stops");
                             open = false;
@@ -203,6 +219,19 @@ impl InputBinding {
                 }
                 _ = tokio::time::sleep_until(receive_again_at.unwrap_or_else(Instant::now)), if receive_again_at.is_some() => {
                     receive_again_at = None;
+                }
+            }
+            if stop_asked {
+                stop_asked = false;
+                // A waiting receive has taken nothing: cancelled, so the broker can be asked to
+                // send no more.
+                receiving = None;
+                let asked = tokio::time::timeout(DRAIN_REQUEST_LIMIT, async {
+                    subscription.lock().await.drain().await
+                });
+                match asked.await {
+                    Ok(true) => drain_until = Some(Instant::now() + engine.binding.drain_for),
+                    _ => engine.stop(),
                 }
             }
             engine.start_ready();
@@ -218,7 +247,7 @@ impl InputBinding {
                 tracing::warn!(binding = %engine.binding.binding, %error, "closing the subscription failed");
             }
         }
-        match open || engine.stopping {
+        match open || engine.stopping || drain_until.is_some() {
             true => Ok(()),
             false => Err(Error::Binding {
                 binding: engine.binding.binding.clone(),

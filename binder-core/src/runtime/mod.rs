@@ -318,6 +318,7 @@ impl Application {
                 properties: spec.properties.clone(),
                 invoker,
                 dead_letter,
+                drain_for: plan.shutdown_timeout / 2,
             });
             running
                 .consumers

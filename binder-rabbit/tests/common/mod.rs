@@ -1,0 +1,120 @@
+//! What the RabbitMQ test binaries share: the server under test, and control of it through
+//! `rabbitmqctl` (closing connections, raising alarms) for the tests that need that.
+#![allow(dead_code)]
+
+use std::collections::BTreeSet;
+use std::time::Duration;
+
+use bindery_core::testing::host_port;
+
+/// The server under test: `RABBIT_URI`, else the local server with guest/guest.
+pub(crate) fn uri() -> String {
+    std::env::var("RABBIT_URI")
+        .unwrap_or_else(|_| "amqp://guest:guest@127.0.0.1:5672/%2f".to_owned())
+}
+
+/// Whether `rabbitmqctl` can reach the local server, as the tests that control it need. In CI
+/// (or under `scripts/with-brokers`) it must.
+pub(crate) fn can_control_server() -> bool {
+    let local = host_port(&uri(), 5672).starts_with("127.0.0.1")
+        || host_port(&uri(), 5672).starts_with("localhost");
+    let works = local
+        && std::process::Command::new("rabbitmqctl")
+            .args(["-q", "status"])
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .status()
+            .is_ok_and(|s| s.success());
+    if !works {
+        if std::env::var_os("CI").is_some() || std::env::var_os("BINDERY_REQUIRE_BROKERS").is_some()
+        {
+            panic!("this test needs `rabbitmqctl` for the local RabbitMQ server");
+        }
+        eprintln!("\n!!!!!!!! SKIPPING A RabbitMQ TEST THAT CONTROLS THE SERVER: rabbitmqctl cannot reach a local server !!!!!!!!\n");
+    }
+    works
+}
+
+/// Runs `rabbitmqctl -q ARGS` within 30 seconds; its output, or a panic saying what failed.
+pub(crate) async fn rabbitmqctl(args: &[&str]) -> String {
+    let output = tokio::time::timeout(
+        Duration::from_secs(30),
+        tokio::process::Command::new("rabbitmqctl")
+            .arg("-q")
+            .args(args)
+            .output(),
+    )
+    .await
+    .unwrap_or_else(|_| panic!("rabbitmqctl {args:?} did not answer within 30s"))
+    .expect("rabbitmqctl runs");
+    assert!(
+        output.status.success(),
+        "rabbitmqctl {args:?} failed: {}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    String::from_utf8_lossy(&output.stdout).into_owned()
+}
+
+/// The virtual host of `RABBIT_URI`.
+pub(crate) fn vhost() -> String {
+    let path = uri()
+        .split_once("://")
+        .and_then(|(_, rest)| rest.split_once('/').map(|(_, path)| path.to_owned()))
+        .unwrap_or_default();
+    let path = path.split('?').next().unwrap_or_default();
+    match path {
+        "" => "/".to_owned(),
+        path => path.replace("%2f", "/").replace("%2F", "/"),
+    }
+}
+
+/// The server's connections in the test's virtual host whose client-given name starts with
+/// `name`: their process ids.
+pub(crate) async fn connections_named(name: &str) -> BTreeSet<String> {
+    let listed = rabbitmqctl(&[
+        "list_connections",
+        "--no-table-headers",
+        "pid",
+        "vhost",
+        "client_properties",
+    ])
+    .await;
+    let vhost = vhost();
+    listed
+        .lines()
+        .filter_map(|line| {
+            let mut columns = line.splitn(3, '\t');
+            let (pid, host, properties) = (columns.next()?, columns.next()?, columns.next()?);
+            (host == vhost && properties.contains(&format!("\"{name}"))).then(|| pid.to_owned())
+        })
+        .collect()
+}
+
+/// Closes, from the server's side, each connection in the test's virtual host whose name
+/// starts with `name`; returns their process ids.
+pub(crate) async fn close_connections_named(name: &str) -> BTreeSet<String> {
+    let pids = connections_named(name).await;
+    // All at once, so that none goes on working while another is closed.
+    futures::future::join_all(pids.iter().map(|pid| async move {
+        rabbitmqctl(&["close_connection", pid, "closed by a bindery test"]).await
+    }))
+    .await;
+    pids
+}
+
+/// Messages in `queue` of the test's virtual host, ready and unacknowledged together.
+pub(crate) async fn queue_depth(queue: &str) -> Option<u64> {
+    let listed = rabbitmqctl(&[
+        "list_queues",
+        "-p",
+        &vhost(),
+        "--no-table-headers",
+        "name",
+        "messages",
+    ])
+    .await;
+    listed.lines().find_map(|line| {
+        let (name, messages) = line.split_once('\t')?;
+        (name == queue).then(|| messages.trim().parse().ok())?
+    })
+}
