@@ -484,17 +484,18 @@ async fn a_binding_whose_subscription_ends_stops_the_application_with_its_name()
     assert!(error.to_string().contains("subscription ended"), "{error}");
 }
 
-/// Sends 40 orders of 5 ms work each, shuts down once 3 were handled, and returns how many
-/// orders were acknowledged and how many handed back.
+/// Sends 20 orders of 2 ms work each, shuts down once 3 were handled, and returns how many
+/// orders were acknowledged and how many handed back. (The drain may take half of the
+/// harness's 1 s `shutdown-timeout`.)
 async fn shut_down_with_a_backlog(drains: bool) -> (usize, usize) {
     let stub = Stub {
         drains,
         ..Stub::default()
     };
     let h = start(stub, "").await;
-    for id in 0..40 {
+    for id in 0..20 {
         let mut message = order(id, "k");
-        message.headers_mut().insert("x-work-ms", "5");
+        message.headers_mut().insert("x-work-ms", "2");
         h.orders.send(message).await.expect("send");
     }
     let deadline = Instant::now() + Duration::from_secs(10);
@@ -512,7 +513,7 @@ async fn shut_down_with_a_backlog(drains: bool) -> (usize, usize) {
 #[tokio::test]
 async fn a_draining_subscription_has_what_it_received_handled_before_shutdown() {
     let (acked, requeued) = shut_down_with_a_backlog(true).await;
-    assert_eq!((acked, requeued), (40, 0), "drained: every order handled");
+    assert_eq!((acked, requeued), (20, 0), "drained: every order handled");
     // The same backlog without draining is handed back: the case above shows a difference.
     let (acked, requeued) = shut_down_with_a_backlog(false).await;
     assert!(

@@ -47,9 +47,20 @@ pub struct RabbitBinder {
 struct Inner {
     name: String,
     settings: RabbitSettings,
-    consuming: Mutex<Option<(Connection, Blocked)>>,
-    publishing: Mutex<Option<(Connection, Blocked)>>,
+    consuming: Mutex<Option<Connection>>,
+    publishing: Mutex<Option<Connection>>,
+    /// Why the broker blocks the publishing connection, while it does.
+    publishing_blocked: Blocked,
     closed: AtomicBool,
+}
+
+impl Inner {
+    fn connections(&self, role: Role) -> &Mutex<Option<Connection>> {
+        match role {
+            Role::Consume => &self.consuming,
+            Role::Publish => &self.publishing,
+        }
+    }
 }
 
 /// Which of the binder's connections a channel is opened on.
@@ -61,13 +72,13 @@ enum Role {
 
 /// Why the broker blocks a publishing connection (`connection.blocked`), while it does.
 #[derive(Clone, Debug, Default)]
-pub(crate) struct Blocked(Arc<std::sync::Mutex<Option<String>>>);
+struct Blocked(Arc<std::sync::Mutex<Option<String>>>);
 
 impl Blocked {
-    /// Follows the connection's `connection.blocked` and `connection.unblocked` notices.
-    fn follow(connection: &Connection, binder: String) -> Self {
-        let blocked = Blocked::default();
-        let state = blocked.clone();
+    /// Follows a new connection's `connection.blocked` and `connection.unblocked` notices.
+    fn follow(&self, connection: &Connection, binder: String) {
+        self.set(None);
+        let state = self.clone();
         let mut events = connection.events_listener();
         tokio::spawn(async move {
             while let Some(event) = events.next().await {
@@ -84,7 +95,6 @@ impl Blocked {
                 }
             }
         });
-        blocked
     }
 
     fn set(&self, reason: Option<String>) {
@@ -92,7 +102,7 @@ impl Blocked {
     }
 
     /// The broker's reason, while the connection is blocked.
-    pub(crate) fn reason(&self) -> Option<String> {
+    fn reason(&self) -> Option<String> {
         self.0.lock().unwrap_or_else(|e| e.into_inner()).clone()
     }
 }
@@ -155,28 +165,25 @@ fn durable_exchange() -> ExchangeDeclareOptions {
     }
 }
 
-fn declare_error(entity: String) -> impl FnOnce(lapin::Error) -> RabbitError {
-    move |e| RabbitError::Declare {
-        entity,
-        reason: e.to_string(),
-        permanent: refused_for_good(&e),
-    }
-}
-
-/// Whether the broker's answer is one that asking again cannot change: access refused, an
-/// entity that exists with other arguments, or one that does not exist (only passive
-/// declarations and `provision = false` meet that).
-fn refused_for_good(error: &lapin::Error) -> bool {
-    use lapin::protocol::{AMQPErrorKind, AMQPSoftError};
-    match error.kind() {
-        lapin::ErrorKind::ProtocolError(amqp) => matches!(
-            amqp.kind(),
-            AMQPErrorKind::Soft(
-                AMQPSoftError::ACCESSREFUSED
-                    | AMQPSoftError::NOTFOUND
-                    | AMQPSoftError::PRECONDITIONFAILED
-            )
-        ),
+/// Whether the broker's answer is one that asking again cannot change:
+/// - access refused (but not a queue in exclusive use by another consumer, which ends);
+/// - an entity that exists with other arguments;
+/// - a missing entity when the binder declares nothing (`provision = false`), except a queue
+///   whose node is down, which comes back;
+/// - at connection, a virtual host that does not exist or may not be used.
+fn refused_for_good(error: &lapin::Error, provision: bool) -> bool {
+    use lapin::protocol::{AMQPErrorKind, AMQPHardError, AMQPSoftError};
+    let lapin::ErrorKind::ProtocolError(amqp) = error.kind() else {
+        return false;
+    };
+    let text = amqp.get_message().as_str();
+    match amqp.kind() {
+        AMQPErrorKind::Soft(AMQPSoftError::ACCESSREFUSED) => !text.contains("exclusive"),
+        AMQPErrorKind::Soft(AMQPSoftError::PRECONDITIONFAILED) => true,
+        AMQPErrorKind::Soft(AMQPSoftError::NOTFOUND) => {
+            !provision && !text.contains("down or inaccessible")
+        }
+        AMQPErrorKind::Hard(AMQPHardError::NOTALLOWED) => true,
         _ => false,
     }
 }
@@ -190,6 +197,7 @@ impl RabbitBinder {
                 settings,
                 consuming: Mutex::new(None),
                 publishing: Mutex::new(None),
+                publishing_blocked: Blocked::default(),
                 closed: AtomicBool::new(false),
             }),
         };
@@ -206,6 +214,16 @@ impl RabbitBinder {
         let mut settings = RabbitSettings::read(None, &mut problems);
         settings.uri = uri.to_owned();
         Self::connect("rabbit", settings).await
+    }
+
+    /// How a failed declaration of `entity` is reported.
+    fn declare_error(&self, entity: String) -> impl FnOnce(lapin::Error) -> RabbitError {
+        let provision = self.inner.settings.provision;
+        move |e| RabbitError::Declare {
+            entity,
+            reason: e.to_string(),
+            permanent: refused_for_good(&e, provision),
+        }
     }
 
     fn error(&self, error: RabbitError) -> Error {
@@ -234,7 +252,7 @@ impl RabbitBinder {
             Ok(Err(e)) => Err(RabbitError::Connect {
                 uri: self.shown_uri(),
                 reason: redact_uri(&e.to_string()),
-                permanent: refused_for_good(&e),
+                permanent: refused_for_good(&e, self.inner.settings.provision),
             }),
             Err(_) => Err(RabbitError::ConnectTimeout {
                 uri: self.shown_uri(),
@@ -244,15 +262,8 @@ impl RabbitBinder {
     }
 
     /// A new channel on the connection for `role`, reconnecting when it was lost; an error
-    /// when the broker does not answer within twice `connection-timeout`.
+    /// when the broker does not answer within twice `connection-timeout`, or blocks publishing.
     async fn channel(&self, role: Role) -> Result<Channel, RabbitError> {
-        self.channel_and_blocked(role)
-            .await
-            .map(|(channel, _)| channel)
-    }
-
-    /// As [`channel`](Self::channel), with the blocked state of its connection.
-    async fn channel_and_blocked(&self, role: Role) -> Result<(Channel, Blocked), RabbitError> {
         let limit = self.inner.settings.connection_timeout * 2;
         tokio::time::timeout(limit, self.open_channel(role))
             .await
@@ -261,16 +272,18 @@ impl RabbitBinder {
             })?
     }
 
-    async fn open_channel(&self, role: Role) -> Result<(Channel, Blocked), RabbitError> {
-        let connections = match role {
-            Role::Consume => &self.inner.consuming,
-            Role::Publish => &self.inner.publishing,
-        };
-        let mut cached = connections.lock().await;
-        if let Some((open, blocked)) = cached.as_ref() {
+    async fn open_channel(&self, role: Role) -> Result<Channel, RabbitError> {
+        let mut cached = self.inner.connections(role).lock().await;
+        if let Some(open) = cached.as_ref() {
             if open.status().connected() {
+                // A blocked connection reads no frames, `channel.open` included.
+                if let (Role::Publish, Some(reason)) =
+                    (role, self.inner.publishing_blocked.reason())
+                {
+                    return Err(RabbitError::Blocked { reason });
+                }
                 if let Ok(channel) = open.create_channel().await {
-                    return Ok((channel, blocked.clone()));
+                    return Ok(channel);
                 }
             }
         }
@@ -283,9 +296,13 @@ impl RabbitBinder {
         if reconnecting {
             tracing::info!(binder = %self.inner.name, ?role, "connected to RabbitMQ again");
         }
-        let blocked = Blocked::follow(&open, self.inner.name.clone());
-        *cached = Some((open, blocked.clone()));
-        Ok((channel, blocked))
+        if role == Role::Publish {
+            self.inner
+                .publishing_blocked
+                .follow(&open, self.inner.name.clone());
+        }
+        *cached = Some(open);
+        Ok(channel)
     }
 
     /// Declares what `topology` needs (when provisioning) and starts consuming its queue; an
@@ -347,10 +364,7 @@ impl RabbitBinder {
                 FieldTable::default(),
             )
             .await
-            .map_err(declare_error(format!(
-                "a consumer on queue `{}`",
-                topology.queue
-            )))?;
+            .map_err(self.declare_error(format!("a consumer on queue `{}`", topology.queue)))?;
         Ok((channel, consumer))
     }
 
@@ -363,7 +377,7 @@ impl RabbitBinder {
                 FieldTable::default(),
             )
             .await
-            .map_err(declare_error(format!("exchange `{}`", topology.exchange)))?;
+            .map_err(self.declare_error(format!("exchange `{}`", topology.exchange)))?;
         let mut arguments = FieldTable::default();
         if let Some(dlq) = &topology.dead_letter_queue {
             self.declare_dead_letter_queue(channel, dlq, &topology.queue, topology.consumer.quorum)
@@ -410,7 +424,7 @@ impl RabbitBinder {
                 arguments,
             )
             .await
-            .map_err(declare_error(format!("queue `{}`", topology.queue)))?;
+            .map_err(self.declare_error(format!("queue `{}`", topology.queue)))?;
         channel
             .queue_bind(
                 ShortString::from(topology.queue.as_str()),
@@ -420,7 +434,7 @@ impl RabbitBinder {
                 FieldTable::default(),
             )
             .await
-            .map_err(declare_error(format!(
+            .map_err(self.declare_error(format!(
                 "the binding of queue `{}` to exchange `{}`",
                 topology.queue, topology.exchange
             )))?;
@@ -443,7 +457,7 @@ impl RabbitBinder {
                 FieldTable::default(),
             )
             .await
-            .map_err(declare_error(format!("exchange `{DEAD_LETTER_EXCHANGE}`")))?;
+            .map_err(self.declare_error(format!("exchange `{DEAD_LETTER_EXCHANGE}`")))?;
         let mut arguments = FieldTable::default();
         if quorum {
             arguments.insert(
@@ -461,7 +475,7 @@ impl RabbitBinder {
                 arguments,
             )
             .await
-            .map_err(declare_error(format!("queue `{dlq}`")))?;
+            .map_err(self.declare_error(format!("queue `{dlq}`")))?;
         channel
             .queue_bind(
                 ShortString::from(dlq),
@@ -471,7 +485,7 @@ impl RabbitBinder {
                 FieldTable::default(),
             )
             .await
-            .map_err(declare_error(format!(
+            .map_err(self.declare_error(format!(
                 "the binding of queue `{dlq}` to exchange `{DEAD_LETTER_EXCHANGE}`"
             )))?;
         // The dead-letter destination is also a destination like any other: an exchange of
@@ -485,7 +499,7 @@ impl RabbitBinder {
                 FieldTable::default(),
             )
             .await
-            .map_err(declare_error(format!("exchange `{dlq}`")))?;
+            .map_err(self.declare_error(format!("exchange `{dlq}`")))?;
         channel
             .queue_bind(
                 ShortString::from(dlq),
@@ -495,9 +509,9 @@ impl RabbitBinder {
                 FieldTable::default(),
             )
             .await
-            .map_err(declare_error(format!(
-                "the binding of queue `{dlq}` to exchange `{dlq}`"
-            )))?;
+            .map_err(
+                self.declare_error(format!("the binding of queue `{dlq}` to exchange `{dlq}`")),
+            )?;
         Ok(())
     }
 
@@ -554,6 +568,13 @@ impl RabbitBinder {
             },
         };
         check_name(&topology.queue)?;
+        if topology.exchange_type == "direct" && topology.consumer.binding_routing_key == "#" {
+            return Err(RabbitError::Declare {
+                entity: format!("queue `{}`", topology.queue),
+                reason: "a direct exchange routes by exact key, so the default binding key `#` would bind only the key `#`; set `binding-routing-key` in the producer's `[stream.rabbit.bindings.<binding>.producer]` section to the key this group receives".to_owned(),
+                permanent: true,
+            });
+        }
         let limit = self.inner.settings.connection_timeout;
         if consumer.is_none() {
             // A passive declaration of a missing queue closes its channel: a channel of its own.
@@ -571,7 +592,7 @@ impl RabbitBinder {
             )
             .await;
             if matches!(exists, Ok(Ok(_))) {
-                let _ = probe.close(200, "exists".into()).await;
+                let _ = tokio::time::timeout(limit, probe.close(200, "exists".into())).await;
                 return Ok(());
             }
         }
@@ -583,7 +604,7 @@ impl RabbitBinder {
                 reason: format!("RabbitMQ did not answer within {:?}", limit * 3),
                 permanent: false,
             })??;
-        let _ = channel.close(200, "declared".into()).await;
+        let _ = tokio::time::timeout(limit, channel.close(200, "declared".into())).await;
         Ok(())
     }
 
@@ -694,12 +715,23 @@ impl Binder for RabbitBinder {
 
     async fn close(&self) -> Result<(), Error> {
         self.inner.closed.store(true, Ordering::Release);
-        for connections in [&self.inner.publishing, &self.inner.consuming] {
-            if let Some((connection, _)) = connections.lock().await.take() {
-                let _ = connection.close(200, "bindery shutting down".into()).await;
-            }
-        }
-        Ok(())
+        let limit = self.inner.settings.connection_timeout;
+        // Each within a deadline: a connection held by a reconnection, or a broker that does
+        // not answer, must not hold up shutdown.
+        let close = |role: Role| async move {
+            let closing = async {
+                if let Some(connection) = self.inner.connections(role).lock().await.take() {
+                    let _ = connection.close(200, "bindery shutting down".into()).await;
+                }
+            };
+            tokio::time::timeout(limit, closing).await.map_err(|_| {
+                self.error(RabbitError::Channel(format!(
+                    "a connection did not close within {limit:?}; it was dropped"
+                )))
+            })
+        };
+        let (publishing, consuming) = tokio::join!(close(Role::Publish), close(Role::Consume));
+        publishing.and(consuming)
     }
 }
 
@@ -882,9 +914,8 @@ struct RabbitProducer {
     fixed_routing_key: Option<String>,
     default_routing_key: String,
     declare: bool,
-    /// The confirming channel, the settler of its confirms, and its connection's blocked
-    /// state.
-    channel: Mutex<Option<(Channel, Confirms, Blocked)>>,
+    /// The confirming channel and the settler of its confirms.
+    channel: Mutex<Option<(Channel, Confirms)>>,
 }
 
 impl fmt::Debug for RabbitProducer {
@@ -898,7 +929,7 @@ impl fmt::Debug for RabbitProducer {
 impl RabbitProducer {
     /// The producer's confirming channel, opened again when it was closed; an error when the
     /// broker does not answer in time.
-    async fn channel(&self) -> Result<(Channel, Confirms, Blocked), RabbitError> {
+    async fn channel(&self) -> Result<(Channel, Confirms), RabbitError> {
         let limit = self.binder.inner.settings.connection_timeout * 2;
         tokio::time::timeout(limit, self.confirming_channel())
             .await
@@ -907,14 +938,14 @@ impl RabbitProducer {
             })?
     }
 
-    async fn confirming_channel(&self) -> Result<(Channel, Confirms, Blocked), RabbitError> {
+    async fn confirming_channel(&self) -> Result<(Channel, Confirms), RabbitError> {
         let mut cached = self.channel.lock().await;
-        if let Some((channel, confirms, blocked)) = cached.as_ref() {
+        if let Some((channel, confirms)) = cached.as_ref() {
             if channel.status().connected() {
-                return Ok((channel.clone(), confirms.clone(), blocked.clone()));
+                return Ok((channel.clone(), confirms.clone()));
             }
         }
-        let (channel, blocked) = self.binder.channel_and_blocked(Role::Publish).await?;
+        let channel = self.binder.channel(Role::Publish).await?;
         channel
             .confirm_select(ConfirmSelectOptions::default())
             .await
@@ -928,11 +959,14 @@ impl RabbitProducer {
                     FieldTable::default(),
                 )
                 .await
-                .map_err(declare_error(format!("exchange `{}`", self.exchange)))?;
+                .map_err(
+                    self.binder
+                        .declare_error(format!("exchange `{}`", self.exchange)),
+                )?;
         }
         let confirms = Confirms::start();
-        *cached = Some((channel.clone(), confirms.clone(), blocked.clone()));
-        Ok((channel, confirms, blocked))
+        *cached = Some((channel.clone(), confirms.clone()));
+        Ok((channel, confirms))
     }
 
     /// Publishes on the producer's confirming channel; the confirmation resolves when the
@@ -943,15 +977,7 @@ impl RabbitProducer {
         routing_key: &str,
         properties: BasicProperties,
     ) -> Result<Confirmation, RabbitError> {
-        let (channel, confirms, blocked) = self.channel().await?;
-        if let Some(reason) = blocked.reason() {
-            // Frames written now would wait in the socket until the alarm clears; the core
-            // sends the message again after its back-off instead.
-            return Err(self.publish_error(
-                routing_key,
-                format!("RabbitMQ blocks publishing ({reason}): a memory or disk alarm on the broker; the message is sent again once it clears"),
-            ));
-        }
+        let (channel, confirms) = self.channel().await?;
         let publishing = channel.basic_publish(
             ShortString::from(self.exchange.as_str()),
             ShortString::from(routing_key),
@@ -1039,6 +1065,11 @@ impl RabbitProducer {
 #[async_trait]
 impl Producer for RabbitProducer {
     async fn enqueue(&self, message: &Message) -> Result<Confirmation, Error> {
+        // Frames written to a blocked connection would wait in its socket until the alarm
+        // clears: the send fails now, and the core sends it again after its back-off.
+        if let Some(reason) = self.binder.inner.publishing_blocked.reason() {
+            return Err(self.binder.error(RabbitError::Blocked { reason }));
+        }
         let (routing_key, key_in_header) = self.route(message);
         let refused = |reason: String| {
             Error::refused(
@@ -1063,6 +1094,7 @@ impl Producer for RabbitProducer {
             .await
         {
             Ok(confirmation) => Ok(confirmation),
+            Err(blocked @ RabbitError::Blocked { .. }) => Err(self.binder.error(blocked)),
             Err(first) => {
                 // A channel closed under us (reconnection, or a refused publish) is opened again
                 // once; a second failure is the core's to retry.

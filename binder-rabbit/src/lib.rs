@@ -77,6 +77,12 @@ pub enum RabbitError {
         /// Why.
         reason: String,
     },
+    /// The broker blocks the publishing connection (a memory or disk alarm).
+    #[error("RabbitMQ blocks publishing ({reason}): a memory or disk alarm on the broker; the message is sent again once it clears")]
+    Blocked {
+        /// The broker's reason.
+        reason: String,
+    },
     /// Any other channel or connection failure.
     #[error("RabbitMQ: {0}")]
     Channel(String),

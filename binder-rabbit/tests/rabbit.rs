@@ -60,18 +60,19 @@ fn application(function: StreamFunction, toml: &str) -> Application {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn topology_uses_spring_cloud_stream_names_and_arguments() {
-    if !available() {
-        return;
-    }
-    let destination = unique("topology");
-    let received = Arc::new(tokio::sync::Notify::new());
-    let seen = received.clone();
-    let consume = StreamFunction::consumer("consume", move |_: Message| {
-        let seen = seen.clone();
-        async move { seen.notify_one() }
-    });
-    let toml = format!(
-        r#"[stream]
+    common::within_test_deadline(async {
+        if !available() {
+            return;
+        }
+        let destination = unique("topology");
+        let received = Arc::new(tokio::sync::Notify::new());
+        let seen = received.clone();
+        let consume = StreamFunction::consumer("consume", move |_: Message| {
+            let seen = seen.clone();
+            async move { seen.notify_one() }
+        });
+        let toml = format!(
+            r#"[stream]
 default-binder = "rabbit"
 [stream.binders.rabbit]
 type = "rabbit"
@@ -84,234 +85,252 @@ consumer.dlq = true
 quorum = true
 prefetch = 5
 "#,
-        uri = uri()
-    );
-    let app = application(consume, &toml).start().await.expect("start");
-    let channel = raw_channel().await;
-    let group_queue = format!("{destination}.billing");
-    let dlq = format!("{group_queue}.dlq");
+            uri = uri()
+        );
+        let app = application(consume, &toml).start().await.expect("start");
+        let channel = raw_channel().await;
+        let group_queue = format!("{destination}.billing");
+        let dlq = format!("{group_queue}.dlq");
 
-    channel
-        .exchange_declare(
-            destination.as_str().into(),
-            ExchangeKind::Topic,
-            ExchangeDeclareOptions {
-                passive: true,
-                ..Default::default()
-            },
-            FieldTable::default(),
-        )
-        .await
-        .expect("the destination is a topic exchange");
-    channel
-        .exchange_declare(
-            "DLX".into(),
-            ExchangeKind::Direct,
-            ExchangeDeclareOptions {
-                passive: true,
-                ..Default::default()
-            },
-            FieldTable::default(),
-        )
-        .await
-        .expect("the dead-letter exchange exists");
-    channel
-        .queue_declare(dlq.as_str().into(), passive_queue(), FieldTable::default())
-        .await
-        .expect("the DLQ exists");
+        channel
+            .exchange_declare(
+                destination.as_str().into(),
+                ExchangeKind::Topic,
+                ExchangeDeclareOptions {
+                    passive: true,
+                    ..Default::default()
+                },
+                FieldTable::default(),
+            )
+            .await
+            .expect("the destination is a topic exchange");
+        channel
+            .exchange_declare(
+                "DLX".into(),
+                ExchangeKind::Direct,
+                ExchangeDeclareOptions {
+                    passive: true,
+                    ..Default::default()
+                },
+                FieldTable::default(),
+            )
+            .await
+            .expect("the dead-letter exchange exists");
+        channel
+            .queue_declare(dlq.as_str().into(), passive_queue(), FieldTable::default())
+            .await
+            .expect("the DLQ exists");
 
-    // Declaring the group queue again with exactly these arguments succeeds only if the broker
-    // holds the same ones.
-    let mut expected = FieldTable::default();
-    expected.insert(
-        "x-dead-letter-exchange".into(),
-        AMQPValue::LongString("DLX".into()),
-    );
-    expected.insert(
-        "x-dead-letter-routing-key".into(),
-        AMQPValue::LongString(group_queue.as_str().into()),
-    );
-    expected.insert(
-        "x-queue-type".into(),
-        AMQPValue::LongString("quorum".into()),
-    );
-    channel
-        .queue_declare(
-            group_queue.as_str().into(),
-            QueueDeclareOptions {
-                durable: true,
-                ..Default::default()
-            },
-            expected,
-        )
-        .await
-        .expect("the group queue is durable, quorum, and dead-letters to DLX");
+        // Declaring the group queue again with exactly these arguments succeeds only if the broker
+        // holds the same ones.
+        let mut expected = FieldTable::default();
+        expected.insert(
+            "x-dead-letter-exchange".into(),
+            AMQPValue::LongString("DLX".into()),
+        );
+        expected.insert(
+            "x-dead-letter-routing-key".into(),
+            AMQPValue::LongString(group_queue.as_str().into()),
+        );
+        expected.insert(
+            "x-queue-type".into(),
+            AMQPValue::LongString("quorum".into()),
+        );
+        channel
+            .queue_declare(
+                group_queue.as_str().into(),
+                QueueDeclareOptions {
+                    durable: true,
+                    ..Default::default()
+                },
+                expected,
+            )
+            .await
+            .expect("the group queue is durable, quorum, and dead-letters to DLX");
 
-    // Bound with `#`: any routing key reaches the group.
-    channel
-        .basic_publish(
-            destination.as_str().into(),
-            "any.key.at.all".into(),
-            BasicPublishOptions::default(),
-            b"hello",
-            BasicProperties::default(),
-        )
-        .await
-        .expect("publish");
-    tokio::time::timeout(Duration::from_secs(10), received.notified())
-        .await
-        .expect("a message with any routing key reaches the group");
-    app.shutdown().await.expect("shutdown");
+        // Bound with `#`: any routing key reaches the group.
+        channel
+            .basic_publish(
+                destination.as_str().into(),
+                "any.key.at.all".into(),
+                BasicPublishOptions::default(),
+                b"hello",
+                BasicProperties::default(),
+            )
+            .await
+            .expect("publish");
+        tokio::time::timeout(Duration::from_secs(10), received.notified())
+            .await
+            .expect("a message with any routing key reaches the group");
+        app.shutdown().await.expect("shutdown");
+    })
+    .await
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_conflicting_declaration_names_the_queue_and_the_argument() {
-    if !available() {
-        return;
-    }
-    let destination = unique("conflict");
-    let queue = format!("{destination}.billing");
-    let channel = raw_channel().await;
-    let mut limited = FieldTable::default();
-    limited.insert("x-max-length".into(), AMQPValue::LongLongInt(5));
-    channel
-        .queue_declare(
-            queue.as_str().into(),
-            QueueDeclareOptions {
-                durable: true,
-                ..Default::default()
-            },
-            limited,
-        )
-        .await
-        .expect("declare");
-    let binder = RabbitBinder::connect_uri(&uri()).await.expect("connect");
-    let error = binder
-        .subscribe(&ConsumerSpec::new(destination.clone(), Some("billing")))
-        .await
-        .expect_err("the existing queue has other arguments");
-    let text = error.to_string();
-    assert!(text.contains(&format!("queue `{queue}`")), "{text}");
-    assert!(text.contains("x-max-length"), "{text}");
-    binder.close().await.ok();
+    common::within_test_deadline(async {
+        if !available() {
+            return;
+        }
+        let destination = unique("conflict");
+        let queue = format!("{destination}.billing");
+        let channel = raw_channel().await;
+        let mut limited = FieldTable::default();
+        limited.insert("x-max-length".into(), AMQPValue::LongLongInt(5));
+        channel
+            .queue_declare(
+                queue.as_str().into(),
+                QueueDeclareOptions {
+                    durable: true,
+                    ..Default::default()
+                },
+                limited,
+            )
+            .await
+            .expect("declare");
+        let binder = RabbitBinder::connect_uri(&uri()).await.expect("connect");
+        let error = binder
+            .subscribe(&ConsumerSpec::new(destination.clone(), Some("billing")))
+            .await
+            .expect_err("the existing queue has other arguments");
+        let text = error.to_string();
+        assert!(text.contains(&format!("queue `{queue}`")), "{text}");
+        assert!(text.contains("x-max-length"), "{text}");
+        binder.close().await.ok();
+    })
+    .await
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn publishing_to_a_missing_exchange_without_provisioning_fails_clearly() {
-    if !available() {
-        return;
-    }
-    let mut settings = bindery_rabbit::RabbitSettings {
-        uri: uri(),
-        ..Default::default()
-    };
-    settings.provision = false;
-    let binder = RabbitBinder::connect("rabbit", settings)
-        .await
-        .expect("connect");
-    let destination = unique("missing");
-    let producer = binder
-        .producer(&ProducerSpec::new(destination.clone()))
-        .await
-        .expect("producer");
-    let error = producer
-        .send(Message::new(Bytes::from_static(b"lost?")))
-        .await
-        .expect_err("no exchange to take it");
-    let text = error.to_string();
-    assert!(
-        text.contains(&format!("exchange `{destination}`")),
-        "{text}"
-    );
-    assert!(
-        text.contains("NOT_FOUND") || text.contains("no exchange"),
-        "{text}"
-    );
-    binder.close().await.ok();
+    common::within_test_deadline(async {
+        if !available() {
+            return;
+        }
+        let mut settings = bindery_rabbit::RabbitSettings {
+            uri: uri(),
+            ..Default::default()
+        };
+        settings.provision = false;
+        let binder = RabbitBinder::connect("rabbit", settings)
+            .await
+            .expect("connect");
+        let destination = unique("missing");
+        let producer = binder
+            .producer(&ProducerSpec::new(destination.clone()))
+            .await
+            .expect("producer");
+        let error = producer
+            .send(Message::new(Bytes::from_static(b"lost?")))
+            .await
+            .expect_err("no exchange to take it");
+        let text = error.to_string();
+        assert!(
+            text.contains(&format!("exchange `{destination}`")),
+            "{text}"
+        );
+        assert!(
+            text.contains("NOT_FOUND") || text.contains("no exchange"),
+            "{text}"
+        );
+        binder.close().await.ok();
+    })
+    .await
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_unroutable_message_is_a_failure_not_a_silent_loss() {
-    if !available() {
-        return;
-    }
-    let binder = RabbitBinder::connect_uri(&uri()).await.expect("connect");
-    let producer = binder
-        .producer(&ProducerSpec::new(unique("nobody")))
-        .await
-        .expect("producer");
-    let error = producer
-        .send(Message::new(Bytes::from_static(b"anyone?")))
-        .await
-        .expect_err("no queue is bound");
-    assert!(error.to_string().contains("no queue is bound"), "{error}");
-    binder.close().await.ok();
+    common::within_test_deadline(async {
+        if !available() {
+            return;
+        }
+        let binder = RabbitBinder::connect_uri(&uri()).await.expect("connect");
+        let producer = binder
+            .producer(&ProducerSpec::new(unique("nobody")))
+            .await
+            .expect("producer");
+        let error = producer
+            .send(Message::new(Bytes::from_static(b"anyone?")))
+            .await
+            .expect_err("no queue is bound");
+        assert!(error.to_string().contains("no queue is bound"), "{error}");
+        binder.close().await.ok();
+    })
+    .await
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_wrong_password_is_a_clear_error_that_never_shows_the_password() {
-    if !available() {
-        return;
-    }
-    let wrong = uri().replacen("guest:guest@", "guest:not-the-password@", 1);
-    let begun = Instant::now();
-    let error = RabbitBinder::connect_uri(&wrong)
-        .await
-        .expect_err("wrong password");
-    let text = format!("{error} {error:?}");
-    assert!(
-        begun.elapsed() < Duration::from_secs(15),
-        "the error comes within the connection timeout"
-    );
-    assert!(
-        text.contains(&host_port(&uri(), 5672)),
-        "the host is named: {text}"
-    );
-    assert!(
-        !text.contains("not-the-password"),
-        "the password leaked: {text}"
-    );
-    assert!(text.contains("user, password"), "{text}");
+    common::within_test_deadline(async {
+        if !available() {
+            return;
+        }
+        let wrong = uri().replacen("guest:guest@", "guest:not-the-password@", 1);
+        let begun = Instant::now();
+        let error = RabbitBinder::connect_uri(&wrong)
+            .await
+            .expect_err("wrong password");
+        let text = format!("{error} {error:?}");
+        assert!(
+            begun.elapsed() < Duration::from_secs(15),
+            "the error comes within the connection timeout"
+        );
+        assert!(
+            text.contains(&host_port(&uri(), 5672)),
+            "the host is named: {text}"
+        );
+        assert!(
+            !text.contains("not-the-password"),
+            "the password leaked: {text}"
+        );
+        assert!(text.contains("user, password"), "{text}");
+    })
+    .await
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_unreachable_broker_is_an_error_within_the_timeout() {
-    let begun = Instant::now();
-    let error = RabbitBinder::connect_uri("amqp://guest:secret@127.0.0.1:1/%2f")
-        .await
-        .expect_err("nothing listens on port 1");
-    let text = error.to_string();
-    assert!(begun.elapsed() < Duration::from_secs(15));
-    assert!(text.contains("127.0.0.1:1"), "{text}");
-    assert!(!text.contains("secret"), "{text}");
+    common::within_test_deadline(async {
+        let begun = Instant::now();
+        let error = RabbitBinder::connect_uri("amqp://guest:secret@127.0.0.1:1/%2f")
+            .await
+            .expect_err("nothing listens on port 1");
+        let text = error.to_string();
+        assert!(begun.elapsed() < Duration::from_secs(15));
+        assert!(text.contains("127.0.0.1:1"), "{text}");
+        assert!(!text.contains("secret"), "{text}");
+    })
+    .await
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn every_message_is_processed_when_the_server_closes_the_connections() {
-    if !available() || !common::can_control_server() {
-        return;
-    }
-    let _ = tracing_subscriber::fmt()
-        .with_test_writer()
-        .with_env_filter("bindery=info,bindery_core=info,bindery_rabbit=info,warn")
-        .try_init();
-    let input = unique("recover-in");
-    let output = unique("recover-out");
-    // Messages from m020 on wait until the connections were closed, so that the producer has
-    // sends to make after its connection was closed under it.
-    let (connections_closed, closed_signal) = tokio::sync::watch::channel(false);
-    let forward = StreamFunction::function("forward", move |message: Message| {
-        let mut closed_signal = closed_signal.clone();
-        async move {
-            if message.payload().as_ref() >= b"m020".as_slice() {
-                let _ = closed_signal.wait_for(|closed| *closed).await;
-            }
-            tokio::time::sleep(Duration::from_millis(5)).await;
-            message
+    common::within_test_deadline(async {
+        if !available() || !common::can_control_server() {
+            return;
         }
-    });
-    let toml = format!(
-        r#"[stream]
+        let _ = tracing_subscriber::fmt()
+            .with_test_writer()
+            .with_env_filter("bindery=info,bindery_core=info,bindery_rabbit=info,warn")
+            .try_init();
+        let input = unique("recover-in");
+        let output = unique("recover-out");
+        // Messages from m020 on wait until the connections were closed, so that the producer has
+        // sends to make after its connection was closed under it.
+        let (connections_closed, closed_signal) = tokio::sync::watch::channel(false);
+        let forward = StreamFunction::function("forward", move |message: Message| {
+            let mut closed_signal = closed_signal.clone();
+            async move {
+                if message.payload().as_ref() >= b"m020".as_slice() {
+                    let _ = closed_signal.wait_for(|closed| *closed).await;
+                }
+                tokio::time::sleep(Duration::from_millis(5)).await;
+                message
+            }
+        });
+        let toml = format!(
+            r#"[stream]
 default-binder = "recovering"
 [stream.binders.recovering]
 type = "rabbit"
@@ -326,216 +345,226 @@ consumer.back-off-max-interval = "1s"
 [stream.bindings.forward-out-0]
 destination = "{output}"
 "#,
-        uri = uri()
-    );
-    let collector = RabbitBinder::connect_uri(&uri()).await.expect("connect");
-    let mut results = collector
-        .subscribe(&ConsumerSpec::new(output.clone(), Some("results")))
-        .await
-        .expect("subscribe");
-    let app = application(forward, &toml).start().await.expect("start");
-    let sender = RabbitBinder::connect_uri(&uri()).await.expect("connect");
-    let producer = sender
-        .producer(&ProducerSpec::new(input.clone()))
-        .await
-        .expect("producer");
-    let total = 100;
-    for n in 0..total {
-        producer
-            .send(Message::new(Bytes::from(format!("m{n:03}"))))
-            .await
-            .expect("send");
-    }
-
-    let mut seen = BTreeSet::new();
-    let deadline = Instant::now() + Duration::from_secs(90);
-    let mut closed = BTreeSet::new();
-    while seen.len() < total {
-        let next = tokio::time::timeout_at(deadline, results.next()).await;
-        let Ok(Some(Ok(delivery))) = next else {
-            panic!(
-                "only {} of {total} messages came through: {:?}",
-                seen.len(),
-                seen
-            );
-        };
-        seen.insert(String::from_utf8_lossy(delivery.message.payload()).into_owned());
-        let _ = delivery.acknowledgement.ack().await;
-        if closed.is_empty() && seen.len() >= 10 {
-            // The application's consuming and publishing connections, with sends in flight.
-            closed = close_connections_named("bindery recovering").await;
-            assert_eq!(
-                closed.len(),
-                2,
-                "the application has a consuming and a publishing connection"
-            );
-            connections_closed.send_replace(true);
-        }
-    }
-    assert_eq!(seen.len(), total);
-    // Both connections were opened again: new ones, under the same names.
-    let mut reopened = connections_named("bindery recovering").await;
-    while reopened.len() != 2 || !reopened.is_disjoint(&closed) {
-        assert!(
-            Instant::now() < deadline,
-            "not reconnected: closed {closed:?}, open {reopened:?}"
+            uri = uri()
         );
-        tokio::time::sleep(Duration::from_millis(200)).await;
-        reopened = connections_named("bindery recovering").await;
-    }
-    app.shutdown().await.expect("shutdown");
+        let collector = RabbitBinder::connect_uri(&uri()).await.expect("connect");
+        let mut results = collector
+            .subscribe(&ConsumerSpec::new(output.clone(), Some("results")))
+            .await
+            .expect("subscribe");
+        let app = application(forward, &toml).start().await.expect("start");
+        let sender = RabbitBinder::connect_uri(&uri()).await.expect("connect");
+        let producer = sender
+            .producer(&ProducerSpec::new(input.clone()))
+            .await
+            .expect("producer");
+        let total = 100;
+        for n in 0..total {
+            producer
+                .send(Message::new(Bytes::from(format!("m{n:03}"))))
+                .await
+                .expect("send");
+        }
+
+        let mut seen = BTreeSet::new();
+        let deadline = Instant::now() + Duration::from_secs(90);
+        let mut closed = BTreeSet::new();
+        while seen.len() < total {
+            let next = tokio::time::timeout_at(deadline, results.next()).await;
+            let Ok(Some(Ok(delivery))) = next else {
+                panic!(
+                    "only {} of {total} messages came through: {:?}",
+                    seen.len(),
+                    seen
+                );
+            };
+            seen.insert(String::from_utf8_lossy(delivery.message.payload()).into_owned());
+            let _ = delivery.acknowledgement.ack().await;
+            if closed.is_empty() && seen.len() >= 10 {
+                // The application's consuming and publishing connections, with sends in flight.
+                closed = close_connections_named("bindery recovering").await;
+                assert_eq!(
+                    closed.len(),
+                    2,
+                    "the application has a consuming and a publishing connection"
+                );
+                connections_closed.send_replace(true);
+            }
+        }
+        assert_eq!(seen.len(), total);
+        // Both connections were opened again: new ones, under the same names.
+        let mut reopened = connections_named("bindery recovering").await;
+        while reopened.len() != 2 || !reopened.is_disjoint(&closed) {
+            assert!(
+                Instant::now() < deadline,
+                "not reconnected: closed {closed:?}, open {reopened:?}"
+            );
+            tokio::time::sleep(Duration::from_millis(200)).await;
+            reopened = connections_named("bindery recovering").await;
+        }
+        app.shutdown().await.expect("shutdown");
+    })
+    .await
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn keys_and_header_names_too_long_for_amqp_never_panic() {
-    if !available() {
-        return;
-    }
-    let binder = RabbitBinder::connect_uri(&uri()).await.expect("connect");
-    let destination = unique("long");
-    let mut subscription = binder
-        .subscribe(&ConsumerSpec::new(destination.clone(), Some("g")))
-        .await
-        .expect("subscribe");
-    let producer = binder
-        .producer(&ProducerSpec::new(destination.clone()))
-        .await
-        .expect("producer");
-    // A 300-byte key cannot be the routing key: it travels in a header and comes back.
-    let key = "k".repeat(300);
-    producer
-        .send(
-            Message::builder(Bytes::from_static(b"long key"))
-                .key(&key)
-                .build(),
-        )
-        .await
-        .expect("a long key is sent");
-    let delivery = tokio::time::timeout(Duration::from_secs(10), subscription.next())
-        .await
-        .expect("in time")
-        .expect("a delivery")
-        .expect("no error");
-    assert_eq!(delivery.message.key_str(), Some(key.as_str()));
-    delivery.acknowledgement.ack().await.expect("ack");
-    // A 300-byte header name cannot travel at all: a clear, permanent error.
-    let error = producer
-        .send(
-            Message::builder(Bytes::from_static(b"long header"))
-                .header("h".repeat(300), "value")
-                .build(),
-        )
-        .await
-        .expect_err("a header name over 255 bytes is refused");
-    assert!(error.is_permanent(), "{error}");
-    assert!(error.to_string().contains("header name"), "{error}");
-    // A destination whose names exceed 255 bytes is a startup error, not a panic.
-    let error = binder
-        .subscribe(&ConsumerSpec::new("d".repeat(300), Some("g")))
-        .await
-        .expect_err("a 300-byte exchange name is refused");
-    assert!(error.to_string().contains("at most 255"), "{error}");
-    binder.close().await.ok();
+    common::within_test_deadline(async {
+        if !available() {
+            return;
+        }
+        let binder = RabbitBinder::connect_uri(&uri()).await.expect("connect");
+        let destination = unique("long");
+        let mut subscription = binder
+            .subscribe(&ConsumerSpec::new(destination.clone(), Some("g")))
+            .await
+            .expect("subscribe");
+        let producer = binder
+            .producer(&ProducerSpec::new(destination.clone()))
+            .await
+            .expect("producer");
+        // A 300-byte key cannot be the routing key: it travels in a header and comes back.
+        let key = "k".repeat(300);
+        producer
+            .send(
+                Message::builder(Bytes::from_static(b"long key"))
+                    .key(&key)
+                    .build(),
+            )
+            .await
+            .expect("a long key is sent");
+        let delivery = tokio::time::timeout(Duration::from_secs(10), subscription.next())
+            .await
+            .expect("in time")
+            .expect("a delivery")
+            .expect("no error");
+        assert_eq!(delivery.message.key_str(), Some(key.as_str()));
+        delivery.acknowledgement.ack().await.expect("ack");
+        // A 300-byte header name cannot travel at all: a clear, permanent error.
+        let error = producer
+            .send(
+                Message::builder(Bytes::from_static(b"long header"))
+                    .header("h".repeat(300), "value")
+                    .build(),
+            )
+            .await
+            .expect_err("a header name over 255 bytes is refused");
+        assert!(error.is_permanent(), "{error}");
+        assert!(error.to_string().contains("header name"), "{error}");
+        // A destination whose names exceed 255 bytes is a startup error, not a panic.
+        let error = binder
+            .subscribe(&ConsumerSpec::new("d".repeat(300), Some("g")))
+            .await
+            .expect_err("a 300-byte exchange name is refused");
+        assert!(error.to_string().contains("at most 255"), "{error}");
+        binder.close().await.ok();
+    })
+    .await
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn routable_and_unroutable_sends_in_flight_together_are_told_apart() {
-    if !available() {
-        return;
-    }
-    let binder = RabbitBinder::connect_uri(&uri()).await.expect("connect");
-    let destination = unique("mixed");
-    let producer = binder
-        .producer(&ProducerSpec::new(destination.clone()))
-        .await
-        .expect("producer");
-    // Only keys `kept.*` are bound: one channel carries confirms and returns of both kinds.
-    let queue = format!("{destination}.kept");
-    let channel = raw_channel().await;
-    channel
-        .queue_declare(
-            queue.as_str().into(),
-            QueueDeclareOptions {
-                durable: true,
-                ..QueueDeclareOptions::default()
-            },
-            FieldTable::default(),
-        )
-        .await
-        .expect("queue");
-    channel
-        .queue_bind(
-            queue.as_str().into(),
-            destination.as_str().into(),
-            "kept.*".into(),
-            Default::default(),
-            FieldTable::default(),
-        )
-        .await
-        .expect("bind");
-    let mut confirmations = Vec::new();
-    for n in 0..300 {
-        let label = if n % 3 == 0 { "lost" } else { "kept" };
-        let message = Message::builder(Bytes::from(format!("{label}-{n:03}")))
-            .header(bindery_core::header::MESSAGE_ID, format!("id-{n:03}"))
-            .key(format!("{label}.{n}"))
-            .build();
-        confirmations.push((label, producer.enqueue(&message).await.expect("enqueue")));
-    }
-    let mut kept = 0;
-    for (label, confirmation) in confirmations {
-        match (label, confirmation.await) {
-            ("kept", Ok(())) => kept += 1,
-            ("lost", Err(error)) => assert!(error.to_string().contains("no queue is bound")),
-            (label, outcome) => panic!("a `{label}` send ended {outcome:?}"),
+    common::within_test_deadline(async {
+        if !available() {
+            return;
         }
-    }
-    assert_eq!(kept, 200);
-    let depth = channel
-        .queue_declare(
-            queue.as_str().into(),
-            passive_queue(),
-            FieldTable::default(),
-        )
-        .await
-        .expect("the queue")
-        .message_count();
-    assert_eq!(depth, 200, "every routable send delivered exactly once");
-    let _ = channel
-        .queue_delete(queue.as_str().into(), Default::default())
-        .await;
-    binder.close().await.ok();
+        let binder = RabbitBinder::connect_uri(&uri()).await.expect("connect");
+        let destination = unique("mixed");
+        let producer = binder
+            .producer(&ProducerSpec::new(destination.clone()))
+            .await
+            .expect("producer");
+        // Only keys `kept.*` are bound: one channel carries confirms and returns of both kinds.
+        let queue = format!("{destination}.kept");
+        let channel = raw_channel().await;
+        channel
+            .queue_declare(
+                queue.as_str().into(),
+                QueueDeclareOptions {
+                    durable: true,
+                    ..QueueDeclareOptions::default()
+                },
+                FieldTable::default(),
+            )
+            .await
+            .expect("queue");
+        channel
+            .queue_bind(
+                queue.as_str().into(),
+                destination.as_str().into(),
+                "kept.*".into(),
+                Default::default(),
+                FieldTable::default(),
+            )
+            .await
+            .expect("bind");
+        let mut confirmations = Vec::new();
+        for n in 0..300 {
+            let label = if n % 3 == 0 { "lost" } else { "kept" };
+            let message = Message::builder(Bytes::from(format!("{label}-{n:03}")))
+                .header(bindery_core::header::MESSAGE_ID, format!("id-{n:03}"))
+                .key(format!("{label}.{n}"))
+                .build();
+            confirmations.push((label, producer.enqueue(&message).await.expect("enqueue")));
+        }
+        let mut kept = 0;
+        for (label, confirmation) in confirmations {
+            match (label, confirmation.await) {
+                ("kept", Ok(())) => kept += 1,
+                ("lost", Err(error)) => assert!(error.to_string().contains("no queue is bound")),
+                (label, outcome) => panic!("a `{label}` send ended {outcome:?}"),
+            }
+        }
+        assert_eq!(kept, 200);
+        let depth = channel
+            .queue_declare(
+                queue.as_str().into(),
+                passive_queue(),
+                FieldTable::default(),
+            )
+            .await
+            .expect("the queue")
+            .message_count();
+        assert_eq!(depth, 200, "every routable send delivered exactly once");
+        let _ = channel
+            .queue_delete(queue.as_str().into(), Default::default())
+            .await;
+        binder.close().await.ok();
+    })
+    .await
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_backlog_of_50000_drains_once_and_in_order_within_each_key() {
-    if !available() {
-        return;
-    }
-    let (input, output) = (unique("backlog-in"), unique("backlog-out"));
-    let binder = RabbitBinder::connect_uri(&uri()).await.expect("connect");
-    let mut results = binder
-        .subscribe(&ConsumerSpec::new(output.clone(), Some("results")))
-        .await
-        .expect("subscribe");
-    let mut spec = ProducerSpec::new(input.clone());
-    spec.properties.required_groups = vec!["forwarders".to_owned()];
-    let producer = binder.producer(&spec).await.expect("producer");
-    let count = 50_000;
-    let mut confirmations = Vec::with_capacity(count);
-    for n in 0..count {
-        let key = format!("key-{}", n % 10);
-        let message = Message::builder(Bytes::from(format!("{key}:{n:05}")))
-            .key(key)
-            .build();
-        confirmations.push(producer.enqueue(&message).await.expect("enqueue"));
-    }
-    for confirmation in futures::future::join_all(confirmations).await {
-        confirmation.expect("confirmed");
-    }
-    let forward = StreamFunction::function("forward", |message: Message| async move { message });
-    let toml = format!(
-        r#"[stream]
+    common::within_test_deadline(async {
+        if !available() {
+            return;
+        }
+        let (input, output) = (unique("backlog-in"), unique("backlog-out"));
+        let binder = RabbitBinder::connect_uri(&uri()).await.expect("connect");
+        let mut results = binder
+            .subscribe(&ConsumerSpec::new(output.clone(), Some("results")))
+            .await
+            .expect("subscribe");
+        let mut spec = ProducerSpec::new(input.clone());
+        spec.properties.required_groups = vec!["forwarders".to_owned()];
+        let producer = binder.producer(&spec).await.expect("producer");
+        let count = 50_000;
+        let mut confirmations = Vec::with_capacity(count);
+        for n in 0..count {
+            let key = format!("key-{}", n % 10);
+            let message = Message::builder(Bytes::from(format!("{key}:{n:05}")))
+                .key(key)
+                .build();
+            confirmations.push(producer.enqueue(&message).await.expect("enqueue"));
+        }
+        for confirmation in futures::future::join_all(confirmations).await {
+            confirmation.expect("confirmed");
+        }
+        let forward =
+            StreamFunction::function("forward", |message: Message| async move { message });
+        let toml = format!(
+            r#"[stream]
 default-binder = "rabbit"
 [stream.binders.rabbit]
 uri = "{uri}"
@@ -545,38 +574,40 @@ group = "forwarders"
 [stream.bindings.forward-out-0]
 destination = "{output}"
 "#,
-        uri = uri()
-    );
-    let app = application(forward, &toml).start().await.expect("start");
-    let mut by_key: std::collections::BTreeMap<String, Vec<String>> = Default::default();
-    let mut records = 0;
-    let deadline = Instant::now() + Duration::from_secs(180);
-    loop {
-        let wait = if records < count {
-            deadline
-        } else {
-            Instant::now() + Duration::from_secs(1)
-        };
-        match tokio::time::timeout_at(wait, results.next()).await {
-            Ok(Some(Ok(delivery))) => {
-                records += 1;
-                let payload = String::from_utf8_lossy(delivery.message.payload()).into_owned();
-                let (key, n) = payload.split_once(':').expect("key:n");
-                by_key.entry(key.to_owned()).or_default().push(n.to_owned());
-                delivery.acknowledgement.ack().await.expect("ack");
+            uri = uri()
+        );
+        let app = application(forward, &toml).start().await.expect("start");
+        let mut by_key: std::collections::BTreeMap<String, Vec<String>> = Default::default();
+        let mut records = 0;
+        let deadline = Instant::now() + Duration::from_secs(180);
+        loop {
+            let wait = if records < count {
+                deadline
+            } else {
+                Instant::now() + Duration::from_secs(1)
+            };
+            match tokio::time::timeout_at(wait, results.next()).await {
+                Ok(Some(Ok(delivery))) => {
+                    records += 1;
+                    let payload = String::from_utf8_lossy(delivery.message.payload()).into_owned();
+                    let (key, n) = payload.split_once(':').expect("key:n");
+                    by_key.entry(key.to_owned()).or_default().push(n.to_owned());
+                    delivery.acknowledgement.ack().await.expect("ack");
+                }
+                _ if records >= count => break,
+                _ => panic!("only {records} of {count} forwarded"),
             }
-            _ if records >= count => break,
-            _ => panic!("only {records} of {count} forwarded"),
         }
-    }
-    app.shutdown().await.expect("shutdown");
-    assert_eq!(records, count, "no order forwarded twice");
-    for (key, numbers) in by_key {
-        let mut sorted = numbers.clone();
-        sorted.sort();
-        assert_eq!(numbers, sorted, "key `{key}` kept its order");
-    }
-    binder.close().await.ok();
+        app.shutdown().await.expect("shutdown");
+        assert_eq!(records, count, "no order forwarded twice");
+        for (key, numbers) in by_key {
+            let mut sorted = numbers.clone();
+            sorted.sort();
+            assert_eq!(numbers, sorted, "key `{key}` kept its order");
+        }
+        binder.close().await.ok();
+    })
+    .await
 }
 
 /// A supplier sending to `destination` with `required-groups = ["billing"]`, and the `billing`
@@ -614,24 +645,27 @@ quorum = true
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn required_groups_are_declared_as_their_consumers_declare_them_in_either_order() {
-    if !available() {
-        return;
-    }
-    // "a-tick" starts before "b-bill"; "z-tick" after "b-bill".
-    for supplier in ["a-tick", "z-tick"] {
-        let destination = unique("required");
-        let app = tokio::time::timeout(
-            Duration::from_secs(60),
-            producer_and_group(&destination, supplier, "b-bill").start(),
-        )
-        .await
-        .expect("started in time")
-        .unwrap_or_else(|e| panic!("{supplier} first: {e}"));
-        app.shutdown().await.expect("shutdown");
-        assert_billing_queue_is_quorum_with_dlq(&destination)
+    common::within_test_deadline(async {
+        if !available() {
+            return;
+        }
+        // "a-tick" starts before "b-bill"; "z-tick" after "b-bill".
+        for supplier in ["a-tick", "z-tick"] {
+            let destination = unique("required");
+            let app = tokio::time::timeout(
+                Duration::from_secs(60),
+                producer_and_group(&destination, supplier, "b-bill").start(),
+            )
             .await
-            .unwrap_or_else(|e| panic!("{supplier} first: the group queue differs: {e}"));
-    }
+            .expect("started in time")
+            .unwrap_or_else(|e| panic!("{supplier} first: {e}"));
+            app.shutdown().await.expect("shutdown");
+            assert_billing_queue_is_quorum_with_dlq(&destination)
+                .await
+                .unwrap_or_else(|e| panic!("{supplier} first: the group queue differs: {e}"));
+        }
+    })
+    .await
 }
 
 /// Whether `<destination>.billing` is a quorum queue dead-lettering to `DLX`, as its consumer
@@ -710,87 +744,120 @@ quorum = true
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn required_groups_declared_by_another_application_match_their_consumer() {
-    if !available() {
-        return;
-    }
-    for producer_first in [true, false] {
-        let destination = unique("required-apart");
-        let order = match producer_first {
-            true => "producer first",
-            false => "consumer first",
-        };
-        let mut running = Vec::new();
-        for producer in [producer_first, !producer_first] {
-            let app = tokio::time::timeout(
-                Duration::from_secs(60),
-                one_side(&destination, producer).start(),
-            )
-            .await
-            .unwrap_or_else(|_| panic!("{order}: started in time"))
-            .unwrap_or_else(|e| panic!("{order}: {e}"));
-            running.push(app);
+    common::within_test_deadline(async {
+        if !available() {
+            return;
         }
-        for app in running {
-            app.shutdown().await.expect("shutdown");
+        for producer_first in [true, false] {
+            let destination = unique("required-apart");
+            let order = match producer_first {
+                true => "producer first",
+                false => "consumer first",
+            };
+            let mut running = Vec::new();
+            for producer in [producer_first, !producer_first] {
+                let app = tokio::time::timeout(
+                    Duration::from_secs(60),
+                    one_side(&destination, producer).start(),
+                )
+                .await
+                .unwrap_or_else(|_| panic!("{order}: started in time"))
+                .unwrap_or_else(|e| panic!("{order}: {e}"));
+                if producer && producer_first {
+                    // Alone, the producer has declared the queue as its consumer will: it is
+                    // bound (a message to the destination is routed, not returned) and has the
+                    // consumer's arguments, its DLQ included.
+                    let sender = RabbitBinder::connect_uri(&uri()).await.expect("connect");
+                    sender
+                        .producer(&ProducerSpec::new(destination.clone()))
+                        .await
+                        .expect("producer")
+                        .send(Message::new(Bytes::from_static(b"kept for billing")))
+                        .await
+                        .expect("the billing queue takes what is sent before its consumer runs");
+                    sender.close().await.ok();
+                    assert_billing_queue_is_quorum_with_dlq(&destination)
+                        .await
+                        .unwrap_or_else(|e| panic!("producer alone: the group queue differs: {e}"));
+                    let channel = raw_channel().await;
+                    tokio::time::timeout(
+                        Duration::from_secs(30),
+                        channel.queue_declare(
+                            format!("{destination}.billing.dlq").as_str().into(),
+                            passive_queue(),
+                            FieldTable::default(),
+                        ),
+                    )
+                    .await
+                    .expect("RabbitMQ answers in time")
+                    .expect("producer alone: the DLQ exists");
+                }
+                running.push(app);
+            }
+            for app in running {
+                app.shutdown().await.expect("shutdown");
+            }
+            assert_billing_queue_is_quorum_with_dlq(&destination)
+                .await
+                .unwrap_or_else(|e| panic!("{order}: the group queue differs: {e}"));
         }
-        assert_billing_queue_is_quorum_with_dlq(&destination)
-            .await
-            .unwrap_or_else(|e| panic!("{order}: the group queue differs: {e}"));
-    }
+    })
+    .await
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn shutdown_handles_what_was_prefetched_instead_of_handing_it_back() {
-    if !available() {
-        return;
-    }
-    let destination = unique("drain");
-    let queue = format!("{destination}.workers");
-    // The group queue exists before anything is sent, so the backlog waits in it.
-    let binder = RabbitBinder::connect_uri(&uri()).await.expect("connect");
-    binder
-        .subscribe(&ConsumerSpec::new(destination.clone(), Some("workers")))
-        .await
-        .expect("subscribe")
-        .close()
-        .await
-        .expect("close");
-    let producer = binder
-        .producer(&ProducerSpec::new(destination.clone()))
-        .await
-        .expect("producer");
-    let total = 1_000;
-    let confirmations = futures::future::join_all((0..total).map(|n| {
-        let producer = producer.clone();
-        async move {
-            producer
-                .send(Message::new(Bytes::from(format!("m{n:04}"))))
-                .await
+    common::within_test_deadline(async {
+        if !available() {
+            return;
         }
-    }));
-    for sent in tokio::time::timeout(Duration::from_secs(60), confirmations)
-        .await
-        .expect("the backlog is sent in time")
-    {
-        sent.expect("send");
-    }
-
-    let handled = Arc::new(std::sync::Mutex::new(Vec::new()));
-    let started = Arc::new(tokio::sync::Notify::new());
-    let (record, first) = (handled.clone(), started.clone());
-    let work = StreamFunction::consumer("work", move |message: Message| {
-        let (record, first) = (record.clone(), first.clone());
-        async move {
-            tokio::time::sleep(Duration::from_millis(2)).await;
-            let mut handled = record.lock().expect("lock");
-            handled.push(String::from_utf8_lossy(message.payload()).into_owned());
-            if handled.len() == 50 {
-                first.notify_one();
+        let destination = unique("drain");
+        let queue = format!("{destination}.workers");
+        // The group queue exists before anything is sent, so the backlog waits in it.
+        let binder = RabbitBinder::connect_uri(&uri()).await.expect("connect");
+        binder
+            .subscribe(&ConsumerSpec::new(destination.clone(), Some("workers")))
+            .await
+            .expect("subscribe")
+            .close()
+            .await
+            .expect("close");
+        let producer = binder
+            .producer(&ProducerSpec::new(destination.clone()))
+            .await
+            .expect("producer");
+        let total = 1_000;
+        let confirmations = futures::future::join_all((0..total).map(|n| {
+            let producer = producer.clone();
+            async move {
+                producer
+                    .send(Message::new(Bytes::from(format!("m{n:04}"))))
+                    .await
             }
+        }));
+        for sent in tokio::time::timeout(Duration::from_secs(60), confirmations)
+            .await
+            .expect("the backlog is sent in time")
+        {
+            sent.expect("send");
         }
-    });
-    let toml = format!(
-        r#"[stream]
+
+        let handled = Arc::new(std::sync::Mutex::new(Vec::new()));
+        let started = Arc::new(tokio::sync::Notify::new());
+        let (record, first) = (handled.clone(), started.clone());
+        let work = StreamFunction::consumer("work", move |message: Message| {
+            let (record, first) = (record.clone(), first.clone());
+            async move {
+                tokio::time::sleep(Duration::from_millis(2)).await;
+                let mut handled = record.lock().expect("lock");
+                handled.push(String::from_utf8_lossy(message.payload()).into_owned());
+                if handled.len() == 50 {
+                    first.notify_one();
+                }
+            }
+        });
+        let toml = format!(
+            r#"[stream]
 default-binder = "rabbit"
 [stream.binders.rabbit]
 uri = "{uri}"
@@ -798,63 +865,65 @@ uri = "{uri}"
 destination = "{destination}"
 group = "workers"
 "#,
-        uri = uri()
-    );
-    let app = application(work, &toml).start().await.expect("start");
-    tokio::time::timeout(Duration::from_secs(30), started.notified())
-        .await
-        .expect("50 messages handled in time");
-    tokio::time::timeout(Duration::from_secs(60), app.shutdown())
-        .await
-        .expect("shut down in time")
-        .expect("shutdown");
-    let handled: Vec<String> = handled.lock().expect("lock").clone();
-
-    // What is left was never delivered: the prefetched messages were handled, not handed back.
-    let channel = raw_channel().await;
-    let mut left = Vec::new();
-    let mut redelivered = Vec::new();
-    loop {
-        let got = tokio::time::timeout(
-            Duration::from_secs(10),
-            channel.basic_get(
-                queue.as_str().into(),
-                lapin::options::BasicGetOptions::default(),
-            ),
-        )
-        .await
-        .expect("basic.get answered in time")
-        .expect("basic.get");
-        let Some(message) = got else { break };
-        let payload = String::from_utf8_lossy(&message.delivery.data).into_owned();
-        if message.delivery.redelivered {
-            redelivered.push(payload.clone());
-        }
-        left.push(payload);
-        message
-            .delivery
-            .acker
-            .ack(lapin::options::BasicAckOptions::default())
+            uri = uri()
+        );
+        let app = application(work, &toml).start().await.expect("start");
+        tokio::time::timeout(Duration::from_secs(30), started.notified())
             .await
-            .expect("ack");
-    }
-    assert!(
-        handled.len() < total,
-        "the shutdown came while a backlog was left"
-    );
-    assert!(
-        redelivered.is_empty(),
-        "{} messages were handed back as redelivered, such as {:?}",
-        redelivered.len(),
-        redelivered.first()
-    );
-    let handled_set: BTreeSet<&String> = handled.iter().collect();
-    assert_eq!(
-        handled_set.len(),
-        handled.len(),
-        "a message was handled twice"
-    );
-    let all: BTreeSet<&String> = handled.iter().chain(left.iter()).collect();
-    assert_eq!(all.len(), total, "every message was either handled or left");
-    assert_eq!(handled.len() + left.len(), total, "no message was both");
+            .expect("50 messages handled in time");
+        tokio::time::timeout(Duration::from_secs(60), app.shutdown())
+            .await
+            .expect("shut down in time")
+            .expect("shutdown");
+        let handled: Vec<String> = handled.lock().expect("lock").clone();
+
+        // What is left was never delivered: the prefetched messages were handled, not handed back.
+        let channel = raw_channel().await;
+        let mut left = Vec::new();
+        let mut redelivered = Vec::new();
+        loop {
+            let got = tokio::time::timeout(
+                Duration::from_secs(10),
+                channel.basic_get(
+                    queue.as_str().into(),
+                    lapin::options::BasicGetOptions::default(),
+                ),
+            )
+            .await
+            .expect("basic.get answered in time")
+            .expect("basic.get");
+            let Some(message) = got else { break };
+            let payload = String::from_utf8_lossy(&message.delivery.data).into_owned();
+            if message.delivery.redelivered {
+                redelivered.push(payload.clone());
+            }
+            left.push(payload);
+            message
+                .delivery
+                .acker
+                .ack(lapin::options::BasicAckOptions::default())
+                .await
+                .expect("ack");
+        }
+        assert!(
+            handled.len() < total,
+            "the shutdown came while a backlog was left"
+        );
+        assert!(
+            redelivered.is_empty(),
+            "{} messages were handed back as redelivered, such as {:?}",
+            redelivered.len(),
+            redelivered.first()
+        );
+        let handled_set: BTreeSet<&String> = handled.iter().collect();
+        assert_eq!(
+            handled_set.len(),
+            handled.len(),
+            "a message was handled twice"
+        );
+        let all: BTreeSet<&String> = handled.iter().chain(left.iter()).collect();
+        assert_eq!(all.len(), total, "every message was either handled or left");
+        assert_eq!(handled.len() + left.len(), total, "no message was both");
+    })
+    .await
 }

@@ -170,7 +170,7 @@ impl InputBinding {
             settling_in_order: false,
             stopping: false,
             next_sequence: 0,
-            shutdown: shutdown.clone(),
+            halt: watch::channel(false).0,
         };
         let mut stop = shutdown;
         let subscription: Shared = Arc::new(tokio::sync::Mutex::new(subscription));
@@ -226,11 +226,13 @@ impl InputBinding {
                 // A waiting receive has taken nothing: cancelled, so the broker can be asked to
                 // send no more.
                 receiving = None;
-                let asked = tokio::time::timeout(DRAIN_REQUEST_LIMIT, async {
+                let stop_seen = Instant::now();
+                let drain_for = engine.binding.drain_for;
+                let asked = tokio::time::timeout(DRAIN_REQUEST_LIMIT.min(drain_for), async {
                     subscription.lock().await.drain().await
                 });
                 match asked.await {
-                    Ok(true) => drain_until = Some(Instant::now() + engine.binding.drain_for),
+                    Ok(true) => drain_until = Some(stop_seen + drain_for),
                     _ => engine.stop(),
                 }
             }
@@ -272,7 +274,9 @@ struct Engine {
     settling_in_order: bool,
     stopping: bool,
     next_sequence: u64,
-    shutdown: watch::Receiver<bool>,
+    /// Set when the binding stops for good (not while it drains): messages waiting for a
+    /// back-off go back to the broker.
+    halt: watch::Sender<bool>,
 }
 
 impl Engine {
@@ -418,10 +422,10 @@ impl Engine {
 
     /// Waits `wait`, then makes the step; or hands the message back if the binding stops.
     fn after(&self, wait: Duration, item: InFlight, then: fn(InFlight) -> Step) -> Job {
-        let mut stop = self.shutdown.clone();
+        let mut halted = self.halt.subscribe();
         Box::pin(async move {
             tokio::select! {
-                _ = stop.wait_for(|stop| *stop) => Step::Abandoned(item),
+                _ = halted.wait_for(|halted| *halted) => Step::Abandoned(item),
                 _ = tokio::time::sleep(wait) => then(item),
             }
         })
@@ -470,10 +474,10 @@ impl Engine {
         };
         tracing::warn!(binding = %binding.binding, message_id = %item.id, failures = item.send_failures, %error, "{what} failed; sending it again in {wait:?}");
         let messages: Vec<Message> = failed.into_iter().map(|(message, _)| message).collect();
-        let mut stop = self.shutdown.clone();
+        let mut halted = self.halt.subscribe();
         self.jobs.push(Box::pin(async move {
             tokio::select! {
-                _ = stop.wait_for(|stop| *stop) => return Step::Abandoned(item),
+                _ = halted.wait_for(|halted| *halted) => return Step::Abandoned(item),
                 _ = tokio::time::sleep(wait) => {}
             }
             let (destination, producer) = match &target {
@@ -549,6 +553,7 @@ impl Engine {
     /// finish and their outputs are confirmed; waits are cut short.
     fn stop(&mut self) {
         self.stopping = true;
+        self.halt.send_replace(true);
         let waiting: Vec<InFlight> = self.ready.drain(..).chain(self.lanes.drain()).collect();
         let mut waiting = waiting;
         waiting.sort_by_key(|item| item.sequence);

@@ -35,6 +35,16 @@ pub(crate) fn can_control_server() -> bool {
     works
 }
 
+/// How long one test may take in all: no await on the broker can hang a run past it.
+const TEST_DEADLINE: Duration = Duration::from_secs(300);
+
+/// Runs a test's body, failing the test when it has not finished within [`TEST_DEADLINE`].
+pub(crate) async fn within_test_deadline(body: impl std::future::Future<Output = ()>) {
+    tokio::time::timeout(TEST_DEADLINE, body)
+        .await
+        .unwrap_or_else(|_| panic!("the test did not finish within {TEST_DEADLINE:?}"));
+}
+
 /// Runs `rabbitmqctl -q ARGS` within 30 seconds; its output, or a panic saying what failed.
 pub(crate) async fn rabbitmqctl(args: &[&str]) -> String {
     let output = tokio::time::timeout(
@@ -103,6 +113,28 @@ pub(crate) async fn close_connections_named(name: &str) -> BTreeSet<String> {
 }
 
 /// Messages in `queue` of the test's virtual host, ready and unacknowledged together.
+/// The states (`running`, `blocking`, `blocked`, ...) of the connections in the test's
+/// virtual host named exactly `name`.
+pub(crate) async fn connection_states(name: &str) -> Vec<String> {
+    let listed = rabbitmqctl(&[
+        "list_connections",
+        "--no-table-headers",
+        "vhost",
+        "state",
+        "client_properties",
+    ])
+    .await;
+    let vhost = vhost();
+    listed
+        .lines()
+        .filter_map(|line| {
+            let mut columns = line.splitn(3, '\t');
+            let (host, state, properties) = (columns.next()?, columns.next()?, columns.next()?);
+            (host == vhost && properties.contains(&format!("\"{name}\""))).then(|| state.to_owned())
+        })
+        .collect()
+}
+
 pub(crate) async fn queue_depth(queue: &str) -> Option<u64> {
     let listed = rabbitmqctl(&[
         "list_queues",
