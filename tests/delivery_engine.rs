@@ -40,11 +40,19 @@ struct Stub {
     ended: bool,
     /// Subscriptions can drain at shutdown: they yield what is already there, then end.
     drains: bool,
+    /// Subscribing takes this long, as on a broker.
+    subscribe_delay: Duration,
+    /// Subscribing to this destination fails.
+    refused_destination: Option<&'static str>,
 }
 
 #[async_trait]
 impl Binder for Stub {
     async fn subscribe(&self, spec: &ConsumerSpec) -> Result<Box<dyn Subscription>, Error> {
+        tokio::time::sleep(self.subscribe_delay).await;
+        if self.refused_destination == Some(spec.destination.as_str()) {
+            return Err(Error::binder("stub", "the broker refused the subscription"));
+        }
         Ok(Box::new(StubSubscription {
             inner: self.memory.subscribe(spec).await?,
             stub: self.clone(),
@@ -60,6 +68,7 @@ impl Binder for Stub {
     }
 
     async fn close(&self) -> Result<(), Error> {
+        record(&self.log, "closed:binder".to_owned());
         if self.hang_on_close {
             std::future::pending::<()>().await;
         }
@@ -519,5 +528,88 @@ async fn a_draining_subscription_has_what_it_received_handled_before_shutdown() 
     assert!(
         requeued > 0,
         "without draining, orders go back ({acked} acked)"
+    );
+}
+
+/// `a-forward` (`startup-in` → `startup-mid`) and `b-count` (`startup-mid`, counting): in name
+/// order, the forwarder comes first. A send that fails would be tried again only after an hour.
+fn forward_then_count(stub: &Stub, counted: Log) -> bindery::Application {
+    let forward = StreamFunction::function("a-forward", |text: String| async move { text })
+        .input("startup-in")
+        .output("startup-mid")
+        .group("g");
+    let count = StreamFunction::consumer("b-count", move |text: String| {
+        let counted = counted.clone();
+        async move { record(&counted, text) }
+    })
+    .input("startup-mid")
+    .group("g");
+    let toml = r#"[stream.bindings.a-forward-in-0.consumer]
+back-off-initial-interval = "1h"
+back-off-max-interval = "1h""#;
+    bindery::Application::builder()
+        .without_registered_functions()
+        .function(forward)
+        .function(count)
+        .config_str("application.toml", toml)
+        .environment(Vec::<(String, String)>::new())
+        .replace_binders(Arc::new(stub.clone()))
+        .build()
+        .expect("configuration")
+}
+
+#[tokio::test]
+async fn every_input_is_subscribed_before_any_function_runs() {
+    let stub = Stub {
+        subscribe_delay: Duration::from_millis(100),
+        ..Stub::default()
+    };
+    // Orders wait for the forwarder before the application starts.
+    let mut spec = ProducerSpec::new("startup-in");
+    spec.properties.required_groups = vec!["g".to_owned()];
+    let orders = stub.memory.producer(&spec).await.expect("producer");
+    for n in 0..5 {
+        orders
+            .send(Message::new(Bytes::from(format!("order {n}"))))
+            .await
+            .expect("send");
+    }
+    let counted: Log = Log::default();
+    let app = forward_then_count(&stub, counted.clone())
+        .start()
+        .await
+        .expect("start");
+    // Had the forwarder run before `b-count` subscribed, its sends would have found no
+    // consumer, and waited an hour to be tried again.
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while counted.lock().expect("log").len() < 5 {
+        assert!(
+            Instant::now() < deadline,
+            "only {:?} were counted",
+            counted.lock().expect("log")
+        );
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    app.shutdown().await.expect("shutdown");
+}
+
+#[tokio::test]
+async fn a_startup_that_fails_midway_closes_the_binders_it_connected() {
+    let stub = Stub {
+        refused_destination: Some("startup-mid"),
+        ..Stub::default()
+    };
+    let error = forward_then_count(&stub, Log::default())
+        .start()
+        .await
+        .expect_err("b-count cannot subscribe");
+    assert!(
+        error.to_string().contains("refused the subscription"),
+        "{error}"
+    );
+    assert_eq!(
+        events(&stub.log, "closed:"),
+        ["binder"],
+        "the binder was closed"
     );
 }

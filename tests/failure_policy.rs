@@ -5,8 +5,9 @@ use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
+use bindery::binder::{ConsumerSpec, ProducerSpec};
 use bindery::test::TestApp;
-use bindery::{header, Decoded, Message, StreamFunction};
+use bindery::{header, Binder, Decoded, Message, StreamFunction};
 use bytes::Bytes;
 use serde::Deserialize;
 
@@ -154,6 +155,11 @@ async fn without_a_dlq_a_failed_message_is_acknowledged_and_processing_goes_on()
     })
     .output("fp-picky-out");
     let app = start(picky, &binding("picky", "fp-picky", "max-attempts = 2")).await;
+    // Read the dead-letter destination from the start, so a dead letter would be seen.
+    assert!(app
+        .receive("fp-picky.g.dlq", Duration::from_millis(1))
+        .await
+        .is_none());
     app.send("fp-picky", "bad").await.unwrap();
     app.send("fp-picky", "good").await.unwrap();
     assert_eq!(
@@ -248,5 +254,78 @@ producer.required-groups = ["late"]"#,
     .unwrap();
     app.bridge().send("early-out-0", "kept").await.unwrap();
     assert_eq!(app.binder().pending("fp-early", "late"), 1);
+    app.shutdown().await.unwrap();
+}
+
+#[tokio::test]
+async fn a_dead_letter_is_kept_until_something_reads_the_dead_letter_destination() {
+    let calls = counter();
+    let seen = calls.clone();
+    let refuse = StreamFunction::consumer("refuse", move |_: String| {
+        let seen = seen.clone();
+        async move {
+            seen.fetch_add(1, Ordering::SeqCst);
+            Err::<(), _>("refused")
+        }
+    });
+    // A dead letter that could not be sent would wait an hour for its next try.
+    let toml = r#"[stream.bindings.refuse-in-0]
+destination = "fp-kept"
+group = "g"
+[stream.bindings.refuse-in-0.consumer]
+max-attempts = 1
+dlq = true
+back-off-initial-interval = "1h"
+back-off-max-interval = "1h""#;
+    // A plain application: `TestApp` reads dead-letter destinations from the start.
+    let binder = bindery::MemoryBinder::new();
+    let mut spec = ProducerSpec::new("fp-kept");
+    spec.properties.required_groups = vec!["g".to_owned()];
+    let orders = binder.producer(&spec).await.unwrap();
+    let app = bindery::application()
+        .without_registered_functions()
+        .function(refuse)
+        .config_str("application.toml", toml)
+        .environment(Vec::<(String, String)>::new())
+        .replace_binders(Arc::new(binder.clone()))
+        .build()
+        .unwrap()
+        .start()
+        .await
+        .unwrap();
+    orders
+        .send(Message::new(Bytes::from_static(b"x")))
+        .await
+        .unwrap();
+    let deadline = std::time::Instant::now() + WAIT;
+    while binder.kept("fp-kept.g.dlq") == 0 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the dead letter was not kept (handler called {} times)",
+            calls.load(Ordering::SeqCst)
+        );
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    // Nothing read the dead-letter destination when the message failed; its first reader
+    // gets the dead letter.
+    let mut reader = binder
+        .subscribe(&ConsumerSpec::new("fp-kept.g.dlq", Some("audit")))
+        .await
+        .unwrap();
+    let dead = tokio::time::timeout(WAIT, reader.next())
+        .await
+        .expect("the dead letter was kept for its first reader")
+        .expect("a delivery")
+        .expect("no error");
+    assert_eq!(&dead.message.payload()[..], b"x");
+    assert_eq!(
+        dead.message.headers().get_str(header::EXCEPTION_MESSAGE),
+        Some("refused")
+    );
+    assert_eq!(
+        calls.load(Ordering::SeqCst),
+        1,
+        "dead-lettered once, not retried"
+    );
     app.shutdown().await.unwrap();
 }

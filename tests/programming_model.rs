@@ -233,15 +233,21 @@ async fn the_bridge_sends_to_any_destination_from_a_handler() {
         .receive("pm-side-channel", Duration::from_millis(1))
         .await
         .is_none());
-    app.send("relay-in-0", "ping").await.unwrap();
-    assert_eq!(
-        app.receive("pm-relay", WAIT).await.unwrap().text(),
-        Some("ping")
-    );
-    assert_eq!(
-        app.receive("pm-side-channel", WAIT).await.unwrap().text(),
-        Some("saw ping")
-    );
+    let ping = bindery::Message::builder(bytes::Bytes::from_static(b"ping"))
+        .header(bindery::header::CORRELATION_ID, "corr-42")
+        .build();
+    app.send("relay-in-0", ping).await.unwrap();
+    let returned = app.receive("pm-relay", WAIT).await.unwrap();
+    assert_eq!(returned.text(), Some("ping"));
+    let side = app.receive("pm-side-channel", WAIT).await.unwrap();
+    assert_eq!(side.text(), Some("saw ping"));
+    // What a handler sends through the bridge is correlated with its input, as what it returns.
+    for message in [&returned, &side] {
+        assert_eq!(
+            message.headers().get_str(bindery::header::CORRELATION_ID),
+            Some("corr-42")
+        );
+    }
     app.shutdown().await.unwrap();
 }
 

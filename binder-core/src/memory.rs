@@ -5,7 +5,9 @@
 //! sent while it is subscribed, and a message received but not acknowledged goes back to its
 //! group when its consumer lets go of it. As on RabbitMQ with `mandatory`, sending to a
 //! destination that has no group or consumer yet fails rather than losing the message;
-//! `producer.required-groups` creates groups up front.
+//! `producer.required-groups` creates groups up front. A dead-letter destination is lasting:
+//! what is dead-lettered before anything subscribes to it is kept, and handed to the first
+//! consumer that does.
 
 use std::collections::{HashMap, VecDeque};
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -59,6 +61,22 @@ struct Broker {
 struct Destination {
     groups: HashMap<String, Arc<Queue>>,
     anonymous: HashMap<u64, Arc<Queue>>,
+    /// Messages are kept while nothing subscribes (a dead-letter destination).
+    lasting: bool,
+    /// What a lasting destination received before its first consumer.
+    kept: VecDeque<Message>,
+}
+
+impl Destination {
+    /// Hands what was kept to a consumer's new queue.
+    fn hand_over_kept(&mut self, queue: &Queue) {
+        for message in self.kept.drain(..) {
+            queue.push_back(Envelope {
+                message,
+                redelivered: false,
+            });
+        }
+    }
 }
 
 #[derive(Debug, Default)]
@@ -117,19 +135,24 @@ impl MemoryBinder {
 
     fn group_queue(&self, destination: &str, group: &str) -> Arc<Queue> {
         let mut destinations = lock(&self.broker.destinations);
-        destinations
-            .entry(destination.to_owned())
-            .or_default()
-            .groups
-            .entry(group.to_owned())
-            .or_default()
-            .clone()
+        let destination = destinations.entry(destination.to_owned()).or_default();
+        if let Some(queue) = destination.groups.get(group) {
+            return queue.clone();
+        }
+        let queue = Arc::new(Queue::default());
+        destination.hand_over_kept(&queue);
+        destination.groups.insert(group.to_owned(), queue.clone());
+        queue
     }
 
     fn publish(&self, destination: &str, message: &Message) -> Result<(), MemoryError> {
         let queues: Vec<Arc<Queue>> = {
-            let destinations = lock(&self.broker.destinations);
-            match destinations.get(destination) {
+            let mut destinations = lock(&self.broker.destinations);
+            match destinations.get_mut(destination) {
+                Some(d) if d.groups.is_empty() && d.anonymous.is_empty() && d.lasting => {
+                    d.kept.push_back(message.clone());
+                    return Ok(());
+                }
                 Some(d) => d
                     .groups
                     .values()
@@ -151,6 +174,13 @@ impl MemoryBinder {
         Ok(())
     }
 
+    /// How many messages a dead-letter `destination` keeps for its first consumer.
+    pub fn kept(&self, destination: &str) -> usize {
+        lock(&self.broker.destinations)
+            .get(destination)
+            .map_or(0, |d| d.kept.len())
+    }
+
     /// How many messages wait in `group` of `destination`, not counting those being handled.
     pub fn pending(&self, destination: &str, group: &str) -> usize {
         let destinations = lock(&self.broker.destinations);
@@ -169,11 +199,10 @@ impl Binder for MemoryBinder {
             None => {
                 let id = self.broker.next_anonymous.fetch_add(1, Ordering::Relaxed);
                 let queue = Arc::new(Queue::default());
-                lock(&self.broker.destinations)
-                    .entry(spec.destination.clone())
-                    .or_default()
-                    .anonymous
-                    .insert(id, queue.clone());
+                let mut destinations = lock(&self.broker.destinations);
+                let destination = destinations.entry(spec.destination.clone()).or_default();
+                destination.hand_over_kept(&queue);
+                destination.anonymous.insert(id, queue.clone());
                 (queue, Some(id))
             }
         };
@@ -192,6 +221,20 @@ impl Binder for MemoryBinder {
         Ok(Arc::new(MemoryProducer {
             binder: self.clone(),
             destination: spec.destination.clone(),
+        }))
+    }
+
+    /// Dead letters go to [`ConsumerSpec::dlq_destination`], which keeps them until a consumer
+    /// subscribes to it: a dead letter is never refused for want of a reader.
+    async fn dead_letter_producer(&self, spec: &ConsumerSpec) -> Result<Arc<dyn Producer>, Error> {
+        let destination = spec.dlq_destination();
+        lock(&self.broker.destinations)
+            .entry(destination.clone())
+            .or_default()
+            .lasting = true;
+        Ok(Arc::new(MemoryProducer {
+            binder: self.clone(),
+            destination,
         }))
     }
 }

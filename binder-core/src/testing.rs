@@ -179,10 +179,17 @@ pub fn require_broker(name: &str, address: &str) -> bool {
     if required {
         panic!("{name} does not answer at {address}, and broker tests are required here (CI or BINDERY_REQUIRE_BROKERS); start it, or run scripts/test which provisions it");
     }
-    eprintln!(
-        "\n!!!!!!!! SKIPPING {name} TEST: nothing answers at {address}. Run scripts/test to provision the broker. !!!!!!!!\n"
-    );
+    shout(&format!(
+        "!!!!!!!! SKIPPING {name} TEST: nothing answers at {address}. Run scripts/test to provision the broker. !!!!!!!!"
+    ));
     false
+}
+
+/// Writes `notice` to the process's standard error itself: the test harness captures what
+/// `eprintln!` prints, so a skipped test would otherwise look like a pass.
+pub fn shout(notice: &str) {
+    use std::io::Write;
+    let _ = writeln!(std::io::stderr().lock(), "\n{notice}\n");
 }
 
 /// The `host:port` part of a broker URI such as `amqp://user:password@host:5672/vhost`.

@@ -17,6 +17,25 @@ use crate::{Error, Message};
 pub(crate) use ids::{new_message_id, output_id};
 pub(crate) use send::{all_confirmed, confirm_all, enqueue_all, stamp, Sending};
 
+tokio::task_local! {
+    /// The correlation id of the input message whose handler runs on this task.
+    static HANDLING: Option<Bytes>;
+}
+
+/// Runs `handling` (a handler's call) with `correlation_id` as the correlation id of whatever
+/// it sends through a [`StreamBridge`].
+pub(crate) async fn correlated<T>(
+    correlation_id: Option<Bytes>,
+    handling: impl std::future::Future<Output = T>,
+) -> T {
+    HANDLING.scope(correlation_id, handling).await
+}
+
+/// The correlation id of the input being handled on this task, if any.
+fn current_correlation_id() -> Option<Bytes> {
+    HANDLING.try_with(Clone::clone).ok().flatten()
+}
+
 /// Sends values or messages to any output binding or destination at run time, with the same
 /// conversion and binder selection as a function's output (Spring's `StreamBridge`).
 ///
@@ -104,6 +123,9 @@ impl StreamBridge {
     /// Sends `value` to `target`: an output binding's name (such as `bill-out-0`, or `<name>-out-0`
     /// for a name in `stream.output-bindings`) or else a destination on the default binder.
     /// Returns once the broker confirmed every message.
+    ///
+    /// Sent from a handler, the messages carry the input's `x-correlation-id`, as its returned
+    /// outputs do (unless they set one); from a task the handler spawned, they do not.
     pub async fn send(&self, target: &str, value: impl IntoOutputs) -> Result<(), Error> {
         let output = self.output(target).await?;
         let mut outputs = Outputs::new(output.content_type.clone());
@@ -113,7 +135,9 @@ impl StreamBridge {
                 destination: target.to_owned(),
                 message: failure.to_string(),
             })?;
-        output.send_all(outputs.into_messages(), None).await
+        output
+            .send_all(outputs.into_messages(), current_correlation_id().as_ref())
+            .await
     }
 
     /// The output for a binding name or destination, created (and provisioned) on first use.

@@ -32,7 +32,8 @@ use super::settle::{settle, InOrder, Verdict};
 use super::window::Window;
 use crate::binder::{Acknowledgement, Delivery, Producer, Subscription};
 use crate::bridge::{
-    all_confirmed, confirm_all, enqueue_all, new_message_id, output_id, stamp, Output, Sending,
+    all_confirmed, confirm_all, correlated, enqueue_all, new_message_id, output_id, stamp, Output,
+    Sending,
 };
 use crate::config::ConsumerProperties;
 use crate::handler::{panic_text, Context, ErasedHandler, Failure, FailureKind};
@@ -51,8 +52,10 @@ pub(crate) struct Invoker {
 impl Invoker {
     /// Calls the handler; a panic is a failure like any other. Returns what it produced.
     async fn call(&self, message: Arc<Message>) -> Result<Vec<Message>, Failure> {
+        let correlation_id = message.headers().get(header::CORRELATION_ID).cloned();
         let call = (self.handler)(message, self.context.clone());
-        let outputs = match AssertUnwindSafe(call).catch_unwind().await {
+        let call = correlated(correlation_id, AssertUnwindSafe(call).catch_unwind());
+        let outputs = match call.await {
             Ok(result) => result?,
             Err(panic) => return Err(Failure::panic(panic_text(&*panic))),
         };

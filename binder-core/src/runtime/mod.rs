@@ -15,6 +15,7 @@ use std::time::Duration;
 
 use tokio::sync::watch;
 use tokio::task::JoinSet;
+use tokio::time::Instant;
 
 use binding::{run_supplier, InputBinding, Invoker};
 use plan::{Plan, Planner, KNOWN_BINDER_TYPES};
@@ -243,7 +244,14 @@ impl Application {
         for (name, planned) in &plan.binders {
             let binder = match (&self.every_binder, self.binders.get(name)) {
                 (Some(binder), _) | (None, Some(binder)) => binder.clone(),
-                (None, None) => planned.provider.create(planned.settings.clone()).await?,
+                (None, None) => match planned.provider.create(planned.settings.clone()).await {
+                    Ok(binder) => binder,
+                    Err(error) => {
+                        // Those already connected are not left open behind the error.
+                        close_binders(&binders, Instant::now() + CLOSE_AT_LEAST).await;
+                        return Err(error);
+                    }
+                },
             };
             tracing::info!(binder = %name, binder_type = planned.provider.binder_type(), "binder ready");
             binders.insert(name.clone(), binder);
@@ -269,8 +277,39 @@ impl Application {
                 .collect(),
         };
 
-        // Inputs are subscribed before any supplier runs, so nothing sent at startup is lost.
+        match Self::bind(
+            &plan,
+            &self.config,
+            &bridge,
+            &binders,
+            &mut running,
+            stopped,
+        )
+        .await
+        {
+            Ok(()) => Ok(running),
+            Err(error) => {
+                // What was started stops, and the binders close, before the error is returned.
+                running.abort().await;
+                close_binders(&binders, Instant::now() + CLOSE_AT_LEAST).await;
+                Err(error)
+            }
+        }
+    }
+
+    /// Subscribes every input, then starts every binding's loop, then every supplier: so a
+    /// function's first outputs to a sibling's input find that input subscribed, and nothing
+    /// sent at startup is lost.
+    async fn bind(
+        plan: &Plan,
+        config: &AppConfig,
+        bridge: &StreamBridge,
+        binders: &HashMap<String, Arc<dyn Binder>>,
+        running: &mut RunningApplication,
+        stopped: watch::Receiver<bool>,
+    ) -> Result<(), Error> {
         let mut suppliers = Vec::new();
+        let mut subscribed = Vec::new();
         for planned in &plan.functions {
             let output = match &planned.output {
                 Some(output) => Some(bridge.output(&output.name).await?),
@@ -278,7 +317,7 @@ impl Application {
             };
             let context = Context::new(
                 bridge.clone(),
-                self.config.clone(),
+                config.clone(),
                 planned.input.as_ref().and_then(|i| i.content_type.clone()),
                 output.as_ref().map(|o| o.content_type.clone()),
             );
@@ -301,13 +340,7 @@ impl Application {
                 )),
                 false => None,
             };
-            let subscription = match binder.subscribe(&spec).await {
-                Ok(subscription) => subscription,
-                Err(error) => {
-                    running.abort().await;
-                    return Err(error);
-                }
-            };
+            let subscription = binder.subscribe(&spec).await?;
             tracing::info!(
                 binding = %input.name, destination = %input.destination, group = input.group.as_deref().unwrap_or("(anonymous)"),
                 binder = %input.binder, "bound"
@@ -320,6 +353,9 @@ impl Application {
                 dead_letter,
                 drain_for: plan.shutdown_timeout / 2,
             });
+            subscribed.push((binding, subscription));
+        }
+        for (binding, subscription) in subscribed {
             running
                 .consumers
                 .spawn(binding.run(subscription, stopped.clone()));
@@ -329,8 +365,31 @@ impl Application {
                 .suppliers
                 .spawn(run_supplier(invoker, every, stopped.clone()));
         }
-        Ok(running)
+        Ok(())
     }
+}
+
+/// Closes `binders` together, each until `deadline`; the names of those that did not close in
+/// time.
+async fn close_binders(
+    binders: &HashMap<String, Arc<dyn Binder>>,
+    deadline: Instant,
+) -> Vec<String> {
+    let closes = binders.iter().map(|(name, binder)| async move {
+        match tokio::time::timeout_at(deadline, binder.close()).await {
+            Ok(Ok(())) => None,
+            Ok(Err(error)) => {
+                tracing::warn!(binder = %name, %error, "closing the binder failed");
+                None
+            }
+            Err(_) => Some(name.clone()),
+        }
+    });
+    futures::future::join_all(closes)
+        .await
+        .into_iter()
+        .flatten()
+        .collect()
 }
 
 /// How long binders may take to close when the shutdown budget is already spent.
@@ -385,22 +444,8 @@ impl RunningApplication {
         }
         self.bridge.close();
         // Binders get what is left of the budget, and at least a moment to say goodbye.
-        let closing_deadline = deadline.max(tokio::time::Instant::now() + CLOSE_AT_LEAST);
-        let closes = self.binders.iter().map(|(name, binder)| async move {
-            match tokio::time::timeout_at(closing_deadline, binder.close()).await {
-                Ok(Ok(())) => None,
-                Ok(Err(error)) => {
-                    tracing::warn!(binder = %name, %error, "closing the binder failed");
-                    None
-                }
-                Err(_) => Some(name.clone()),
-            }
-        });
-        let hung: Vec<String> = futures::future::join_all(closes)
-            .await
-            .into_iter()
-            .flatten()
-            .collect();
+        let closing_deadline = deadline.max(Instant::now() + CLOSE_AT_LEAST);
+        let hung = close_binders(&self.binders, closing_deadline).await;
         if let Some(binder) = hung.into_iter().next() {
             return Err(Error::binder(
                 binder,

@@ -30,7 +30,7 @@ pub(crate) fn can_control_server() -> bool {
         {
             panic!("this test needs `rabbitmqctl` for the local RabbitMQ server");
         }
-        eprintln!("\n!!!!!!!! SKIPPING A RabbitMQ TEST THAT CONTROLS THE SERVER: rabbitmqctl cannot reach a local server !!!!!!!!\n");
+        bindery_core::testing::shout("!!!!!!!! SKIPPING A RabbitMQ TEST THAT CONTROLS THE SERVER: rabbitmqctl cannot reach a local server !!!!!!!!");
     }
     works
 }
