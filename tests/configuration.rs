@@ -571,3 +571,130 @@ fn kafka_passthrough_secrets_are_never_shown() {
     assert!(!text.contains("hunter2"), "{text}");
     assert_mentions(&text, &["sasl.password"]);
 }
+
+#[test]
+fn settings_that_would_be_ignored_are_errors() {
+    let cases: &[(&str, &[&str])] = &[
+        (
+            "[stream.bindings.bill-out-0]\ngroup = \"billing\"",
+            &[
+                "application.toml",
+                "stream.bindings.bill-out-0.group",
+                "output binding",
+            ],
+        ),
+        (
+            "[stream.bindings.bill-out-0.consumer]\nmax-attempts = 5",
+            &["stream.bindings.bill-out-0.consumer", "output binding"],
+        ),
+        (
+            "[stream.bindings.bill-in-0.producer]\nrequired-groups = [\"a\"]",
+            &["stream.bindings.bill-in-0.producer", "input binding"],
+        ),
+        (
+            "[stream.bindings.bill-in-0]\ngroup = \"g\"\nconsumer.dlq-name = \"dead\"",
+            &["stream.bindings.bill-in-0.consumer.dlq-name", "dlq = true"],
+        ),
+        (
+            "[stream.bindings.bill-in-0.consumer]\nback-off-initial-interval = \"30s\"",
+            &[
+                "stream.bindings.bill-in-0.consumer.back-off-initial-interval",
+                "back-off-max-interval",
+            ],
+        ),
+        (
+            "[stream.kafka.bindings.bill-in-0.consumer]\nstart-offset = \"earliest\"",
+            &[
+                "stream.kafka.bindings.bill-in-0.consumer",
+                "type `memory`",
+                "[stream.memory.bindings.bill-in-0]",
+            ],
+        ),
+        (
+            "[stream]\nfunction.definition = \"\"",
+            &["stream.function.definition", "names no function"],
+        ),
+        (
+            "[stream.bindings.bill-in-0.consumer]\nmax-in-flight = 5000000000",
+            &[
+                "stream.bindings.bill-in-0.consumer.max-in-flight",
+                "too large",
+            ],
+        ),
+    ];
+    for (toml, expected) in cases {
+        let text = error_of(toml);
+        assert_mentions(&text, expected);
+    }
+}
+
+#[test]
+fn a_binder_section_for_the_other_side_of_a_binding_is_an_error() {
+    let text = error_of(
+        r#"[stream]
+default-binder = "kafka"
+[stream.binders.kafka]
+type = "kafka"
+brokers = "127.0.0.1:9092"
+[stream.kafka.bindings.bill-out-0.consumer]
+start-offset = "earliest"
+"#,
+    );
+    assert_mentions(
+        &text,
+        &[
+            "stream.kafka.bindings.bill-out-0.consumer",
+            "output binding",
+        ],
+    );
+}
+
+#[test]
+fn an_environment_override_merges_with_a_binding_named_with_underscores() {
+    let send = StreamFunction::consumer("send_order", |_: String| async {});
+    let app = bindery::application()
+        .without_registered_functions()
+        .function(send)
+        .config_str(
+            "application.toml",
+            "[stream.bindings.send_order-in-0]\ndestination = \"orders-v3\"\n",
+        )
+        .environment([(
+            "BINDERY_STREAM__BINDINGS__SEND_ORDER_IN_0__GROUP",
+            "billing",
+        )])
+        .build()
+        .expect("valid");
+    // Both settings reach the one binding: the file's destination is kept.
+    assert_eq!(
+        app.config()
+            .get::<String>("stream.bindings.send-order-in-0.destination")
+            .unwrap(),
+        "orders-v3"
+    );
+    assert_eq!(
+        app.config()
+            .get::<String>("stream.bindings.send-order-in-0.group")
+            .unwrap(),
+        "billing"
+    );
+}
+
+#[test]
+fn application_keys_with_underscores_can_be_overridden_from_the_environment() {
+    #[derive(serde::Deserialize)]
+    struct Limits {
+        max_size: u32,
+        burst_size: u32,
+    }
+    let app = functions()
+        .config_str("application.toml", "[limits]\nmax_size = 10\n")
+        .environment([
+            ("BINDERY_LIMITS__MAX_SIZE", "20"),
+            ("BINDERY_LIMITS__BURST_SIZE", "5"),
+        ])
+        .build()
+        .expect("valid");
+    let limits: Limits = app.config().get("limits").unwrap();
+    assert_eq!((limits.max_size, limits.burst_size), (20, 5));
+}

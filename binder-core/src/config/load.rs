@@ -95,13 +95,60 @@ pub(crate) fn load(options: &LoadOptions) -> Result<Value, ConfigError> {
         layers.push(read_file(&path)?);
     }
 
-    layers.push(environment_layer(&environment));
-
     let mut merged = Value::new(None, ValueKind::Table(Map::new()));
-    for layer in layers {
+    for mut layer in layers {
+        normalize_binding_names(&mut layer);
         merge(&mut merged, layer);
     }
+    apply_environment(&mut merged, &environment);
     Ok(merged)
+}
+
+/// Binding names are compared with `_` and `-` alike (`send_order-in-0` is `send-order-in-0`):
+/// each layer's `[stream.bindings]` and `[stream.<binder type>.bindings]` entries are renamed
+/// to the `-` form, merging entries that only differed so, before the layers are merged.
+fn normalize_binding_names(layer: &mut Value) {
+    let ValueKind::Table(root) = &mut layer.kind else {
+        return;
+    };
+    let Some(Value {
+        kind: ValueKind::Table(stream),
+        ..
+    }) = root.get_mut("stream")
+    else {
+        return;
+    };
+    for (name, section) in stream.iter_mut() {
+        let bindings = match (name.as_str(), &mut section.kind) {
+            ("bindings", _) => Some(section),
+            (_, ValueKind::Table(extension)) => extension.get_mut("bindings"),
+            _ => None,
+        };
+        let Some(Value {
+            kind: ValueKind::Table(bindings),
+            ..
+        }) = bindings
+        else {
+            continue;
+        };
+        let mut names: Vec<String> = bindings.keys().cloned().collect();
+        names.sort();
+        for name in names {
+            let normalized = super::normalize_name(&name);
+            if normalized == name {
+                continue;
+            }
+            let Some(value) = bindings.remove(&name) else {
+                continue;
+            };
+            match bindings.get_mut(&normalized) {
+                Some(existing) => merge(existing, value),
+                None => {
+                    bindings.insert(normalized, value);
+                }
+            }
+        }
+    }
 }
 
 /// `application-kafka.toml` beside `application.toml`: the base file's stem, a dash, the profile.
@@ -160,9 +207,13 @@ fn with_origin(value: Value, origin: &str) -> Value {
     Value::new(Some(&origin), kind)
 }
 
-/// `BINDERY_STREAM__BINDINGS__BILL_IN_0__GROUP=x` becomes `stream.bindings.bill-in-0.group = "x"`.
-fn environment_layer(environment: &[(String, String)]) -> Value {
-    let mut root = Value::new(None, ValueKind::Table(Map::new()));
+/// Applies `BINDERY_...` variables over the merged files: `__` separates keys, which are
+/// lowercased. `BINDERY_STREAM__BINDINGS__BILL_IN_0__GROUP=x` sets
+/// `stream.bindings.bill-in-0.group = "x"` (under `stream`, `_` is `-`). Outside `stream` a key
+/// that exists already is matched with `_` and `-` alike, so `BINDERY_APP__MAX_SIZE` overrides
+/// `app.max_size` or `app.max-size`, whichever the file has; a new one keeps its `_`, as serde
+/// expects of a field.
+fn apply_environment(root: &mut Value, environment: &[(String, String)]) {
     let mut vars: Vec<_> = environment
         .iter()
         .filter(|(k, _)| k.starts_with(ENV_PREFIX) && k != ENV_CONFIG && k != ENV_PROFILE)
@@ -172,20 +223,43 @@ fn environment_layer(environment: &[(String, String)]) -> Value {
         let origin = format!("environment variable {name}");
         let path: Vec<String> = name[ENV_PREFIX.len()..]
             .split("__")
-            .map(|part| part.to_ascii_lowercase().replace('_', "-"))
+            .map(str::to_ascii_lowercase)
             .collect();
         if path.iter().any(String::is_empty) {
             continue;
         }
-        let mut value = Value::new(Some(&origin), ValueKind::String(text.clone()));
-        for part in path.iter().rev() {
-            let mut map = Map::new();
-            map.insert(part.clone(), value);
-            value = Value::new(None, ValueKind::Table(map));
-        }
-        merge(&mut root, value);
+        let in_stream = path[0] == "stream";
+        let value = Value::new(Some(&origin), ValueKind::String(text.clone()));
+        set_path(root, &path, value, in_stream);
     }
-    root
+}
+
+/// Sets `value` at `path` below `at`, creating tables on the way and replacing what is in the
+/// way; see [`apply_environment`] for how a part of the path names a key.
+fn set_path(at: &mut Value, path: &[String], value: Value, in_stream: bool) {
+    let Some((part, rest)) = path.split_first() else {
+        return merge(at, value);
+    };
+    if !matches!(at.kind, ValueKind::Table(_)) {
+        at.kind = ValueKind::Table(Map::new());
+    }
+    let ValueKind::Table(table) = &mut at.kind else {
+        return;
+    };
+    let dashed = part.replace('_', "-");
+    let key = if in_stream {
+        dashed
+    } else {
+        table
+            .keys()
+            .find(|k| k.replace('_', "-") == dashed)
+            .cloned()
+            .unwrap_or_else(|| part.clone())
+    };
+    let slot = table
+        .entry(key)
+        .or_insert_with(|| Value::new(None, ValueKind::Table(Map::new())));
+    set_path(slot, rest, value, in_stream);
 }
 
 /// Deep merge: tables merge key by key, anything else replaces what was there.

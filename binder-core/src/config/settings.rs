@@ -3,7 +3,7 @@ use std::time::Duration;
 
 use config::Value;
 
-use super::node::{ConfigNode, Problems};
+use super::node::{ConfigNode, ConfigTable, Problems};
 
 /// How a consumer binding handles failures and parallelism (`[stream.bindings.<name>.consumer]`,
 /// defaults from `[stream.default.consumer]`).
@@ -100,6 +100,8 @@ const SUPPORTED_CONTENT_TYPES: &[&str] =
 #[derive(Clone, Debug, Default)]
 pub(crate) struct BindingConfig {
     pub(crate) node: Option<ConfigNode>,
+    /// The keys the binding sets, to point at one that does not apply.
+    pub(crate) set: ConfigTable,
     pub(crate) destination: Option<String>,
     pub(crate) group: Option<String>,
     pub(crate) content_type: Option<String>,
@@ -118,6 +120,8 @@ pub(crate) struct ConsumerOverrides {
     max_in_flight: Option<u32>,
     pub(crate) dlq: Option<(bool, ConfigNode)>,
     dlq_name: Option<String>,
+    /// The keys the section sets, to point at one that conflicts with another.
+    pub(crate) set: ConfigTable,
 }
 
 impl ConsumerOverrides {
@@ -245,13 +249,20 @@ fn read_definition(node: &ConfigNode, problems: &mut Problems) -> Option<Vec<Str
         );
         return None;
     }
-    Some(
-        text.split([';', ','])
-            .map(str::trim)
-            .filter(|s| !s.is_empty())
-            .map(str::to_owned)
-            .collect(),
-    )
+    let names: Vec<String> = text
+        .split([';', ','])
+        .map(str::trim)
+        .filter(|s| !s.is_empty())
+        .map(str::to_owned)
+        .collect();
+    if names.is_empty() {
+        problems.at(
+            node,
+            "names no function; list the functions to bind separated by `;`, or remove the key to bind every registered function",
+        );
+        return None;
+    }
+    Some(names)
 }
 
 fn read_binding(node: &ConfigNode, allowed: &[&str], problems: &mut Problems) -> BindingConfig {
@@ -262,6 +273,7 @@ fn read_binding(node: &ConfigNode, allowed: &[&str], problems: &mut Problems) ->
     let Some(table) = node.table(allowed, problems) else {
         return binding;
     };
+    binding.set = table.clone();
     for (name, node) in table {
         match name.as_str() {
             "destination" => binding.destination = non_empty(&node, problems),
@@ -313,16 +325,17 @@ fn read_consumer(node: &ConfigNode, problems: &mut Problems) -> ConsumerOverride
     let Some(table) = node.table(CONSUMER_KEYS, problems) else {
         return consumer;
     };
+    consumer.set = table.clone();
     for (name, node) in table {
         match name.as_str() {
-            "max-attempts" => consumer.max_attempts = node.integer(1, problems).map(clamp_u32),
+            "max-attempts" => consumer.max_attempts = read_u32(&node, problems),
             "back-off-initial-interval" => {
                 consumer.back_off_initial_interval = node.duration(problems)
             }
             "back-off-multiplier" => consumer.back_off_multiplier = node.float(1.0, problems),
             "back-off-max-interval" => consumer.back_off_max_interval = node.duration(problems),
-            "concurrency" => consumer.concurrency = node.integer(1, problems).map(clamp_u32),
-            "max-in-flight" => consumer.max_in_flight = node.integer(1, problems).map(clamp_u32),
+            "concurrency" => consumer.concurrency = read_u32(&node, problems),
+            "max-in-flight" => consumer.max_in_flight = read_u32(&node, problems),
             "dlq" => consumer.dlq = node.boolean(problems).map(|b| (b, node)),
             "dlq-name" => consumer.dlq_name = non_empty(&node, problems),
             _ => {}
@@ -340,6 +353,14 @@ fn read_producer(node: &ConfigNode, problems: &mut Problems) -> Option<ProducerP
     Some(producer)
 }
 
-fn clamp_u32(n: i64) -> u32 {
-    u32::try_from(n).unwrap_or(u32::MAX)
+/// A whole number from 1 to `u32::MAX`; a larger one is an error, never quietly clamped.
+fn read_u32(node: &ConfigNode, problems: &mut Problems) -> Option<u32> {
+    let n = node.integer(1, problems)?;
+    match u32::try_from(n) {
+        Ok(n) => Some(n),
+        Err(_) => {
+            problems.at(node, format!("is too large; the most is {}", u32::MAX));
+            None
+        }
+    }
 }

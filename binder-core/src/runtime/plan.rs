@@ -506,6 +506,9 @@ impl Planner<'_> {
             .get(&binder)
             .map(|b| b.provider.binder_type().to_owned())
             .unwrap_or_else(|| binder.clone());
+        let input = binding.ends_with("-in-0");
+        self.check_applies(binding, input, config, &consumer, problems);
+        self.check_extensions_apply(binding, input, &binder, &binder_type, extensions, problems);
         let (consumer_extension, producer_extension) = extensions
             .get(&(binder_type, normalized))
             .cloned()
@@ -533,6 +536,95 @@ impl Planner<'_> {
             consumer_extension,
             producer_extension,
             required_group_consumers: Vec::new(),
+        }
+    }
+
+    /// Settings that would be accepted and then ignored are errors: consumer settings on an
+    /// output binding, producer settings on an input binding, `dlq-name` without `dlq`, and
+    /// a first back-off longer than the longest.
+    fn check_applies(
+        &self,
+        binding: &str,
+        input: bool,
+        config: &BindingConfig,
+        consumer: &ConsumerProperties,
+        problems: &mut Problems,
+    ) {
+        let misplaced: &[&str] = match input {
+            true => &["producer"],
+            false => &["group", "consumer"],
+        };
+        for key in misplaced {
+            if let Some(node) = config.set.get(*key) {
+                let side = match input {
+                    true => "an input binding; `producer` settings apply to output bindings",
+                    false => {
+                        "an output binding; `group` and `consumer` settings apply to input bindings"
+                    }
+                };
+                problems.at(node, format!("`{binding}` is {side}, so this would be ignored; remove it or move it to the binding it is meant for"));
+            }
+        }
+        if !input {
+            return;
+        }
+        let defaults = &self.stream.defaults.consumer.set;
+        let set = |key: &str| config.consumer.set.get(key).or_else(|| defaults.get(key));
+        if consumer.dlq_name.is_some() && !consumer.dlq {
+            if let Some(node) = set("dlq-name") {
+                problems.at(
+                    node,
+                    format!("`dlq-name` names the dead-letter destination, but `{binding}` does not dead-letter: set `dlq = true` too, or remove `dlq-name`"),
+                );
+            }
+        }
+        if consumer.back_off_initial_interval > consumer.back_off_max_interval {
+            let node = set("back-off-initial-interval").or_else(|| set("back-off-max-interval"));
+            if let Some(node) = node {
+                problems.at(
+                    node,
+                    format!(
+                        "the first back-off ({:?}) is longer than `back-off-max-interval` ({:?}); raise the maximum or lower the first wait",
+                        consumer.back_off_initial_interval, consumer.back_off_max_interval
+                    ),
+                );
+            }
+        }
+    }
+
+    /// A binder section (`[stream.<type>.bindings.<binding>]`) applies to the binding's own
+    /// binder type and side only.
+    fn check_extensions_apply(
+        &self,
+        binding: &str,
+        input: bool,
+        binder: &str,
+        binder_type: &str,
+        extensions: &Extensions,
+        problems: &mut Problems,
+    ) {
+        let normalized = normalize_name(binding);
+        for ((section_type, name), (consumer, producer)) in extensions {
+            if *name != normalized {
+                continue;
+            }
+            let nodes = consumer.iter().chain(producer.iter());
+            if section_type != binder_type {
+                for node in nodes {
+                    problems.at(node, format!("`{binding}` is bound to binder `{binder}` of type `{binder_type}`, so this `{section_type}` section would be ignored; move it to `[stream.{binder_type}.bindings.{binding}]`"));
+                }
+                continue;
+            }
+            let (wrong, side) = match input {
+                true => (producer, "an input binding, which has no producer"),
+                false => (consumer, "an output binding, which has no consumer"),
+            };
+            if let Some(node) = wrong {
+                problems.at(
+                    node,
+                    format!("`{binding}` is {side}, so this would be ignored; remove it"),
+                );
+            }
         }
     }
 
