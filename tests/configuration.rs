@@ -621,6 +621,10 @@ fn settings_that_would_be_ignored_are_errors() {
                 "too large",
             ],
         ),
+        (
+            "[stream.rabbit.bindings.bill-in-0.consumer]\nprefetch = 100000\n[stream.binders.rabbit]\ntype = \"rabbit\"",
+            &["stream.rabbit.bindings.bill-in-0.consumer.prefetch", "at most 65535"],
+        ),
     ];
     for (toml, expected) in cases {
         let text = error_of(toml);
@@ -697,4 +701,31 @@ fn application_keys_with_underscores_can_be_overridden_from_the_environment() {
         .expect("valid");
     let limits: Limits = app.config().get("limits").unwrap();
     assert_eq!((limits.max_size, limits.burst_size), (20, 5));
+
+    // A kebab-case key that no file sets is reached too.
+    #[derive(serde::Deserialize)]
+    #[serde(rename_all = "kebab-case")]
+    struct Window {
+        open_seconds: u32,
+    }
+    let app = functions()
+        .config_str("application.toml", "")
+        .environment([("BINDERY_WINDOW__OPEN_SECONDS", "7")])
+        .build()
+        .expect("valid");
+    let window: Window = app.config().get("window").unwrap();
+    assert_eq!(window.open_seconds, 7);
+}
+
+#[test]
+fn an_environment_override_reaches_a_binder_named_with_underscores() {
+    let app = functions()
+        .config_str(
+            "application.toml",
+            "[stream.binders.my_store]\ntype = \"memory\"\n",
+        )
+        .environment([("BINDERY_STREAM__BINDERS__MY_STORE__TYPE", "memory")])
+        .build();
+    // One binder, overridden; not a second one named `my-store`.
+    assert!(app.is_ok(), "{:?}", app.err().map(|e| e.to_string()));
 }

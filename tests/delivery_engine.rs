@@ -53,6 +53,7 @@ impl Binder for Stub {
         if self.refused_destination == Some(spec.destination.as_str()) {
             return Err(Error::binder("stub", "the broker refused the subscription"));
         }
+        record(&self.log, format!("subscribed:{}", spec.destination));
         Ok(Box::new(StubSubscription {
             inner: self.memory.subscribe(spec).await?,
             stub: self.clone(),
@@ -534,10 +535,17 @@ async fn a_draining_subscription_has_what_it_received_handled_before_shutdown() 
 /// `a-forward` (`startup-in` → `startup-mid`) and `b-count` (`startup-mid`, counting): in name
 /// order, the forwarder comes first. A send that fails would be tried again only after an hour.
 fn forward_then_count(stub: &Stub, counted: Log) -> bindery::Application {
-    let forward = StreamFunction::function("a-forward", |text: String| async move { text })
-        .input("startup-in")
-        .output("startup-mid")
-        .group("g");
+    let log = stub.log.clone();
+    let forward = StreamFunction::function("a-forward", move |text: String| {
+        let log = log.clone();
+        async move {
+            record(&log, format!("called:{text}"));
+            text
+        }
+    })
+    .input("startup-in")
+    .output("startup-mid")
+    .group("g");
     let count = StreamFunction::consumer("b-count", move |text: String| {
         let counted = counted.clone();
         async move { record(&counted, text) }
@@ -561,7 +569,7 @@ back-off-max-interval = "1h""#;
 #[tokio::test]
 async fn every_input_is_subscribed_before_any_function_runs() {
     let stub = Stub {
-        subscribe_delay: Duration::from_millis(100),
+        subscribe_delay: Duration::from_millis(300),
         ..Stub::default()
     };
     // Orders wait for the forwarder before the application starts.
@@ -590,6 +598,14 @@ async fn every_input_is_subscribed_before_any_function_runs() {
         );
         tokio::time::sleep(Duration::from_millis(5)).await;
     }
+    // Every input was subscribed before the first handler call.
+    let log = stub.log.lock().expect("log").clone();
+    let first_call = log.iter().position(|e| e.starts_with("called:"));
+    let last_subscribe = log.iter().rposition(|e| e.starts_with("subscribed:"));
+    assert!(
+        matches!((last_subscribe, first_call), (Some(s), Some(c)) if s < c),
+        "a handler ran before every input was subscribed: {log:?}"
+    );
     app.shutdown().await.expect("shutdown");
 }
 

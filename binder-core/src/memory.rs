@@ -6,8 +6,8 @@
 //! group when its consumer lets go of it. As on RabbitMQ with `mandatory`, sending to a
 //! destination that has no group or consumer yet fails rather than losing the message;
 //! `producer.required-groups` creates groups up front. A dead-letter destination is lasting:
-//! what is dead-lettered before anything subscribes to it is kept, and handed to the first
-//! consumer that does.
+//! what is dead-lettered while no group or consumer subscribes to it is kept, and handed to
+//! the first group that does.
 
 use std::collections::{HashMap, VecDeque};
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -149,9 +149,14 @@ impl MemoryBinder {
         let queues: Vec<Arc<Queue>> = {
             let mut destinations = lock(&self.broker.destinations);
             match destinations.get_mut(destination) {
-                Some(d) if d.groups.is_empty() && d.anonymous.is_empty() && d.lasting => {
+                // Kept for the first group, as a DLQ queue keeps it on a broker; anonymous
+                // consumers see it too.
+                Some(d) if d.lasting && d.groups.is_empty() => {
                     d.kept.push_back(message.clone());
-                    return Ok(());
+                    if d.anonymous.is_empty() {
+                        return Ok(());
+                    }
+                    d.anonymous.values().cloned().collect()
                 }
                 Some(d) => d
                     .groups
@@ -174,7 +179,7 @@ impl MemoryBinder {
         Ok(())
     }
 
-    /// How many messages a dead-letter `destination` keeps for its first consumer.
+    /// How many messages a dead-letter `destination` keeps for its first group.
     pub fn kept(&self, destination: &str) -> usize {
         lock(&self.broker.destinations)
             .get(destination)
@@ -199,10 +204,13 @@ impl Binder for MemoryBinder {
             None => {
                 let id = self.broker.next_anonymous.fetch_add(1, Ordering::Relaxed);
                 let queue = Arc::new(Queue::default());
-                let mut destinations = lock(&self.broker.destinations);
-                let destination = destinations.entry(spec.destination.clone()).or_default();
-                destination.hand_over_kept(&queue);
-                destination.anonymous.insert(id, queue.clone());
+                // What a dead-letter destination kept waits for a group: an anonymous consumer
+                // takes nothing with it when it goes.
+                lock(&self.broker.destinations)
+                    .entry(spec.destination.clone())
+                    .or_default()
+                    .anonymous
+                    .insert(id, queue.clone());
                 (queue, Some(id))
             }
         };
@@ -224,7 +232,7 @@ impl Binder for MemoryBinder {
         }))
     }
 
-    /// Dead letters go to [`ConsumerSpec::dlq_destination`], which keeps them until a consumer
+    /// Dead letters go to [`ConsumerSpec::dlq_destination`], which keeps them until a group
     /// subscribes to it: a dead letter is never refused for want of a reader.
     async fn dead_letter_producer(&self, spec: &ConsumerSpec) -> Result<Arc<dyn Producer>, Error> {
         let destination = spec.dlq_destination();

@@ -128,13 +128,15 @@ impl KafkaSettings {
                 }
                 "min-partition-count" => {
                     settings.min_partition_count = node
-                        .integer(1, problems)
-                        .map_or(1, |n| n.min(i32::MAX as i64) as i32)
+                        .integer_in(1, i32::MAX.into(), problems)
+                        .and_then(|n| i32::try_from(n).ok())
+                        .unwrap_or(1)
                 }
                 "replication-factor" => {
                     settings.replication_factor = node
-                        .integer(1, problems)
-                        .map_or(1, |n| n.min(i32::MAX as i64) as i32)
+                        .integer_in(1, i32::MAX.into(), problems)
+                        .and_then(|n| i32::try_from(n).ok())
+                        .unwrap_or(1)
                 }
                 "connection-timeout" => {
                     settings.connection_timeout = node

@@ -156,7 +156,7 @@ impl RabbitConsumerSettings {
         for (name, node) in table {
             match name.as_str() {
                 "prefetch" => {
-                    if let Some(n) = node.integer(1, problems) {
+                    if let Some(n) = node.integer_in(1, u16::MAX.into(), problems) {
                         settings.prefetch = u16::try_from(n).unwrap_or(u16::MAX);
                     }
                 }

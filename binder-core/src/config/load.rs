@@ -208,11 +208,11 @@ fn with_origin(value: Value, origin: &str) -> Value {
 }
 
 /// Applies `BINDERY_...` variables over the merged files: `__` separates keys, which are
-/// lowercased. `BINDERY_STREAM__BINDINGS__BILL_IN_0__GROUP=x` sets
-/// `stream.bindings.bill-in-0.group = "x"` (under `stream`, `_` is `-`). Outside `stream` a key
-/// that exists already is matched with `_` and `-` alike, so `BINDERY_APP__MAX_SIZE` overrides
-/// `app.max_size` or `app.max-size`, whichever the file has; a new one keeps its `_`, as serde
-/// expects of a field.
+/// lowercased, and a key that exists already is matched with `_` and `-` alike.
+/// `BINDERY_STREAM__BINDINGS__BILL_IN_0__GROUP=x` sets `stream.bindings.bill-in-0.group = "x"`;
+/// `BINDERY_APP__MAX_SIZE` overrides `app.max_size` or `app.max-size`, whichever the files
+/// have. A new key is `-`-separated under `stream`; outside it, where serde's field names have
+/// `_` and kebab-case ones `-`, it is set under both spellings.
 fn apply_environment(root: &mut Value, environment: &[(String, String)]) {
     let mut vars: Vec<_> = environment
         .iter()
@@ -247,19 +247,22 @@ fn set_path(at: &mut Value, path: &[String], value: Value, in_stream: bool) {
         return;
     };
     let dashed = part.replace('_', "-");
-    let key = if in_stream {
-        dashed
-    } else {
-        table
-            .keys()
-            .find(|k| k.replace('_', "-") == dashed)
-            .cloned()
-            .unwrap_or_else(|| part.clone())
+    let existing = table
+        .keys()
+        .find(|k| k.replace('_', "-") == dashed)
+        .cloned();
+    let keys = match (existing, in_stream) {
+        (Some(key), _) => vec![key],
+        (None, true) => vec![dashed],
+        (None, false) if dashed != *part => vec![part.clone(), dashed],
+        (None, false) => vec![part.clone()],
     };
-    let slot = table
-        .entry(key)
-        .or_insert_with(|| Value::new(None, ValueKind::Table(Map::new())));
-    set_path(slot, rest, value, in_stream);
+    for key in keys {
+        let slot = table
+            .entry(key)
+            .or_insert_with(|| Value::new(None, ValueKind::Table(Map::new())));
+        set_path(slot, rest, value.clone(), in_stream);
+    }
 }
 
 /// Deep merge: tables merge key by key, anything else replaces what was there.

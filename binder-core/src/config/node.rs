@@ -257,6 +257,16 @@ impl ConfigNode {
         }
     }
 
+    /// A whole number from `min` to `max`: one out of range is reported, never clamped.
+    pub fn integer_in(&self, min: i64, max: i64, problems: &mut Problems) -> Option<i64> {
+        let n = self.integer(min, problems)?;
+        if n > max {
+            problems.at(self, format!("is too large: at most {max}, found {n}"));
+            return None;
+        }
+        Some(n)
+    }
+
     /// A number of at least `min`.
     pub fn float(&self, min: f64, problems: &mut Problems) -> Option<f64> {
         let number = match &self.value.kind {

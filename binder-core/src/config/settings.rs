@@ -353,14 +353,8 @@ fn read_producer(node: &ConfigNode, problems: &mut Problems) -> Option<ProducerP
     Some(producer)
 }
 
-/// A whole number from 1 to `u32::MAX`; a larger one is an error, never quietly clamped.
+/// A whole number from 1 to `u32::MAX`.
 fn read_u32(node: &ConfigNode, problems: &mut Problems) -> Option<u32> {
-    let n = node.integer(1, problems)?;
-    match u32::try_from(n) {
-        Ok(n) => Some(n),
-        Err(_) => {
-            problems.at(node, format!("is too large; the most is {}", u32::MAX));
-            None
-        }
-    }
+    let n = node.integer_in(1, u32::MAX.into(), problems)?;
+    u32::try_from(n).ok()
 }

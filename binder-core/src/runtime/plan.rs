@@ -584,7 +584,7 @@ impl Planner<'_> {
                 problems.at(
                     node,
                     format!(
-                        "the first back-off ({:?}) is longer than `back-off-max-interval` ({:?}); raise the maximum or lower the first wait",
+                        "for `{binding}`, the first back-off ({:?}) is longer than `back-off-max-interval` ({:?}); raise the maximum or lower the first wait",
                         consumer.back_off_initial_interval, consumer.back_off_max_interval
                     ),
                 );
