@@ -6,10 +6,10 @@ pub use bindery_core::{binder, config, memory, redact};
 #[doc(inline)]
 pub use bindery_core::{
     header, registered_functions, AppConfig, Application, ApplicationBuilder, Binder,
-    BinderProvider, ConsumerProperties, Context, Decoded, Encoded, Error, Failure, FailureKind,
-    FromMessage, FromPayload, FunctionKind, FunctionRegistration, Handler, Headers, IntoOutputs,
-    IntoPayload, MemoryBinder, Message, MessageBuilder, ProducerProperties, RunningApplication,
-    StreamBridge, StreamFunction,
+    BinderProvider, BindingInfo, ConsumerProperties, Context, Decoded, Encoded, Error, Failure,
+    FailureKind, FromMessage, FromPayload, FunctionKind, FunctionRegistration, Handler, Headers,
+    IntoOutputs, IntoPayload, MemoryBinder, Message, MessageBuilder, ProducerProperties,
+    RunningApplication, StreamBridge, StreamFunction,
 };
 #[doc(inline)]
 pub use bindery_macros::stream_function;
@@ -58,15 +58,35 @@ pub fn application() -> ApplicationBuilder {
 /// Loads `application.toml` (with profiles and environment variables), binds every
 /// `#[stream_function]`, and runs until Ctrl-C or SIGTERM, then shuts down gracefully.
 ///
+/// Unless the application installed a `tracing` subscriber of its own, it installs one that
+/// logs to standard error at `info` (or as `RUST_LOG` says): each binding as it is bound,
+/// lost and recovered connections, retries, dead letters, shutdown.
+///
 /// This is the same as the hand-written
 ///
 /// ```no_run
 /// # async fn demo() -> Result<(), bindery::Error> {
+/// bindery::log_to_stderr();
 /// bindery::application().build()?.run().await
 /// # }
 /// ```
 pub async fn run() -> Result<(), Error> {
+    log_to_stderr();
     application().build()?.run().await
+}
+
+/// Installs a `tracing` subscriber printing to standard error, filtered by `RUST_LOG` (default
+/// `info`), unless one is installed already.
+pub fn log_to_stderr() {
+    if tracing::dispatcher::has_been_set() {
+        return;
+    }
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .try_init();
 }
 
 #[doc(hidden)]

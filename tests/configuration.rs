@@ -421,13 +421,65 @@ fn profiles_and_environment_variables_override_the_base_file_in_order() {
         app.config().get::<String>("app.region").unwrap(),
         "eu-west-1"
     );
-    assert!(app.output_destinations().contains(&"bill-out-0".to_owned()));
-    assert_eq!(
-        app.config()
-            .get::<String>("stream.bindings.bill-in-0.destination")
-            .unwrap(),
-        "orders-v2"
-    );
+    // The environment overrides the file's destination and keeps its group.
+    let bill_in = app
+        .bindings()
+        .into_iter()
+        .find(|b| b.name == "bill-in-0")
+        .expect("bill-in-0 is bound");
+    assert_eq!(bill_in.destination, "orders-v2");
+    assert_eq!(bill_in.group.as_deref(), Some("base"));
+    // `[stream]` is the framework's: the application's configuration does not hold it.
+    assert!(app
+        .config()
+        .get_opt::<String>("stream.bindings.bill-in-0.destination")
+        .unwrap()
+        .is_none());
+}
+
+#[test]
+fn debug_output_and_configuration_errors_never_show_secrets() {
+    let toml = r#"
+[stream.binders.rabbit]
+type = "rabbit"
+uri = "amqp://app:hunter2@mq.internal:5672/%2f"
+[stream.rabbit.bindings.bill-in-0.consumer]
+prefetch = 10
+[db]
+password = "s3cr3t-pw"
+port = "not-a-port"
+[vendor]
+api-key = "k-12345"
+passphrase = "open sesame"
+"#;
+    let app = functions()
+        .config_str("application.toml", toml)
+        .environment([("BINDERY_STREAM__DEFAULT_BINDER", "rabbit")])
+        .build();
+    let shown = match &app {
+        Ok(app) => format!("{app:?} {:?}", app.config()),
+        Err(error) => format!("{error} {error:?}"),
+    };
+    let port_error = app
+        .as_ref()
+        .map(|app| app.config().get::<u16>("db.port").unwrap_err().to_string())
+        .unwrap_or_default();
+    let password_error = app
+        .as_ref()
+        .map(|app| {
+            app.config()
+                .get::<u16>("db.password")
+                .unwrap_err()
+                .to_string()
+        })
+        .unwrap_or_default();
+    for secret in ["hunter2", "s3cr3t-pw", "k-12345", "open sesame"] {
+        for text in [&shown, &port_error, &password_error] {
+            assert!(!text.contains(secret), "{secret} shown in: {text}");
+        }
+    }
+    assert!(shown.contains("mq.internal"), "the rest is shown: {shown}");
+    assert!(password_error.contains("db.password"), "{password_error}");
 }
 
 #[test]
@@ -670,18 +722,10 @@ fn an_environment_override_merges_with_a_binding_named_with_underscores() {
         .build()
         .expect("valid");
     // Both settings reach the one binding: the file's destination is kept.
-    assert_eq!(
-        app.config()
-            .get::<String>("stream.bindings.send-order-in-0.destination")
-            .unwrap(),
-        "orders-v3"
-    );
-    assert_eq!(
-        app.config()
-            .get::<String>("stream.bindings.send-order-in-0.group")
-            .unwrap(),
-        "billing"
-    );
+    let input = &app.bindings()[0];
+    assert_eq!(input.name, "send_order-in-0");
+    assert_eq!(input.destination, "orders-v3");
+    assert_eq!(input.group.as_deref(), Some("billing"));
 }
 
 #[test]

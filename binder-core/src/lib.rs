@@ -33,7 +33,7 @@ pub use handler::{
 };
 pub use memory::{MemoryBinder, MemoryBinderProvider, MemoryError};
 pub use message::{header, Headers, Message, MessageBuilder};
-pub use runtime::{Application, ApplicationBuilder, RunningApplication};
+pub use runtime::{Application, ApplicationBuilder, BindingInfo, RunningApplication};
 
 #[doc(hidden)]
 pub use inventory;

@@ -5,12 +5,18 @@ pub fn is_secret_key(key: &str) -> bool {
     let key = key.to_ascii_lowercase();
     [
         "password",
+        "passwd",
+        "passphrase",
         "secret",
         "sasl",
         "token",
         "credential",
         "ssl.key",
         "private",
+        "api-key",
+        "api_key",
+        "apikey",
+        "auth",
     ]
     .iter()
     .any(|word| key.contains(word))

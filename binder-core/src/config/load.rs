@@ -292,33 +292,49 @@ fn merge(into: &mut Value, from: Value) {
 /// let greeting: String = config.get("greeter.greeting")?;
 /// # Ok(()) }
 /// ```
-#[derive(Clone, Debug)]
+///
+/// `[stream]` is not part of it, and its `Debug` shows secrets as `***`.
+#[derive(Clone)]
 pub struct AppConfig {
     inner: Arc<config::Config>,
+    tree: Arc<Value>,
+}
+
+impl std::fmt::Debug for AppConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "AppConfig {}", super::node::redacted("", &self.tree))
+    }
 }
 
 impl AppConfig {
     pub(crate) fn new(merged: &Value) -> Self {
-        let map = match &merged.kind {
+        let mut map = match &merged.kind {
             ValueKind::Table(map) => map.clone(),
             _ => Map::new(),
         };
+        // The framework's section is read by the framework; the application gets the rest.
+        map.remove("stream");
+        let tree = Value::new(None, ValueKind::Table(map.clone()));
         let inner = config::Config::builder()
             .add_source(Collected(map))
             .build()
             .unwrap_or_default();
         AppConfig {
             inner: Arc::new(inner),
+            tree: Arc::new(tree),
         }
     }
 
     /// The value at a dotted key, such as `"greeter.greeting"`, as any deserializable type.
+    /// An error names the key and what was expected, never a value: the value may be, or
+    /// contain, a secret.
     pub fn get<T: DeserializeOwned>(&self, key: &str) -> Result<T, crate::Error> {
         self.inner.get(key).map_err(|e| {
+            let message = without_quoted_values(&e.to_string());
             crate::Error::Config(ConfigError::Invalid(vec![super::ConfigProblem {
                 origin: "the application configuration".to_owned(),
                 key: key.to_owned(),
-                message: e.to_string(),
+                message,
             }]))
         })
     }
@@ -330,6 +346,28 @@ impl AppConfig {
             _ => self.get(key).map(Some),
         }
     }
+}
+
+/// `text` with every double-quoted part (a value, in serde's and config's errors) shown as
+/// `"..."`.
+fn without_quoted_values(text: &str) -> String {
+    let mut out = String::with_capacity(text.len());
+    let mut quoted = false;
+    for c in text.chars() {
+        match (c, quoted) {
+            ('"', false) => {
+                out.push_str("\"...");
+                quoted = true;
+            }
+            ('"', true) => {
+                out.push('"');
+                quoted = false;
+            }
+            (_, true) => {}
+            (c, false) => out.push(c),
+        }
+    }
+    crate::redact::redact_uri(&out)
 }
 
 #[derive(Clone, Debug)]

@@ -121,10 +121,44 @@ pub(crate) fn suggestion<'a>(name: &str, candidates: impl IntoIterator<Item = &'
 /// A value in the merged configuration, with its full key and its origin.
 ///
 /// Binders read their own sections through it, so their errors name the file and key too.
-#[derive(Clone, Debug)]
+/// Its `Debug` shows secrets as `***` and URIs without their password.
+#[derive(Clone)]
 pub struct ConfigNode {
     key: String,
     value: Value,
+}
+
+impl std::fmt::Debug for ConfigNode {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{} = {}", self.key, redacted(&self.key, &self.value))
+    }
+}
+
+/// `value` as text, each secret (by its key) shown as `***` and each URI without its password.
+pub(crate) fn redacted(key: &str, value: &Value) -> String {
+    match &value.kind {
+        ValueKind::Table(map) => {
+            let mut keys: Vec<&String> = map.keys().collect();
+            keys.sort();
+            let entries: Vec<String> = keys
+                .into_iter()
+                .map(|name| {
+                    let child = match key.is_empty() {
+                        true => name.clone(),
+                        false => format!("{key}.{name}"),
+                    };
+                    format!("{name} = {}", redacted(&child, &map[name]))
+                })
+                .collect();
+            format!("{{ {} }}", entries.join(", "))
+        }
+        ValueKind::Array(items) => {
+            let items: Vec<String> = items.iter().map(|item| redacted(key, item)).collect();
+            format!("[{}]", items.join(", "))
+        }
+        ValueKind::String(text) => format!("\"{}\"", display_value(key, text)),
+        other => display_value(key, &other.to_string()),
+    }
 }
 
 /// The entries of a configuration table, by key.

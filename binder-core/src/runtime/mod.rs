@@ -174,6 +174,22 @@ impl ApplicationBuilder {
     }
 }
 
+/// One binding of an [`Application`], as it will be bound.
+#[derive(Clone, Debug, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct BindingInfo {
+    /// Such as `bill-in-0`.
+    pub name: String,
+    /// Whether the binding consumes (an input) rather than sends (an output).
+    pub input: bool,
+    /// The destination (topic, exchange) it consumes from or sends to.
+    pub destination: String,
+    /// The consumer group of an input; `None` for an anonymous input and for outputs.
+    pub group: Option<String>,
+    /// The name of the binder it is bound on.
+    pub binder: String,
+}
+
 /// A validated application, ready to bind its functions.
 #[derive(Debug)]
 pub struct Application {
@@ -192,6 +208,45 @@ impl Application {
     /// The application's own configuration (everything outside `[stream]`).
     pub fn config(&self) -> &AppConfig {
         &self.config
+    }
+
+    /// Every binding as it will be bound, inputs first, each with its destination, group and
+    /// binder, as configured and overridden.
+    ///
+    /// ```
+    /// # fn main() -> Result<(), bindery_core::Error> {
+    /// use bindery_core::{Application, StreamFunction};
+    /// let bill = StreamFunction::function("bill", |text: String| async move { text });
+    /// let app = Application::builder()
+    ///     .without_registered_functions()
+    ///     .function(bill)
+    ///     .config_str("application.toml", "[stream.bindings.bill-in-0]\ndestination = \"orders\"")
+    ///     .environment(Vec::<(String, String)>::new())
+    ///     .build()?;
+    /// let input = &app.bindings()[0];
+    /// assert_eq!((input.name.as_str(), input.destination.as_str()), ("bill-in-0", "orders"));
+    /// # Ok(()) }
+    /// ```
+    pub fn bindings(&self) -> Vec<BindingInfo> {
+        let functions = &self.plan.functions;
+        let inputs = functions.iter().filter_map(|f| f.input.as_ref());
+        let outputs = functions
+            .iter()
+            .filter_map(|f| f.output.as_ref())
+            .chain(self.plan.outputs.values());
+        let mut seen = std::collections::BTreeSet::new();
+        inputs
+            .map(|b| (b, true))
+            .chain(outputs.map(|b| (b, false)))
+            .filter(|(b, _)| seen.insert(b.name.clone()))
+            .map(|(b, input)| BindingInfo {
+                name: b.name.clone(),
+                input,
+                destination: b.destination.clone(),
+                group: b.group.clone().filter(|_| input),
+                binder: b.binder.clone(),
+            })
+            .collect()
     }
 
     /// The destinations the bound functions send to, and their dead-letter destinations.
