@@ -578,6 +578,189 @@ consumer.dlq = true"#
         binder.close().await.ok();
     }
 
+    /// A payload the handler's argument type cannot be decoded from goes to the dead-letter
+    /// destination at once, with the reason, without calling the handler.
+    pub async fn an_undecodable_payload_is_dead_lettered_without_retries(&self) {
+        #[derive(Debug, serde::Deserialize)]
+        struct Order {
+            #[allow(dead_code)]
+            id: u64,
+        }
+        let binder = self.binder().await;
+        let destination = unique("undecodable");
+        let group = unique("billing");
+        let calls = Arc::new(AtomicU32::new(0));
+        let counter = calls.clone();
+        let bill =
+            StreamFunction::consumer("conformance-decodes", move |_: crate::Decoded<Order>| {
+                let counter = counter.clone();
+                async move {
+                    counter.fetch_add(1, Ordering::SeqCst);
+                }
+            });
+        let toml = format!(
+            r#"[stream.bindings.conformance-decodes-in-0]
+destination = "{destination}"
+group = "{group}"
+consumer.max-attempts = 3
+consumer.dlq = true"#
+        );
+        let mut spec = ConsumerSpec::new(destination.clone(), Some(&group));
+        spec.properties.dlq = true;
+        let mut dead_letters = (self.dead_letters)(binder.clone(), spec)
+            .await
+            .expect("dead-letter reader");
+        let app = application(&binder, bill, &toml)
+            .start()
+            .await
+            .expect("start");
+        let garbage = Message::builder(Bytes::from_static(b"not json at all"))
+            .header(header::CONTENT_TYPE, "application/json")
+            .build();
+        producer(&binder, &destination)
+            .await
+            .send(garbage)
+            .await
+            .expect("send");
+        let dead = self.receive_one(&mut dead_letters).await;
+        let message = dead.message.clone();
+        dead.acknowledgement.ack().await.expect("ack");
+        app.shutdown().await.expect("shutdown");
+        assert_eq!(&message.payload()[..], b"not json at all");
+        assert_eq!(message.headers().get_str(header::ATTEMPTS), Some("1"));
+        assert!(message
+            .headers()
+            .get_str(header::EXCEPTION_MESSAGE)
+            .is_some());
+        assert_eq!(
+            calls.load(Ordering::SeqCst),
+            0,
+            "the handler was not called"
+        );
+        binder.close().await.ok();
+    }
+
+    /// A dead letter sent while nothing reads the dead-letter destination waits there for a
+    /// reader that comes later.
+    pub async fn a_dead_letter_waits_for_a_reader_that_comes_later(&self) {
+        let binder = self.binder().await;
+        let destination = unique("unread-dlq");
+        let group = unique("billing");
+        let attempts = Arc::new(AtomicU32::new(0));
+        let counter = attempts.clone();
+        let fails = StreamFunction::consumer("conformance-fails-alone", move |_: Message| {
+            let counter = counter.clone();
+            async move {
+                counter.fetch_add(1, Ordering::SeqCst);
+                Err::<(), _>("nobody is listening")
+            }
+        });
+        let toml = format!(
+            r#"[stream.bindings.conformance-fails-alone-in-0]
+destination = "{destination}"
+group = "{group}"
+consumer.max-attempts = 1
+consumer.dlq = true"#
+        );
+        let app = application(&binder, fails, &toml)
+            .start()
+            .await
+            .expect("start");
+        producer(&binder, &destination)
+            .await
+            .send(Message::new(Bytes::from_static(b"kept")))
+            .await
+            .expect("send");
+        let deadline = Instant::now() + self.timeout;
+        while attempts.load(Ordering::SeqCst) == 0 {
+            assert!(Instant::now() < deadline, "the handler was not called");
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        // A graceful shutdown finishes the dead-lettering in flight.
+        app.shutdown().await.expect("shutdown");
+        let mut spec = ConsumerSpec::new(destination.clone(), Some(&group));
+        spec.properties.dlq = true;
+        let mut dead_letters = (self.dead_letters)(binder.clone(), spec)
+            .await
+            .expect("dead-letter reader");
+        let dead = self.receive_one(&mut dead_letters).await;
+        assert_eq!(&dead.message.payload()[..], b"kept");
+        dead.acknowledgement.ack().await.expect("ack");
+        binder.close().await.ok();
+    }
+
+    /// A group listed in a producer's `required-groups` gets what was sent before its consumer
+    /// first subscribed.
+    pub async fn required_groups_keep_what_is_sent_before_their_consumer_starts(&self) {
+        let binder = self.binder().await;
+        let destination = unique("required");
+        let group = unique("late");
+        let mut spec = ProducerSpec::new(destination.clone());
+        spec.properties.required_groups = vec![group.clone()];
+        let early = binder.producer(&spec).await.expect("producer");
+        early
+            .send(Message::new(Bytes::from_static(b"early")))
+            .await
+            .expect("sent before the group's consumer exists");
+        let mut late = subscribe(&binder, &destination, Some(&group)).await;
+        let delivery = self.receive_one(&mut late).await;
+        assert_eq!(&delivery.message.payload()[..], b"early");
+        delivery.acknowledgement.ack().await.expect("ack");
+        binder.close().await.ok();
+    }
+
+    /// A graceful shutdown in the middle of a backlog loses nothing: every message was either
+    /// handled or is delivered again to the group.
+    pub async fn a_shutdown_mid_backlog_loses_nothing(&self) {
+        let binder = self.binder().await;
+        let destination = unique("shutdown");
+        let group = unique("workers");
+        let handled = Arc::new(std::sync::Mutex::new(Vec::<String>::new()));
+        let record = handled.clone();
+        let work = StreamFunction::consumer("conformance-slow", move |message: Message| {
+            let record = record.clone();
+            async move {
+                tokio::time::sleep(Duration::from_millis(20)).await;
+                record
+                    .lock()
+                    .expect("handled")
+                    .push(String::from_utf8_lossy(message.payload()).into_owned());
+            }
+        });
+        let toml = format!(
+            r#"[stream.bindings.conformance-slow-in-0]
+destination = "{destination}"
+group = "{group}""#
+        );
+        // The group exists before anything is sent, so the whole backlog waits for it.
+        let mut spec = ProducerSpec::new(destination.clone());
+        spec.properties.required_groups = vec![group.clone()];
+        binder.producer(&spec).await.expect("producer");
+        let sent = send_numbered(&binder, &destination, 30, None).await;
+        let app = application(&binder, work, &toml)
+            .start()
+            .await
+            .expect("start");
+        let deadline = Instant::now() + self.timeout;
+        while handled.lock().expect("handled").len() < 3 {
+            assert!(Instant::now() < deadline, "nothing was handled");
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        app.shutdown().await.expect("shutdown");
+        // Binders that drain at shutdown (RabbitMQ) may have handled all of it.
+        let done: BTreeSet<String> = handled.lock().expect("handled").iter().cloned().collect();
+        let mut rest = subscribe(&binder, &destination, Some(&group)).await;
+        let mut seen = done.clone();
+        while seen.len() < sent.len() {
+            let delivery = self.receive_one(&mut rest).await;
+            seen.insert(String::from_utf8_lossy(delivery.message.payload()).into_owned());
+            delivery.acknowledgement.ack().await.expect("ack");
+        }
+        let expected: BTreeSet<String> = sent.into_iter().collect();
+        assert_eq!(seen, expected, "every message was handled or came back");
+        binder.close().await.ok();
+    }
+
     async fn receive_one(&self, subscription: &mut Box<dyn Subscription>) -> Delivery {
         match tokio::time::timeout(self.timeout, subscription.next()).await {
             Ok(Some(Ok(delivery))) => delivery,
@@ -704,7 +887,11 @@ macro_rules! conformance_tests {
             nothing_is_lost_under_concurrency,
             back_off_holds_back_only_its_key,
             a_backlog_drains_in_order_within_each_key,
-            a_binding_on_the_dead_letter_destination_reads_dead_letters
+            a_binding_on_the_dead_letter_destination_reads_dead_letters,
+            an_undecodable_payload_is_dead_lettered_without_retries,
+            a_dead_letter_waits_for_a_reader_that_comes_later,
+            required_groups_keep_what_is_sent_before_their_consumer_starts,
+            a_shutdown_mid_backlog_loses_nothing
         );
     };
     (@cases $suite:expr; $($case:ident),*) => {
