@@ -277,3 +277,28 @@ async fn a_function_written_by_hand_runs_like_a_registered_one() {
     );
     app.shutdown().await.unwrap();
 }
+
+/// The `bindery` crate under another name, as a renamed dependency in `Cargo.toml` gives it.
+mod renamed {
+    pub(crate) use bindery as stream_kit;
+}
+
+#[bindery::stream_function(crate = "renamed::stream_kit", output = "pm-renamed-out")]
+async fn through_a_renamed_crate(text: String) -> String {
+    text.to_uppercase()
+}
+
+#[tokio::test]
+async fn the_macro_reaches_bindery_by_the_path_given_in_crate() {
+    let app = TestApp::start(r#"stream.function.definition = "through_a_renamed_crate""#)
+        .await
+        .unwrap();
+    app.send("through_a_renamed_crate-in-0", "hello")
+        .await
+        .unwrap();
+    assert_eq!(
+        app.receive("pm-renamed-out", WAIT).await.unwrap().text(),
+        Some("HELLO")
+    );
+    app.shutdown().await.unwrap();
+}

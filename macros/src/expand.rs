@@ -5,7 +5,7 @@ use syn::punctuated::Punctuated;
 use syn::spanned::Spanned;
 use syn::{FnArg, GenericArgument, ItemFn, LitStr, Meta, PathArguments, ReturnType, Token, Type};
 
-const ATTRIBUTES: &[&str] = &["name", "input", "output", "group", "poll"];
+const ATTRIBUTES: &[&str] = &["name", "input", "output", "group", "poll", "crate"];
 
 /// Expands the attribute; on error, the user's function is still emitted unchanged so the
 /// rest of the crate keeps compiling and IDEs keep working.
@@ -38,6 +38,26 @@ struct Attributes {
     output: Option<LitStr>,
     group: Option<LitStr>,
     poll: Option<LitStr>,
+    /// The path of the `bindery` crate, for a dependency renamed in `Cargo.toml`.
+    krate: Option<LitStr>,
+}
+
+impl Attributes {
+    /// `<bindery>::__private`, by the path `crate = "..."` gives, else `::bindery`.
+    fn private(&self) -> syn::Result<TokenStream> {
+        match &self.krate {
+            None => Ok(quote!(::bindery::__private)),
+            Some(path) => {
+                let root: syn::Path = path.parse().map_err(|_| {
+                    syn::Error::new(
+                        path.span(),
+                        "`crate` takes the path of the bindery crate, such as `crate = \"stream_kit\"`",
+                    )
+                })?;
+                Ok(quote_spanned!(path.span()=> #root::__private))
+            }
+        }
+    }
 }
 
 fn parse_attributes(args: TokenStream) -> syn::Result<Attributes> {
@@ -67,6 +87,7 @@ fn parse_attributes(args: TokenStream) -> syn::Result<Attributes> {
             "output" => &mut attributes.output,
             "group" => &mut attributes.group,
             "poll" => &mut attributes.poll,
+            "crate" => &mut attributes.krate,
             _ => {
                 push(syn::Error::new(
                     pair.path.span(),
@@ -231,8 +252,12 @@ fn result_of_unit(ty: &Type) -> bool {
 
 /// The expression turning a value of `ty` into something that implements `IntoOutputs`:
 /// plain values are wrapped in `Encoded`, containers are mapped through.
-fn convert_output(ty: &Type, value: TokenStream, depth: usize) -> syn::Result<TokenStream> {
-    let private = quote!(::bindery::__private);
+fn convert_output(
+    private: &TokenStream,
+    ty: &Type,
+    value: TokenStream,
+    depth: usize,
+) -> syn::Result<TokenStream> {
     let v = format_ident!("__bindery_value_{}", depth);
     if is_unit(ty) {
         return Ok(value);
@@ -265,11 +290,11 @@ fn convert_output(ty: &Type, value: TokenStream, depth: usize) -> syn::Result<To
         ("String" | "Bytes", []) => Ok(value),
         ("Vec", [inner]) if is_named(inner, "u8") => Ok(quote!(#private::Bytes::from(#value))),
         ("Result", [inner, ..]) | ("Option", [inner]) => {
-            let mapped = convert_output(inner, quote!(#v), depth + 1)?;
+            let mapped = convert_output(private, inner, quote!(#v), depth + 1)?;
             Ok(quote!(#value.map(|#v| #mapped)))
         }
         ("Vec", [inner]) => {
-            let mapped = convert_output(inner, quote!(#v), depth + 1)?;
+            let mapped = convert_output(private, inner, quote!(#v), depth + 1)?;
             Ok(quote!(#value.into_iter().map(|#v| #mapped).collect::<::std::vec::Vec<_>>()))
         }
         ("Message", []) => Ok(value),
@@ -288,8 +313,7 @@ fn convert_output(ty: &Type, value: TokenStream, depth: usize) -> syn::Result<To
 
 /// The type `convert_output` produces for a value of `ty`, for the compile-time check that
 /// points at the return type when it cannot be sent.
-fn converted_output_type(ty: &Type) -> TokenStream {
-    let private = quote!(::bindery::__private);
+fn converted_output_type(private: &TokenStream, ty: &Type) -> TokenStream {
     if is_unit(ty) {
         return quote!(());
     }
@@ -304,15 +328,15 @@ fn converted_output_type(ty: &Type) -> TokenStream {
         ("String" | "Bytes", []) => quote!(#ty),
         ("Vec", [inner]) if is_named(inner, "u8") => quote!(#private::Bytes),
         ("Result", [inner, error]) => {
-            let inner = converted_output_type(inner);
+            let inner = converted_output_type(private, inner);
             quote!(::std::result::Result<#inner, #error>)
         }
         ("Option", [inner]) => {
-            let inner = converted_output_type(inner);
+            let inner = converted_output_type(private, inner);
             quote!(::std::option::Option<#inner>)
         }
         ("Vec", [inner]) => {
-            let inner = converted_output_type(inner);
+            let inner = converted_output_type(private, inner);
             quote!(::std::vec::Vec<#inner>)
         }
         ("Message", []) => quote!(#ty),
@@ -374,7 +398,7 @@ fn expand(args: TokenStream, function: &ItemFn) -> syn::Result<TokenStream> {
         ));
     }
 
-    let private = quote!(::bindery::__private);
+    let private = attributes.private()?;
     let mut params = Vec::new();
     let mut call_args = Vec::new();
     let mut checks = Vec::new();
@@ -462,8 +486,11 @@ fn expand(args: TokenStream, function: &ItemFn) -> syn::Result<TokenStream> {
     } else {
         quote!(#ident(#(#call_args),*))
     };
-    let converted = convert_output(&output_ty, quote!(__bindery_returned), 0)?;
-    let converted_ty = respan(converted_output_type(&output_ty), output_ty.span());
+    let converted = convert_output(&private, &output_ty, quote!(__bindery_returned), 0)?;
+    let converted_ty = respan(
+        converted_output_type(&private, &output_ty),
+        output_ty.span(),
+    );
     if !converted_ty.to_string().trim().eq("_") {
         checks.push(quote_spanned!(output_ty.span()=> #private::is_output::<#converted_ty>();));
     }
