@@ -103,6 +103,32 @@ pub mod __private {
     /// Points a compile error at a return type that cannot be sent.
     pub const fn is_output<T: bindery_core::IntoOutputs>() {}
 
+    /// Points a compile error at an argument the macro took for context by its name.
+    pub const fn is_context<T: ContextArgument>() {}
+
+    #[diagnostic::on_unimplemented(
+        message = "`{Self}` is taken for context by its name, but it is not bindery's `{Self}`",
+        label = "a payload type may not be named `Headers`, `StreamBridge`, `AppConfig` or `Context`",
+        note = "write `Decoded<{Self}>` to take it as the payload, or rename the type"
+    )]
+    pub trait ContextArgument {}
+    impl ContextArgument for bindery_core::Headers {}
+    impl ContextArgument for bindery_core::StreamBridge {}
+    impl ContextArgument for bindery_core::AppConfig {}
+    impl ContextArgument for bindery_core::Context {}
+
+    /// Runs a plain (not `async`) handler on tokio's blocking pool, so a handler that blocks
+    /// never holds up a runtime worker; a panic in it is a panic of the handler.
+    pub async fn call_blocking<T: Send + 'static>(call: impl FnOnce() -> T + Send + 'static) -> T {
+        match tokio::task::spawn_blocking(call).await {
+            Ok(value) => value,
+            Err(error) => match error.try_into_panic() {
+                Ok(panic) => std::panic::resume_unwind(panic),
+                Err(_) => panic!("the handler's blocking task was cancelled"),
+            },
+        }
+    }
+
     #[diagnostic::on_unimplemented(
         message = "`{Self}` cannot be decoded from a message payload",
         label = "this argument's type does not implement `serde::Deserialize`",

@@ -302,3 +302,42 @@ async fn the_macro_reaches_bindery_by_the_path_given_in_crate() {
     );
     app.shutdown().await.unwrap();
 }
+
+static PLAIN_FN_DONE: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
+/// A plain `fn` that blocks its thread, as synchronous code does.
+#[stream_function(output = "pm-blocked-out")]
+fn blocks(text: String) -> String {
+    std::thread::sleep(Duration::from_millis(600));
+    PLAIN_FN_DONE.store(true, std::sync::atomic::Ordering::SeqCst);
+    text
+}
+
+#[stream_function(output = "pm-quick-out")]
+async fn quick(text: String, context: bindery::Context) -> String {
+    let _ = context;
+    text
+}
+
+// One runtime thread: a plain `fn` run on it would stop everything else until it returns.
+#[tokio::test(flavor = "current_thread")]
+async fn a_plain_fn_that_blocks_does_not_hold_up_other_functions() {
+    let app = TestApp::start(r#"stream.function.definition = "blocks;quick""#)
+        .await
+        .unwrap();
+    app.send("blocks-in-0", "slow").await.unwrap();
+    // Let `blocks` start before `quick` gets its message.
+    tokio::task::yield_now().await;
+    app.send("quick-in-0", "fast").await.unwrap();
+    let fast = app.receive("pm-quick-out", WAIT).await.unwrap();
+    assert_eq!(fast.text(), Some("fast"));
+    assert!(
+        !PLAIN_FN_DONE.load(std::sync::atomic::Ordering::SeqCst),
+        "`quick` waited for the blocking `blocks` to return"
+    );
+    assert_eq!(
+        app.receive("pm-blocked-out", WAIT).await.unwrap().text(),
+        Some("slow")
+    );
+    app.shutdown().await.unwrap();
+}

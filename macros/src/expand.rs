@@ -149,9 +149,12 @@ enum Argument {
     Decoded(Type),
     /// `Message<T>` of a plain type: the handler takes `Message<Decoded<T>>` and unwraps it.
     MessageOfDecoded(Type),
-    /// A raw payload (`String`, `Bytes`, `Vec<u8>`), a raw `Message<..>` or context (`Headers`,
-    /// `StreamBridge`, `AppConfig`): taken as it is.
-    AsIs(Type, bool),
+    /// A raw payload (`String`, `Bytes`, `Vec<u8>`), `Decoded<T>` or a raw `Message<..>`: the
+    /// payload, taken as it is.
+    AsIs(Type),
+    /// Context (`Headers`, `StreamBridge`, `AppConfig`, `Context`), by its name: taken as it is,
+    /// and checked to be bindery's type of that name.
+    Context(Type),
 }
 
 const CONTEXT_TYPES: &[&str] = &["Headers", "StreamBridge", "AppConfig", "Context"];
@@ -213,15 +216,18 @@ fn classify_argument(ty: &Type) -> syn::Result<Argument> {
     };
     let name = segment.ident.to_string();
     if CONTEXT_TYPES.contains(&name.as_str()) {
-        return Ok(Argument::AsIs(ty.clone(), false));
+        return Ok(Argument::Context(ty.clone()));
+    }
+    if name == "Decoded" {
+        return Ok(Argument::AsIs(ty.clone()));
     }
     if is_raw_payload(ty) {
-        return Ok(Argument::AsIs(ty.clone(), true));
+        return Ok(Argument::AsIs(ty.clone()));
     }
     if name == "Message" {
         return match generic_args(segment).as_slice() {
-            [] => Ok(Argument::AsIs(ty.clone(), true)),
-            [inner] if is_raw_payload(inner) => Ok(Argument::AsIs(ty.clone(), true)),
+            [] => Ok(Argument::AsIs(ty.clone())),
+            [inner] if is_raw_payload(inner) => Ok(Argument::AsIs(ty.clone())),
             [inner] => Ok(Argument::MessageOfDecoded((*inner).clone())),
             _ => Err(syn::Error::new(
                 segment.span(),
@@ -403,11 +409,12 @@ fn expand(args: TokenStream, function: &ItemFn) -> syn::Result<TokenStream> {
     let mut call_args = Vec::new();
     let mut checks = Vec::new();
     let mut payload: Option<Span> = None;
+    let mut context_named: Option<String> = None;
     for (index, input) in signature.inputs.iter().enumerate() {
         let FnArg::Typed(typed) = input else { continue };
         let name = format_ident!("__bindery_arg_{}", index);
         let argument = classify_argument(&typed.ty)?;
-        let is_payload = !matches!(argument, Argument::AsIs(_, false));
+        let is_payload = !matches!(argument, Argument::Context(_));
         if is_payload {
             if payload.is_some() {
                 return Err(syn::Error::new(
@@ -430,7 +437,13 @@ fn expand(args: TokenStream, function: &ItemFn) -> syn::Result<TokenStream> {
                 );
                 call_args.push(quote!(#name.map_payload(|#name| #name.0)));
             }
-            Argument::AsIs(ty, _) => {
+            Argument::AsIs(ty) => {
+                params.push(quote!(#name: #ty));
+                call_args.push(quote!(#name));
+            }
+            Argument::Context(ty) => {
+                context_named = last_segment(&ty).map(|s| s.ident.to_string());
+                checks.push(quote_spanned!(ty.span()=> #private::is_context::<#ty>();));
                 params.push(quote!(#name: #ty));
                 call_args.push(quote!(#name));
             }
@@ -440,10 +453,14 @@ fn expand(args: TokenStream, function: &ItemFn) -> syn::Result<TokenStream> {
     let nothing_out = returns_nothing(&signature.output);
     let (constructor, kind) = match (payload.is_some(), nothing_out) {
         (false, true) => {
+            let hint = match context_named {
+                Some(name) => format!("; `{name}` is taken for bindery's context type of that name: if it is your payload, write `Decoded<{name}>`"),
+                None => String::new(),
+            };
             return Err(syn::Error::new(
                 signature.output.span().join(ident.span()).unwrap_or(ident.span()),
-                "a stream function without a payload argument is a supplier and must return a value to send; add a payload argument to make it a consumer",
-            ))
+                format!("a stream function without a payload argument is a supplier and must return a value to send; add a payload argument to make it a consumer{hint}"),
+            ));
         }
         (false, false) => (quote!(supplier), "supplier"),
         (true, true) => (quote!(consumer), "consumer"),
@@ -484,7 +501,8 @@ fn expand(args: TokenStream, function: &ItemFn) -> syn::Result<TokenStream> {
     let call = if signature.asyncness.is_some() {
         quote!(#ident(#(#call_args),*).await)
     } else {
-        quote!(#ident(#(#call_args),*))
+        // A plain `fn` may block: it runs on the blocking pool, never on a runtime worker.
+        quote!(#private::call_blocking(move || #ident(#(#call_args),*)).await)
     };
     let converted = convert_output(&private, &output_ty, quote!(__bindery_returned), 0)?;
     let converted_ty = respan(

@@ -92,6 +92,12 @@ impl<P: FromPayload> FromMessage for Message<P> {
     }
 }
 
+impl FromMessage for Context {
+    fn from_message(_: &Message, context: &Context) -> Result<Self, Failure> {
+        Ok(context.clone())
+    }
+}
+
 impl FromMessage for Headers {
     fn from_message(message: &Message, _: &Context) -> Result<Self, Failure> {
         Ok(message.headers().clone())

@@ -47,5 +47,18 @@ fn ticker() -> Option<Message<String>> {
 
 fn main() {
     let names: Vec<String> = bindery::registered_functions().iter().map(|f| f.name().to_owned()).collect();
-    assert_eq!(names, ["billing", "fan_out", "maybe", "raw", "sink", "ticker"]);
+    assert_eq!(names, ["billing", "counts", "fan_out", "maybe", "raw", "sink", "ticker"]);
+}
+
+mod own {
+    /// The application's own type named like one of bindery's context types.
+    #[derive(serde::Deserialize)]
+    pub struct Headers {
+        pub count: u32,
+    }
+}
+
+#[stream_function(input = "counts")]
+async fn counts(headers: bindery::Decoded<own::Headers>) {
+    let _ = headers.0.count;
 }
