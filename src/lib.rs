@@ -103,6 +103,18 @@ pub mod __private {
     /// Points a compile error at a return type that cannot be sent.
     pub const fn is_output<T: bindery_core::IntoOutputs>() {}
 
+    /// `value` to be sent as JSON; a `Result` behind a type alias (which the macro cannot see
+    /// through) is refused, so its `Err` never goes out as a message.
+    pub fn encoded<T>(value: T) -> Result<Encoded<T>, String> {
+        let name = std::any::type_name::<T>();
+        if name.starts_with("core::result::Result<") {
+            return Err(format!(
+                "the function returns `{name}` through a type alias; write `Result<T, E>` in its signature, so that an `Err` is a failure and not a message"
+            ));
+        }
+        Ok(Encoded(value))
+    }
+
     /// Points a compile error at an argument the macro took for context by its name.
     pub const fn is_context<T: ContextArgument>() {}
 

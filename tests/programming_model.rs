@@ -341,3 +341,43 @@ async fn a_plain_fn_that_blocks_does_not_hold_up_other_functions() {
     );
     app.shutdown().await.unwrap();
 }
+
+/// A `Result` the macro cannot see, behind an alias.
+type Checked = Result<u32, String>;
+
+#[stream_function(output = "pm-aliased-out")]
+async fn aliased(text: String) -> Checked {
+    Err(format!("refusing {text}"))
+}
+
+#[tokio::test]
+async fn a_result_behind_a_type_alias_is_never_sent_as_a_message() {
+    let app = TestApp::start(
+        r#"
+stream.function.definition = "aliased"
+[stream.bindings.aliased-in-0]
+group = "g"
+consumer.max-attempts = 1
+consumer.dlq = true
+"#,
+    )
+    .await
+    .unwrap();
+    app.send("aliased-in-0", "x").await.unwrap();
+    let dead = app
+        .receive_dead_letter("aliased-in-0", "g", WAIT)
+        .await
+        .expect("the call failed and was dead-lettered");
+    assert!(dead
+        .headers()
+        .get_str(bindery::header::EXCEPTION_MESSAGE)
+        .unwrap_or_default()
+        .contains("type alias"));
+    assert!(
+        app.receive("pm-aliased-out", Duration::from_millis(200))
+            .await
+            .is_none(),
+        "the `Err` was sent as a message"
+    );
+    app.shutdown().await.unwrap();
+}

@@ -313,6 +313,8 @@ fn convert_output(
             }
             Ok(quote!(#value.map_payload(#private::Encoded)))
         }
+        // A name the macro cannot see through may be an alias of `Result`: checked when sent.
+        _ if depth == 0 => Ok(quote_spanned!(ty.span()=> #private::encoded(#value))),
         _ => Ok(quote_spanned!(ty.span()=> #private::Encoded(#value))),
     }
 }
