@@ -103,16 +103,25 @@ pub mod __private {
     /// Points a compile error at a return type that cannot be sent.
     pub const fn is_output<T: bindery_core::IntoOutputs>() {}
 
-    /// `value` to be sent as JSON; a `Result` behind a type alias (which the macro cannot see
-    /// through) is refused, so its `Err` never goes out as a message.
-    pub fn encoded<T>(value: T) -> Result<Encoded<T>, String> {
+    /// Why a return type the macro read by its name must be written out: it is a `Result`,
+    /// `Option` or `Vec` behind a type alias, which would be sent as one JSON value.
+    pub fn hidden_container<T>() -> Option<String> {
         let name = std::any::type_name::<T>();
-        if name.starts_with("core::result::Result<") {
-            return Err(format!(
-                "the function returns `{name}` through a type alias; write `Result<T, E>` in its signature, so that an `Err` is a failure and not a message"
-            ));
-        }
-        Ok(Encoded(value))
+        let container = [
+            (
+                "core::result::Result<",
+                "Result<T, E>",
+                "an `Err` is a failure",
+            ),
+            ("core::option::Option<", "Option<T>", "`None` sends nothing"),
+            ("alloc::vec::Vec<", "Vec<T>", "each element is a message"),
+        ]
+        .into_iter()
+        .find(|(prefix, _, _)| name.starts_with(prefix))?;
+        let (_, written, meaning) = container;
+        Some(format!(
+            "its return type is `{name}` behind a type alias, which would be sent as one JSON value; write `{written}` in the signature, so that {meaning}"
+        ))
     }
 
     /// Points a compile error at an argument the macro took for context by its name.
@@ -132,7 +141,7 @@ pub mod __private {
     /// Runs a plain (not `async`) handler on tokio's blocking pool, so a handler that blocks
     /// never holds up a runtime worker; a panic in it is a panic of the handler.
     pub async fn call_blocking<T: Send + 'static>(call: impl FnOnce() -> T + Send + 'static) -> T {
-        match tokio::task::spawn_blocking(call).await {
+        match tokio::task::spawn_blocking(bindery_core::with_current_correlation(call)).await {
             Ok(value) => value,
             Err(error) => match error.try_into_panic() {
                 Ok(panic) => std::panic::resume_unwind(panic),

@@ -479,6 +479,19 @@ passphrase = "open sesame"
         }
     }
     assert!(shown.contains("mq.internal"), "the rest is shown: {shown}");
+    // A file that does not parse is named with the line and the reason, never the line's text.
+    let broken = error_of("[db]\npassword = \"pa\\qss-9f\"\n");
+    assert!(!broken.contains("pa\\qss-9f"), "{broken}");
+    assert!(broken.contains("application.toml"), "{broken}");
+    // Nor does the builder's `Debug` show the text or environment it was given.
+    let builder = functions()
+        .config_str("application.toml", toml)
+        .environment([("BINDERY_DB__PASSWORD", "env-s3cret")]);
+    let shown = format!("{builder:?}");
+    assert!(
+        !shown.contains("hunter2") && !shown.contains("env-s3cret"),
+        "{shown}"
+    );
     assert!(password_error.contains("db.password"), "{password_error}");
 }
 

@@ -35,6 +35,7 @@ fn run_logs_each_binding_it_binds() {
         .env(CHILD_CONFIG, "1")
         .env("BINDERY_CONFIG", &config)
         .env_remove("RUST_LOG")
+        .env_remove("BINDERY_PROFILE")
         .stdout(Stdio::null())
         .stderr(Stdio::piped())
         .spawn()
@@ -69,7 +70,17 @@ fn run_logs_each_binding_it_binds() {
     while let Ok(line) = read.recv_timeout(deadline.saturating_duration_since(Instant::now())) {
         shut_down |= line.contains("shut down");
     }
-    let status = child.wait().unwrap();
+    // The child's stderr closed, so it has exited or is about to.
+    let status = loop {
+        match child.try_wait().unwrap() {
+            Some(status) => break status,
+            None if Instant::now() < deadline => std::thread::sleep(Duration::from_millis(20)),
+            None => {
+                let _ = child.kill();
+                panic!("the child did not exit within 60s of SIGTERM");
+            }
+        }
+    };
     assert!(shut_down, "the shutdown was not logged");
     assert!(status.success(), "the child ended with {status}");
     let _ = std::fs::remove_dir_all(&dir);

@@ -1,6 +1,8 @@
 //! The programming model end to end on the memory binder: shapes, arguments, return values,
 //! headers, keys and correlation ids.
 
+use std::sync::atomic::AtomicBool;
+use std::sync::atomic::Ordering::SeqCst;
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::Duration;
 
@@ -303,13 +305,19 @@ async fn the_macro_reaches_bindery_by_the_path_given_in_crate() {
     app.shutdown().await.unwrap();
 }
 
-static PLAIN_FN_DONE: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+static BLOCKING_STARTED: AtomicBool = AtomicBool::new(false);
+static BLOCKING_RELEASED: AtomicBool = AtomicBool::new(false);
+static BLOCKING_DONE: AtomicBool = AtomicBool::new(false);
 
-/// A plain `fn` that blocks its thread, as synchronous code does.
+/// A plain `fn` that blocks its thread until the test releases it (at most 10 s).
 #[stream_function(output = "pm-blocked-out")]
 fn blocks(text: String) -> String {
-    std::thread::sleep(Duration::from_millis(600));
-    PLAIN_FN_DONE.store(true, std::sync::atomic::Ordering::SeqCst);
+    BLOCKING_STARTED.store(true, SeqCst);
+    let until = std::time::Instant::now() + Duration::from_secs(10);
+    while !BLOCKING_RELEASED.load(SeqCst) && std::time::Instant::now() < until {
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    BLOCKING_DONE.store(true, SeqCst);
     text
 }
 
@@ -326,15 +334,22 @@ async fn a_plain_fn_that_blocks_does_not_hold_up_other_functions() {
         .await
         .unwrap();
     app.send("blocks-in-0", "slow").await.unwrap();
-    // Let `blocks` start before `quick` gets its message.
-    tokio::task::yield_now().await;
+    let deadline = std::time::Instant::now() + WAIT;
+    while !BLOCKING_STARTED.load(SeqCst) {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "`blocks` did not start"
+        );
+        tokio::time::sleep(Duration::from_millis(1)).await;
+    }
     app.send("quick-in-0", "fast").await.unwrap();
     let fast = app.receive("pm-quick-out", WAIT).await.unwrap();
     assert_eq!(fast.text(), Some("fast"));
     assert!(
-        !PLAIN_FN_DONE.load(std::sync::atomic::Ordering::SeqCst),
-        "`quick` waited for the blocking `blocks` to return"
+        !BLOCKING_DONE.load(SeqCst),
+        "`quick` ran only once the blocking `blocks` had returned"
     );
+    BLOCKING_RELEASED.store(true, SeqCst);
     assert_eq!(
         app.receive("pm-blocked-out", WAIT).await.unwrap().text(),
         Some("slow")
@@ -351,33 +366,42 @@ async fn aliased(text: String) -> Checked {
 }
 
 #[tokio::test]
-async fn a_result_behind_a_type_alias_is_never_sent_as_a_message() {
-    let app = TestApp::start(
-        r#"
-stream.function.definition = "aliased"
-[stream.bindings.aliased-in-0]
-group = "g"
-consumer.max-attempts = 1
-consumer.dlq = true
-"#,
-    )
-    .await
-    .unwrap();
-    app.send("aliased-in-0", "x").await.unwrap();
-    let dead = app
-        .receive_dead_letter("aliased-in-0", "g", WAIT)
+async fn a_result_behind_a_type_alias_is_refused_when_the_application_is_built() {
+    let error = TestApp::start(r#"stream.function.definition = "aliased""#)
         .await
-        .expect("the call failed and was dead-lettered");
-    assert!(dead
-        .headers()
-        .get_str(bindery::header::EXCEPTION_MESSAGE)
-        .unwrap_or_default()
-        .contains("type alias"));
-    assert!(
-        app.receive("pm-aliased-out", Duration::from_millis(200))
-            .await
-            .is_none(),
-        "the `Err` was sent as a message"
+        .expect_err("the application is refused");
+    let text = error.to_string();
+    assert!(text.contains("stream function `aliased`"), "{text}");
+    assert!(text.contains("write `Result<T, E>`"), "{text}");
+}
+
+/// A plain `fn` that sends through the bridge, blocking on it as synchronous code does.
+#[stream_function(output = "pm-plain-relay")]
+fn relay_plain(text: String, bridge: StreamBridge) -> String {
+    tokio::runtime::Handle::current()
+        .block_on(bridge.send("pm-plain-side", format!("saw {text}")))
+        .unwrap();
+    text
+}
+
+#[tokio::test]
+async fn a_plain_fn_sends_through_the_bridge_with_its_inputs_correlation_id() {
+    let app = TestApp::start(r#"stream.function.definition = "relay_plain""#)
+        .await
+        .unwrap();
+    assert!(app
+        .receive("pm-plain-side", Duration::from_millis(1))
+        .await
+        .is_none());
+    let ping = bindery::Message::builder(bytes::Bytes::from_static(b"ping"))
+        .header(bindery::header::CORRELATION_ID, "corr-7")
+        .build();
+    app.send("relay_plain-in-0", ping).await.unwrap();
+    let side = app.receive("pm-plain-side", WAIT).await.unwrap();
+    assert_eq!(side.text(), Some("saw ping"));
+    assert_eq!(
+        side.headers().get_str(bindery::header::CORRELATION_ID),
+        Some("corr-7")
     );
     app.shutdown().await.unwrap();
 }

@@ -864,11 +864,35 @@ async fn forward(mut subscription: Box<dyn Subscription>, to: mpsc::UnboundedSen
     }
 }
 
+/// An application on `binder`, which its shutdown leaves open: the case goes on using it, and
+/// closes it at the end.
 fn application(binder: &Arc<dyn Binder>, function: StreamFunction, toml: &str) -> Application {
     crate::testing::isolated(function, toml)
-        .replace_binders(binder.clone())
+        .replace_binders(Arc::new(Lent(binder.clone())))
         .build()
         .expect("the conformance configuration is valid")
+}
+
+/// A binder lent to an application: everything but `close` goes to the binder.
+#[derive(Debug)]
+struct Lent(Arc<dyn Binder>);
+
+#[async_trait::async_trait]
+impl Binder for Lent {
+    async fn subscribe(&self, spec: &ConsumerSpec) -> Result<Box<dyn Subscription>, Error> {
+        self.0.subscribe(spec).await
+    }
+
+    async fn producer(&self, spec: &ProducerSpec) -> Result<Arc<dyn crate::Producer>, Error> {
+        self.0.producer(spec).await
+    }
+
+    async fn dead_letter_producer(
+        &self,
+        spec: &ConsumerSpec,
+    ) -> Result<Arc<dyn crate::Producer>, Error> {
+        self.0.dead_letter_producer(spec).await
+    }
 }
 
 /// Generates one `#[tokio::test]` per conformance case, each running against the binder the

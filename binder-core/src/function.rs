@@ -36,6 +36,7 @@ pub struct StreamFunction {
     output: Option<String>,
     group: Option<String>,
     poll: Option<String>,
+    refusal: Option<String>,
     pub(crate) handler: ErasedHandler,
 }
 
@@ -65,6 +66,7 @@ impl StreamFunction {
             output: None,
             group: None,
             poll: None,
+            refusal: None,
             handler: erase(handler),
         }
     }
@@ -106,6 +108,19 @@ impl StreamFunction {
     pub fn poll(mut self, every: impl Into<String>) -> Self {
         self.poll = Some(every.into());
         self
+    }
+
+    /// Marks the function as one that must not run, for `why`: building an application that
+    /// binds it fails with that reason. `#[stream_function]` uses it for what it can only check
+    /// once the program runs, such as a `Result` behind a type alias.
+    pub fn refused(mut self, why: impl Into<String>) -> Self {
+        self.refusal = Some(why.into());
+        self
+    }
+
+    /// Why the function must not run, if it was [refused](Self::refused).
+    pub fn refusal(&self) -> Option<&str> {
+        self.refusal.as_deref()
     }
 
     /// The function's name.

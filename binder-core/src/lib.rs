@@ -23,6 +23,8 @@ pub use binder::{
     Acknowledgement, Binder, BinderProvider, BinderSettings, Confirmation, ConsumerSpec, Delivery,
     Producer, ProducerSpec, Subscription,
 };
+#[doc(hidden)]
+pub use bridge::with_current_correlation;
 pub use bridge::StreamBridge;
 pub use config::{AppConfig, ConfigError, ConsumerProperties, ProducerProperties};
 pub use error::{BoxError, Error};

@@ -1,9 +1,18 @@
 //! Keeps secrets out of logs and errors.
 
 /// Whether a configuration key names a secret, so its value is never shown.
+///
+/// ```
+/// use bindery_core::redact::is_secret_key;
+/// assert!(is_secret_key("stream.binders.kafka.sasl.password"));
+/// assert!(is_secret_key("vendor.api-key"));
+/// assert!(is_secret_key("proxy.auth"));
+/// assert!(!is_secret_key("stream.bindings.authorize-in-0.destination"));
+/// ```
 pub fn is_secret_key(key: &str) -> bool {
     let key = key.to_ascii_lowercase();
-    [
+    // Parts of a name that mean a secret wherever they appear.
+    let anywhere = [
         "password",
         "passwd",
         "passphrase",
@@ -16,10 +25,20 @@ pub fn is_secret_key(key: &str) -> bool {
         "api-key",
         "api_key",
         "apikey",
-        "auth",
-    ]
-    .iter()
-    .any(|word| key.contains(word))
+        "access-key",
+        "access_key",
+        "signing-key",
+        "signing_key",
+    ];
+    // Whole words that mean a secret, but also begin ordinary ones (`authorize`, `passenger`).
+    let words = ["auth", "pass", "pwd"];
+    anywhere.iter().any(|part| key.contains(part))
+        || key
+            .rsplit('.')
+            .next()
+            .unwrap_or_default()
+            .split(['-', '_'])
+            .any(|word| words.contains(&word))
 }
 
 /// Replaces the password of every `scheme://user:password@host` in `text` with `***`.

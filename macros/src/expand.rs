@@ -143,6 +143,9 @@ fn allowed() -> String {
         .join(", ")
 }
 
+/// Return types the macro understands by name; any other may be an alias of one of them.
+const KNOWN_RETURN_NAMES: &[&str] = &["String", "Bytes", "Vec", "Result", "Option", "Message"];
+
 /// How an argument is taken from the message.
 enum Argument {
     /// The payload, decoded into a plain type: the handler takes `Decoded<T>` and unwraps it.
@@ -313,8 +316,6 @@ fn convert_output(
             }
             Ok(quote!(#value.map_payload(#private::Encoded)))
         }
-        // A name the macro cannot see through may be an alias of `Result`: checked when sent.
-        _ if depth == 0 => Ok(quote_spanned!(ty.span()=> #private::encoded(#value))),
         _ => Ok(quote_spanned!(ty.span()=> #private::Encoded(#value))),
     }
 }
@@ -531,6 +532,18 @@ fn expand(args: TokenStream, function: &ItemFn) -> syn::Result<TokenStream> {
         value.as_ref().map(|v| quote!(.#setter(#v)))
     });
     let register = format_ident!("__bindery_stream_function_{}", ident);
+    // A return type the macro reads by a name it does not know may be an alias of `Result`,
+    // `Option` or `Vec`, which it would send as one JSON value: refused when the application
+    // is built.
+    let alias_check = match last_segment(&output_ty).map(|s| s.ident.to_string()) {
+        Some(name) if !KNOWN_RETURN_NAMES.contains(&name.as_str()) => quote! {
+            let __bindery_function = match #private::hidden_container::<#output_ty>() {
+                ::std::option::Option::Some(why) => __bindery_function.refused(why),
+                ::std::option::Option::None => __bindery_function,
+            };
+        },
+        _ => quote!(),
+    };
 
     Ok(quote! {
         #function
@@ -545,8 +558,10 @@ fn expand(args: TokenStream, function: &ItemFn) -> syn::Result<TokenStream> {
                 let __bindery_returned = #call;
                 #converted
             }
-            #private::StreamFunction::#constructor(#name, __bindery_handler)
-            #(#setters)*
+            let __bindery_function = #private::StreamFunction::#constructor(#name, __bindery_handler)
+                #(#setters)*;
+            #alias_check
+            __bindery_function
         }
 
         #private::inventory::submit! {

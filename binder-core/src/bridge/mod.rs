@@ -31,6 +31,14 @@ pub(crate) async fn correlated<T>(
     HANDLING.scope(correlation_id, handling).await
 }
 
+/// Wraps `call` so that where it runs (a plain handler, on the blocking pool) it sends through
+/// a [`StreamBridge`] with the correlation id of the input being handled here.
+#[doc(hidden)]
+pub fn with_current_correlation<T>(call: impl FnOnce() -> T) -> impl FnOnce() -> T {
+    let correlation_id = current_correlation_id();
+    move || HANDLING.sync_scope(correlation_id, call)
+}
+
 /// The correlation id of the input being handled on this task, if any.
 fn current_correlation_id() -> Option<Bytes> {
     HANDLING.try_with(Clone::clone).ok().flatten()

@@ -7,7 +7,7 @@ use serde::de::DeserializeOwned;
 use super::ConfigError;
 
 /// Where the base configuration comes from.
-#[derive(Clone, Debug, Default)]
+#[derive(Clone, Default)]
 pub enum ConfigSource {
     /// `BINDERY_CONFIG` if set, else `application.toml` in the working directory if present.
     #[default]
@@ -23,13 +23,42 @@ pub enum ConfigSource {
     },
 }
 
-#[derive(Clone, Debug, Default)]
+impl std::fmt::Debug for ConfigSource {
+    /// Names the source, never its text (which may hold passwords).
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            ConfigSource::Default => f.write_str("Default"),
+            ConfigSource::File(path) => f.debug_tuple("File").field(path).finish(),
+            ConfigSource::Text { name, .. } => f
+                .debug_struct("Text")
+                .field("name", name)
+                .finish_non_exhaustive(),
+        }
+    }
+}
+
+#[derive(Clone, Default)]
 pub(crate) struct LoadOptions {
     pub(crate) source: ConfigSource,
     /// Profiles chosen in code; `None` reads `BINDERY_PROFILE`.
     pub(crate) profiles: Option<Vec<String>>,
     /// Environment variables to read; `None` reads the process environment.
     pub(crate) environment: Option<Vec<(String, String)>>,
+}
+
+impl std::fmt::Debug for LoadOptions {
+    /// Environment variables by name only: their values may be secrets.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let names: Option<Vec<&str>> = self
+            .environment
+            .as_ref()
+            .map(|vars| vars.iter().map(|(name, _)| name.as_str()).collect());
+        f.debug_struct("LoadOptions")
+            .field("source", &self.source)
+            .field("profiles", &self.profiles)
+            .field("environment", &names)
+            .finish()
+    }
 }
 
 const ENV_PREFIX: &str = "BINDERY_";
@@ -176,7 +205,7 @@ fn read_file(path: &Path) -> Result<Value, ConfigError> {
         .collect()
         .map_err(|e| ConfigError::Unreadable {
             path: shown.clone(),
-            message: e.to_string(),
+            message: without_source_lines(&e.to_string()),
         })?;
     Ok(Value::new(Some(&shown), ValueKind::Table(map)))
 }
@@ -186,7 +215,7 @@ fn parse_text(name: &str, toml: &str) -> Result<Value, ConfigError> {
         .collect()
         .map_err(|e| ConfigError::Unreadable {
             path: name.to_owned(),
-            message: e.to_string(),
+            message: without_source_lines(&e.to_string()),
         })?;
     Ok(with_origin(Value::new(None, ValueKind::Table(map)), name))
 }
@@ -330,7 +359,7 @@ impl AppConfig {
     /// contain, a secret.
     pub fn get<T: DeserializeOwned>(&self, key: &str) -> Result<T, crate::Error> {
         self.inner.get(key).map_err(|e| {
-            let message = without_quoted_values(&e.to_string());
+            let message = describe(&e);
             crate::Error::Config(ConfigError::Invalid(vec![super::ConfigProblem {
                 origin: "the application configuration".to_owned(),
                 key: key.to_owned(),
@@ -348,26 +377,44 @@ impl AppConfig {
     }
 }
 
-/// `text` with every double-quoted part (a value, in serde's and config's errors) shown as
-/// `"..."`.
-fn without_quoted_values(text: &str) -> String {
-    let mut out = String::with_capacity(text.len());
-    let mut quoted = false;
-    for c in text.chars() {
-        match (c, quoted) {
-            ('"', false) => {
-                out.push_str("\"...");
-                quoted = true;
-            }
-            ('"', true) => {
-                out.push('"');
-                quoted = false;
-            }
-            (_, true) => {}
-            (c, false) => out.push(c),
+/// A parse error without the lines of the file it quotes (they may hold a password): the
+/// position and the reason stay.
+fn without_source_lines(text: &str) -> String {
+    text.lines()
+        .filter(|line| {
+            let trimmed = line.trim_start();
+            let quoted = trimmed
+                .trim_start_matches(|c: char| c.is_ascii_digit())
+                .trim_start()
+                .starts_with('|');
+            !quoted
+        })
+        .map(str::trim)
+        .filter(|line| !line.is_empty())
+        .collect::<Vec<_>>()
+        .join("; ")
+}
+
+/// What went wrong reading a value, without the value: it may be, or contain, a secret.
+fn describe(error: &config::ConfigError) -> String {
+    use config::ConfigError as E;
+    match error {
+        E::NotFound(_) => "is not set".to_owned(),
+        E::Type {
+            unexpected,
+            expected,
+            ..
+        } => {
+            // Its text is the kind of value, then the value quoted: the kind only.
+            let shown = unexpected.to_string();
+            let kind = shown.split(['`', '"']).next().unwrap_or_default().trim();
+            format!("expected {expected}, found {kind} (the value is not shown)")
         }
+        E::At { error, .. } => describe(error),
+        // serde's own: a missing field names the field, never a value.
+        E::Message(text) if text.starts_with("missing field") => text.clone(),
+        _ => "does not match the type asked for (the value is not shown)".to_owned(),
     }
-    crate::redact::redact_uri(&out)
 }
 
 #[derive(Clone, Debug)]

@@ -281,9 +281,11 @@ impl Application {
 
     /// Like [`Application::run`], but also stops when `stop` completes.
     pub async fn run_until(self, stop: impl Future<Output = ()>) -> Result<(), Error> {
+        // Listening from before startup, so a signal that comes while binding is not missed.
+        let signal = listen_for_shutdown()?;
         let mut running = self.start().await?;
         let outcome = tokio::select! {
-            signal = shutdown_signal() => signal,
+            signal = signal => signal,
             () = stop => Ok(()),
             failure = running.binding_failure() => Err(failure),
         };
@@ -367,7 +369,14 @@ impl Application {
         let mut subscribed = Vec::new();
         for planned in &plan.functions {
             let output = match &planned.output {
-                Some(output) => Some(bridge.output(&output.name).await?),
+                Some(output) => {
+                    let bound = bridge.output(&output.name).await?;
+                    tracing::info!(
+                        binding = %output.name, destination = %output.destination,
+                        binder = %output.binder, "bound"
+                    );
+                    Some(bound)
+                }
                 None => None,
             };
             let context = Context::new(
@@ -540,19 +549,22 @@ impl RunningApplication {
     }
 }
 
-/// Waits for Ctrl-C or (on Unix) SIGTERM.
-async fn shutdown_signal() -> Result<(), Error> {
+/// Starts listening for Ctrl-C and SIGTERM; the future completes at the first of them.
+fn listen_for_shutdown() -> Result<impl Future<Output = Result<(), Error>>, Error> {
     #[cfg(unix)]
     {
         use tokio::signal::unix::{signal, SignalKind};
         let mut terminate = signal(SignalKind::terminate()).map_err(Error::Signal)?;
-        tokio::select! {
-            result = tokio::signal::ctrl_c() => result.map_err(Error::Signal),
-            _ = terminate.recv() => Ok(()),
-        }
+        let mut interrupt = signal(SignalKind::interrupt()).map_err(Error::Signal)?;
+        Ok(async move {
+            tokio::select! {
+                _ = terminate.recv() => Ok(()),
+                _ = interrupt.recv() => Ok(()),
+            }
+        })
     }
     #[cfg(not(unix))]
     {
-        tokio::signal::ctrl_c().await.map_err(Error::Signal)
+        Ok(async { tokio::signal::ctrl_c().await.map_err(Error::Signal) })
     }
 }

@@ -58,6 +58,15 @@ impl Planner<'_> {
     pub(crate) fn plan(&self, problems: &mut Problems) -> Option<Plan> {
         let functions = self.check_duplicates(problems);
         let selected = self.selected_functions(&functions, problems);
+        for function in &selected {
+            if let Some(why) = function.refusal() {
+                problems.at_key(
+                    "the code",
+                    format!("stream function `{}`", function.name()),
+                    why.to_owned(),
+                );
+            }
+        }
         let known_bindings = self.known_bindings();
         self.check_binding_names(&known_bindings, problems);
         let binders = self.binders(problems);
