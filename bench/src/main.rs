@@ -13,6 +13,10 @@
 mod kafka;
 mod measure;
 mod memory;
+
+#[cfg(feature = "mimalloc")]
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 mod pipeline;
 mod rabbit;
 

@@ -124,6 +124,15 @@ enum Step {
 
 type Job = BoxFuture<'static, Step>;
 
+/// Completes at `deadline`, or never without one. `select!` builds every branch's future on
+/// each turn, enabled or not: this one costs nothing (no clock read, no timer) until polled.
+async fn until(deadline: Option<Instant>) {
+    match deadline {
+        Some(deadline) => tokio::time::sleep_until(deadline).await,
+        None => std::future::pending().await,
+    }
+}
+
 /// How long a subscription may take to answer [`Subscription::drain`].
 const DRAIN_REQUEST_LIMIT: Duration = Duration::from_secs(5);
 type Shared = Arc<tokio::sync::Mutex<Box<dyn Subscription>>>;
@@ -199,7 +208,7 @@ impl InputBinding {
                 _ = stop.wait_for(|stop| *stop), if !engine.stopping && drain_until.is_none() => {
                     stop_asked = true;
                 }
-                _ = tokio::time::sleep_until(drain_until.unwrap_or_else(Instant::now)), if drain_until.is_some() && !engine.stopping => {
+                _ = until(drain_until), if drain_until.is_some() && !engine.stopping => {
                     tracing::warn!(binding = %engine.binding.binding, "messages already received were not all handled before shutdown; the rest go back to the broker");
                     engine.stop();
                 }
@@ -220,7 +229,7 @@ impl InputBinding {
                         }
                     }
                 }
-                _ = tokio::time::sleep_until(receive_again_at.unwrap_or_else(Instant::now)), if receive_again_at.is_some() => {
+                _ = until(receive_again_at), if receive_again_at.is_some() => {
                     receive_again_at = None;
                 }
             }
