@@ -786,3 +786,14 @@ fn an_environment_override_reaches_a_binder_named_with_underscores() {
     // One binder, overridden; not a second one named `my-store`.
     assert!(app.is_ok(), "{:?}", app.err().map(|e| e.to_string()));
 }
+
+#[test]
+fn one_file_naming_a_binding_both_ways_is_an_error() {
+    let text = error_of(
+        "[stream.bindings.bill_x-in-0]\ndestination = \"a\"\n[stream.bindings.bill-x-in-0]\ndestination = \"b\"\n",
+    );
+    assert_mentions(
+        &text,
+        &["application.toml", "bill_x-in-0", "bill-x-in-0", "keep one"],
+    );
+}

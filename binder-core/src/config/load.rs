@@ -126,7 +126,7 @@ pub(crate) fn load(options: &LoadOptions) -> Result<Value, ConfigError> {
 
     let mut merged = Value::new(None, ValueKind::Table(Map::new()));
     for mut layer in layers {
-        normalize_binding_names(&mut layer);
+        normalize_binding_names(&mut layer)?;
         merge(&mut merged, layer);
     }
     apply_environment(&mut merged, &environment);
@@ -135,20 +135,25 @@ pub(crate) fn load(options: &LoadOptions) -> Result<Value, ConfigError> {
 
 /// Binding names are compared with `_` and `-` alike (`send_order-in-0` is `send-order-in-0`):
 /// each layer's `[stream.bindings]` and `[stream.<binder type>.bindings]` entries are renamed
-/// to the `-` form, merging entries that only differed so, before the layers are merged.
-fn normalize_binding_names(layer: &mut Value) {
+/// to the `-` form before the layers are merged. One file naming a binding both ways is an
+/// error: which of its settings would win could not be told.
+fn normalize_binding_names(layer: &mut Value) -> Result<(), ConfigError> {
     let ValueKind::Table(root) = &mut layer.kind else {
-        return;
+        return Ok(());
     };
     let Some(Value {
         kind: ValueKind::Table(stream),
         ..
     }) = root.get_mut("stream")
     else {
-        return;
+        return Ok(());
     };
-    for (name, section) in stream.iter_mut() {
-        let bindings = match (name.as_str(), &mut section.kind) {
+    for (section_name, section) in stream.iter_mut() {
+        let prefix = match section_name.as_str() {
+            "bindings" => "stream.bindings".to_owned(),
+            other => format!("stream.{other}.bindings"),
+        };
+        let bindings = match (section_name.as_str(), &mut section.kind) {
             ("bindings", _) => Some(section),
             (_, ValueKind::Table(extension)) => extension.get_mut("bindings"),
             _ => None,
@@ -170,13 +175,29 @@ fn normalize_binding_names(layer: &mut Value) {
             let Some(value) = bindings.remove(&name) else {
                 continue;
             };
-            match bindings.get_mut(&normalized) {
-                Some(existing) => merge(existing, value),
-                None => {
-                    bindings.insert(normalized, value);
-                }
+            if bindings.contains_key(&normalized) {
+                return Err(ConfigError::Invalid(vec![super::ConfigProblem {
+                    origin: first_origin(&value).unwrap_or_else(|| "the configuration".to_owned()),
+                    key: format!("{prefix}.{name}"),
+                    message: format!(
+                        "names the same binding as `{prefix}.{normalized}` (in binding names `_` and `-` are alike); keep one of them"
+                    ),
+                }]));
             }
+            bindings.insert(normalized, value);
         }
+    }
+    Ok(())
+}
+
+/// Where the first value of `value` (a leaf, or the first leaf of a table) came from.
+fn first_origin(value: &Value) -> Option<String> {
+    if let Some(origin) = value.origin() {
+        return Some(origin.to_owned());
+    }
+    match &value.kind {
+        ValueKind::Table(map) => map.values().find_map(first_origin),
+        _ => None,
     }
 }
 
