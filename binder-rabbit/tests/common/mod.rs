@@ -78,14 +78,22 @@ pub(crate) fn vhost() -> String {
     }
 }
 
-/// The server's connections in the test's virtual host whose client-given name starts with
-/// `name`: their process ids.
-pub(crate) async fn connections_named(name: &str) -> BTreeSet<String> {
+/// A connection of the test's virtual host, as `rabbitmqctl list_connections` shows it.
+struct ServerConnection {
+    pid: String,
+    state: String,
+    /// The client properties, where the client-given name is quoted.
+    properties: String,
+}
+
+/// The server's connections in the test's virtual host.
+async fn server_connections() -> Vec<ServerConnection> {
     let listed = rabbitmqctl(&[
         "list_connections",
         "--no-table-headers",
         "pid",
         "vhost",
+        "state",
         "client_properties",
     ])
     .await;
@@ -93,10 +101,30 @@ pub(crate) async fn connections_named(name: &str) -> BTreeSet<String> {
     listed
         .lines()
         .filter_map(|line| {
-            let mut columns = line.splitn(3, '\t');
-            let (pid, host, properties) = (columns.next()?, columns.next()?, columns.next()?);
-            (host == vhost && properties.contains(&format!("\"{name}"))).then(|| pid.to_owned())
+            let mut columns = line.splitn(4, '\t');
+            let (pid, host, state, properties) = (
+                columns.next()?,
+                columns.next()?,
+                columns.next()?,
+                columns.next()?,
+            );
+            (host == vhost).then(|| ServerConnection {
+                pid: pid.to_owned(),
+                state: state.to_owned(),
+                properties: properties.to_owned(),
+            })
         })
+        .collect()
+}
+
+/// The process ids of the test's connections whose client-given name starts with `name`.
+pub(crate) async fn connections_named(name: &str) -> BTreeSet<String> {
+    let prefix = format!("\"{name}");
+    server_connections()
+        .await
+        .into_iter()
+        .filter(|c| c.properties.contains(&prefix))
+        .map(|c| c.pid)
         .collect()
 }
 
@@ -112,29 +140,19 @@ pub(crate) async fn close_connections_named(name: &str) -> BTreeSet<String> {
     pids
 }
 
-/// Messages in `queue` of the test's virtual host, ready and unacknowledged together.
-/// The states (`running`, `blocking`, `blocked`, ...) of the connections in the test's
-/// virtual host named exactly `name`.
+/// The states (`running`, `blocking`, `blocked`, ...) of the test's connections named exactly
+/// `name`.
 pub(crate) async fn connection_states(name: &str) -> Vec<String> {
-    let listed = rabbitmqctl(&[
-        "list_connections",
-        "--no-table-headers",
-        "vhost",
-        "state",
-        "client_properties",
-    ])
-    .await;
-    let vhost = vhost();
-    listed
-        .lines()
-        .filter_map(|line| {
-            let mut columns = line.splitn(3, '\t');
-            let (host, state, properties) = (columns.next()?, columns.next()?, columns.next()?);
-            (host == vhost && properties.contains(&format!("\"{name}\""))).then(|| state.to_owned())
-        })
+    let exact = format!("\"{name}\"");
+    server_connections()
+        .await
+        .into_iter()
+        .filter(|c| c.properties.contains(&exact))
+        .map(|c| c.state)
         .collect()
 }
 
+/// Messages in `queue` of the test's virtual host, ready and unacknowledged together.
 pub(crate) async fn queue_depth(queue: &str) -> Option<u64> {
     let listed = rabbitmqctl(&[
         "list_queues",
