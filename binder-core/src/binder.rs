@@ -123,6 +123,16 @@ pub trait Subscription: Send + fmt::Debug {
     /// The next message, waiting for one; `None` once the subscription has ended for good.
     async fn next(&mut self) -> Option<Result<Delivery, Error>>;
 
+    /// A message the client already holds, without waiting for one: `None` when none is at
+    /// hand now (not the end of the subscription, which [`next`](Self::next) reports).
+    ///
+    /// The core takes messages this way while the window has room, and waits on `next` only
+    /// when nothing is at hand, so a burst costs no future and no wake-up per message. The
+    /// default holds nothing: every message comes through `next`.
+    fn try_next(&mut self) -> Option<Result<Delivery, Error>> {
+        None
+    }
+
     /// Stops consuming. Messages received but never acknowledged are redelivered later.
     async fn close(self: Box<Self>) -> Result<(), Error> {
         Ok(())

@@ -53,7 +53,9 @@ pub struct MemoryBinder {
 
 #[derive(Debug, Default)]
 struct Broker {
-    destinations: Mutex<HashMap<String, Destination>>,
+    // Producers and subscriptions hold their destination, so a send takes no lock but its own
+    // destination's and looks up no name.
+    destinations: Mutex<HashMap<String, Arc<Mutex<Destination>>>>,
     next_anonymous: AtomicU64,
 }
 
@@ -109,17 +111,22 @@ impl Queue {
         self.available.notify_one();
     }
 
+    /// The first message waiting, if any.
+    fn try_pop(&self) -> Option<Envelope> {
+        let (next, more) = {
+            let mut ready = lock(&self.ready);
+            (ready.pop_front(), !ready.is_empty())
+        };
+        // Pass the wake-up on in case more messages are waiting for other consumers.
+        if next.is_some() && more {
+            self.available.notify_one();
+        }
+        next
+    }
+
     async fn pop(&self) -> Envelope {
         loop {
-            let (next, more) = {
-                let mut ready = lock(&self.ready);
-                (ready.pop_front(), !ready.is_empty())
-            };
-            if let Some(envelope) = next {
-                // Pass the wake-up on in case more messages are waiting for other consumers.
-                if more {
-                    self.available.notify_one();
-                }
+            if let Some(envelope) = self.try_pop() {
                 return envelope;
             }
             self.available.notified().await;
@@ -133,9 +140,23 @@ impl MemoryBinder {
         Self::default()
     }
 
-    fn group_queue(&self, destination: &str, group: &str) -> Arc<Queue> {
+    /// The destination named `name`, created empty when it does not exist yet.
+    fn destination(&self, name: &str) -> Arc<Mutex<Destination>> {
         let mut destinations = lock(&self.broker.destinations);
-        let destination = destinations.entry(destination.to_owned()).or_default();
+        match destinations.get(name) {
+            Some(destination) => destination.clone(),
+            None => destinations.entry(name.to_owned()).or_default().clone(),
+        }
+    }
+
+    /// The destination named `name`, if anything created it.
+    fn existing(&self, name: &str) -> Option<Arc<Mutex<Destination>>> {
+        lock(&self.broker.destinations).get(name).cloned()
+    }
+
+    fn group_queue(&self, destination: &str, group: &str) -> Arc<Queue> {
+        let destination = self.destination(destination);
+        let mut destination = lock(&destination);
         if let Some(queue) = destination.groups.get(group) {
             return queue.clone();
         }
@@ -145,54 +166,44 @@ impl MemoryBinder {
         queue
     }
 
-    fn publish(&self, destination: &str, message: &Message) -> Result<(), MemoryError> {
-        let queues: Vec<Arc<Queue>> = {
-            let mut destinations = lock(&self.broker.destinations);
-            match destinations.get_mut(destination) {
-                // Kept for the first group, as a DLQ queue keeps it on a broker; anonymous
-                // consumers see it too.
-                Some(d) if d.lasting && d.groups.is_empty() => {
-                    d.kept.push_back(message.clone());
-                    if d.anonymous.is_empty() {
-                        return Ok(());
-                    }
-                    d.anonymous.values().cloned().collect()
-                }
-                Some(d) => d
-                    .groups
-                    .values()
-                    .chain(d.anonymous.values())
-                    .cloned()
-                    .collect(),
-                None => Vec::new(),
-            }
-        };
-        if queues.is_empty() {
-            return Err(MemoryError::Unroutable(destination.to_owned()));
-        }
-        for queue in queues {
-            queue.push_back(Envelope {
-                message: message.clone(),
-                redelivered: false,
-            });
-        }
-        Ok(())
-    }
-
     /// How many messages a dead-letter `destination` keeps for its first group.
     pub fn kept(&self, destination: &str) -> usize {
-        lock(&self.broker.destinations)
-            .get(destination)
-            .map_or(0, |d| d.kept.len())
+        self.existing(destination)
+            .map_or(0, |d| lock(&d).kept.len())
     }
 
     /// How many messages wait in `group` of `destination`, not counting those being handled.
     pub fn pending(&self, destination: &str, group: &str) -> usize {
-        let destinations = lock(&self.broker.destinations);
-        destinations
-            .get(destination)
-            .and_then(|d| d.groups.get(group))
+        let Some(destination) = self.existing(destination) else {
+            return 0;
+        };
+        let destination = lock(&destination);
+        destination
+            .groups
+            .get(group)
             .map_or(0, |q| lock(&q.ready).len())
+    }
+}
+
+impl Destination {
+    /// Hands `message` to every group and anonymous consumer (or keeps it, when lasting);
+    /// `false` when nothing would receive it.
+    fn publish(&mut self, message: &Message) -> bool {
+        let envelope = || Envelope {
+            message: message.clone(),
+            redelivered: false,
+        };
+        if self.lasting && self.groups.is_empty() {
+            // Kept for the first group, as a DLQ queue keeps it on a broker; anonymous
+            // consumers see it too.
+            self.kept.push_back(message.clone());
+        } else if self.groups.is_empty() && self.anonymous.is_empty() {
+            return false;
+        }
+        for queue in self.groups.values().chain(self.anonymous.values()) {
+            queue.push_back(envelope());
+        }
+        true
     }
 }
 
@@ -206,17 +217,14 @@ impl Binder for MemoryBinder {
                 let queue = Arc::new(Queue::default());
                 // What a dead-letter destination kept waits for a group: an anonymous consumer
                 // takes nothing with it when it goes.
-                lock(&self.broker.destinations)
-                    .entry(spec.destination.clone())
-                    .or_default()
+                lock(&self.destination(&spec.destination))
                     .anonymous
                     .insert(id, queue.clone());
                 (queue, Some(id))
             }
         };
         Ok(Box::new(MemorySubscription {
-            binder: self.clone(),
-            destination: spec.destination.clone(),
+            destination: self.destination(&spec.destination),
             queue,
             anonymous_id,
         }))
@@ -227,46 +235,41 @@ impl Binder for MemoryBinder {
             self.group_queue(&spec.destination, group);
         }
         Ok(Arc::new(MemoryProducer {
-            binder: self.clone(),
-            destination: spec.destination.clone(),
+            name: spec.destination.clone(),
+            destination: self.destination(&spec.destination),
         }))
     }
 
     /// Dead letters go to [`ConsumerSpec::dlq_destination`], which keeps them until a group
     /// subscribes to it: a dead letter is never refused for want of a reader.
     async fn dead_letter_producer(&self, spec: &ConsumerSpec) -> Result<Arc<dyn Producer>, Error> {
-        let destination = spec.dlq_destination();
-        lock(&self.broker.destinations)
-            .entry(destination.clone())
-            .or_default()
-            .lasting = true;
-        Ok(Arc::new(MemoryProducer {
-            binder: self.clone(),
-            destination,
-        }))
+        let name = spec.dlq_destination();
+        let destination = self.destination(&name);
+        lock(&destination).lasting = true;
+        Ok(Arc::new(MemoryProducer { name, destination }))
     }
 }
 
 #[derive(Debug)]
 struct MemoryProducer {
-    binder: MemoryBinder,
-    destination: String,
+    name: String,
+    destination: Arc<Mutex<Destination>>,
 }
 
 #[async_trait]
 impl Producer for MemoryProducer {
     async fn enqueue(&self, message: &Message) -> Result<Confirmation, Error> {
-        self.binder
-            .publish(&self.destination, message)
-            .map_err(|e| Error::binder("memory", e))?;
+        if !lock(&self.destination).publish(message) {
+            let unroutable = MemoryError::Unroutable(self.name.clone());
+            return Err(Error::binder("memory", unroutable));
+        }
         Ok(Confirmation::confirmed())
     }
 }
 
 #[derive(Debug)]
 struct MemorySubscription {
-    binder: MemoryBinder,
-    destination: String,
+    destination: Arc<Mutex<Destination>>,
     queue: Arc<Queue>,
     anonymous_id: Option<u64>,
 }
@@ -275,26 +278,32 @@ struct MemorySubscription {
 impl Subscription for MemorySubscription {
     async fn next(&mut self) -> Option<Result<Delivery, Error>> {
         let envelope = self.queue.pop().await;
-        let redelivered = envelope.redelivered;
-        let message = envelope.message.clone();
-        Some(Ok(Delivery {
-            message,
-            redelivered,
+        Some(Ok(self.delivery(envelope)))
+    }
+
+    fn try_next(&mut self) -> Option<Result<Delivery, Error>> {
+        let envelope = self.queue.try_pop()?;
+        Some(Ok(self.delivery(envelope)))
+    }
+}
+
+impl MemorySubscription {
+    fn delivery(&self, envelope: Envelope) -> Delivery {
+        Delivery {
+            message: envelope.message.clone(),
+            redelivered: envelope.redelivered,
             acknowledgement: Box::new(MemoryAck {
                 queue: self.queue.clone(),
                 envelope: Some(envelope),
             }),
-        }))
+        }
     }
 }
 
 impl Drop for MemorySubscription {
     fn drop(&mut self) {
         if let Some(id) = self.anonymous_id {
-            let mut destinations = lock(&self.binder.broker.destinations);
-            if let Some(d) = destinations.get_mut(&self.destination) {
-                d.anonymous.remove(&id);
-            }
+            lock(&self.destination).anonymous.remove(&id);
         }
     }
 }

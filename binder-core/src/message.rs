@@ -1,10 +1,11 @@
 //! The message model: a payload with headers and an optional key.
 
-use std::collections::BTreeMap;
+use std::borrow::Cow;
 use std::fmt;
 use std::sync::Arc;
 
 use bytes::Bytes;
+use smallvec::SmallVec;
 
 /// Names of the headers bindery itself reads or writes.
 pub mod header {
@@ -32,12 +33,19 @@ pub mod header {
 /// headers.insert("tenant", "acme");
 /// assert_eq!(headers.get_str("tenant"), Some("acme"));
 /// ```
-#[derive(Clone, Default, PartialEq, Eq)]
+#[derive(Clone, Default)]
 pub struct Headers {
     // Shared until changed: messages are cloned on every hop (fan-out, retries, dead letters),
-    // headers rarely change after they were set.
-    entries: Arc<BTreeMap<String, Bytes>>,
+    // headers rarely change after they were set. Kept sorted by name; a message carries a few
+    // headers, so a sorted vector beats a tree; no headers cost no allocation, and up to four
+    // cost one (besides their values).
+    entries: Option<Arc<Entries>>,
 }
+
+type Entries = SmallVec<[(Name, Bytes); 4]>;
+
+/// A header name: bindery's own are static and cost no allocation.
+type Name = Cow<'static, str>;
 
 impl Headers {
     /// No headers.
@@ -45,9 +53,19 @@ impl Headers {
         Self::default()
     }
 
+    fn entries(&self) -> &[(Name, Bytes)] {
+        self.entries.as_deref().map_or(&[], SmallVec::as_slice)
+    }
+
+    fn position(&self, name: &str) -> Result<usize, usize> {
+        self.entries()
+            .binary_search_by(|(entry, _)| entry.as_ref().cmp(name))
+    }
+
     /// The value of `name` as bytes.
     pub fn get(&self, name: &str) -> Option<&Bytes> {
-        self.entries.get(name)
+        let index = self.position(name).ok()?;
+        Some(&self.entries()[index].1)
     }
 
     /// The value of `name` as text, when it is valid UTF-8.
@@ -57,51 +75,76 @@ impl Headers {
 
     /// Whether `name` is present.
     pub fn contains(&self, name: &str) -> bool {
-        self.entries.contains_key(name)
+        self.position(name).is_ok()
     }
 
     /// Sets `name` to `value` (copied), replacing any earlier value.
     pub fn insert(&mut self, name: impl Into<String>, value: impl AsRef<[u8]>) {
-        Arc::make_mut(&mut self.entries)
-            .insert(name.into(), Bytes::copy_from_slice(value.as_ref()));
+        self.set(
+            Cow::Owned(name.into()),
+            Bytes::copy_from_slice(value.as_ref()),
+        );
     }
 
     /// Sets `name` to `value` without copying it.
     pub fn insert_bytes(&mut self, name: impl Into<String>, value: Bytes) {
-        Arc::make_mut(&mut self.entries).insert(name.into(), value);
+        self.set(Cow::Owned(name.into()), value);
+    }
+
+    /// Sets one of bindery's own headers (a static name) without copying name or value.
+    pub(crate) fn set_static(&mut self, name: &'static str, value: Bytes) {
+        self.set(Cow::Borrowed(name), value);
+    }
+
+    fn set(&mut self, name: Name, value: Bytes) {
+        let position = self.position(&name);
+        let entries = Arc::make_mut(self.entries.get_or_insert_with(|| Arc::new(Entries::new())));
+        match position {
+            Ok(index) => entries[index].1 = value,
+            Err(index) => entries.insert(index, (name, value)),
+        }
     }
 
     /// Removes `name`, returning its value.
     pub fn remove(&mut self, name: &str) -> Option<Bytes> {
-        if !self.entries.contains_key(name) {
-            return None;
-        }
-        Arc::make_mut(&mut self.entries).remove(name)
+        let index = self.position(name).ok()?;
+        let entries = Arc::make_mut(self.entries.as_mut()?);
+        Some(entries.remove(index).1)
     }
 
     /// Every header, in name order.
     pub fn iter(&self) -> impl Iterator<Item = (&str, &Bytes)> {
-        self.entries.iter().map(|(k, v)| (k.as_str(), v))
+        self.entries()
+            .iter()
+            .map(|(name, value)| (name.as_ref(), value))
     }
 
     /// How many headers there are.
     pub fn len(&self) -> usize {
-        self.entries.len()
+        self.entries().len()
     }
 
     /// Whether there are none.
     pub fn is_empty(&self) -> bool {
-        self.entries.is_empty()
+        self.entries().is_empty()
     }
 }
+
+impl PartialEq for Headers {
+    fn eq(&self, other: &Self) -> bool {
+        self.entries() == other.entries()
+    }
+}
+
+impl Eq for Headers {}
 
 impl fmt::Debug for Headers {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         let mut map = f.debug_map();
-        for (name, value) in self.entries.iter() {
+        for (name, value) in self.iter() {
             match std::str::from_utf8(value) {
-                Ok(text) => map.entry(name, &text),
-                Err(_) => map.entry(name, value),
+                Ok(text) => map.entry(&name, &text),
+                Err(_) => map.entry(&name, value),
             };
         }
         map.finish()
@@ -282,5 +325,47 @@ impl Message<Bytes> {
     /// The payload as text, when it is valid UTF-8.
     pub fn text(&self) -> Option<&str> {
         std::str::from_utf8(&self.payload).ok()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn headers_keep_name_order_replace_and_remove() {
+        let mut headers = Headers::new();
+        headers.insert("tenant", "acme");
+        headers.set_static(header::CONTENT_TYPE, Bytes::from_static(b"text/plain"));
+        headers.insert("b-side", "1");
+        headers.insert("tenant", "globex");
+        let names: Vec<&str> = headers.iter().map(|(name, _)| name).collect();
+        assert_eq!(names, ["b-side", "content-type", "tenant"]);
+        assert_eq!(headers.get_str("tenant"), Some("globex"), "insert replaces");
+        assert_eq!(headers.len(), 3);
+
+        let shared = headers.clone();
+        assert_eq!(headers.remove("b-side").as_deref(), Some(&b"1"[..]));
+        assert_eq!(headers.remove("b-side"), None);
+        assert_eq!(shared.len(), 3, "a clone keeps what the original changes");
+
+        headers.remove("tenant");
+        headers.remove("content-type");
+        assert!(headers.is_empty());
+        assert_eq!(headers, Headers::new(), "emptied equals never filled");
+        assert_eq!(
+            format!("{shared:?}"),
+            r#"{"b-side": "1", "content-type": "text/plain", "tenant": "globex"}"#
+        );
+    }
+
+    #[test]
+    fn owned_and_static_names_are_the_same_header() {
+        let mut owned = Headers::new();
+        owned.insert(header::MESSAGE_ID, "m-1");
+        let mut fixed = Headers::new();
+        fixed.set_static(header::MESSAGE_ID, Bytes::from_static(b"m-1"));
+        assert_eq!(owned, fixed);
+        assert!(fixed.contains("x-message-id"));
     }
 }

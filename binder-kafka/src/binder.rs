@@ -874,6 +874,11 @@ impl Subscription for KafkaSubscription {
         self.receiver.recv().await.map(Ok)
     }
 
+    /// What the polling thread has handed over already; its end is left for `next` to report.
+    fn try_next(&mut self) -> Option<Result<Delivery, Error>> {
+        self.receiver.try_recv().ok().map(Ok)
+    }
+
     async fn close(mut self: Box<Self>) -> Result<(), Error> {
         self.stop.store(true, Ordering::Release);
         self.receiver.close();

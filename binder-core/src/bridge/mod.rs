@@ -12,10 +12,10 @@ mod send;
 use crate::binder::{Binder, ConsumerSpec, Producer, ProducerSpec};
 use crate::config::{normalize_name, BindingConfig};
 use crate::config::{ConfigNode, ConsumerProperties, ProducerProperties};
-use crate::handler::{IntoOutputs, Outputs, DEFAULT_CONTENT_TYPE};
+use crate::handler::{ContentType, IntoOutputs, Outputs, DEFAULT_CONTENT_TYPE};
 use crate::{Error, Message};
-pub(crate) use ids::{new_message_id, output_id};
-pub(crate) use send::{all_confirmed, confirm_all, enqueue_all, stamp, Sending};
+pub(crate) use ids::{new_message_id, output_id, MessageId};
+pub(crate) use send::{all_confirmed, confirm_all, enqueue_all, stamp, Sendings};
 
 tokio::task_local! {
     /// The correlation id of the input message whose handler runs on this task.
@@ -81,7 +81,7 @@ impl fmt::Debug for StreamBridge {
 /// A destination ready to send to: the producer and the binding's content type.
 #[derive(Debug)]
 pub(crate) struct Output {
-    pub(crate) content_type: String,
+    pub(crate) content_type: ContentType,
     pub(crate) destination: String,
     pub(crate) producer: Arc<dyn Producer>,
 }
@@ -136,7 +136,7 @@ impl StreamBridge {
     /// outputs do (unless they set one); from a task the handler spawned, they do not.
     pub async fn send(&self, target: &str, value: impl IntoOutputs) -> Result<(), Error> {
         let output = self.output(target).await?;
-        let mut outputs = Outputs::new(output.content_type.clone());
+        let mut outputs = Outputs::encoded_as(output.content_type.clone());
         value
             .into_outputs(&mut outputs)
             .map_err(|failure| Error::Encode {
@@ -186,7 +186,9 @@ impl StreamBridge {
             })?;
         let producer = binder.producer(&spec).await?;
         let output = Arc::new(Output {
-            content_type: content_type.unwrap_or_else(|| DEFAULT_CONTENT_TYPE.to_owned()),
+            content_type: ContentType::new(
+                content_type.unwrap_or_else(|| DEFAULT_CONTENT_TYPE.to_owned()),
+            ),
             destination: spec.destination.clone(),
             producer,
         });

@@ -5,7 +5,9 @@ use std::sync::Arc;
 
 use bytes::Bytes;
 use futures::FutureExt;
+use smallvec::SmallVec;
 
+use super::ids::MessageId;
 use crate::binder::{Confirmation, Producer};
 use crate::handler::panic_text;
 use crate::message::header;
@@ -18,14 +20,17 @@ pub(crate) struct Sending {
     confirmation: Result<Confirmation, Error>,
 }
 
+/// The sends of one handler call: most calls produce one message, kept inline.
+pub(crate) type Sendings = SmallVec<[Sending; 1]>;
+
 /// Hands `messages` to `producer` one after the other, so they are sent in this order.
 /// A producer that panics refuses the message for good rather than taking the binding down.
 pub(crate) async fn enqueue_all(
     producer: &Arc<dyn Producer>,
     destination: &str,
     messages: Vec<Message>,
-) -> Vec<Sending> {
-    let mut sendings = Vec::with_capacity(messages.len());
+) -> Sendings {
+    let mut sendings = Sendings::with_capacity(messages.len());
     for message in messages {
         let confirmation = match AssertUnwindSafe(producer.enqueue(&message))
             .catch_unwind()
@@ -57,7 +62,7 @@ pub(crate) fn all_confirmed(sendings: &[Sending]) -> bool {
 }
 
 /// Awaits every confirmation; returns the messages that were not confirmed, with why.
-pub(crate) async fn confirm_all(sendings: Vec<Sending>) -> Vec<(Message, Error)> {
+pub(crate) async fn confirm_all(sendings: Sendings) -> Vec<(Message, Error)> {
     let answers = futures::future::join_all(sendings.into_iter().map(|sending| async move {
         let answer = match sending.confirmation {
             Ok(confirmation) => confirmation.await,
@@ -75,16 +80,16 @@ pub(crate) async fn confirm_all(sendings: Vec<Sending>) -> Vec<(Message, Error)>
 /// Gives a message its id (unless the handler set one) and carries the correlation id over.
 pub(crate) fn stamp(
     message: &mut Message,
-    id: impl FnOnce() -> String,
+    id: impl FnOnce() -> MessageId,
     correlation: Option<&Bytes>,
 ) {
     let headers = message.headers_mut();
     if !headers.contains(header::MESSAGE_ID) {
-        headers.insert(header::MESSAGE_ID, id());
+        headers.set_static(header::MESSAGE_ID, id().bytes().clone());
     }
     if let Some(correlation) = correlation {
         if !headers.contains(header::CORRELATION_ID) {
-            headers.insert_bytes(header::CORRELATION_ID, correlation.clone());
+            headers.set_static(header::CORRELATION_ID, correlation.clone());
         }
     }
 }

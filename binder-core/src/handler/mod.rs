@@ -28,6 +28,7 @@ use futures::future::BoxFuture;
 pub use arguments::{Decoded, FromMessage, FromPayload};
 pub(crate) use failure::panic_text;
 pub use failure::{Failure, FailureKind};
+pub(crate) use outputs::ContentType;
 pub use outputs::{Encoded, IntoOutputs, IntoPayload, Outputs};
 
 use crate::bridge::StreamBridge;
@@ -46,7 +47,7 @@ struct ContextInner {
     bridge: StreamBridge,
     config: AppConfig,
     input_content_type: Option<String>,
-    output_content_type: String,
+    output_content_type: ContentType,
 }
 
 /// The content type used when neither the message nor the binding names one.
@@ -57,7 +58,7 @@ impl Context {
         bridge: StreamBridge,
         config: AppConfig,
         input_content_type: Option<String>,
-        output_content_type: Option<String>,
+        output_content_type: Option<ContentType>,
     ) -> Self {
         Context {
             inner: Arc::new(ContextInner {
@@ -65,7 +66,7 @@ impl Context {
                 config,
                 input_content_type,
                 output_content_type: output_content_type
-                    .unwrap_or_else(|| DEFAULT_CONTENT_TYPE.to_owned()),
+                    .unwrap_or_else(|| ContentType::new(DEFAULT_CONTENT_TYPE)),
             }),
         }
     }
@@ -88,9 +89,26 @@ impl Context {
             .unwrap_or(DEFAULT_CONTENT_TYPE)
     }
 
+    /// No messages yet, to be encoded with this binding's content type: what a hand-written
+    /// handler taking `Message` and `Context` collects its outputs in.
+    ///
+    /// ```
+    /// use bindery_core::{Context, Decoded, Failure, FromMessage, Message, Outputs};
+    /// # #[derive(serde::Deserialize)] struct Order { id: u64 }
+    /// async fn bill(message: Message, context: Context) -> Result<Outputs, Failure> {
+    ///     let Decoded(order) = Decoded::<Order>::from_message(&message, &context)?;
+    ///     let mut outputs = context.outputs();
+    ///     outputs.push(Message::new(order.id.to_string().into()));
+    ///     Ok(outputs)
+    /// }
+    /// ```
+    pub fn outputs(&self) -> Outputs {
+        Outputs::encoded_as(self.inner.output_content_type.clone())
+    }
+
     /// The content type values returned by the handler are encoded with.
     pub fn output_content_type(&self) -> &str {
-        &self.inner.output_content_type
+        self.inner.output_content_type.as_str()
     }
 }
 
@@ -131,7 +149,7 @@ macro_rules! impl_handler {
                     $(let $arg = $arg::from_message(&message, &context)?;)*
                     drop(message);
                     let value = handler($($arg),*).await;
-                    let mut outputs = Outputs::new(context.output_content_type());
+                    let mut outputs = context.outputs();
                     value.into_outputs(&mut outputs)?;
                     Ok(outputs)
                 })

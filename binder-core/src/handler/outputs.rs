@@ -1,34 +1,66 @@
 //! What a handler returns: values turned into messages to send.
 
-use std::any::type_name;
+use std::any::{type_name, Any};
 use std::fmt;
+use std::sync::Arc;
 
 use bytes::Bytes;
 use serde::Serialize;
 
-use super::{is_json, Failure, FailureKind};
+use super::{is_json, Failure, FailureKind, DEFAULT_CONTENT_TYPE};
 use crate::message::header;
 use crate::Message;
+
+/// A binding's content type, as text and as the header value, shared by every message.
+#[derive(Clone, Debug)]
+pub(crate) struct ContentType {
+    text: Arc<str>,
+    header: Bytes,
+}
+
+impl ContentType {
+    pub(crate) fn new(text: impl Into<String>) -> Self {
+        let text: String = text.into();
+        // A static header value is shared without a reference count: the default costs
+        // nothing per message, on any thread.
+        let header = match text.as_str() {
+            DEFAULT_CONTENT_TYPE => Bytes::from_static(DEFAULT_CONTENT_TYPE.as_bytes()),
+            _ => Bytes::from(text.clone()),
+        };
+        ContentType {
+            header,
+            text: text.into(),
+        }
+    }
+
+    pub(crate) fn as_str(&self) -> &str {
+        &self.text
+    }
+}
 
 /// Messages produced by one handler call, not yet sent.
 #[derive(Debug)]
 pub struct Outputs {
-    content_type: String,
+    content_type: ContentType,
     messages: Vec<Message>,
 }
 
 impl Outputs {
     /// No messages yet; values will be encoded as `content_type`.
     pub fn new(content_type: impl Into<String>) -> Self {
+        Self::encoded_as(ContentType::new(content_type))
+    }
+
+    pub(crate) fn encoded_as(content_type: ContentType) -> Self {
         Outputs {
-            content_type: content_type.into(),
+            content_type,
             messages: Vec::new(),
         }
     }
 
     /// The content type values are encoded as.
     pub fn content_type(&self) -> &str {
-        &self.content_type
+        self.content_type.as_str()
     }
 
     /// Adds a message, ready to send.
@@ -121,12 +153,13 @@ impl IntoPayload for Vec<u8> {
 impl<P: IntoPayload> IntoOutputs for Message<P> {
     fn into_outputs(self, outputs: &mut Outputs) -> Result<(), Failure> {
         let (payload, mut headers, key) = self.into_parts();
-        let (bytes, own_type) = payload.into_payload(&outputs.content_type)?;
+        let (bytes, own_type) = payload.into_payload(outputs.content_type())?;
         if !headers.contains(header::CONTENT_TYPE) {
-            headers.insert(
-                header::CONTENT_TYPE,
-                own_type.unwrap_or(&outputs.content_type),
-            );
+            let value = match own_type {
+                Some(own) => Bytes::from_static(own.as_bytes()),
+                None => outputs.content_type.header.clone(),
+            };
+            headers.set_static(header::CONTENT_TYPE, value);
         }
         outputs.push(Message::from_parts(bytes, headers, key));
         Ok(())
@@ -172,15 +205,40 @@ impl<O: IntoOutputs> IntoOutputs for Vec<O> {
     }
 }
 
+/// An `Err` is a failure of the handler, retried and then dead-lettered; an `Err` that is a
+/// [`Failure`] already keeps its kind (so a [`Failure::decode`] is not retried).
 impl<O: IntoOutputs, E: fmt::Display + Send + 'static> IntoOutputs for Result<O, E> {
     fn into_outputs(self, outputs: &mut Outputs) -> Result<(), Failure> {
         match self {
             Ok(value) => value.into_outputs(outputs),
-            Err(error) => Err(Failure::new(
-                FailureKind::Handler,
-                type_name::<E>(),
-                error.to_string(),
-            )),
+            Err(error) => Err(into_failure(error)),
         }
+    }
+}
+
+fn into_failure<E: fmt::Display + 'static>(error: E) -> Failure {
+    let mut error = Some(error);
+    let failure = (&mut error as &mut dyn Any)
+        .downcast_mut::<Option<Failure>>()
+        .and_then(Option::take);
+    match (failure, error) {
+        (Some(failure), _) => failure,
+        (None, error) => Failure::new(
+            FailureKind::Handler,
+            type_name::<E>(),
+            error.map(|e| e.to_string()).unwrap_or_default(),
+        ),
+    }
+}
+
+/// Messages collected already, as a hand-written handler returns them.
+impl IntoOutputs for Outputs {
+    fn into_outputs(self, outputs: &mut Outputs) -> Result<(), Failure> {
+        if outputs.messages.is_empty() {
+            outputs.messages = self.messages;
+        } else {
+            outputs.messages.extend(self.messages);
+        }
+        Ok(())
     }
 }

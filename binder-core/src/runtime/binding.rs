@@ -32,8 +32,8 @@ use super::settle::{settle, InOrder, Verdict};
 use super::window::Window;
 use crate::binder::{Acknowledgement, Delivery, Producer, Subscription};
 use crate::bridge::{
-    all_confirmed, confirm_all, correlated, enqueue_all, new_message_id, output_id, stamp, Output,
-    Sending,
+    all_confirmed, confirm_all, correlated, enqueue_all, new_message_id, output_id, stamp,
+    MessageId, Output, Sendings,
 };
 use crate::config::ConsumerProperties;
 use crate::handler::{panic_text, Context, ErasedHandler, Failure, FailureKind};
@@ -43,7 +43,7 @@ use crate::{Error, Message};
 /// One handler bound to its input (or poll timer) and its output.
 #[derive(Clone)]
 pub(crate) struct Invoker {
-    pub(crate) function: String,
+    pub(crate) function: Arc<str>,
     pub(crate) handler: ErasedHandler,
     pub(crate) context: Context,
     pub(crate) output: Option<Arc<Output>>,
@@ -87,7 +87,7 @@ struct InFlight {
     /// Arrival order, from 0.
     sequence: u64,
     message: Arc<Message>,
-    id: String,
+    id: MessageId,
     correlation_id: Option<Bytes>,
     acknowledgement: Box<dyn Acknowledgement>,
     /// Handler attempts made so far.
@@ -111,7 +111,7 @@ enum Target {
 /// A finished piece of work of the binding.
 enum Step {
     /// The handler ran: its outputs handed to the producer, or why it failed.
-    Handled(InFlight, Result<Vec<Sending>, Failure>),
+    Handled(InFlight, Result<Sendings, Failure>),
     /// A retry's back-off is over.
     BackedOff(InFlight),
     /// Sends were answered; those not confirmed are listed with why.
@@ -132,6 +132,9 @@ async fn until(deadline: Option<Instant>) {
         None => std::future::pending().await,
     }
 }
+
+/// How many messages already at hand one turn of a binding's loop takes.
+const AT_HAND_PER_TURN: usize = 16;
 
 /// How long a subscription may take to answer [`Subscription::drain`].
 const DRAIN_REQUEST_LIMIT: Duration = Duration::from_secs(5);
@@ -192,13 +195,13 @@ impl InputBinding {
         let mut drain_until: Option<Instant> = None;
         let mut stop_asked = false;
         loop {
-            if open
-                && receiving.is_none()
-                && !engine.stopping
-                && receive_again_at.is_none()
-                && engine.window.has_room()
-            {
-                receiving = Some(receive(subscription.clone()));
+            if open && receiving.is_none() && !engine.stopping && receive_again_at.is_none() {
+                if let Err(error) = engine.take_at_hand(&subscription) {
+                    tracing::error!(binding = %engine.binding.binding, %error, "receiving failed; trying again in 1s");
+                    receive_again_at = Some(Instant::now() + Duration::from_secs(1));
+                } else if engine.window.has_room() {
+                    receiving = Some(receive(subscription.clone()));
+                }
             }
             if engine.jobs.is_empty() && (engine.stopping || (receiving.is_none() && !open)) {
                 break;
@@ -292,18 +295,42 @@ struct Engine {
 }
 
 impl Engine {
+    /// Admits, and starts, what the subscription already holds, as far as the window and one
+    /// turn's share go (the loop checks for shutdown between turns).
+    fn take_at_hand(&mut self, subscription: &Shared) -> Result<(), Error> {
+        let Ok(mut subscription) = subscription.try_lock() else {
+            return Ok(());
+        };
+        for _ in 0..AT_HAND_PER_TURN {
+            if !self.window.has_room() {
+                break;
+            }
+            match subscription.try_next() {
+                Some(Ok(delivery)) => self.admit(delivery),
+                Some(Err(error)) => return Err(error),
+                None => break,
+            }
+            self.start_ready();
+        }
+        Ok(())
+    }
+
     fn admit(&mut self, delivery: Delivery) {
         let Delivery {
             mut message,
             acknowledgement,
             ..
         } = delivery;
-        let id = match message.headers().get_str(header::MESSAGE_ID) {
-            Some(id) => id.to_owned(),
-            None => new_message_id(),
+        // An id that is not text is replaced, as one that is missing: ids are logged, and
+        // become the correlation id of what the handler sends.
+        let id = match message.headers().get(header::MESSAGE_ID) {
+            Some(id) if std::str::from_utf8(id).is_ok() => MessageId::from_header(id),
+            _ => new_message_id(),
         };
         if !message.headers().contains(header::CORRELATION_ID) {
-            message.headers_mut().insert(header::CORRELATION_ID, &id);
+            message
+                .headers_mut()
+                .set_static(header::CORRELATION_ID, id.bytes().clone());
         }
         let correlation_id = message.headers().get(header::CORRELATION_ID).cloned();
         self.window.open();
@@ -333,7 +360,22 @@ impl Engine {
             };
             self.running += 1;
             let job = self.handle(item);
-            self.jobs.push(job);
+            self.push_job(job);
+        }
+    }
+
+    /// Runs `job` as far as it goes at once, and only keeps it when it has to wait: on the
+    /// memory binder, or a handler that does not wait, a message is handled, sent and settled
+    /// within this call, without a task node or a wake-up. A job kept is polled again by `jobs`
+    /// straight away, with the binding's waker.
+    fn push_job(&mut self, mut job: Job) {
+        // A handler on a task of its own is never done at once.
+        if self.concurrency > 1 {
+            return self.jobs.push(job);
+        }
+        match (&mut job).now_or_never() {
+            Some(step) => self.on_step(step),
+            None => self.jobs.push(job),
         }
     }
 
@@ -341,9 +383,10 @@ impl Engine {
     /// released: so outputs of one key are sent in the order their inputs arrived.
     fn handle(&self, mut item: InFlight) -> Job {
         item.attempts += 1;
-        let invoker = self.binding.invoker.clone();
+        let binding = self.binding.clone();
         let spawn = self.concurrency > 1;
         Box::pin(async move {
+            let invoker = &binding.invoker;
             let message = item.message.clone();
             let outcome = if spawn {
                 let call = invoker.clone();
@@ -354,22 +397,17 @@ impl Engine {
                 invoker.call(message).await
             };
             let outcome = match (outcome, &invoker.output) {
-                (Ok(outputs), Some(output)) => {
-                    let messages = outputs
-                        .into_iter()
-                        .enumerate()
-                        .map(|(index, mut message)| {
-                            stamp(
-                                &mut message,
-                                || output_id(&item.id, index),
-                                item.correlation_id.as_ref(),
-                            );
-                            message
-                        })
-                        .collect();
+                (Ok(mut messages), Some(output)) => {
+                    for (index, message) in messages.iter_mut().enumerate() {
+                        stamp(
+                            message,
+                            || output_id(&item.id, index),
+                            item.correlation_id.as_ref(),
+                        );
+                    }
                     Ok(enqueue_all(&output.producer, &output.destination, messages).await)
                 }
-                (Ok(_), None) => Ok(Vec::new()),
+                (Ok(_), None) => Ok(Sendings::new()),
                 (Err(failure), _) => Err(failure),
             };
             Step::Handled(item, outcome)
@@ -451,7 +489,7 @@ impl Engine {
             return self.settle(item, Verdict::Ack);
         };
         let letter = dead_letter(&item.message, &failure, &binding.destination, attempts);
-        self.jobs.push(Box::pin(async move {
+        self.push_job(Box::pin(async move {
             let sendings = enqueue_all(&producer, &destination, vec![letter]).await;
             let failed = confirm_all(sendings).await;
             Step::Confirmed(item, Target::DeadLetter { failure, attempts }, failed)
@@ -513,24 +551,21 @@ impl Engine {
             in_order.decide(item.sequence, item.acknowledgement, verdict);
             return self.release_in_order();
         }
+        let mut settling = settle(item.acknowledgement, verdict);
+        // Most brokers settle without waiting; only those that must wait cost a job.
+        if let Some(settled) = (&mut settling).now_or_never() {
+            self.window.close(1);
+            return unsettled(&self.binding.binding, &item.id, settled);
+        }
         let binding = self.binding.binding.clone();
         let id = item.id;
-        let mut settling = Box::pin(async move {
-            if let Err(error) = settle(item.acknowledgement, verdict).await {
-                tracing::warn!(%binding, message_id = %id, %error, "settling the message with the broker failed; it may be delivered again");
+        self.jobs.push(Box::pin(async move {
+            unsettled(&binding, &id, settling.await);
+            Step::Settled {
+                count: 1,
+                in_order: false,
             }
-        });
-        // Most brokers settle without waiting; only those that must wait cost a job.
-        match (&mut settling).now_or_never() {
-            Some(()) => self.window.close(1),
-            None => self.jobs.push(Box::pin(async move {
-                settling.await;
-                Step::Settled {
-                    count: 1,
-                    in_order: false,
-                }
-            })),
-        }
+        }));
     }
 
     /// Settles, one at a time and in arrival order, every verdict with none undecided before it.
@@ -547,7 +582,7 @@ impl Engine {
         }
         self.settling_in_order = true;
         let binding = self.binding.binding.clone();
-        self.jobs.push(Box::pin(async move {
+        self.push_job(Box::pin(async move {
             let count = batch.len();
             for (acknowledgement, verdict) in batch {
                 if let Err(error) = settle(acknowledgement, verdict).await {
@@ -572,6 +607,13 @@ impl Engine {
         for item in waiting {
             self.settle(item, Verdict::Requeue);
         }
+    }
+}
+
+/// Logs a settlement the broker did not take.
+fn unsettled(binding: &str, id: &MessageId, settled: Result<(), Error>) {
+    if let Err(error) = settled {
+        tracing::warn!(%binding, message_id = %id, %error, "settling the message with the broker failed; it may be delivered again");
     }
 }
 

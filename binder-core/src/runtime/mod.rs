@@ -386,7 +386,7 @@ impl Application {
                 output.as_ref().map(|o| o.content_type.clone()),
             );
             let invoker = Invoker {
-                function: planned.function.name().to_owned(),
+                function: planned.function.name().into(),
                 handler: planned.function.handler.clone(),
                 context,
                 output,

@@ -7,6 +7,8 @@
 
 use std::collections::BTreeMap;
 
+use futures::future::BoxFuture;
+
 use crate::binder::Acknowledgement;
 use crate::Error;
 
@@ -20,13 +22,13 @@ pub(crate) enum Verdict {
 }
 
 /// Settles one message with its broker.
-pub(crate) async fn settle(
+pub(crate) fn settle(
     acknowledgement: Box<dyn Acknowledgement>,
     verdict: Verdict,
-) -> Result<(), Error> {
+) -> BoxFuture<'static, Result<(), Error>> {
     match verdict {
-        Verdict::Ack => acknowledgement.ack().await,
-        Verdict::Requeue => acknowledgement.requeue().await,
+        Verdict::Ack => acknowledgement.ack(),
+        Verdict::Requeue => acknowledgement.requeue(),
     }
 }
 
