@@ -8,7 +8,7 @@ pub use bindery_core::{
     header, registered_functions, AppConfig, Application, ApplicationBuilder, Binder,
     BinderProvider, BindingInfo, ConsumerProperties, Context, Decoded, Encoded, Error, Failure,
     FailureKind, FromMessage, FromPayload, FunctionKind, FunctionRegistration, Handler, Headers,
-    IntoOutputs, IntoPayload, MemoryBinder, Message, MessageBuilder, ProducerProperties,
+    IntoOutputs, IntoPayload, MemoryBinder, Message, MessageBuilder, Outputs, ProducerProperties,
     RunningApplication, StreamBridge, StreamFunction,
 };
 #[doc(inline)]
@@ -93,15 +93,46 @@ pub fn log_to_stderr() {
 pub mod __private {
     pub use bindery_core::inventory;
     pub use bindery_core::{
-        Decoded, Encoded, FunctionRegistration, IntoOutputs, Message, StreamFunction,
+        Context, Decoded, Encoded, Failure, FromMessage, FunctionRegistration, IntoOutputs,
+        Message, Outputs, StreamFunction,
     };
     pub use bytes::Bytes;
 
-    /// Points a compile error at an argument type that cannot be decoded.
-    pub const fn is_payload<T: DecodablePayload>() {}
+    // The generated handler takes the message and the context, which every handler may, and
+    // takes its arguments and gives its outputs through the functions below, each called at
+    // the user's token: so a type that does not fit is one error, there, whose bound says
+    // what is accepted.
 
-    /// Points a compile error at a return type that cannot be sent.
-    pub const fn is_output<T: bindery_core::IntoOutputs>() {}
+    /// A payload argument, decoded by content type.
+    pub fn decode<T: DecodablePayload>(message: &Message, context: &Context) -> Result<T, Failure> {
+        Decoded::<T>::from_message(message, context).map(|decoded| decoded.0)
+    }
+
+    /// A `Message<T>` argument with a decoded payload.
+    pub fn decode_message<T: DecodablePayload>(
+        message: &Message,
+        context: &Context,
+    ) -> Result<Message<T>, Failure> {
+        Message::<Decoded<T>>::from_message(message, context)
+            .map(|message| message.map_payload(|decoded| decoded.0))
+    }
+
+    /// Any other argument (`String`, `Bytes`, `Message<Bytes>`, ...).
+    pub fn extract<T: FromMessage>(message: &Message, context: &Context) -> Result<T, Failure> {
+        T::from_message(message, context)
+    }
+
+    /// An argument taken for context by its name (`Headers`, `StreamBridge`, ...).
+    pub fn context<T: ContextArgument>(message: &Message, context: &Context) -> Result<T, Failure> {
+        T::from_message(message, context)
+    }
+
+    /// The handler's return value, as the messages to send.
+    pub fn outputs<T: IntoOutputs>(value: T, context: &Context) -> Result<Outputs, Failure> {
+        let mut outputs = context.outputs();
+        value.into_outputs(&mut outputs)?;
+        Ok(outputs)
+    }
 
     /// Why a return type the macro read by its name must be written out: it is a `Result`,
     /// `Option` or `Vec` behind a type alias, which would be sent as one JSON value.
@@ -124,15 +155,12 @@ pub mod __private {
         ))
     }
 
-    /// Points a compile error at an argument the macro took for context by its name.
-    pub const fn is_context<T: ContextArgument>() {}
-
     #[diagnostic::on_unimplemented(
         message = "`{Self}` is taken for context by its name, but it is not bindery's `{Self}`",
         label = "a payload type may not be named `Headers`, `StreamBridge`, `AppConfig` or `Context`",
         note = "write `Decoded<{Self}>` to take it as the payload, or rename the type"
     )]
-    pub trait ContextArgument {}
+    pub trait ContextArgument: FromMessage {}
     impl ContextArgument for bindery_core::Headers {}
     impl ContextArgument for bindery_core::StreamBridge {}
     impl ContextArgument for bindery_core::AppConfig {}
@@ -152,9 +180,9 @@ pub mod __private {
 
     #[diagnostic::on_unimplemented(
         message = "`{Self}` cannot be decoded from a message payload",
-        label = "this argument's type does not implement `serde::Deserialize`",
+        label = "this argument's type does not implement `serde::Deserialize` (or is not `Send + 'static`)",
         note = "derive `serde::Deserialize` for it, or take `String`, `bytes::Bytes`, `Vec<u8>` or `Message<T>` of those"
     )]
-    pub trait DecodablePayload {}
-    impl<T: serde::de::DeserializeOwned> DecodablePayload for T {}
+    pub trait DecodablePayload: serde::de::DeserializeOwned + Send + 'static {}
+    impl<T: serde::de::DeserializeOwned + Send + 'static> DecodablePayload for T {}
 }

@@ -1,4 +1,4 @@
-use proc_macro2::{Span, TokenStream};
+use proc_macro2::{Ident, Span, TokenStream};
 use quote::{format_ident, quote, quote_spanned, ToTokens};
 use syn::parse::Parser;
 use syn::punctuated::Punctuated;
@@ -408,9 +408,15 @@ fn expand(args: TokenStream, function: &ItemFn) -> syn::Result<TokenStream> {
     }
 
     let private = attributes.private()?;
-    let mut params = Vec::new();
+    // The generated handler's own names, resolved where the macro is called (never at the
+    // user's tokens, whose hygiene may differ when the function comes from a `macro_rules!`).
+    let message = Ident::new("__bindery_message", Span::call_site());
+    let context = Ident::new("__bindery_context", Span::call_site());
+    let value = Ident::new("__bindery_value", Span::call_site());
+    // Each argument is taken from the message (and context) by a function called at the
+    // argument's type, so a type that does not fit is one error there.
+    let mut takes = Vec::new();
     let mut call_args = Vec::new();
-    let mut checks = Vec::new();
     let mut payload: Option<Span> = None;
     let mut context_named: Option<String> = None;
     for (index, input) in signature.inputs.iter().enumerate() {
@@ -427,30 +433,19 @@ fn expand(args: TokenStream, function: &ItemFn) -> syn::Result<TokenStream> {
             }
             payload = Some(typed.ty.span());
         }
-        match argument {
-            Argument::Decoded(ty) => {
-                checks.push(quote_spanned!(ty.span()=> #private::is_payload::<#ty>();));
-                params.push(quote_spanned!(ty.span()=> #name: #private::Decoded<#ty>));
-                call_args.push(quote!(#name.0));
-            }
-            Argument::MessageOfDecoded(ty) => {
-                checks.push(quote_spanned!(ty.span()=> #private::is_payload::<#ty>();));
-                params.push(
-                    quote_spanned!(ty.span()=> #name: #private::Message<#private::Decoded<#ty>>),
-                );
-                call_args.push(quote!(#name.map_payload(|#name| #name.0)));
-            }
-            Argument::AsIs(ty) => {
-                params.push(quote!(#name: #ty));
-                call_args.push(quote!(#name));
-            }
+        let (take, ty) = match argument {
+            Argument::Decoded(ty) => (quote!(decode), ty),
+            Argument::MessageOfDecoded(ty) => (quote!(decode_message), ty),
+            Argument::AsIs(ty) => (quote!(extract), ty),
             Argument::Context(ty) => {
                 context_named = last_segment(&ty).map(|s| s.ident.to_string());
-                checks.push(quote_spanned!(ty.span()=> #private::is_context::<#ty>();));
-                params.push(quote!(#name: #ty));
-                call_args.push(quote!(#name));
+                (quote!(context), ty)
             }
-        }
+        };
+        takes.push(quote_spanned!(ty.span()=>
+            let #name = #private::#take::<#ty>(&#message, &#context)?;
+        ));
+        call_args.push(quote!(#name));
     }
 
     let nothing_out = returns_nothing(&signature.output);
@@ -512,9 +507,9 @@ fn expand(args: TokenStream, function: &ItemFn) -> syn::Result<TokenStream> {
         converted_output_type(&private, &output_ty),
         output_ty.span(),
     );
-    if !converted_ty.to_string().trim().eq("_") {
-        checks.push(quote_spanned!(output_ty.span()=> #private::is_output::<#converted_ty>();));
-    }
+    let outputs = quote_spanned!(output_ty.span()=>
+        #private::outputs::<#converted_ty>(#value, &#context)
+    );
 
     let name = attributes
         .name
@@ -551,12 +546,15 @@ fn expand(args: TokenStream, function: &ItemFn) -> syn::Result<TokenStream> {
         #[doc(hidden)]
         #[allow(non_snake_case, clippy::unused_unit)]
         fn #register() -> #private::StreamFunction {
-            #(#checks)*
-            // A named fn rather than a closure, so type errors name it the same way wherever
-            // the crate lives.
-            async fn __bindery_handler(#(#params),*) -> impl #private::IntoOutputs {
+            async fn __bindery_handler(
+                #message: #private::Message,
+                #context: #private::Context,
+            ) -> ::std::result::Result<#private::Outputs, #private::Failure> {
+                #(#takes)*
+                ::std::mem::drop(#message);
                 let __bindery_returned = #call;
-                #converted
+                let #value = #converted;
+                #outputs
             }
             let __bindery_function = #private::StreamFunction::#constructor(#name, __bindery_handler)
                 #(#setters)*;

@@ -47,7 +47,10 @@ fn ticker() -> Option<Message<String>> {
 
 fn main() {
     let names: Vec<String> = bindery::registered_functions().iter().map(|f| f.name().to_owned()).collect();
-    assert_eq!(names, ["billing", "counts", "fan_out", "maybe", "raw", "sink", "ticker"]);
+    assert_eq!(
+        names,
+        ["billing", "counts", "fan_out", "from_a_macro", "maybe", "raw", "sink", "ticker"]
+    );
 }
 
 mod own {
@@ -62,3 +65,14 @@ mod own {
 async fn counts(headers: bindery::Decoded<own::Headers>) {
     let _ = headers.0.count;
 }
+
+/// Types handed in through a `macro_rules!` carry that macro's hygiene.
+macro_rules! forwarder {
+    ($name:ident, $payload:ident, $out:ident) => {
+        #[stream_function]
+        async fn $name(order: $payload) -> $out {
+            order.id.to_string()
+        }
+    };
+}
+forwarder!(from_a_macro, Order, String);
