@@ -40,6 +40,7 @@ type DeadLetterReader = Arc<
 #[derive(Clone)]
 pub struct Suite {
     factory: BinderFactory,
+    sharing: Option<BinderFactory>,
     dead_letters: DeadLetterReader,
     timeout: Duration,
     quiet: Duration,
@@ -63,6 +64,7 @@ impl Suite {
     {
         Suite {
             factory: Arc::new(move || Box::pin(factory())),
+            sharing: None,
             dead_letters: Arc::new(|binder, spec| {
                 Box::pin(async move {
                     let reader =
@@ -109,6 +111,19 @@ impl Suite {
         Fut: Future<Output = Result<Box<dyn Subscription>, Error>> + Send + 'static,
     {
         self.dead_letters = Arc::new(move |binder, spec| Box::pin(reader(binder, spec)));
+        self
+    }
+
+    /// The binder for [`Suite::a_group_shares_its_messages_among_its_consumers`], when sharing
+    /// needs settings the other cases must not have: on Kafka a partition belongs to one member
+    /// of a group, so that case needs topics of two partitions or more (which would break the
+    /// order of unkeyed messages the other cases check). The default is the suite's binder.
+    pub fn sharing_binder<F, Fut>(mut self, factory: F) -> Self
+    where
+        F: Fn() -> Fut + Send + Sync + 'static,
+        Fut: Future<Output = Result<Arc<dyn Binder>, Error>> + Send + 'static,
+    {
+        self.sharing = Some(Arc::new(move || Box::pin(factory())));
         self
     }
 
@@ -170,6 +185,71 @@ impl Suite {
             received, expected,
             "each message must reach exactly one consumer of the group"
         );
+        binder.close().await.ok();
+    }
+
+    /// Consumers in one group share its messages: while one of them holds a message
+    /// unacknowledged, the other gets messages too. A group that hands everything to one
+    /// member fails here (every message arriving once is not enough).
+    pub async fn a_group_shares_its_messages_among_its_consumers(&self) {
+        let factory = self.sharing.as_ref().unwrap_or(&self.factory);
+        let binder = factory()
+            .await
+            .expect("the binder under test could not be created");
+        let destination = unique("sharing");
+        let group = unique("sharers");
+        // How many messages each consumer received; each holds its first one unacknowledged
+        // until the other has one too (or the wait is over, and the assertion below fails).
+        let counts = Arc::new(tokio::sync::watch::channel([0usize; 2]).0);
+        let (tx, mut rx) = mpsc::unbounded_channel::<String>();
+        let hold_for = self.timeout * 2;
+        let mut readers = Vec::new();
+        for me in 0..2 {
+            let mut subscription = subscribe(&binder, &destination, Some(&group)).await;
+            let (counts, tx) = (counts.clone(), tx.clone());
+            readers.push(tokio::spawn(async move {
+                let mut first = true;
+                while let Some(Ok(delivery)) = subscription.next().await {
+                    counts.send_modify(|counts| counts[me] += 1);
+                    let _ = tx.send(String::from_utf8_lossy(delivery.message.payload()).into());
+                    if std::mem::take(&mut first) {
+                        let mut seen = counts.subscribe();
+                        let other = 1 - me;
+                        let shared = seen.wait_for(|counts| counts[other] > 0);
+                        let _ = tokio::time::timeout(hold_for, shared).await;
+                    }
+                    if delivery.acknowledgement.ack().await.is_err() {
+                        break;
+                    }
+                }
+            }));
+        }
+        let producer = producer(&binder, &destination).await;
+        let mut sent = BTreeSet::new();
+        for n in 0..20 {
+            let payload = format!("message-{n:04}");
+            let message = Message::builder(Bytes::from(payload.clone()))
+                .key(format!("key-{n}"))
+                .build();
+            producer.send(message).await.expect("send");
+            sent.insert(payload);
+        }
+        // A rebalance may hand a message to both consumers: at least once is the promise here.
+        let mut received = BTreeSet::new();
+        let deadline = Instant::now() + hold_for + self.timeout;
+        while received.len() < sent.len() {
+            match tokio::time::timeout_at(deadline, rx.recv()).await {
+                Ok(Some(payload)) => received.insert(payload),
+                _ => break,
+            };
+        }
+        readers.iter().for_each(|r| r.abort());
+        let counts = *counts.borrow();
+        assert!(
+            counts[0] > 0 && counts[1] > 0,
+            "both consumers of the group must get a share of its messages, got {counts:?}"
+        );
+        assert_eq!(received, sent, "every message must reach the group");
         binder.close().await.ok();
     }
 
@@ -903,6 +983,7 @@ macro_rules! conformance_tests {
         $crate::conformance_tests!(@cases $suite;
             pub_sub_across_groups,
             competing_consumers_within_a_group,
+            a_group_shares_its_messages_among_its_consumers,
             anonymous_consumers_each_get_every_message,
             order_is_kept_within_a_key,
             headers_key_and_content_type_round_trip,
