@@ -188,6 +188,31 @@ impl Suite {
         binder.close().await.ok();
     }
 
+    /// A message handed back with `requeue` is delivered to the group again.
+    pub async fn a_requeued_message_is_delivered_again(&self) {
+        let binder = self.binder().await;
+        let destination = unique("requeue");
+        let group = unique("requeue");
+        let mut first = subscribe(&binder, &destination, Some(&group)).await;
+        producer(&binder, &destination)
+            .await
+            .send(Message::new(Bytes::from_static(b"once more")))
+            .await
+            .expect("send");
+        let delivery = self.receive_one(&mut first).await;
+        delivery.acknowledgement.requeue().await.expect("requeue");
+        first.close().await.expect("close");
+        let mut second = subscribe(&binder, &destination, Some(&group)).await;
+        let again = self.receive_one(&mut second).await;
+        assert_eq!(
+            &again.message.payload()[..],
+            b"once more",
+            "the requeued message must come back"
+        );
+        again.acknowledgement.ack().await.expect("ack");
+        binder.close().await.ok();
+    }
+
     /// Consumers in one group share its messages: while one of them holds a message
     /// unacknowledged, the other gets messages too. A group that hands everything to one
     /// member fails here (every message arriving once is not enough).
@@ -988,6 +1013,7 @@ macro_rules! conformance_tests {
             order_is_kept_within_a_key,
             headers_key_and_content_type_round_trip,
             unacknowledged_messages_are_redelivered,
+            a_requeued_message_is_delivered_again,
             retries_then_dead_letter_with_failure_headers,
             nothing_is_lost_under_concurrency,
             back_off_holds_back_only_its_key,
