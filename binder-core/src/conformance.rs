@@ -190,27 +190,10 @@ impl Suite {
 
     /// A message handed back with `requeue` is delivered to the group again.
     pub async fn a_requeued_message_is_delivered_again(&self) {
-        let binder = self.binder().await;
-        let destination = unique("requeue");
-        let group = unique("requeue");
-        let mut first = subscribe(&binder, &destination, Some(&group)).await;
-        producer(&binder, &destination)
-            .await
-            .send(Message::new(Bytes::from_static(b"once more")))
-            .await
-            .expect("send");
-        let delivery = self.receive_one(&mut first).await;
-        delivery.acknowledgement.requeue().await.expect("requeue");
-        first.close().await.expect("close");
-        let mut second = subscribe(&binder, &destination, Some(&group)).await;
-        let again = self.receive_one(&mut second).await;
-        assert_eq!(
-            &again.message.payload()[..],
-            b"once more",
-            "the requeued message must come back"
-        );
-        again.acknowledgement.ack().await.expect("ack");
-        binder.close().await.ok();
+        self.comes_back_to_its_group("requeue", |delivery| async move {
+            delivery.acknowledgement.requeue().await.expect("requeue");
+        })
+        .await;
     }
 
     /// Consumers in one group share its messages: while one of them holds a message
@@ -339,9 +322,23 @@ impl Suite {
 
     /// A message received but not acknowledged is delivered again when its consumer goes away.
     pub async fn unacknowledged_messages_are_redelivered(&self) {
+        self.comes_back_to_its_group("redeliver", |delivery| async move {
+            // The consumer goes away without acknowledging.
+            drop(delivery);
+        })
+        .await;
+    }
+
+    /// Sends one message to a group, lets `hand_back` settle it without acknowledging it, closes
+    /// that consumer, and checks that the group's next consumer gets the message.
+    async fn comes_back_to_its_group<F, Fut>(&self, case: &str, hand_back: F)
+    where
+        F: FnOnce(Delivery) -> Fut,
+        Fut: Future<Output = ()>,
+    {
         let binder = self.binder().await;
-        let destination = unique("redeliver");
-        let group = unique("redeliver");
+        let destination = unique(case);
+        let group = unique(case);
         let mut first = subscribe(&binder, &destination, Some(&group)).await;
         producer(&binder, &destination)
             .await
@@ -350,15 +347,14 @@ impl Suite {
             .expect("send");
         let delivery = self.receive_one(&mut first).await;
         assert_eq!(&delivery.message.payload()[..], b"again");
-        // The consumer goes away without acknowledging.
-        drop(delivery);
+        hand_back(delivery).await;
         first.close().await.expect("close");
         let mut second = subscribe(&binder, &destination, Some(&group)).await;
         let again = self.receive_one(&mut second).await;
         assert_eq!(
             &again.message.payload()[..],
             b"again",
-            "the unacknowledged message must come back"
+            "the message handed back must come again"
         );
         again.acknowledgement.ack().await.expect("ack");
         binder.close().await.ok();
