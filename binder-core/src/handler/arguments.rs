@@ -14,7 +14,7 @@ use crate::{AppConfig, Headers, Message};
     note = "accepted: a payload type that implements `serde::Deserialize` (`Decoded<T>` when written by hand), `Message<T>`, `String`, `bytes::Bytes`, `Vec<u8>`, `Headers`, `StreamBridge`, `AppConfig`"
 )]
 pub trait FromMessage: Sized + Send + 'static {
-    /// Takes the value from `message`; a [`FailureKind::Decode`] failure is not retried.
+    /// Takes the value from `message`; a [`FailureKind::Decode`](super::FailureKind::Decode) failure is not retried.
     fn from_message(message: &Message, context: &Context) -> Result<Self, Failure>;
 }
 

@@ -206,7 +206,7 @@ impl<O: IntoOutputs> IntoOutputs for Vec<O> {
 }
 
 /// An `Err` is a failure of the handler, retried and then dead-lettered; an `Err` that is a
-/// [`Failure`] already keeps its kind (so a [`Failure::decode`] is not retried).
+/// [`Failure`] already keeps its kind (so one of kind [`FailureKind::Decode`] is not retried).
 impl<O: IntoOutputs, E: fmt::Display + Send + 'static> IntoOutputs for Result<O, E> {
     fn into_outputs(self, outputs: &mut Outputs) -> Result<(), Failure> {
         match self {
