@@ -405,3 +405,67 @@ async fn a_plain_fn_sends_through_the_bridge_with_its_inputs_correlation_id() {
     );
     app.shutdown().await.unwrap();
 }
+
+/// A handler that waits before it sends through the bridge and returns: its call is kept
+/// and polled again later, and must still see its input's correlation id on every poll.
+async fn a_handler_that_waits_keeps_its_correlation_and_order(concurrency: u32) {
+    use bindery::{StreamBridge, StreamFunction};
+    let suffix = format!("c{concurrency}");
+    let side = format!("pm-late-side-{suffix}");
+    let output = format!("pm-late-out-{suffix}");
+    let to_side = side.clone();
+    let late = StreamFunction::function("late", move |text: String, bridge: StreamBridge| {
+        let side = to_side.clone();
+        async move {
+            tokio::time::sleep(Duration::from_millis(2)).await;
+            bridge.send(&side, format!("saw {text}")).await.unwrap();
+            tokio::task::yield_now().await;
+            text
+        }
+    })
+    .input(format!("pm-late-in-{suffix}"))
+    .output(output.clone());
+    let toml = format!("[stream.bindings.late-in-0.consumer]\nconcurrency = {concurrency}");
+    let builder = bindery::application()
+        .without_registered_functions()
+        .function(late);
+    let app = TestApp::start_with(builder, &toml).await.unwrap();
+    assert!(app.receive(&side, Duration::from_millis(1)).await.is_none());
+    for n in 0..12 {
+        let message = bindery::Message::builder(bytes::Bytes::from(format!("m{n}")))
+            .header(header::CORRELATION_ID, format!("corr-{n}"))
+            .key("one-key")
+            .build();
+        app.send(&format!("pm-late-in-{suffix}"), message)
+            .await
+            .unwrap();
+    }
+    for n in 0..12 {
+        // One key: handled, and sent, in the order the inputs arrived, at any concurrency.
+        let returned = app.receive(&output, WAIT).await.expect("an output");
+        assert_eq!(returned.text(), Some(format!("m{n}").as_str()));
+        let correlation = Some(format!("corr-{n}"));
+        assert_eq!(
+            returned.headers().get_str(header::CORRELATION_ID),
+            correlation.as_deref()
+        );
+        let sent = app.receive(&side, WAIT).await.expect("a bridge send");
+        assert_eq!(sent.text(), Some(format!("saw m{n}").as_str()));
+        assert_eq!(
+            sent.headers().get_str(header::CORRELATION_ID),
+            correlation.as_deref(),
+            "a bridge send after an await carries the input's correlation id"
+        );
+    }
+    app.shutdown().await.unwrap();
+}
+
+#[tokio::test]
+async fn a_handler_that_waits_keeps_its_correlation_and_order_at_concurrency_1() {
+    a_handler_that_waits_keeps_its_correlation_and_order(1).await;
+}
+
+#[tokio::test]
+async fn a_handler_that_waits_keeps_its_correlation_and_order_at_concurrency_4() {
+    a_handler_that_waits_keeps_its_correlation_and_order(4).await;
+}

@@ -35,17 +35,32 @@ pub mod header {
 /// ```
 #[derive(Clone, Default)]
 pub struct Headers {
-    // Shared until changed: messages are cloned on every hop (fan-out, retries, dead letters),
-    // headers rarely change after they were set. Kept sorted by name; a message carries a few
-    // headers, so a sorted vector beats a tree; no headers cost no allocation, and up to four
-    // cost one (besides their values).
-    entries: Option<Arc<Entries>>,
+    // The headers bindery puts on nearly every message (content type, message and correlation
+    // id) are kept inline, in the order of `OWN`: a message bindery sends allocates nothing for
+    // its headers. Such messages are mostly freed on another thread than the one that made
+    // them, where every allocation of their own is what costs most.
+    own: [Option<Bytes>; OWN.len()],
+    // Any other headers, shared until changed: messages are cloned on every hop (fan-out,
+    // retries, dead letters), headers rarely change after they were set. Kept sorted by name;
+    // a message carries a few headers, so a sorted vector beats a tree.
+    others: Option<Arc<Entries>>,
 }
+
+/// The headers kept inline, sorted by name.
+const OWN: [&str; 3] = [
+    header::CONTENT_TYPE,
+    header::CORRELATION_ID,
+    header::MESSAGE_ID,
+];
 
 type Entries = SmallVec<[(Name, Bytes); 4]>;
 
 /// A header name: bindery's own are static and cost no allocation.
 type Name = Cow<'static, str>;
+
+fn own_index(name: &str) -> Option<usize> {
+    OWN.iter().position(|own| *own == name)
+}
 
 impl Headers {
     /// No headers.
@@ -53,19 +68,22 @@ impl Headers {
         Self::default()
     }
 
-    fn entries(&self) -> &[(Name, Bytes)] {
-        self.entries.as_deref().map_or(&[], SmallVec::as_slice)
+    fn others(&self) -> &[(Name, Bytes)] {
+        self.others.as_deref().map_or(&[], SmallVec::as_slice)
     }
 
     fn position(&self, name: &str) -> Result<usize, usize> {
-        self.entries()
+        self.others()
             .binary_search_by(|(entry, _)| entry.as_ref().cmp(name))
     }
 
     /// The value of `name` as bytes.
     pub fn get(&self, name: &str) -> Option<&Bytes> {
+        if let Some(index) = own_index(name) {
+            return self.own[index].as_ref();
+        }
         let index = self.position(name).ok()?;
-        Some(&self.entries()[index].1)
+        Some(&self.others()[index].1)
     }
 
     /// The value of `name` as text, when it is valid UTF-8.
@@ -75,7 +93,7 @@ impl Headers {
 
     /// Whether `name` is present.
     pub fn contains(&self, name: &str) -> bool {
-        self.position(name).is_ok()
+        self.get(name).is_some()
     }
 
     /// Sets `name` to `value` (copied), replacing any earlier value.
@@ -97,42 +115,86 @@ impl Headers {
     }
 
     fn set(&mut self, name: Name, value: Bytes) {
+        if let Some(index) = own_index(&name) {
+            self.own[index] = Some(value);
+            return;
+        }
         let position = self.position(&name);
-        let entries = Arc::make_mut(self.entries.get_or_insert_with(|| Arc::new(Entries::new())));
+        let Some(others) = &mut self.others else {
+            let mut others = Entries::new();
+            others.push((name, value));
+            self.others = Some(Arc::new(others));
+            return;
+        };
+        let others = Arc::make_mut(others);
         match position {
-            Ok(index) => entries[index].1 = value,
-            Err(index) => entries.insert(index, (name, value)),
+            Ok(index) => others[index].1 = value,
+            Err(index) => others.insert(index, (name, value)),
         }
     }
 
     /// Removes `name`, returning its value.
     pub fn remove(&mut self, name: &str) -> Option<Bytes> {
+        if let Some(index) = own_index(name) {
+            return self.own[index].take();
+        }
         let index = self.position(name).ok()?;
-        let entries = Arc::make_mut(self.entries.as_mut()?);
-        Some(entries.remove(index).1)
+        let others = Arc::make_mut(self.others.as_mut()?);
+        Some(others.remove(index).1)
     }
 
     /// Every header, in name order.
     pub fn iter(&self) -> impl Iterator<Item = (&str, &Bytes)> {
-        self.entries()
+        let own = OWN
             .iter()
-            .map(|(name, value)| (name.as_ref(), value))
+            .zip(&self.own)
+            .filter_map(|(name, value)| Some((*name, value.as_ref()?)));
+        let others = self
+            .others()
+            .iter()
+            .map(|(name, value)| (name.as_ref(), value));
+        InNameOrder {
+            own: own.peekable(),
+            others: others.peekable(),
+        }
     }
 
     /// How many headers there are.
     pub fn len(&self) -> usize {
-        self.entries().len()
+        self.own.iter().flatten().count() + self.others().len()
     }
 
     /// Whether there are none.
     pub fn is_empty(&self) -> bool {
-        self.entries().is_empty()
+        self.len() == 0
+    }
+}
+
+/// Two name-ordered sequences of headers merged into one.
+struct InNameOrder<A: Iterator, B: Iterator> {
+    own: std::iter::Peekable<A>,
+    others: std::iter::Peekable<B>,
+}
+
+impl<'a, A, B> Iterator for InNameOrder<A, B>
+where
+    A: Iterator<Item = (&'a str, &'a Bytes)>,
+    B: Iterator<Item = (&'a str, &'a Bytes)>,
+{
+    type Item = (&'a str, &'a Bytes);
+
+    fn next(&mut self) -> Option<Self::Item> {
+        match (self.own.peek(), self.others.peek()) {
+            (Some((own, _)), Some((other, _))) if other < own => self.others.next(),
+            (Some(_), _) => self.own.next(),
+            (None, _) => self.others.next(),
+        }
     }
 }
 
 impl PartialEq for Headers {
     fn eq(&self, other: &Self) -> bool {
-        self.entries() == other.entries()
+        self.own == other.own && self.others() == other.others()
     }
 }
 
@@ -341,6 +403,24 @@ mod tests {
         headers.insert("tenant", "globex");
         let names: Vec<&str> = headers.iter().map(|(name, _)| name).collect();
         assert_eq!(names, ["b-side", "content-type", "tenant"]);
+        headers.set_static(header::MESSAGE_ID, Bytes::from_static(b"m-1"));
+        headers.insert("z-last", "z");
+        headers.insert("x-a", "a");
+        let names: Vec<&str> = headers.iter().map(|(name, _)| name).collect();
+        assert_eq!(
+            names,
+            [
+                "b-side",
+                "content-type",
+                "tenant",
+                "x-a",
+                "x-message-id",
+                "z-last"
+            ]
+        );
+        assert_eq!(headers.remove("x-message-id").as_deref(), Some(&b"m-1"[..]));
+        assert_eq!(headers.remove("z-last").as_deref(), Some(&b"z"[..]));
+        assert_eq!(headers.remove("x-a").as_deref(), Some(&b"a"[..]));
         assert_eq!(headers.get_str("tenant"), Some("globex"), "insert replaces");
         assert_eq!(headers.len(), 3);
 
@@ -357,6 +437,26 @@ mod tests {
             format!("{shared:?}"),
             r#"{"b-side": "1", "content-type": "text/plain", "tenant": "globex"}"#
         );
+    }
+
+    #[test]
+    fn headers_kept_inline_are_in_name_order_among_the_others() {
+        assert!(
+            OWN.windows(2).all(|pair| pair[0] < pair[1]),
+            "OWN is sorted"
+        );
+        let mut headers = Headers::new();
+        for name in ["x-zeta", "x-d", "x-c", "a", OWN[0], OWN[1], OWN[2]] {
+            headers.insert(name, name);
+        }
+        let names: Vec<&str> = headers.iter().map(|(name, _)| name).collect();
+        let mut sorted = names.clone();
+        sorted.sort_unstable();
+        assert_eq!(names, sorted);
+        assert_eq!(headers.len(), 7);
+        for (name, value) in headers.iter() {
+            assert_eq!(value.as_ref(), name.as_bytes());
+        }
     }
 
     #[test]

@@ -1,11 +1,12 @@
 //! Message ids: fresh ones for new messages, derived ones for a handler's outputs, so that the
 //! outputs of a retried or redelivered input carry the same ids and consumers can de-duplicate.
 
+use std::cell::RefCell;
 use std::fmt;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::OnceLock;
 
-use bytes::Bytes;
+use bytes::{Bytes, BytesMut};
 use uuid::Uuid;
 
 /// A message id as it travels in the `x-message-id` header: shared bytes, shown as text.
@@ -30,12 +31,32 @@ impl fmt::Display for MessageId {
     }
 }
 
-/// The id as header bytes: one allocation that every copy of the header shares (bytes made
-/// from a `Vec` would allocate again when first shared).
+/// Ids made on one thread are cut from one shared block of this many ids (a block is freed
+/// once its last id is: a message kept for long, such as an unread dead letter, keeps its
+/// block of 2.3 KB).
+const IDS_PER_BLOCK: usize = 64;
+
+thread_local! {
+    static ID_BLOCK: RefCell<BytesMut> = RefCell::new(BytesMut::new());
+}
+
+/// The id as header bytes, cut from a block shared with the ids made before it on this
+/// thread: an id costs no allocation of its own (ids are freed wherever their messages end,
+/// often on another thread, where a small allocation each is what costs most).
 fn uuid_bytes(uuid: Uuid) -> Bytes {
-    let mut text = [0u8; uuid::fmt::Hyphenated::LENGTH];
+    const LENGTH: usize = uuid::fmt::Hyphenated::LENGTH;
+    let mut text = [0u8; LENGTH];
     uuid.hyphenated().encode_lower(&mut text);
-    Bytes::from_owner(text)
+    let cut = ID_BLOCK.try_with(|block| {
+        let mut block = block.borrow_mut();
+        if block.capacity() - block.len() < LENGTH {
+            *block = BytesMut::with_capacity(LENGTH * IDS_PER_BLOCK);
+        }
+        block.extend_from_slice(&text);
+        block.split().freeze()
+    });
+    // A thread's locals are gone while it exits: an id made then has an allocation of its own.
+    cut.unwrap_or_else(|_| Bytes::from_owner(text))
 }
 
 /// A new unique id: a random prefix drawn once per process and a counter, so no message pays

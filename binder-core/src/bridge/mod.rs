@@ -1,7 +1,10 @@
 use std::collections::{BTreeMap, HashMap};
 use std::fmt;
+use std::future::Future;
+use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
+use std::task::{Context as TaskContext, Poll};
 
 use bytes::Bytes;
 use tokio::sync::Mutex;
@@ -22,13 +25,31 @@ tokio::task_local! {
     static HANDLING: Option<Bytes>;
 }
 
-/// Runs `handling` (a handler's call) with `correlation_id` as the correlation id of whatever
-/// it sends through a [`StreamBridge`].
-pub(crate) async fn correlated<T>(
+/// A handler's call, polled with `correlation_id` as the correlation id of whatever it sends
+/// through a [`StreamBridge`]. It can be moved between polls, so the engine polls a call
+/// once where it stands and keeps it (boxed) only when it has to wait.
+pub(crate) struct Correlated<F> {
     correlation_id: Option<Bytes>,
-    handling: impl std::future::Future<Output = T>,
-) -> T {
-    HANDLING.scope(correlation_id, handling).await
+    call: F,
+}
+
+impl<F> Correlated<F> {
+    pub(crate) fn new(correlation_id: Option<Bytes>, call: F) -> Self {
+        Correlated {
+            correlation_id,
+            call,
+        }
+    }
+}
+
+impl<F: Future + Unpin> Future for Correlated<F> {
+    type Output = F::Output;
+
+    fn poll(mut self: Pin<&mut Self>, cx: &mut TaskContext<'_>) -> Poll<F::Output> {
+        let this = &mut *self;
+        let call = Pin::new(&mut this.call);
+        HANDLING.sync_scope(this.correlation_id.clone(), || call.poll(cx))
+    }
 }
 
 /// Wraps `call` so that where it runs (a plain handler, on the blocking pool) it sends through

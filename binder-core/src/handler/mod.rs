@@ -113,6 +113,10 @@ impl Context {
 }
 
 pub(crate) fn is_json(content_type: &str) -> bool {
+    // Checked for every message; nearly always the default, spelled as bindery spells it.
+    if content_type == DEFAULT_CONTENT_TYPE {
+        return true;
+    }
     let essence = content_type.split(';').next().unwrap_or_default().trim();
     essence.eq_ignore_ascii_case("application/json")
         || essence.to_ascii_lowercase().ends_with("+json")

@@ -20,7 +20,7 @@ use std::task::{Context as TaskContext, Poll};
 use std::time::Duration;
 
 use bytes::Bytes;
-use futures::future::BoxFuture;
+use futures::future::{BoxFuture, CatchUnwind};
 use futures::stream::FuturesUnordered;
 use futures::{FutureExt, StreamExt};
 use tokio::sync::watch;
@@ -32,11 +32,13 @@ use super::settle::{settle, InOrder, Verdict};
 use super::window::Window;
 use crate::binder::{Acknowledgement, Delivery, Producer, Subscription};
 use crate::bridge::{
-    all_confirmed, confirm_all, correlated, enqueue_all, new_message_id, output_id, stamp,
+    all_confirmed, confirm_all, enqueue_all, new_message_id, output_id, stamp, Correlated,
     MessageId, Output, Sendings,
 };
 use crate::config::ConsumerProperties;
-use crate::handler::{panic_text, Context, ErasedHandler, Failure, FailureKind};
+use crate::handler::{
+    panic_text, Context, ErasedHandler, Failure, FailureKind, HandlerFuture, Outputs,
+};
 use crate::message::header;
 use crate::{Error, Message};
 
@@ -49,13 +51,23 @@ pub(crate) struct Invoker {
     pub(crate) output: Option<Arc<Output>>,
 }
 
+/// A handler's call under way: polled in place, and movable between polls.
+type Call = Correlated<CatchUnwind<AssertUnwindSafe<HandlerFuture>>>;
+
 impl Invoker {
-    /// Calls the handler; a panic is a failure like any other. Returns what it produced.
-    async fn call(&self, message: Arc<Message>) -> Result<Vec<Message>, Failure> {
+    /// Starts the handler on `message`; [`finish`](Self::finish) reads what the call returns.
+    fn start(&self, message: Arc<Message>) -> Call {
         let correlation_id = message.headers().get(header::CORRELATION_ID).cloned();
         let call = (self.handler)(message, self.context.clone());
-        let call = correlated(correlation_id, AssertUnwindSafe(call).catch_unwind());
-        let outputs = match call.await {
+        Correlated::new(correlation_id, AssertUnwindSafe(call).catch_unwind())
+    }
+
+    /// What a call produced; a panic is a failure like any other.
+    fn finish(
+        &self,
+        returned: std::thread::Result<Result<Outputs, Failure>>,
+    ) -> Result<Vec<Message>, Failure> {
+        let outputs = match returned {
             Ok(result) => result?,
             Err(panic) => return Err(Failure::panic(panic_text(&*panic))),
         };
@@ -67,6 +79,12 @@ impl Invoker {
             ));
         }
         Ok(outputs.into_messages())
+    }
+
+    /// Calls the handler. Returns what it produced.
+    async fn call(&self, message: Arc<Message>) -> Result<Vec<Message>, Failure> {
+        let returned = self.start(message).await;
+        self.finish(returned)
     }
 }
 
@@ -110,6 +128,8 @@ enum Target {
 
 /// A finished piece of work of the binding.
 enum Step {
+    /// The handler returned (or failed); its outputs are not sent yet.
+    Called(InFlight, Result<Vec<Message>, Failure>),
     /// The handler ran: its outputs handed to the producer, or why it failed.
     Handled(InFlight, Result<Sendings, Failure>),
     /// A retry's back-off is over.
@@ -359,8 +379,7 @@ impl Engine {
                 break;
             };
             self.running += 1;
-            let job = self.handle(item);
-            self.push_job(job);
+            self.handle(item);
         }
     }
 
@@ -379,43 +398,62 @@ impl Engine {
         }
     }
 
-    /// Calls the handler and hands its outputs to the producer, in order, before the key is
-    /// released: so outputs of one key are sent in the order their inputs arrived.
-    fn handle(&self, mut item: InFlight) -> Job {
+    /// Calls the handler, then hands its outputs to the producer. A handler that is done at
+    /// once (most are) is called here, without a job of its own.
+    fn handle(&mut self, mut item: InFlight) {
         item.attempts += 1;
-        let binding = self.binding.clone();
-        let spawn = self.concurrency > 1;
-        Box::pin(async move {
-            let invoker = &binding.invoker;
-            let message = item.message.clone();
-            let outcome = if spawn {
-                let call = invoker.clone();
-                Spawned(tokio::spawn(async move { call.call(message).await }))
+        if self.concurrency > 1 {
+            let invoker = self.binding.invoker.clone();
+            return self.jobs.push(Box::pin(async move {
+                let message = item.message.clone();
+                let outcome = Spawned(tokio::spawn(async move { invoker.call(message).await }))
                     .await
-                    .unwrap_or_else(|error| Err(Failure::panic(error.to_string())))
-            } else {
-                invoker.call(message).await
-            };
-            let outcome = match (outcome, &invoker.output) {
-                (Ok(mut messages), Some(output)) => {
-                    for (index, message) in messages.iter_mut().enumerate() {
-                        stamp(
-                            message,
-                            || output_id(&item.id, index),
-                            item.correlation_id.as_ref(),
-                        );
-                    }
-                    Ok(enqueue_all(&output.producer, &output.destination, messages).await)
+                    .unwrap_or_else(|error| Err(Failure::panic(error.to_string())));
+                Step::Called(item, outcome)
+            }));
+        }
+        let mut call = self.binding.invoker.start(item.message.clone());
+        match (&mut call).now_or_never() {
+            Some(returned) => {
+                let outcome = self.binding.invoker.finish(returned);
+                self.send_outputs(item, outcome);
+            }
+            None => {
+                let binding = self.binding.clone();
+                self.jobs.push(Box::pin(async move {
+                    let returned = call.await;
+                    Step::Called(item, binding.invoker.finish(returned))
+                }));
+            }
+        }
+    }
+
+    /// Hands a handler's outputs to the producer, in order, before the key is released: so
+    /// outputs of one key are sent in the order their inputs arrived.
+    fn send_outputs(&mut self, item: InFlight, outcome: Result<Vec<Message>, Failure>) {
+        let (output, messages) = match (outcome, &self.binding.invoker.output) {
+            (Ok(mut messages), Some(output)) => {
+                for (index, message) in messages.iter_mut().enumerate() {
+                    stamp(
+                        message,
+                        || output_id(&item.id, index),
+                        item.correlation_id.as_ref(),
+                    );
                 }
-                (Ok(_), None) => Ok(Sendings::new()),
-                (Err(failure), _) => Err(failure),
-            };
-            Step::Handled(item, outcome)
-        })
+                (output.clone(), messages)
+            }
+            (Ok(_), None) => return self.on_step(Step::Handled(item, Ok(Sendings::new()))),
+            (Err(failure), _) => return self.on_step(Step::Handled(item, Err(failure))),
+        };
+        self.push_job(Box::pin(async move {
+            let sendings = enqueue_all(&output.producer, &output.destination, messages).await;
+            Step::Handled(item, Ok(sendings))
+        }));
     }
 
     fn on_step(&mut self, step: Step) {
         match step {
+            Step::Called(item, outcome) => self.send_outputs(item, outcome),
             Step::Handled(item, Ok(sendings)) => {
                 self.running -= 1;
                 self.release_key(&item);
