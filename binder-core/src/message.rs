@@ -120,13 +120,7 @@ impl Headers {
             return;
         }
         let position = self.position(&name);
-        let Some(others) = &mut self.others else {
-            let mut others = Entries::new();
-            others.push((name, value));
-            self.others = Some(Arc::new(others));
-            return;
-        };
-        let others = Arc::make_mut(others);
+        let others = Arc::make_mut(self.others.get_or_insert_with(|| Arc::new(Entries::new())));
         match position {
             Ok(index) => others[index].1 = value,
             Err(index) => others.insert(index, (name, value)),
