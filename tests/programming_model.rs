@@ -469,3 +469,39 @@ async fn a_handler_that_waits_keeps_its_correlation_and_order_at_concurrency_1()
 async fn a_handler_that_waits_keeps_its_correlation_and_order_at_concurrency_4() {
     a_handler_that_waits_keeps_its_correlation_and_order(4).await;
 }
+
+/// One configuration file serves every process of a deployment: a process that binds only
+/// functions of its own may still find the bindings of the registered ones configured.
+#[test]
+fn bindings_of_registered_functions_left_out_may_be_configured() {
+    let toml = r#"
+        [stream.bindings.bill-in-0.consumer]
+        max-attempts = 2
+        [stream.bindings.shout-in-0]
+        destination = "pm-shouts"
+    "#;
+    let only_mine = || {
+        bindery::application()
+            .without_registered_functions()
+            .function(bindery::StreamFunction::consumer(
+                "mine",
+                |_: String| async {},
+            ))
+            .environment(Vec::<(String, String)>::new())
+    };
+    let built = only_mine().config_str("application.toml", toml).build();
+    let app = built.expect("the left-out functions' bindings are accepted");
+    let bound: Vec<String> = app.bindings().into_iter().map(|b| b.name).collect();
+    assert_eq!(bound, ["mine-in-0"], "only the function added is bound");
+    let misspelled = only_mine()
+        .config_str(
+            "application.toml",
+            "[stream.bindings.bil-in-0]\ngroup = \"x\"",
+        )
+        .build()
+        .expect_err("a binding of no function at all is still refused");
+    assert!(
+        misspelled.to_string().contains("did you mean `bill-in-0`?"),
+        "{misspelled}"
+    );
+}

@@ -119,7 +119,9 @@ impl ApplicationBuilder {
     }
 
     /// Leaves out the functions registered with `#[stream_function]`; only those added with
-    /// [`ApplicationBuilder::function`] are bound.
+    /// [`ApplicationBuilder::function`] are bound. Configuration may still set the bindings of
+    /// the functions left out (a file shared by every process of a deployment does); they stay
+    /// unbound.
     pub fn without_registered_functions(mut self) -> Self {
         self.registered = false;
         self
@@ -150,8 +152,10 @@ impl ApplicationBuilder {
     pub fn build(self) -> Result<Application, Error> {
         let merged = load(&self.options)?;
         let mut functions = self.functions;
-        if self.registered {
-            functions.extend(registered_functions());
+        let mut left_out = Vec::new();
+        match self.registered {
+            true => functions.extend(registered_functions()),
+            false => left_out.extend(registered_functions()),
         }
         let mut extension_types: Vec<&str> = self.providers.keys().map(String::as_str).collect();
         extension_types.extend(KNOWN_BINDER_TYPES.iter().map(|(t, _)| *t));
@@ -160,6 +164,7 @@ impl ApplicationBuilder {
         let planner = Planner {
             stream: &stream,
             functions: &functions,
+            left_out: &left_out,
             providers: &self.providers,
         };
         let plan = planner.plan(&mut problems);

@@ -51,6 +51,9 @@ pub(crate) struct Plan {
 pub(crate) struct Planner<'a> {
     pub(crate) stream: &'a StreamConfig,
     pub(crate) functions: &'a [StreamFunction],
+    /// Registered functions left out of this application: configuration may still set their
+    /// bindings (one file serves every process of a deployment), which stay unbound.
+    pub(crate) left_out: &'a [StreamFunction],
     pub(crate) providers: &'a BTreeMap<String, Arc<dyn BinderProvider>>,
 }
 
@@ -231,11 +234,13 @@ impl Planner<'_> {
         selected
     }
 
-    /// Binding names configuration may mention: every registered function's, and `output-bindings`.
+    /// Binding names configuration may mention: every registered function's (bound or left
+    /// out), and `output-bindings`.
     fn known_bindings(&self) -> Vec<String> {
         let mut names: Vec<String> = self
             .functions
             .iter()
+            .chain(self.left_out)
             .flat_map(|f| [f.input_binding(), f.output_binding()])
             .flatten()
             .chain(

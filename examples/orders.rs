@@ -1,0 +1,336 @@
+//! The e-commerce flow: an order service publishes `OrderPlaced` events to `orders`, keyed by
+//! customer; `inventory`, `shipping` and `notification` each receive every order, in groups of
+//! their own; `payment` turns orders into `PaymentProcessed` events on `payments`, which
+//! `ledger` books; an order with a negative amount fails its payment, is retried once, and ends
+//! in `orders.payment.dlq`, where `audit` reads it with its failure headers.
+//!
+//! ```text
+//! cargo run --example orders                      # every service in one process, on memory
+//! BINDERY_PROFILE=rabbit cargo run --example orders
+//! BINDERY_PROFILE=kafka cargo run --example orders
+//! ```
+//!
+//! Each service can also run as a process of its own, as in a deployment. Two instances of a
+//! group share its orders (partitions on Kafka, competing consumers on RabbitMQ); on memory,
+//! services only meet within one process.
+//!
+//! ```text
+//! BINDERY_PROFILE=rabbit cargo run --example orders -- --service inventory   # twice, if you like
+//! BINDERY_PROFILE=rabbit cargo run --example orders -- --service shipping,notification,payment,ledger,audit
+//! BINDERY_PROFILE=rabbit cargo run --example orders -- --service orders --orders 20
+//! ```
+//!
+//! Every line a service prints says what it did with which order, so the output can be
+//! checked: `inventory pid=4711 order=7 customer=customer-3`. The configuration is
+//! `examples/orders.toml`, with `orders-kafka.toml` and `orders-rabbit.toml` beside it.
+
+use std::collections::BTreeSet;
+use std::sync::{LazyLock, Mutex};
+use std::time::Duration;
+
+use bindery::prelude::*;
+use serde::{Deserialize, Serialize};
+use tokio::sync::Notify;
+
+/// Every order whose id leaves this remainder by ten has a negative amount.
+const POISON_REMAINDER: u64 = 7;
+
+#[derive(Debug, Serialize, Deserialize)]
+struct OrderPlaced {
+    order_id: u64,
+    customer: String,
+    amount_cents: i64,
+}
+
+#[derive(Debug, Serialize, Deserialize)]
+struct PaymentProcessed {
+    order_id: u64,
+    charged_cents: i64,
+}
+
+#[derive(Debug, thiserror::Error)]
+enum PaymentError {
+    #[error("order {0} has a negative amount ({1} cents); nothing can be charged")]
+    NegativeAmount(u64, i64),
+}
+
+/// What the services of this process did, for the summary of a run in one process.
+#[derive(Default)]
+struct Seen {
+    inventory: BTreeSet<u64>,
+    shipping: BTreeSet<u64>,
+    notification: BTreeSet<u64>,
+    ledger: BTreeSet<u64>,
+    audit: BTreeSet<u64>,
+}
+
+static SEEN: LazyLock<Mutex<Seen>> = LazyLock::new(Mutex::default);
+static PROGRESS: LazyLock<Notify> = LazyLock::new(Notify::new);
+
+fn record(service: &str, order_id: u64, detail: String, pick: fn(&mut Seen) -> &mut BTreeSet<u64>) {
+    println!(
+        "{service} pid={} order={order_id} {detail}",
+        std::process::id()
+    );
+    let mut seen = SEEN.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+    pick(&mut seen).insert(order_id);
+    PROGRESS.notify_one();
+}
+
+/// Reserves stock for each order.
+#[stream_function(input = "orders", group = "inventory")]
+async fn inventory(order: OrderPlaced) {
+    let detail = format!("customer={}", order.customer);
+    record("inventory", order.order_id, detail, |s| &mut s.inventory);
+}
+
+/// Books a parcel for each order.
+#[stream_function(input = "orders", group = "shipping")]
+async fn shipping(order: OrderPlaced) {
+    let detail = format!("customer={}", order.customer);
+    record("shipping", order.order_id, detail, |s| &mut s.shipping);
+}
+
+/// Tells the customer about each order.
+#[stream_function(input = "orders", group = "notification")]
+async fn notification(order: OrderPlaced) {
+    let detail = format!("customer={}", order.customer);
+    record("notification", order.order_id, detail, |s| {
+        &mut s.notification
+    });
+}
+
+/// Charges each order; one with a negative amount fails, and is dead-lettered after its retry.
+#[stream_function(input = "orders", output = "payments", group = "payment")]
+async fn payment(order: OrderPlaced) -> Result<PaymentProcessed, PaymentError> {
+    if order.amount_cents < 0 {
+        return Err(PaymentError::NegativeAmount(
+            order.order_id,
+            order.amount_cents,
+        ));
+    }
+    Ok(PaymentProcessed {
+        order_id: order.order_id,
+        charged_cents: order.amount_cents,
+    })
+}
+
+/// Books each payment.
+#[stream_function(input = "payments", group = "ledger")]
+async fn ledger(payment: PaymentProcessed) {
+    let detail = format!("charged={}", payment.charged_cents);
+    record("ledger", payment.order_id, detail, |s| &mut s.ledger);
+}
+
+/// Reads the orders whose payment failed for good, with the failure headers bindery added.
+#[stream_function(input = "orders.payment.dlq", group = "audit")]
+async fn audit(order: OrderPlaced, headers: Headers) {
+    let header = |name| headers.get_str(name).unwrap_or("-").to_owned();
+    let detail = format!(
+        "attempts={} from={} exception={:?}",
+        header(bindery::header::ATTEMPTS),
+        header(bindery::header::ORIGINAL_DESTINATION),
+        header(bindery::header::EXCEPTION_MESSAGE),
+    );
+    record("audit", order.order_id, detail, |s| &mut s.audit);
+}
+
+const SERVICES: &[&str] = &[
+    "inventory",
+    "shipping",
+    "notification",
+    "payment",
+    "ledger",
+    "audit",
+];
+
+/// What to run, from the command line.
+struct Options {
+    /// The consuming services; empty for the order service alone.
+    services: Vec<String>,
+    /// Whether this process places orders.
+    places_orders: bool,
+    orders: u64,
+    first: u64,
+}
+
+type Failed = Box<dyn std::error::Error>;
+
+fn usage(problem: &str) -> Failed {
+    format!(
+        "{problem}; usage: orders [--service orders|{}[,...]] [--orders N] [--first ID]",
+        SERVICES.join("|")
+    )
+    .into()
+}
+
+fn options() -> Result<Options, Failed> {
+    let mut options = Options {
+        services: SERVICES.iter().map(|s| s.to_string()).collect(),
+        places_orders: true,
+        orders: 20,
+        first: 1,
+    };
+    let mut args = std::env::args().skip(1);
+    while let Some(arg) = args.next() {
+        let mut value = || {
+            args.next()
+                .ok_or_else(|| usage(&format!("`{arg}` needs a value")))
+        };
+        match arg.as_str() {
+            "--service" => {
+                let list = value()?;
+                let chosen: Vec<String> = list.split(',').map(|s| s.trim().to_owned()).collect();
+                if let Some(unknown) = chosen
+                    .iter()
+                    .find(|s| *s != "orders" && !SERVICES.contains(&s.as_str()))
+                {
+                    return Err(usage(&format!("no service is called `{unknown}`")));
+                }
+                options.places_orders = chosen.iter().any(|s| s == "orders");
+                options.services = chosen.into_iter().filter(|s| s != "orders").collect();
+            }
+            "--orders" => {
+                options.orders = value()?
+                    .parse()
+                    .map_err(|_| usage("`--orders` takes a whole number"))?
+            }
+            "--first" => {
+                options.first = value()?
+                    .parse()
+                    .map_err(|_| usage("`--first` takes a whole number"))?
+            }
+            other => return Err(usage(&format!("unknown argument `{other}`"))),
+        }
+    }
+    Ok(options)
+}
+
+fn order(order_id: u64) -> OrderPlaced {
+    let amount_cents = match order_id % 10 == POISON_REMAINDER {
+        true => -500,
+        false => 1_000 + (order_id % 7) as i64 * 250,
+    };
+    OrderPlaced {
+        order_id,
+        customer: format!("customer-{}", order_id % 5),
+        amount_cents,
+    }
+}
+
+/// Places the orders `first..first + count`, each keyed by its customer, one after the other
+/// once the broker has confirmed the one before.
+async fn place_orders(bridge: &StreamBridge, first: u64, count: u64) -> Result<(), bindery::Error> {
+    for order_id in first..first + count {
+        let order = order(order_id);
+        let placed = format!(
+            "orders pid={} order={order_id} customer={} amount={}",
+            std::process::id(),
+            order.customer,
+            order.amount_cents
+        );
+        let key = order.customer.clone();
+        let message = Message::builder(bindery::Encoded(order)).key(key).build();
+        bridge.send("placed-out-0", message).await?;
+        println!("{placed}");
+    }
+    Ok(())
+}
+
+/// Whether every service of a run in one process has seen what it should of these orders.
+fn all_seen(ids: &BTreeSet<u64>) -> bool {
+    let seen = SEEN.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+    let paid: BTreeSet<u64> = ids
+        .iter()
+        .copied()
+        .filter(|id| id % 10 != POISON_REMAINDER)
+        .collect();
+    let poison: BTreeSet<u64> = ids.difference(&paid).copied().collect();
+    ids.is_subset(&seen.inventory)
+        && ids.is_subset(&seen.shipping)
+        && ids.is_subset(&seen.notification)
+        && paid.is_subset(&seen.ledger)
+        && poison.is_subset(&seen.audit)
+}
+
+#[tokio::main]
+async fn main() -> Result<(), Failed> {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "warn".into()),
+        )
+        .init();
+    let options = options()?;
+    // The services chosen are the functions bound: `stream.function.definition`, set as an
+    // environment variable would set it, over whatever the environment holds.
+    let mut environment: Vec<(String, String)> = std::env::vars().collect();
+    if !options.services.is_empty() {
+        let definition = options.services.join(";");
+        environment.push(("BINDERY_STREAM__FUNCTION__DEFINITION".into(), definition));
+    }
+    let mut builder = bindery::application()
+        .config_file(concat!(env!("CARGO_MANIFEST_DIR"), "/examples/orders.toml"))
+        .environment(environment);
+    if options.services.is_empty() {
+        builder = builder.without_registered_functions();
+    }
+    let app = builder.build()?.start().await?;
+    let ids: BTreeSet<u64> = (options.first..options.first + options.orders).collect();
+
+    if !options.places_orders {
+        // A service of a deployment: runs until Ctrl-C or SIGTERM.
+        println!(
+            "ready pid={} services={}",
+            std::process::id(),
+            options.services.join(",")
+        );
+        shutdown_signal().await;
+        return Ok(app.shutdown().await?);
+    }
+    let placed = place_orders(&app.bridge(), options.first, options.orders).await;
+    if let Err(error) = placed {
+        app.shutdown().await.ok();
+        return Err(error.into());
+    }
+    if options.services.len() < SERVICES.len() {
+        // The order service alone: done once its orders are confirmed.
+        return Ok(app.shutdown().await?);
+    }
+    let waited = tokio::time::timeout(Duration::from_secs(60), async {
+        while !all_seen(&ids) {
+            PROGRESS.notified().await;
+        }
+    })
+    .await;
+    let summary = {
+        let seen = SEEN.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+        format!(
+            "summary: {} orders placed; inventory {}, shipping {}, notification {}, ledger {} payments, audit {} failed payments",
+            ids.len(),
+            seen.inventory.len(),
+            seen.shipping.len(),
+            seen.notification.len(),
+            seen.ledger.len(),
+            seen.audit.len(),
+        )
+    };
+    println!("{summary}");
+    app.shutdown().await?;
+    match waited {
+        Ok(()) => Ok(()),
+        Err(_) => Err("not every service saw its orders within 60 s (see the summary)".into()),
+    }
+}
+
+/// Ctrl-C, or SIGTERM as a process manager stops a service.
+async fn shutdown_signal() {
+    let mut terminate =
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(signal) => signal,
+            Err(_) => return std::future::pending().await,
+        };
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => {}
+        _ = terminate.recv() => {}
+    }
+}
