@@ -21,10 +21,11 @@
 //! ```
 //!
 //! Every line a service prints says what it did with which order, so the output can be
-//! checked: `inventory pid=4711 order=7 customer=customer-3`. The configuration is
+//! checked: `inventory pid=4711 order=8 customer=customer-3`. The configuration is
 //! `examples/orders.toml`, with `orders-kafka.toml` and `orders-rabbit.toml` beside it.
 
 use std::collections::BTreeSet;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{LazyLock, Mutex};
 use std::time::Duration;
 
@@ -65,6 +66,9 @@ struct Seen {
 }
 
 static SEEN: LazyLock<Mutex<Seen>> = LazyLock::new(Mutex::default);
+/// Set when every service runs in this process, which then prints a summary: a service of a
+/// deployment runs for good, and keeps no record of what it handled.
+static SUMMARY: AtomicBool = AtomicBool::new(false);
 static PROGRESS: LazyLock<Notify> = LazyLock::new(Notify::new);
 
 fn record(service: &str, order_id: u64, detail: String, pick: fn(&mut Seen) -> &mut BTreeSet<u64>) {
@@ -72,9 +76,11 @@ fn record(service: &str, order_id: u64, detail: String, pick: fn(&mut Seen) -> &
         "{service} pid={} order={order_id} {detail}",
         std::process::id()
     );
-    let mut seen = SEEN.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
-    pick(&mut seen).insert(order_id);
-    PROGRESS.notify_one();
+    if SUMMARY.load(Ordering::Relaxed) {
+        let mut seen = SEEN.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+        pick(&mut seen).insert(order_id);
+        PROGRESS.notify_one();
+    }
 }
 
 /// Reserves stock for each order.
@@ -218,10 +224,10 @@ fn order(order_id: u64) -> OrderPlaced {
     }
 }
 
-/// Places the orders `first..first + count`, each keyed by its customer, one after the other
-/// once the broker has confirmed the one before.
-async fn place_orders(bridge: &StreamBridge, first: u64, count: u64) -> Result<(), bindery::Error> {
-    for order_id in first..first + count {
+/// Places the orders `first..end`, each keyed by its customer, one after the other once the
+/// broker has confirmed the one before.
+async fn place_orders(bridge: &StreamBridge, first: u64, end: u64) -> Result<(), bindery::Error> {
+    for order_id in first..end {
         let order = order(order_id);
         let placed = format!(
             "orders pid={} order={order_id} customer={} amount={}",
@@ -255,12 +261,16 @@ fn all_seen(ids: &BTreeSet<u64>) -> bool {
 
 #[tokio::main]
 async fn main() -> Result<(), Failed> {
+    // The log goes to standard error: standard output is what the services did.
     tracing_subscriber::fmt()
+        .with_writer(std::io::stderr)
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "warn".into()),
         )
         .init();
     let options = options()?;
+    let everything = options.places_orders && options.services.len() == SERVICES.len();
+    SUMMARY.store(everything, Ordering::Relaxed);
     // The services chosen are the functions bound: `stream.function.definition`, set as an
     // environment variable would set it, over whatever the environment holds.
     let mut environment: Vec<(String, String)> = std::env::vars().collect();
@@ -274,11 +284,23 @@ async fn main() -> Result<(), Failed> {
     if options.services.is_empty() {
         builder = builder.without_registered_functions();
     }
+    let Some(end) = options.first.checked_add(options.orders) else {
+        return Err(usage("`--first` plus `--orders` is too large"));
+    };
     let app = builder.build()?.start().await?;
-    let ids: BTreeSet<u64> = (options.first..options.first + options.orders).collect();
 
-    if !options.places_orders {
-        // A service of a deployment: runs until Ctrl-C or SIGTERM.
+    if options.places_orders {
+        if let Err(error) = place_orders(&app.bridge(), options.first, end).await {
+            app.shutdown().await.ok();
+            return Err(error.into());
+        }
+        if options.services.is_empty() {
+            // The order service alone: done once the broker has confirmed its orders.
+            return Ok(app.shutdown().await?);
+        }
+    }
+    if !everything {
+        // Services of a deployment: they run until Ctrl-C or SIGTERM.
         println!(
             "ready pid={} services={}",
             std::process::id(),
@@ -287,15 +309,7 @@ async fn main() -> Result<(), Failed> {
         shutdown_signal().await;
         return Ok(app.shutdown().await?);
     }
-    let placed = place_orders(&app.bridge(), options.first, options.orders).await;
-    if let Err(error) = placed {
-        app.shutdown().await.ok();
-        return Err(error.into());
-    }
-    if options.services.len() < SERVICES.len() {
-        // The order service alone: done once its orders are confirmed.
-        return Ok(app.shutdown().await?);
-    }
+    let ids: BTreeSet<u64> = (options.first..end).collect();
     let waited = tokio::time::timeout(Duration::from_secs(60), async {
         while !all_seen(&ids) {
             PROGRESS.notified().await;
@@ -318,7 +332,7 @@ async fn main() -> Result<(), Failed> {
     app.shutdown().await?;
     match waited {
         Ok(()) => Ok(()),
-        Err(_) => Err("not every service saw its orders within 60 s (see the summary)".into()),
+        Err(_) => Err("not every service saw all of its orders within 60 s (see the summary); is another process of the same groups running (`--service ...`) and taking a share of them?".into()),
     }
 }
 

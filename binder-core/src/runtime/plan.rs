@@ -121,6 +121,30 @@ impl Planner<'_> {
             let resolved = resolve(&binding, None, None, problems);
             outputs.insert(normalize_name(&binding), resolved);
         }
+        // The inputs of registered functions this process leaves out (they run in the
+        // deployment's other processes): their groups' subscriptions are provisioned below as
+        // they will declare them. What resolving them finds wrong is not this process's
+        // problem: it binds nothing of theirs.
+        let mut unbound_problems = Problems::default();
+        let unbound_inputs: Vec<ResolvedBinding> = functions
+            .values()
+            .copied()
+            .chain(self.left_out.iter())
+            .filter(|f| {
+                !selected
+                    .iter()
+                    .any(|s| normalize_name(s.name()) == normalize_name(f.name()))
+            })
+            .filter_map(|f| {
+                let binding = f.input_binding()?;
+                Some(resolve(
+                    &binding,
+                    f.default_input(),
+                    f.default_group(),
+                    &mut unbound_problems,
+                ))
+            })
+            .collect();
         let used: Vec<String> = planned
             .iter()
             .flat_map(|f| f.input.iter().chain(f.output.iter()))
@@ -150,8 +174,14 @@ impl Planner<'_> {
             }
         }
 
-        // Outputs provision their required groups as this application's consumers of them will.
-        let inputs: Vec<ResolvedBinding> = planned.iter().filter_map(|f| f.input.clone()).collect();
+        // Outputs provision their required groups as the consumers of them will, whether this
+        // process binds them or another process does: whichever starts first creates a queue
+        // as its consumer declares it.
+        let inputs: Vec<ResolvedBinding> = planned
+            .iter()
+            .filter_map(|f| f.input.clone())
+            .chain(unbound_inputs)
+            .collect();
         let required = |output: &mut ResolvedBinding| {
             output.required_group_consumers = inputs
                 .iter()
