@@ -186,7 +186,10 @@ fn options() -> Result<Options, Failed> {
         match arg.as_str() {
             "--service" => {
                 let list = value()?;
-                let chosen: Vec<String> = list.split(',').map(|s| s.trim().to_owned()).collect();
+                let mut chosen: Vec<String> =
+                    list.split(',').map(|s| s.trim().to_owned()).collect();
+                chosen.sort();
+                chosen.dedup();
                 if let Some(unknown) = chosen
                     .iter()
                     .find(|s| *s != "orders" && !SERVICES.contains(&s.as_str()))
@@ -273,10 +276,12 @@ async fn main() -> Result<(), Failed> {
     SUMMARY.store(everything, Ordering::Relaxed);
     // The services chosen are the functions bound: `stream.function.definition`, set as an
     // environment variable would set it, over whatever the environment holds.
-    let mut environment: Vec<(String, String)> = std::env::vars().collect();
+    const DEFINITION: &str = "BINDERY_STREAM__FUNCTION__DEFINITION";
+    let mut environment: Vec<(String, String)> = std::env::vars()
+        .filter(|(name, _)| name != DEFINITION)
+        .collect();
     if !options.services.is_empty() {
-        let definition = options.services.join(";");
-        environment.push(("BINDERY_STREAM__FUNCTION__DEFINITION".into(), definition));
+        environment.push((DEFINITION.into(), options.services.join(";")));
     }
     let mut builder = bindery::application()
         .config_file(concat!(env!("CARGO_MANIFEST_DIR"), "/examples/orders.toml"))
@@ -338,13 +343,15 @@ async fn main() -> Result<(), Failed> {
 
 /// Ctrl-C, or SIGTERM as a process manager stops a service.
 async fn shutdown_signal() {
-    let mut terminate =
-        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-            Ok(signal) => signal,
-            Err(_) => return std::future::pending().await,
-        };
-    tokio::select! {
-        _ = tokio::signal::ctrl_c() => {}
-        _ = terminate.recv() => {}
+    use tokio::signal::unix::{signal, SignalKind};
+    match signal(SignalKind::terminate()) {
+        Ok(mut terminate) => tokio::select! {
+            _ = tokio::signal::ctrl_c() => {}
+            _ = terminate.recv() => {}
+        },
+        // No SIGTERM handler to be had: Ctrl-C still stops the services.
+        Err(_) => {
+            let _ = tokio::signal::ctrl_c().await;
+        }
     }
 }

@@ -505,3 +505,98 @@ fn bindings_of_registered_functions_left_out_may_be_configured() {
         "{misspelled}"
     );
 }
+
+/// Sends to the memory binder, recording every producer it was asked for.
+#[derive(Debug, Default)]
+struct RecordingBinder {
+    inner: bindery::MemoryBinder,
+    producers: std::sync::Mutex<Vec<bindery::binder::ProducerSpec>>,
+}
+
+#[async_trait::async_trait]
+impl bindery::Binder for RecordingBinder {
+    async fn subscribe(
+        &self,
+        spec: &bindery::binder::ConsumerSpec,
+    ) -> Result<Box<dyn bindery::binder::Subscription>, bindery::Error> {
+        self.inner.subscribe(spec).await
+    }
+
+    async fn producer(
+        &self,
+        spec: &bindery::binder::ProducerSpec,
+    ) -> Result<std::sync::Arc<dyn bindery::binder::Producer>, bindery::Error> {
+        self.producers
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .push(spec.clone());
+        self.inner.producer(spec).await
+    }
+}
+
+/// A process that only sends still tells its binder how the consumers of its `required-groups`
+/// will declare their subscriptions, when it knows them as registered functions it leaves out:
+/// whichever process of a deployment starts first creates them alike.
+#[tokio::test]
+async fn required_groups_carry_the_consumers_that_other_processes_bind() {
+    let toml = r#"
+        [stream]
+        output-bindings = ["placed"]
+        [stream.bindings.placed-out-0]
+        destination = "pm-orders"
+        producer.required-groups = ["billing", "unknown-group"]
+        [stream.bindings.bill-in-0.consumer]
+        dlq = true
+        max-attempts = 2
+        [stream.bindings.shout-in-0]
+        destination = "pm-elsewhere"
+        group = "billing"
+    "#;
+    let binder = std::sync::Arc::new(RecordingBinder::default());
+    let app = bindery::application()
+        .without_registered_functions()
+        .environment(Vec::<(String, String)>::new())
+        .config_str("application.toml", toml)
+        .replace_binders(binder.clone())
+        .build()
+        .expect("valid")
+        .start()
+        .await
+        .expect("started");
+    app.bridge()
+        .send("placed-out-0", "an order")
+        .await
+        .expect("sent");
+    app.shutdown().await.expect("shut down");
+    let producers = binder.producers.lock().unwrap_or_else(|p| p.into_inner());
+    let placed = producers
+        .iter()
+        .find(|p| p.binding == "placed-out-0")
+        .expect("the output's producer was created");
+    assert!(
+        placed.required_group_consumers.is_empty(),
+        "nothing is bound here"
+    );
+    let elsewhere: Vec<_> = placed
+        .required_group_consumers_elsewhere
+        .iter()
+        .map(|c| {
+            (
+                c.binding.as_str(),
+                c.destination.as_str(),
+                c.group.as_deref(),
+            )
+        })
+        .collect();
+    assert_eq!(
+        elsewhere,
+        [("bill-in-0", "pm-orders", Some("billing"))],
+        "only the left-out consumer of this destination and a required group"
+    );
+    let bill = &placed.required_group_consumers_elsewhere[0];
+    assert!(
+        bill.properties.dlq,
+        "with its configured dead-letter setting"
+    );
+    assert_eq!(bill.properties.max_attempts, 2);
+}

@@ -74,6 +74,11 @@ pub struct ProducerSpec {
     /// provision their subscriptions exactly as those consumers will (a RabbitMQ queue with its
     /// dead-letter, quorum, TTL and length arguments), whichever starts first.
     pub required_group_consumers: Vec<ConsumerSpec>,
+    /// The consumers in `required-groups` that this application knows but does not bind
+    /// (registered functions it leaves out, bound by other processes of the deployment): a
+    /// binder may create a missing subscription as they will declare it, and leaves one that
+    /// exists as it is, since their own process's configuration may differ.
+    pub required_group_consumers_elsewhere: Vec<ConsumerSpec>,
 }
 
 impl ProducerSpec {
@@ -86,6 +91,7 @@ impl ProducerSpec {
             properties: ProducerProperties::default(),
             extension: None,
             required_group_consumers: Vec::new(),
+            required_group_consumers_elsewhere: Vec::new(),
         }
     }
 }

@@ -541,18 +541,23 @@ impl RabbitBinder {
     }
 
     /// Declares the queue of a required group the way its consumer will: with the consumer's
-    /// own arguments when it is bound in this application; otherwise only when the queue does
-    /// not exist yet, so one declared elsewhere with other arguments is left as it is.
+    /// own arguments when it is bound in this application. Otherwise only when the queue does
+    /// not exist yet, so one declared elsewhere with other arguments is left as it is: then
+    /// with the arguments of the consumer as this application knows it (a registered function
+    /// another process binds), else with the producer's queue settings.
     async fn provision_required_group(
         &self,
         spec: &ProducerSpec,
         group: &str,
         queue: &RequiredGroupQueue,
     ) -> Result<(), RabbitError> {
-        let consumer = spec
-            .required_group_consumers
-            .iter()
-            .find(|c| c.group.as_deref() == Some(group));
+        let of_group = |c: &&ConsumerSpec| c.group.as_deref() == Some(group);
+        let bound_here = spec.required_group_consumers.iter().find(of_group);
+        let consumer = bound_here.or_else(|| {
+            spec.required_group_consumers_elsewhere
+                .iter()
+                .find(of_group)
+        });
         let topology = match consumer {
             Some(consumer) => self.topology(consumer),
             None => Topology {
@@ -576,7 +581,7 @@ impl RabbitBinder {
             });
         }
         let limit = self.inner.settings.connection_timeout;
-        if consumer.is_none() {
+        if bound_here.is_none() {
             // A passive declaration of a missing queue closes its channel: a channel of its own.
             let probe = self.channel(Role::Consume).await?;
             let exists = tokio::time::timeout(

@@ -236,6 +236,9 @@ pub(crate) struct ResolvedBinding {
     pub(crate) producer_extension: Option<ConfigNode>,
     /// For an output: the application's inputs in its `required-groups`.
     pub(crate) required_group_consumers: Vec<ConsumerSpec>,
+    /// For an output: inputs in its `required-groups` of registered functions this application
+    /// does not bind.
+    pub(crate) required_group_consumers_elsewhere: Vec<ConsumerSpec>,
 }
 
 impl ResolvedBinding {
@@ -256,6 +259,7 @@ impl ResolvedBinding {
             properties: self.producer.clone(),
             extension: self.producer_extension.clone(),
             required_group_consumers: self.required_group_consumers.clone(),
+            required_group_consumers_elsewhere: self.required_group_consumers_elsewhere.clone(),
         }
     }
 }

@@ -121,7 +121,8 @@ impl ApplicationBuilder {
     /// Leaves out the functions registered with `#[stream_function]`; only those added with
     /// [`ApplicationBuilder::function`] are bound. Configuration may still set the bindings of
     /// the functions left out (a file shared by every process of a deployment does); they stay
-    /// unbound.
+    /// unbound, and their inputs tell a binder how to create a missing subscription of a
+    /// group that an output lists in `required-groups`.
     pub fn without_registered_functions(mut self) -> Self {
         self.registered = false;
         self

@@ -121,11 +121,10 @@ impl Planner<'_> {
             let resolved = resolve(&binding, None, None, problems);
             outputs.insert(normalize_name(&binding), resolved);
         }
-        // The inputs of registered functions this process leaves out (they run in the
-        // deployment's other processes): their groups' subscriptions are provisioned below as
-        // they will declare them. What resolving them finds wrong is not this process's
-        // problem: it binds nothing of theirs.
-        let mut unbound_problems = Problems::default();
+        // The inputs of registered functions this process does not bind (other processes of
+        // the deployment do): their groups' subscriptions may be created below as they will
+        // declare them. A function whose binding has a problem is left out of that: the
+        // process that binds it reports it.
         let unbound_inputs: Vec<ResolvedBinding> = functions
             .values()
             .copied()
@@ -137,12 +136,14 @@ impl Planner<'_> {
             })
             .filter_map(|f| {
                 let binding = f.input_binding()?;
-                Some(resolve(
+                let mut its_problems = Problems::default();
+                let input = resolve(
                     &binding,
                     f.default_input(),
                     f.default_group(),
-                    &mut unbound_problems,
-                ))
+                    &mut its_problems,
+                );
+                its_problems.is_empty().then_some(input)
             })
             .collect();
         let used: Vec<String> = planned
@@ -174,16 +175,12 @@ impl Planner<'_> {
             }
         }
 
-        // Outputs provision their required groups as the consumers of them will, whether this
-        // process binds them or another process does: whichever starts first creates a queue
-        // as its consumer declares it.
-        let inputs: Vec<ResolvedBinding> = planned
-            .iter()
-            .filter_map(|f| f.input.clone())
-            .chain(unbound_inputs)
-            .collect();
-        let required = |output: &mut ResolvedBinding| {
-            output.required_group_consumers = inputs
+        // Outputs provision their required groups as the consumers of them will: those this
+        // process binds, and (where nothing exists yet) those another process binds.
+        let bound_inputs: Vec<ResolvedBinding> =
+            planned.iter().filter_map(|f| f.input.clone()).collect();
+        let consumers_of = |output: &ResolvedBinding, inputs: &[ResolvedBinding]| {
+            inputs
                 .iter()
                 .filter(|input| {
                     input.destination == output.destination
@@ -194,7 +191,11 @@ impl Planner<'_> {
                             .is_some_and(|g| output.producer.required_groups.contains(g))
                 })
                 .map(ResolvedBinding::consumer_spec)
-                .collect();
+                .collect::<Vec<_>>()
+        };
+        let required = |output: &mut ResolvedBinding| {
+            output.required_group_consumers = consumers_of(output, &bound_inputs);
+            output.required_group_consumers_elsewhere = consumers_of(output, &unbound_inputs);
         };
         planned
             .iter_mut()
@@ -580,6 +581,7 @@ impl Planner<'_> {
             consumer_extension,
             producer_extension,
             required_group_consumers: Vec::new(),
+            required_group_consumers_elsewhere: Vec::new(),
         }
     }
 
