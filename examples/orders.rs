@@ -278,7 +278,7 @@ async fn main() -> Result<(), Failed> {
     // environment variable would set it, over whatever the environment holds.
     const DEFINITION: &str = "BINDERY_STREAM__FUNCTION__DEFINITION";
     let mut environment: Vec<(String, String)> = std::env::vars()
-        .filter(|(name, _)| name != DEFINITION)
+        .filter(|(name, _)| !name.eq_ignore_ascii_case(DEFINITION))
         .collect();
     if !options.services.is_empty() {
         environment.push((DEFINITION.into(), options.services.join(";")));
@@ -350,8 +350,11 @@ async fn shutdown_signal() {
             _ = terminate.recv() => {}
         },
         // No SIGTERM handler to be had: Ctrl-C still stops the services.
-        Err(_) => {
-            let _ = tokio::signal::ctrl_c().await;
+        Err(error) => {
+            eprintln!("SIGTERM cannot be watched ({error}); stop the services with Ctrl-C");
+            if let Err(error) = tokio::signal::ctrl_c().await {
+                eprintln!("Ctrl-C cannot be watched either ({error}); stopping now");
+            }
         }
     }
 }

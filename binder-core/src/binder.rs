@@ -75,7 +75,7 @@ pub struct ProducerSpec {
     /// dead-letter, quorum, TTL and length arguments), whichever starts first.
     pub required_group_consumers: Vec<ConsumerSpec>,
     /// The consumers in `required-groups` that this application knows but does not bind
-    /// (registered functions it leaves out, bound by other processes of the deployment): a
+    /// (functions it leaves out, which other processes of the deployment bind): a
     /// binder may create a missing subscription as they will declare it, and leaves one that
     /// exists as it is, since their own process's configuration may differ.
     pub required_group_consumers_elsewhere: Vec<ConsumerSpec>,

@@ -200,7 +200,9 @@ pub struct RabbitProducerSettings {
     /// How the queues of `required-groups` are declared when their consumers run in another
     /// application: `dlq`, `quorum`, `ttl`, `max-length` and `binding-routing-key`, with the
     /// meaning they have for the consumer, which must declare its queue alike. A consumer
-    /// bound in the same application is declared with its own settings instead.
+    /// bound in the same application is declared with its own settings instead, and one the
+    /// application knows but leaves out (bound by another process) with its settings as this
+    /// application's configuration gives them.
     pub required_group_queue: RequiredGroupQueue,
 }
 

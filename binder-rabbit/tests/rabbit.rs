@@ -612,12 +612,24 @@ destination = "{output}"
 
 /// A supplier sending to `destination` with `required-groups = ["billing"]`, and the `billing`
 /// consumer with a DLQ on a quorum queue, in one application; functions start in name order.
-fn producer_and_group(destination: &str, supplier: &str, consumer: &str) -> Application {
+/// With `only_supplier`, `stream.function.definition` binds the supplier alone: the consumer
+/// is one another process of the deployment binds.
+fn producer_and_group(
+    destination: &str,
+    supplier: &str,
+    consumer: &str,
+    only_supplier: bool,
+) -> Application {
     let tick = StreamFunction::supplier(supplier, || async { Option::<String>::None });
     let bill = StreamFunction::consumer(consumer, |_: Message| async {});
+    let definition = match only_supplier {
+        true => format!("function.definition = \"{supplier}\""),
+        false => String::new(),
+    };
     let toml = format!(
         r#"[stream]
 default-binder = "rabbit"
+{definition}
 [stream.binders.rabbit]
 uri = "{uri}"
 [stream.bindings.{supplier}-out-0]
@@ -654,7 +666,7 @@ async fn required_groups_are_declared_as_their_consumers_declare_them_in_either_
             let destination = unique("required");
             let app = tokio::time::timeout(
                 Duration::from_secs(60),
-                producer_and_group(&destination, supplier, "b-bill").start(),
+                producer_and_group(&destination, supplier, "b-bill", false).start(),
             )
             .await
             .expect("started in time")
@@ -664,6 +676,62 @@ async fn required_groups_are_declared_as_their_consumers_declare_them_in_either_
                 .await
                 .unwrap_or_else(|e| panic!("{supplier} first: the group queue differs: {e}"));
         }
+    })
+    .await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn required_groups_of_consumers_bound_elsewhere_create_only_what_is_missing() {
+    common::within_test_deadline(async {
+        if !available() {
+            return;
+        }
+        // Missing: the queue is created as the consumer, bound by another process, declares it.
+        let destination = unique("required-elsewhere");
+        let app = tokio::time::timeout(
+            Duration::from_secs(60),
+            producer_and_group(&destination, "tick", "bill", true).start(),
+        )
+        .await
+        .expect("started in time")
+        .expect("the supplier alone starts");
+        app.shutdown().await.expect("shutdown");
+        assert_billing_queue_is_quorum_with_dlq(&destination)
+            .await
+            .expect("created with the consumer's arguments");
+
+        // Existing, declared elsewhere with other arguments: left as it is, and the producer
+        // starts (declaring it again with the consumer's arguments would be refused).
+        let destination = unique("required-elsewhere");
+        let channel = raw_channel().await;
+        tokio::time::timeout(
+            Duration::from_secs(30),
+            channel.queue_declare(
+                format!("{destination}.billing").as_str().into(),
+                QueueDeclareOptions {
+                    durable: true,
+                    ..QueueDeclareOptions::default()
+                },
+                FieldTable::default(),
+            ),
+        )
+        .await
+        .expect("RabbitMQ answers in time")
+        .expect("a classic queue declared beforehand");
+        let app = tokio::time::timeout(
+            Duration::from_secs(60),
+            producer_and_group(&destination, "tick", "bill", true).start(),
+        )
+        .await
+        .expect("started in time")
+        .expect("the supplier starts beside the existing queue");
+        app.shutdown().await.expect("shutdown");
+        assert!(
+            assert_billing_queue_is_quorum_with_dlq(&destination)
+                .await
+                .is_err(),
+            "the existing queue kept its own arguments"
+        );
     })
     .await
 }

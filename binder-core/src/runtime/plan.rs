@@ -121,14 +121,18 @@ impl Planner<'_> {
             let resolved = resolve(&binding, None, None, problems);
             outputs.insert(normalize_name(&binding), resolved);
         }
-        // The inputs of registered functions this process does not bind (other processes of
-        // the deployment do): their groups' subscriptions may be created below as they will
-        // declare them. A function whose binding has a problem is left out of that: the
-        // process that binds it reports it.
+        // The inputs of functions this process does not bind (other processes of the
+        // deployment do): their groups' subscriptions may be created below as they will
+        // declare them. One whose binding does not resolve cleanly shapes nothing; the process
+        // that binds it reports why.
         let unbound_inputs: Vec<ResolvedBinding> = functions
             .values()
             .copied()
-            .chain(self.left_out.iter())
+            .chain(
+                self.left_out
+                    .iter()
+                    .filter(|f| !functions.contains_key(&normalize_name(f.name()))),
+            )
             .filter(|f| {
                 !selected
                     .iter()
