@@ -100,20 +100,28 @@ impl Deployment {
         broker: &str,
         report: &mut Report,
     ) {
-        let mut ready = 0;
-        while ready < count {
-            self.check_running(broker);
-            let step = deadline.min(Instant::now() + Duration::from_secs(1));
-            match self.next_line(step) {
-                Some(line) => {
-                    ready += usize::from(line.text.starts_with("ready "));
-                    report.note(&line);
-                }
-                None if Instant::now() >= deadline => {
-                    panic!("{broker}: only {ready} of {count} services became ready in time")
-                }
-                None => {}
+        let target = report.ready + count;
+        while report.ready < target {
+            if !self.watch(broker, deadline, report) {
+                panic!(
+                    "{broker}: only {} of {count} services became ready in time",
+                    count + report.ready - target
+                );
             }
+        }
+    }
+
+    /// Notes the next line a process prints, waiting a second at most, after checking that no
+    /// service has exited; `false` once `deadline` has passed.
+    fn watch(&mut self, broker: &str, deadline: Instant, report: &mut Report) -> bool {
+        self.check_running(broker);
+        let step = deadline.min(Instant::now() + Duration::from_secs(1));
+        match self.next_line(step) {
+            Some(line) => {
+                report.note(&line);
+                true
+            }
+            None => Instant::now() < deadline,
         }
     }
 
@@ -207,10 +215,13 @@ fn parse(text: &str) -> Option<(&str, u64)> {
 struct Report {
     handled: BTreeMap<String, BTreeMap<&'static str, Vec<u64>>>,
     audit_lines: Vec<String>,
+    /// How many services said they were ready.
+    ready: usize,
 }
 
 impl Report {
     fn note(&mut self, line: &Line) {
+        self.ready += usize::from(line.text.starts_with("ready "));
         if let Some((service, order)) = parse(&line.text) {
             if service == "audit" {
                 self.audit_lines.push(line.text.clone());
@@ -364,17 +375,13 @@ fn run_deployment(broker: &str, environment: Vec<(String, String)>) {
         if done {
             break;
         }
-        deployment.check_running(broker);
         if !shared && Instant::now() >= next_wave {
             place_wave(&deployment, broker, first);
             placed.extend(first..first + 10);
             first += 10;
             next_wave = Instant::now() + Duration::from_secs(5);
         }
-        let step = deadline.min(Instant::now() + Duration::from_secs(1));
-        if let Some(line) = deployment.next_line(step) {
-            report.note(&line);
-        } else if Instant::now() >= deadline {
+        if !deployment.watch(broker, deadline, &mut report) {
             panic!(
                 "{broker}: within {DEADLINE:?} of {} orders placed, inventory saw {} (instance a {}, b {}), shipping {}, notification {}, ledger {}, audit {}",
                 placed.len(),
@@ -469,9 +476,7 @@ fn kill_an_inventory_instance_mid_run(broker: &str, environment: Vec<(String, St
         placed.extend(first..first + 10);
         first += 10;
         let wave_end = deadline.min(Instant::now() + Duration::from_secs(5));
-        while let Some(line) = deployment.next_line(wave_end) {
-            report.note(&line);
-        }
+        while deployment.watch(broker, wave_end, &mut report) {}
     }
 
     const LONG_RUN: u64 = 400;
@@ -479,17 +484,11 @@ fn kill_an_inventory_instance_mid_run(broker: &str, environment: Vec<(String, St
     let mut placing = Reaped(start_placing(&deployment, long_run, LONG_RUN));
     placed.extend(long_run..long_run + LONG_RUN);
     while report.count_from("inventory", "inventory-a", long_run) < 20 {
-        deployment.check_running(broker);
         if let Ok(Some(status)) = placing.0.try_wait() {
             assert!(status.success(), "{broker}: the order service failed");
         }
-        let step = deadline.min(Instant::now() + Duration::from_secs(1));
-        match deployment.next_line(step) {
-            Some(line) => report.note(&line),
-            None if Instant::now() >= deadline => {
-                panic!("{broker}: inventory-a did not handle 20 orders of the long run in time")
-            }
-            None => {}
+        if !deployment.watch(broker, deadline, &mut report) {
+            panic!("{broker}: inventory-a did not handle 20 orders of the long run in time")
         }
     }
     let confirmed_at_kill = report.count_from("orders", "orders", long_run);
@@ -501,17 +500,13 @@ fn kill_an_inventory_instance_mid_run(broker: &str, environment: Vec<(String, St
     );
 
     while !placed.is_subset(&report.seen("inventory")) {
-        deployment.check_running(broker);
-        let step = deadline.min(Instant::now() + Duration::from_secs(1));
-        match deployment.next_line(step) {
-            Some(line) => report.note(&line),
-            None if Instant::now() >= deadline => panic!(
+        if !deployment.watch(broker, deadline, &mut report) {
+            panic!(
                 "{broker}: after inventory-a was killed, {} of {} orders never reached inventory ({} placed and confirmed so far)",
                 placed.difference(&report.seen("inventory")).count(),
                 placed.len(),
                 report.seen("orders").len(),
-            ),
-            None => {}
+            );
         }
     }
     let status = wait_within(
