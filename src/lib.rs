@@ -2,7 +2,7 @@
 #![cfg_attr(docsrs, feature(doc_cfg))]
 
 #[doc(inline)]
-pub use bindery_core::{binder, config, memory, redact};
+pub use bindery_core::{binder, config, memory, partition, redact};
 #[doc(inline)]
 pub use bindery_core::{
     header, registered_functions, AppConfig, Application, ApplicationBuilder, Binder,

@@ -797,3 +797,83 @@ fn one_file_naming_a_binding_both_ways_is_an_error() {
         &["application.toml", "bill_x-in-0", "bill-x-in-0", "keep one"],
     );
 }
+
+#[test]
+fn an_instance_index_outside_the_instance_count_is_rejected() {
+    let text = error_of(
+        "[stream.bindings.bill-in-0.consumer]\npartitioned = true\ninstance-count = 2\ninstance-index = 2",
+    );
+    assert_mentions(
+        &text,
+        &[
+            "application.toml",
+            "`stream.bindings.bill-in-0.consumer.instance-index`",
+            "`instance-index` is 2 but `instance-count` is 2",
+        ],
+    );
+}
+
+#[test]
+fn partition_settings_from_the_environment_are_checked() {
+    let error = functions()
+        .config_str("application.toml", "")
+        .environment([
+            (
+                "BINDERY_STREAM__BINDINGS__BILL_OUT_0__PRODUCER__PARTITION_COUNT",
+                "0",
+            ),
+            (
+                "BINDERY_STREAM__BINDINGS__BILL_IN_0__CONSUMER__PARTITIONED",
+                "yes",
+            ),
+        ])
+        .build()
+        .unwrap_err()
+        .to_string();
+    assert_mentions(
+        &error,
+        &[
+            "`stream.bindings.bill-out-0.producer.partition-count`",
+            "must be at least 1, found 0",
+            "`stream.bindings.bill-in-0.consumer.partitioned`",
+        ],
+    );
+}
+
+#[test]
+fn partition_settings_are_read_from_the_environment() {
+    let app = functions()
+        .config_str("application.toml", "")
+        .environment([
+            (
+                "BINDERY_STREAM__BINDINGS__BILL_OUT_0__PRODUCER__PARTITION_COUNT",
+                "3",
+            ),
+            (
+                "BINDERY_STREAM__BINDINGS__BILL_IN_0__CONSUMER__PARTITIONED",
+                "true",
+            ),
+            (
+                "BINDERY_STREAM__BINDINGS__BILL_IN_0__CONSUMER__INSTANCE_COUNT",
+                "3",
+            ),
+            (
+                "BINDERY_STREAM__BINDINGS__BILL_IN_0__CONSUMER__INSTANCE_INDEX",
+                "2",
+            ),
+        ])
+        .build()
+        .expect("valid");
+    let bindings = app.bindings();
+    let input = bindings
+        .iter()
+        .find(|b| b.name == "bill-in-0")
+        .expect("bill-in-0");
+    assert_eq!(input.consumer.partition(), Some(2));
+    assert_eq!(input.consumer.instance_count, 3);
+    let output = bindings
+        .iter()
+        .find(|b| b.name == "bill-out-0")
+        .expect("bill-out-0");
+    assert_eq!(output.producer.partition_count, 3);
+}

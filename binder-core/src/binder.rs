@@ -172,6 +172,11 @@ pub trait Subscription: Send + fmt::Debug {
 /// [`Confirmation`] in the background. A binder only has to make two promises: messages
 /// enqueued one after another are sent in that order, and a confirmation resolves to `Ok`
 /// only once the broker has taken responsibility for the message.
+///
+/// A message the core sends to a partitioned destination (`producer.partition-count` above 1)
+/// carries its partition, [`Message::partition`], which the producer routes it by, so that it
+/// reaches the consumers whose [`ConsumerProperties::partition`](crate::ConsumerProperties::partition)
+/// is that partition (and every consumer that is not partitioned).
 #[async_trait]
 pub trait Producer: Send + Sync + fmt::Debug {
     /// Hands `message` to the broker client and returns, without waiting for the broker, the

@@ -23,6 +23,7 @@ use tokio::sync::mpsc;
 use tokio::time::Instant;
 
 use crate::binder::{Binder, ConsumerSpec, Delivery, ProducerSpec, Subscription};
+use crate::partition::partition_of_key;
 use crate::{header, Application, Error, Message, StreamFunction};
 
 type BinderFactory =
@@ -810,6 +811,135 @@ consumer.dlq = true"#
         binder.close().await.ok();
     }
 
+    /// An output with `partition-count = 2` sends each key to one partition, the one
+    /// [`partition_of_key`] names, and each partitioned consumer of a group (`instance-count = 2`)
+    /// receives only its own, in order within each key; a group that is not partitioned
+    /// receives everything.
+    pub async fn a_partitioned_destination_sends_each_key_to_one_instance(&self) {
+        let binder = self.binder().await;
+        let input = unique("partition-in");
+        let output = unique("partitioned");
+        let (counters, everything) = (unique("counters"), unique("everything"));
+        let forward =
+            StreamFunction::function("conformance-partition", |message: Message| async move {
+                message
+            });
+        let forwarders = unique("forwarders");
+        let toml = format!(
+            r#"[stream.bindings.conformance-partition-in-0]
+destination = "{input}"
+group = "{forwarders}"
+[stream.bindings.conformance-partition-out-0]
+destination = "{output}"
+producer.partition-count = 2"#
+        );
+        let (tx, mut rx) = mpsc::unbounded_channel::<(u32, String, Option<String>)>();
+        let mut readers = Vec::new();
+        for instance in 0..2 {
+            let spec = partitioned_consumer(&output, &counters, instance, 2);
+            let mut subscription = binder.subscribe(&spec).await.expect("subscribe");
+            let tx = tx.clone();
+            readers.push(tokio::spawn(async move {
+                while let Some(Ok(delivery)) = subscription.next().await {
+                    let payload = String::from_utf8_lossy(delivery.message.payload()).into_owned();
+                    let key = delivery.message.key_str().map(str::to_owned);
+                    if delivery.acknowledgement.ack().await.is_ok() {
+                        let _ = tx.send((instance, payload, key));
+                    }
+                }
+            }));
+        }
+        let mut all = subscribe(&binder, &output, Some(&everything)).await;
+        let app = application(&binder, forward, &toml)
+            .start()
+            .await
+            .expect("start");
+        let keys: Vec<String> = (0..8).map(|k| format!("word-{k}")).collect();
+        let owners: BTreeSet<u32> = keys
+            .iter()
+            .map(|key| partition_of_key(key.as_bytes(), 2))
+            .collect();
+        assert_eq!(
+            owners.len(),
+            2,
+            "the case's keys must cover both partitions"
+        );
+        let producer = producer(&binder, &input).await;
+        let count = 40;
+        for n in 0..count {
+            let key = &keys[n % keys.len()];
+            let message = Message::builder(Bytes::from(format!("{key}:{n:04}")))
+                .key(key)
+                .build();
+            producer.send(message).await.expect("send");
+        }
+        let mut by_instance: [Vec<String>; 2] = [Vec::new(), Vec::new()];
+        let deadline = Instant::now() + self.timeout;
+        while by_instance.iter().map(Vec::len).sum::<usize>() < count {
+            match tokio::time::timeout_at(deadline, rx.recv()).await {
+                Ok(Some((instance, payload, key))) => {
+                    let sent_key = payload.split_once(':').map(|(key, _)| key.to_owned());
+                    assert_eq!(key, sent_key, "`{payload}` keeps its key");
+                    by_instance[instance as usize].push(payload);
+                }
+                _ => panic!(
+                    "the partitioned consumers received {} of {count} messages within {:?}",
+                    by_instance.iter().map(Vec::len).sum::<usize>(),
+                    self.timeout
+                ),
+            }
+        }
+        let everything = self.receive_n(&mut all, count).await;
+        app.shutdown().await.expect("shutdown");
+        readers.iter().for_each(|reader| reader.abort());
+        for (instance, received) in by_instance.iter().enumerate() {
+            for payload in received {
+                let key = payload.split_once(':').expect("key:n").0;
+                assert_eq!(
+                    partition_of_key(key.as_bytes(), 2),
+                    instance as u32,
+                    "`{payload}` reached instance {instance}, not the owner of its key"
+                );
+            }
+        }
+        let both: Vec<String> = by_instance.concat();
+        assert_once_and_in_order_per_key(&both, count);
+        assert_once_and_in_order_per_key(&everything, count);
+        binder.close().await.ok();
+    }
+
+    /// The required groups of a partitioned output keep each partition for its instance, so
+    /// what is sent before the instances start reaches each of them.
+    pub async fn required_groups_keep_each_partition_of_a_partitioned_destination(&self) {
+        let binder = self.binder().await;
+        let destination = unique("required-partitions");
+        let group = unique("late-instances");
+        let mut spec = ProducerSpec::new(destination.clone());
+        spec.properties.required_groups = vec![group.clone()];
+        spec.properties.partition_count = 2;
+        let early = binder.producer(&spec).await.expect("producer");
+        for partition in 0..2 {
+            let mut message = Message::new(Bytes::from(format!("early-{partition}")));
+            message.set_partition(Some(partition));
+            early
+                .send(message)
+                .await
+                .expect("sent before the group's instances exist");
+        }
+        for instance in 0..2 {
+            let spec = partitioned_consumer(&destination, &group, instance, 2);
+            let mut late = binder.subscribe(&spec).await.expect("subscribe");
+            let delivery = self.receive_one(&mut late).await;
+            assert_eq!(
+                String::from_utf8_lossy(delivery.message.payload()),
+                format!("early-{instance}"),
+                "instance {instance} receives its own partition"
+            );
+            delivery.acknowledgement.ack().await.expect("ack");
+        }
+        binder.close().await.ok();
+    }
+
     /// A graceful shutdown in the middle of a backlog loses nothing: every message was either
     /// handled or is delivered again to the group.
     pub async fn a_shutdown_mid_backlog_loses_nothing(&self) {
@@ -956,6 +1086,15 @@ async fn send_numbered(
     sent
 }
 
+/// Instance `index` of `count` of a partitioned consumer group.
+fn partitioned_consumer(destination: &str, group: &str, index: u32, count: u32) -> ConsumerSpec {
+    let mut spec = ConsumerSpec::new(destination, Some(group));
+    spec.properties.partitioned = true;
+    spec.properties.instance_index = index;
+    spec.properties.instance_count = count;
+    spec
+}
+
 async fn forward(mut subscription: Box<dyn Subscription>, to: mpsc::UnboundedSender<String>) {
     while let Some(Ok(delivery)) = subscription.next().await {
         let payload = String::from_utf8_lossy(delivery.message.payload()).into_owned();
@@ -1018,6 +1157,8 @@ macro_rules! conformance_tests {
             an_undecodable_payload_is_dead_lettered_without_retries,
             a_dead_letter_waits_for_a_reader_that_comes_later,
             required_groups_keep_what_is_sent_before_their_consumer_starts,
+            a_partitioned_destination_sends_each_key_to_one_instance,
+            required_groups_keep_each_partition_of_a_partitioned_destination,
             a_shutdown_mid_backlog_loses_nothing
         );
     };

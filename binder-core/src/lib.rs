@@ -12,6 +12,7 @@ mod function;
 pub mod handler;
 pub mod memory;
 mod message;
+pub mod partition;
 pub mod redact;
 mod runtime;
 pub mod testing;

@@ -5,7 +5,9 @@
 //! sent while it is subscribed, and a message received but not acknowledged goes back to its
 //! group when its consumer lets go of it. As on RabbitMQ with `mandatory`, sending to a
 //! destination that has no group or consumer yet fails rather than losing the message;
-//! `producer.required-groups` creates groups up front. A dead-letter destination is lasting:
+//! `producer.required-groups` creates groups up front. A partitioned consumer (instance `i`)
+//! has a queue of its own, `<group>-<i>`, which receives only partition `i`, as RabbitMQ's
+//! queue `<destination>.<group>-<i>` does. A dead-letter destination is lasting:
 //! what is dead-lettered while no group or consumer subscribes to it is kept, and handed to
 //! the first group that does.
 
@@ -85,6 +87,8 @@ impl Destination {
 struct Queue {
     ready: Mutex<VecDeque<Envelope>>,
     available: Notify,
+    /// The one partition this queue receives; `None` for every message.
+    partition: Option<u32>,
 }
 
 #[derive(Debug)]
@@ -101,6 +105,17 @@ fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
 }
 
 impl Queue {
+    fn for_partition(partition: Option<u32>) -> Self {
+        Queue {
+            partition,
+            ..Queue::default()
+        }
+    }
+
+    fn receives(&self, message: &Message) -> bool {
+        self.partition.is_none() || self.partition == message.partition()
+    }
+
     fn push_back(&self, envelope: Envelope) {
         lock(&self.ready).push_back(envelope);
         self.available.notify_one();
@@ -154,15 +169,20 @@ impl MemoryBinder {
         lock(&self.broker.destinations).get(name).cloned()
     }
 
-    fn group_queue(&self, destination: &str, group: &str) -> Arc<Queue> {
+    /// The queue of `group`, or of its `partition` (named `<group>-<partition>`).
+    fn group_queue(&self, destination: &str, group: &str, partition: Option<u32>) -> Arc<Queue> {
+        let name = match partition {
+            Some(partition) => format!("{group}-{partition}"),
+            None => group.to_owned(),
+        };
         let destination = self.destination(destination);
         let mut destination = lock(&destination);
-        if let Some(queue) = destination.groups.get(group) {
+        if let Some(queue) = destination.groups.get(&name) {
             return queue.clone();
         }
-        let queue = Arc::new(Queue::default());
+        let queue = Arc::new(Queue::for_partition(partition));
         destination.hand_over_kept(&queue);
-        destination.groups.insert(group.to_owned(), queue.clone());
+        destination.groups.insert(name, queue.clone());
         queue
     }
 
@@ -172,7 +192,8 @@ impl MemoryBinder {
             .map_or(0, |d| lock(&d).kept.len())
     }
 
-    /// How many messages wait in `group` of `destination`, not counting those being handled.
+    /// How many messages wait in `group` of `destination`, not counting those being handled;
+    /// the queue of partition `n` of a group is named `<group>-<n>`.
     pub fn pending(&self, destination: &str, group: &str) -> usize {
         let Some(destination) = self.existing(destination) else {
             return 0;
@@ -186,24 +207,26 @@ impl MemoryBinder {
 }
 
 impl Destination {
-    /// Hands `message` to every group and anonymous consumer (or keeps it, when lasting);
-    /// `false` when nothing would receive it.
+    /// Hands `message` to every group and anonymous consumer that receives its partition (or
+    /// keeps it, when lasting); `false` when nothing would receive it.
     fn publish(&mut self, message: &Message) -> bool {
-        let envelope = || Envelope {
-            message: message.clone(),
-            redelivered: false,
-        };
+        let mut received = false;
         if self.lasting && self.groups.is_empty() {
             // Kept for the first group, as a DLQ queue keeps it on a broker; anonymous
             // consumers see it too.
             self.kept.push_back(message.clone());
-        } else if self.groups.is_empty() && self.anonymous.is_empty() {
-            return false;
+            received = true;
         }
         for queue in self.groups.values().chain(self.anonymous.values()) {
-            queue.push_back(envelope());
+            if queue.receives(message) {
+                queue.push_back(Envelope {
+                    message: message.clone(),
+                    redelivered: false,
+                });
+                received = true;
+            }
         }
-        true
+        received
     }
 }
 
@@ -211,10 +234,13 @@ impl Destination {
 impl Binder for MemoryBinder {
     async fn subscribe(&self, spec: &ConsumerSpec) -> Result<Box<dyn Subscription>, Error> {
         let (queue, anonymous_id) = match &spec.group {
-            Some(group) => (self.group_queue(&spec.destination, group), None),
+            Some(group) => (
+                self.group_queue(&spec.destination, group, spec.properties.partition()),
+                None,
+            ),
             None => {
                 let id = self.broker.next_anonymous.fetch_add(1, Ordering::Relaxed);
-                let queue = Arc::new(Queue::default());
+                let queue = Arc::new(Queue::for_partition(spec.properties.partition()));
                 // What a dead-letter destination kept waits for a group: an anonymous consumer
                 // takes nothing with it when it goes.
                 lock(&self.destination(&spec.destination))
@@ -231,8 +257,16 @@ impl Binder for MemoryBinder {
     }
 
     async fn producer(&self, spec: &ProducerSpec) -> Result<Arc<dyn Producer>, Error> {
+        let partitions = spec.properties.partition_count;
         for group in &spec.properties.required_groups {
-            self.group_queue(&spec.destination, group);
+            match partitions {
+                1 => drop(self.group_queue(&spec.destination, group, None)),
+                _ => {
+                    for partition in 0..partitions {
+                        self.group_queue(&spec.destination, group, Some(partition));
+                    }
+                }
+            }
         }
         Ok(Arc::new(MemoryProducer {
             name: spec.destination.clone(),

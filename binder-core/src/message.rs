@@ -236,6 +236,7 @@ pub struct Message<T = Bytes> {
     payload: T,
     headers: Headers,
     key: Option<Bytes>,
+    partition: Option<u32>,
 }
 
 impl<T> Message<T> {
@@ -245,6 +246,7 @@ impl<T> Message<T> {
             payload,
             headers: Headers::new(),
             key: None,
+            partition: None,
         }
     }
 
@@ -295,12 +297,27 @@ impl<T> Message<T> {
         self.key = key;
     }
 
-    /// The same headers and key around another payload.
+    /// The partition a partitioned output chose for this message (see
+    /// `producer.partition-count`); `None` for a destination that is not partitioned.
+    ///
+    /// The core sets it on every message it sends, from the message's key; a binder routes
+    /// the message by it (a Kafka partition, a RabbitMQ routing key `<destination>-<n>`).
+    pub fn partition(&self) -> Option<u32> {
+        self.partition
+    }
+
+    /// Sets or clears the partition; the core overwrites it on every message it sends.
+    pub fn set_partition(&mut self, partition: Option<u32>) {
+        self.partition = partition;
+    }
+
+    /// The same headers, key and partition around another payload.
     pub fn map_payload<U>(self, f: impl FnOnce(T) -> U) -> Message<U> {
         Message {
             payload: f(self.payload),
             headers: self.headers,
             key: self.key,
+            partition: self.partition,
         }
     }
 
@@ -315,6 +332,7 @@ impl<T> Message<T> {
             payload,
             headers,
             key,
+            partition: None,
         }
     }
 }
@@ -331,6 +349,7 @@ impl<T: fmt::Debug> fmt::Debug for Message<T> {
                     .map(str::to_owned)
                     .or_else(|| self.key.as_ref().map(|k| format!("{k:?}"))),
             )
+            .field("partition", &self.partition)
             .finish()
     }
 }

@@ -161,13 +161,17 @@ impl KafkaBinder {
     }
 
     /// Creates `topic` when it is missing and `auto-create-topics` is on; otherwise checks that
-    /// it exists.
-    async fn ensure_topic(&self, topic: &str) -> Result<(), KafkaError> {
+    /// it exists. A partitioned binding needs `partitions` partitions at least: a topic created
+    /// here gets them, and one that has fewer is an error.
+    async fn ensure_topic(&self, topic: &str, partitions: u32) -> Result<(), KafkaError> {
         let settings = &self.inner.settings;
         if settings.auto_create_topics {
+            let wanted = settings
+                .min_partition_count
+                .max(i32::try_from(partitions).unwrap_or(i32::MAX));
             let new_topic = NewTopic::new(
                 topic,
-                settings.min_partition_count,
+                wanted,
                 TopicReplication::Fixed(settings.replication_factor),
             );
             let options = AdminOptions::new()
@@ -192,29 +196,42 @@ impl KafkaBinder {
                     }
                 }
             }
-            return Ok(());
+            if partitions <= 1 {
+                return Ok(());
+            }
         }
+        let found = self.partition_count(topic).await?;
+        if found == 0 {
+            return Err(KafkaError::Topic {
+                topic: topic.to_owned(),
+                reason: "it does not exist and `auto-create-topics` is false; create it, or set `auto-create-topics = true`".to_owned(),
+            });
+        }
+        if found < partitions as usize {
+            return Err(KafkaError::Topic {
+                topic: topic.to_owned(),
+                reason: format!("it has {found} partitions, but the binding is partitioned {partitions} ways (`partition-count` or `instance-count`); add partitions to the topic, or lower the setting"),
+            });
+        }
+        Ok(())
+    }
+
+    /// How many partitions `topic` has; 0 when it does not exist.
+    async fn partition_count(&self, topic: &str) -> Result<usize, KafkaError> {
         let producer = self.inner.producer.clone();
         let name = topic.to_owned();
-        let timeout = settings.connection_timeout;
+        let timeout = self.inner.settings.connection_timeout;
         let metadata = tokio::task::spawn_blocking(move || {
             producer.client().fetch_metadata(Some(&name), timeout)
         })
         .await
         .map_err(|e| KafkaError::Client(e.to_string()))?
         .map_err(|e| KafkaError::Client(e.to_string()))?;
-        let exists = metadata
+        Ok(metadata
             .topics()
             .iter()
-            .any(|t| t.name() == topic && t.error().is_none() && !t.partitions().is_empty());
-        if exists {
-            Ok(())
-        } else {
-            Err(KafkaError::Topic {
-                topic: topic.to_owned(),
-                reason: "it does not exist and `auto-create-topics` is false; create it, or set `auto-create-topics = true`".to_owned(),
-            })
-        }
+            .find(|t| t.name() == topic && t.error().is_none())
+            .map_or(0, |t| t.partitions().len()))
     }
 }
 
@@ -253,7 +270,13 @@ fn base_config(settings: &KafkaSettings) -> ClientConfig {
 #[async_trait]
 impl Binder for KafkaBinder {
     async fn subscribe(&self, spec: &ConsumerSpec) -> Result<Box<dyn Subscription>, Error> {
-        self.ensure_topic(&spec.destination)
+        let properties = &spec.properties;
+        let instances = if properties.partitioned {
+            properties.instance_count
+        } else {
+            1
+        };
+        self.ensure_topic(&spec.destination, instances)
             .await
             .map_err(|e| self.error(e))?;
         let mut problems = Problems::default();
@@ -294,7 +317,6 @@ impl Binder for KafkaBinder {
                 .and_then(|v| v.parse().ok())
                 .unwrap_or(300_000),
         );
-        let properties = &spec.properties;
         let longest_retry: Duration = (1..properties.max_attempts)
             .map(|attempt| properties.back_off(attempt))
             .sum();
@@ -321,15 +343,25 @@ impl Binder for KafkaBinder {
             .map_err(|e| self.error(client_error(&self.inner.settings, e)))?;
         // A group joins and gets partitions from the group; an anonymous consumer takes every
         // partition itself, at the end of each, so no group join stands between `subscribe`
-        // returning and the first message it must see.
-        let anonymous_start = match &spec.group {
-            Some(_) => {
+        // returning and the first message it must see. A partitioned instance takes its own
+        // partitions and starts where its group left off, so one key is never handled by two
+        // instances, not even while a rebalance would move it.
+        let static_assignment = match (&spec.group, properties.partitioned) {
+            (Some(_), false) => {
                 consumer
                     .subscribe(&[spec.destination.as_str()])
                     .map_err(|e| self.error(KafkaError::Client(e.to_string())))?;
                 None
             }
-            None => Some(start),
+            (group, partitioned) => Some(StaticAssignment {
+                start: group.is_none().then_some(start),
+                instances: if partitioned { instances } else { 1 },
+                index: if partitioned {
+                    properties.instance_index
+                } else {
+                    0
+                },
+            }),
         };
 
         // A small hand-over: the engine's window bounds what is in flight, not this channel.
@@ -344,7 +376,8 @@ impl Binder for KafkaBinder {
             stop: stop.clone(),
             producer_failed: self.inner.producer_failed.clone(),
             max_poll_interval,
-            anonymous_start,
+            static_assignment,
+            commits,
             timeout: self.inner.settings.connection_timeout,
         };
         let thread = std::thread::Builder::new()
@@ -370,7 +403,7 @@ impl Binder for KafkaBinder {
     }
 
     async fn producer(&self, spec: &ProducerSpec) -> Result<Arc<dyn Producer>, Error> {
-        self.ensure_topic(&spec.destination)
+        self.ensure_topic(&spec.destination, spec.properties.partition_count)
             .await
             .map_err(|e| self.error(e))?;
         Ok(Arc::new(KafkaProducer {
@@ -424,6 +457,9 @@ impl Producer for KafkaProducer {
             .headers(headers);
         if let Some(key) = message.key() {
             record = record.key(key.as_ref());
+        }
+        if let Some(partition) = message.partition() {
+            record = record.partition(i32::try_from(partition).unwrap_or(i32::MAX));
         }
         let give_up = tokio::time::Instant::now() + QUEUE_TIMEOUT;
         loop {
@@ -650,10 +686,24 @@ struct Poller {
     /// The binder's producer failed for good: stop too.
     producer_failed: Arc<AtomicBool>,
     max_poll_interval: Duration,
-    /// Where an anonymous consumer starts; `None` for a group member.
-    anonymous_start: Option<StartOffset>,
+    /// The partitions a consumer takes itself (anonymous, or a partitioned instance); `None`
+    /// for a group member that the group gives partitions to.
+    static_assignment: Option<StaticAssignment>,
+    /// Whether offsets are committed (a group's, not an anonymous consumer's).
+    commits: bool,
     /// How long looking up partitions and offsets may take.
     timeout: Duration,
+}
+
+/// Partitions a consumer takes without the group handing them out.
+#[derive(Clone, Copy, Debug)]
+struct StaticAssignment {
+    /// Where each partition starts, resolved at once; `None` for where the group left off
+    /// (else `auto.offset.reset`).
+    start: Option<StartOffset>,
+    /// Partition `p` is taken when `p % instances == index`.
+    instances: u32,
+    index: u32,
 }
 
 /// A record polled and not yet handed over, with the assignment it came from.
@@ -664,36 +714,43 @@ struct Polled {
 }
 
 impl Poller {
-    /// Assigns every partition of the topic, each at its end (or start), resolved now: what is
-    /// sent after this returns is received.
-    fn assign_all(&self, start: StartOffset) -> rdkafka::error::KafkaResult<()> {
+    /// Assigns the topic's partitions that `assignment` takes. Those resolved now (an
+    /// anonymous consumer's, at the end or start of each) receive whatever is sent after this
+    /// returns.
+    fn assign_static(&self, assignment: StaticAssignment) -> rdkafka::error::KafkaResult<()> {
         let metadata = self
             .consumer
             .fetch_metadata(Some(&self.topic), self.timeout)?;
-        let mut assignment = TopicPartitionList::new();
+        let mut partitions = TopicPartitionList::new();
         for topic in metadata.topics() {
             for partition in topic.partitions() {
-                let (low, high) =
-                    self.consumer
-                        .fetch_watermarks(&self.topic, partition.id(), self.timeout)?;
-                let offset = match start {
-                    StartOffset::Earliest => low,
-                    StartOffset::Latest => high,
+                let id = partition.id();
+                if u32::try_from(id).map_or(true, |p| p % assignment.instances != assignment.index)
+                {
+                    continue;
+                }
+                let offset = match assignment.start {
+                    None => Offset::Stored,
+                    Some(start) => {
+                        let (low, high) =
+                            self.consumer
+                                .fetch_watermarks(&self.topic, id, self.timeout)?;
+                        Offset::Offset(match start {
+                            StartOffset::Earliest => low,
+                            StartOffset::Latest => high,
+                        })
+                    }
                 };
-                assignment.add_partition_offset(
-                    &self.topic,
-                    partition.id(),
-                    Offset::Offset(offset),
-                )?;
+                partitions.add_partition_offset(&self.topic, id, offset)?;
             }
         }
-        self.consumer.assign(&assignment)
+        self.consumer.assign(&partitions)
     }
 
     fn run(self) {
-        if let Some(start) = self.anonymous_start {
-            if let Err(error) = self.assign_all(start) {
-                tracing::error!(topic = %self.topic, %error, "could not assign the topic's partitions to an anonymous consumer");
+        if let Some(assignment) = self.static_assignment {
+            if let Err(error) = self.assign_static(assignment) {
+                tracing::error!(topic = %self.topic, %error, ?assignment, "could not assign the topic's partitions to the consumer");
                 return;
             }
             self.consumer.context().assigned.notify_one();
@@ -823,7 +880,7 @@ impl Poller {
     fn finish(self) {
         self.settle();
         // An anonymous consumer leaves nothing behind.
-        if self.anonymous_start.is_some() {
+        if !self.commits {
             return;
         }
         if let Err(error) = self

@@ -800,3 +800,101 @@ async fn read_until(
         }
     }
 }
+
+async fn next_within_30s(
+    subscription: &mut Box<dyn bindery_core::Subscription>,
+) -> bindery_core::Delivery {
+    match tokio::time::timeout(Duration::from_secs(30), subscription.next()).await {
+        Ok(Some(Ok(delivery))) => delivery,
+        _ => panic!("no record within 30 s"),
+    }
+}
+
+/// Instance `index` of two of a partitioned consumer group.
+fn partitioned_instance(topic: &str, group: &str, index: u32) -> ConsumerSpec {
+    let mut spec = ConsumerSpec::new(topic, Some(group));
+    spec.properties.partitioned = true;
+    spec.properties.instance_count = 2;
+    spec.properties.instance_index = index;
+    spec
+}
+
+/// A partitioned instance takes its partitions without joining the group's rebalances, yet
+/// commits to its group: started again with the same index, it goes on after what it
+/// acknowledged. Each record is sent once the one before was confirmed, so every record is a
+/// batch of its own and the restart never fetches from inside a batch (which Tansu cannot).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_partitioned_instance_commits_to_its_group_and_resumes_there() {
+    if !available() {
+        return;
+    }
+    let (topic, group) = (unique("partitioned"), unique("counters"));
+    let binder = KafkaBinder::connect("kafka", settings())
+        .await
+        .expect("connect");
+    let mut first = binder
+        .subscribe(&partitioned_instance(&topic, &group, 1))
+        .await
+        .expect("subscribe");
+    let mut spec = ProducerSpec::new(topic.clone());
+    spec.properties.partition_count = 2;
+    let producer = binder.producer(&spec).await.expect("producer");
+    for n in 0..10 {
+        let mut message = Message::new(Bytes::from(format!("record-{n}")));
+        message.set_partition(Some(1));
+        producer.send(message).await.expect("send");
+    }
+    for n in 0..5 {
+        let delivery = next_within_30s(&mut first).await;
+        assert_eq!(partition_and_offset(&delivery.message), (1, n));
+        delivery.acknowledgement.ack().await.expect("ack");
+    }
+    first.close().await.expect("close");
+    assert_eq!(
+        committed_pair(&topic, &group),
+        [-1, 5],
+        "the instance committed what it acknowledged, to its group"
+    );
+
+    let mut again = binder
+        .subscribe(&partitioned_instance(&topic, &group, 1))
+        .await
+        .expect("subscribe again");
+    let delivery = next_within_30s(&mut again).await;
+    assert_eq!(
+        String::from_utf8_lossy(delivery.message.payload()),
+        "record-5",
+        "the restarted instance goes on after what it acknowledged"
+    );
+    delivery.acknowledgement.ack().await.expect("ack");
+    again.close().await.expect("close");
+    binder.close().await.ok();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_topic_with_fewer_partitions_than_the_instances_is_a_clear_error() {
+    if !available() {
+        return;
+    }
+    let topic = unique("narrow");
+    let binder = KafkaBinder::connect("kafka", settings())
+        .await
+        .expect("connect");
+    // Created with one partition by a producer that is not partitioned.
+    binder
+        .producer(&ProducerSpec::new(topic.clone()))
+        .await
+        .expect("producer");
+    let error = binder
+        .subscribe(&partitioned_instance(&topic, "counters", 0))
+        .await
+        .expect_err("two instances cannot share one partition");
+    let text = error.to_string();
+    assert!(
+        text.contains(&topic)
+            && text.contains("has 1 partitions")
+            && text.contains("instance-count"),
+        "{text}"
+    );
+    binder.close().await.ok();
+}

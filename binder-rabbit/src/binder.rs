@@ -133,6 +133,11 @@ struct Topology {
 /// send (which the core sends again).
 const PUBLISH_TIMEOUT: Duration = Duration::from_secs(30);
 
+/// The routing key of partition `partition` of `destination`, as Spring Cloud Stream names it.
+fn partition_routing_key(destination: &str, partition: u32) -> String {
+    format!("{destination}-{partition}")
+}
+
 /// Exchange and queue names are AMQP short strings: longer ones are refused, never a panic.
 fn check_name(name: &str) -> Result<(), RabbitError> {
     if name.len() > mapping::SHORT_STRING_MAX {
@@ -517,10 +522,14 @@ impl RabbitBinder {
 
     fn topology(&self, spec: &ConsumerSpec) -> Topology {
         let mut problems = Problems::default();
-        let consumer = RabbitConsumerSettings::read(spec.extension.as_ref(), &mut problems);
-        let (queue, anonymous) = match &spec.group {
-            Some(group) => (format!("{}.{group}", spec.destination), false),
-            None => (
+        let mut consumer = RabbitConsumerSettings::read(spec.extension.as_ref(), &mut problems);
+        let partition = spec.properties.partition();
+        let (queue, anonymous) = match (&spec.group, partition) {
+            (Some(group), None) => (format!("{}.{group}", spec.destination), false),
+            (Some(group), Some(partition)) => {
+                (format!("{}.{group}-{partition}", spec.destination), false)
+            }
+            (None, _) => (
                 format!(
                     "{}.anonymous.{}",
                     spec.destination,
@@ -529,6 +538,10 @@ impl RabbitBinder {
                 true,
             ),
         };
+        if let Some(partition) = partition {
+            // The partition's routing key, as a partitioned producer sends it.
+            consumer.binding_routing_key = partition_routing_key(&spec.destination, partition);
+        }
         Topology {
             exchange: spec.destination.clone(),
             exchange_type: consumer.exchange_type.clone(),
@@ -549,28 +562,58 @@ impl RabbitBinder {
         &self,
         spec: &ProducerSpec,
         group: &str,
+        partition: Option<u32>,
         queue: &RequiredGroupQueue,
     ) -> Result<(), RabbitError> {
-        let of_group = |c: &&ConsumerSpec| c.group.as_deref() == Some(group);
+        let of_group = |c: &&ConsumerSpec| {
+            c.group.as_deref() == Some(group)
+                && (partition.is_none() || c.properties.partition() == partition)
+        };
         let bound_here = spec.required_group_consumers.iter().find(of_group);
-        let consumer = bound_here.or_else(|| {
-            spec.required_group_consumers_elsewhere
-                .iter()
-                .find(of_group)
-        });
-        let topology = match consumer {
-            Some(consumer) => self.topology(consumer),
-            None => Topology {
-                exchange: spec.destination.clone(),
-                exchange_type: queue.consumer.exchange_type.clone(),
-                queue: format!("{}.{group}", spec.destination),
-                anonymous: false,
-                dead_letter_queue: queue
-                    .dlq
-                    .then(|| format!("{}.{group}.dlq", spec.destination)),
-                consumer: queue.consumer.clone(),
-                only_queue: false,
-            },
+        // Another instance of a partitioned group is declared as the one this application
+        // knows, for its own partition.
+        let known = bound_here
+            .or_else(|| {
+                spec.required_group_consumers_elsewhere
+                    .iter()
+                    .find(of_group)
+            })
+            .cloned()
+            .or_else(|| {
+                let instance = spec
+                    .required_group_consumers
+                    .iter()
+                    .chain(&spec.required_group_consumers_elsewhere)
+                    .find(|c| c.group.as_deref() == Some(group))?;
+                let mut other = instance.clone();
+                other.properties.partitioned = partition.is_some();
+                other.properties.instance_index = partition.unwrap_or(0);
+                Some(other)
+            });
+        let topology = match known {
+            Some(consumer) => self.topology(&consumer),
+            None => {
+                let mut consumer = queue.consumer.clone();
+                let queue_name = match partition {
+                    Some(partition) => {
+                        consumer.binding_routing_key =
+                            partition_routing_key(&spec.destination, partition);
+                        format!("{}.{group}-{partition}", spec.destination)
+                    }
+                    None => format!("{}.{group}", spec.destination),
+                };
+                Topology {
+                    exchange: spec.destination.clone(),
+                    exchange_type: queue.consumer.exchange_type.clone(),
+                    queue: queue_name,
+                    anonymous: false,
+                    dead_letter_queue: queue
+                        .dlq
+                        .then(|| format!("{}.{group}.dlq", spec.destination)),
+                    consumer,
+                    only_queue: false,
+                }
+            }
         };
         check_name(&topology.queue)?;
         if topology.exchange_type == "direct" && topology.consumer.binding_routing_key == "#" {
@@ -684,11 +727,23 @@ impl Binder for RabbitBinder {
             )
             .await?;
         if self.inner.settings.provision {
-            // Queues of `required-groups` keep what is sent before their consumers start.
+            // Queues of `required-groups` keep what is sent before their consumers start; a
+            // partitioned destination has one queue per partition and group.
+            let partitions: Vec<Option<u32>> = match spec.properties.partition_count {
+                1 => vec![None],
+                count => (0..count).map(Some).collect(),
+            };
             for group in &spec.properties.required_groups {
-                self.provision_required_group(spec, group, &settings.required_group_queue)
+                for partition in &partitions {
+                    self.provision_required_group(
+                        spec,
+                        group,
+                        *partition,
+                        &settings.required_group_queue,
+                    )
                     .await
                     .map_err(|e| self.error(e))?;
+                }
             }
         }
         Ok(producer)
@@ -1050,6 +1105,11 @@ impl RabbitProducer {
     /// cannot be the routing key (none is fixed, it is UTF-8, not empty, short enough, and not
     /// the exchange's name, which stands for "no key" on receipt).
     fn route(&self, message: &Message) -> (String, bool) {
+        if let Some(partition) = message.partition() {
+            // A partition's queues are bound by its routing key: the key travels in a header.
+            let routing_key = partition_routing_key(&self.exchange, partition);
+            return (routing_key, message.key().is_some());
+        }
         if let Some(fixed) = &self.fixed_routing_key {
             return (fixed.clone(), message.key().is_some());
         }

@@ -16,9 +16,11 @@ use crate::binder::{Binder, ConsumerSpec, Producer, ProducerSpec};
 use crate::config::{normalize_name, BindingConfig};
 use crate::config::{ConfigNode, ConsumerProperties, ProducerProperties};
 use crate::handler::{ContentType, IntoOutputs, Outputs, DEFAULT_CONTENT_TYPE};
+use crate::partition::PartitionSelector;
 use crate::{Error, Message};
 pub(crate) use ids::{new_message_id, output_id, MessageId};
-pub(crate) use send::{all_confirmed, confirm_all, enqueue_all, stamp, Sendings};
+use send::stamp;
+pub(crate) use send::{all_confirmed, confirm_all, enqueue_all, Sendings};
 
 tokio::task_local! {
     /// The correlation id of the input message whose handler runs on this task.
@@ -99,15 +101,34 @@ impl fmt::Debug for StreamBridge {
     }
 }
 
-/// A destination ready to send to: the producer and the binding's content type.
+/// A destination ready to send to: the producer, the binding's content type, and how it
+/// partitions.
 #[derive(Debug)]
 pub(crate) struct Output {
     pub(crate) content_type: ContentType,
     pub(crate) destination: String,
     pub(crate) producer: Arc<dyn Producer>,
+    pub(crate) partitions: Option<PartitionSelector>,
 }
 
 impl Output {
+    /// Makes a message ready to send here: its id (unless the handler set one), the input's
+    /// correlation id, and its partition (cleared when this destination is not partitioned,
+    /// so a message passed through keeps no partition of another destination).
+    pub(crate) fn prepare(
+        &self,
+        message: &mut Message,
+        id: impl FnOnce() -> MessageId,
+        correlation: Option<&Bytes>,
+    ) {
+        stamp(message, id, correlation);
+        let partition = self
+            .partitions
+            .as_ref()
+            .map(|partitions| partitions.select(message.key().map(|key| key.as_ref())));
+        message.set_partition(partition);
+    }
+
     /// Sends the messages in order, each with a new id, and waits until all were confirmed;
     /// the first failure is returned.
     pub(crate) async fn send_all(
@@ -118,7 +139,7 @@ impl Output {
         let messages = messages
             .into_iter()
             .map(|mut message| {
-                stamp(&mut message, new_message_id, correlation_id);
+                self.prepare(&mut message, new_message_id, correlation_id);
                 message
             })
             .collect();
@@ -212,6 +233,7 @@ impl StreamBridge {
             ),
             destination: spec.destination.clone(),
             producer,
+            partitions: PartitionSelector::for_count(spec.properties.partition_count),
         });
         outputs.insert(target.to_owned(), output.clone());
         Ok(output)

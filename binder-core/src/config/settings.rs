@@ -28,6 +28,16 @@ pub struct ConsumerProperties {
     pub dlq: bool,
     /// `dlq-name`: the dead-letter destination. Default `<destination>.<group>.dlq`.
     pub dlq_name: Option<String>,
+    /// `partitioned`: receive only this instance's partition of a partitioned destination
+    /// (see `producer.partition-count`). Default false: every partition.
+    pub partitioned: bool,
+    /// `instance-count`: how many instances of the application share a partitioned
+    /// destination. Default 1.
+    pub instance_count: u32,
+    /// `instance-index`: which of them this one is, from 0 to `instance-count - 1`; it
+    /// receives partition `instance-index` (on Kafka, every partition `p` with
+    /// `p % instance-count == instance-index`). Default 0.
+    pub instance_index: u32,
 }
 
 impl Default for ConsumerProperties {
@@ -41,6 +51,9 @@ impl Default for ConsumerProperties {
             max_in_flight: 1000,
             dlq: false,
             dlq_name: None,
+            partitioned: false,
+            instance_count: 1,
+            instance_index: 0,
         }
     }
 }
@@ -54,14 +67,31 @@ impl ConsumerProperties {
         let wait = self.back_off_initial_interval.as_secs_f64() * factor;
         Duration::from_secs_f64(wait.min(self.back_off_max_interval.as_secs_f64()))
     }
+
+    /// The partition this consumer receives when it is `partitioned`: its `instance-index`.
+    pub fn partition(&self) -> Option<u32> {
+        self.partitioned.then_some(self.instance_index)
+    }
 }
 
 /// Producer settings of an output binding (`[stream.bindings.<name>.producer]`).
-#[derive(Clone, Debug, Default, PartialEq)]
+#[derive(Clone, Debug, PartialEq)]
 pub struct ProducerProperties {
     /// `required-groups`: groups whose subscriptions the producer creates up front, so what it
     /// sends before their consumers start is kept for them. Default none.
     pub required_groups: Vec<String>,
+    /// `partition-count`: partitions of the destination, each message going to the one its
+    /// key chooses (keyless messages in turn). Default 1: not partitioned.
+    pub partition_count: u32,
+}
+
+impl Default for ProducerProperties {
+    fn default() -> Self {
+        ProducerProperties {
+            required_groups: Vec::new(),
+            partition_count: 1,
+        }
+    }
 }
 
 pub(crate) const STREAM_KEYS: &[&str] = &[
@@ -91,8 +121,11 @@ const CONSUMER_KEYS: &[&str] = &[
     "max-in-flight",
     "dlq",
     "dlq-name",
+    "partitioned",
+    "instance-count",
+    "instance-index",
 ];
-const PRODUCER_KEYS: &[&str] = &["required-groups"];
+const PRODUCER_KEYS: &[&str] = &["required-groups", "partition-count"];
 const SUPPORTED_CONTENT_TYPES: &[&str] =
     &["application/json", "text/plain", "application/octet-stream"];
 
@@ -120,6 +153,9 @@ pub(crate) struct ConsumerOverrides {
     max_in_flight: Option<u32>,
     pub(crate) dlq: Option<(bool, ConfigNode)>,
     dlq_name: Option<String>,
+    partitioned: Option<bool>,
+    instance_count: Option<u32>,
+    instance_index: Option<u32>,
     /// The keys the section sets, to point at one that conflicts with another.
     pub(crate) set: ConfigTable,
 }
@@ -149,6 +185,15 @@ impl ConsumerOverrides {
         }
         if let Some(v) = &self.dlq_name {
             to.dlq_name = Some(v.clone());
+        }
+        if let Some(v) = self.partitioned {
+            to.partitioned = v;
+        }
+        if let Some(v) = self.instance_count {
+            to.instance_count = v;
+        }
+        if let Some(v) = self.instance_index {
+            to.instance_index = v;
         }
     }
 }
@@ -338,6 +383,13 @@ fn read_consumer(node: &ConfigNode, problems: &mut Problems) -> ConsumerOverride
             "max-in-flight" => consumer.max_in_flight = read_u32(&node, problems),
             "dlq" => consumer.dlq = node.boolean(problems).map(|b| (b, node)),
             "dlq-name" => consumer.dlq_name = non_empty(&node, problems),
+            "partitioned" => consumer.partitioned = node.boolean(problems),
+            "instance-count" => consumer.instance_count = read_u32(&node, problems),
+            "instance-index" => {
+                consumer.instance_index = node
+                    .integer_in(0, u32::MAX.into(), problems)
+                    .and_then(|n| u32::try_from(n).ok())
+            }
             _ => {}
         }
     }
@@ -349,6 +401,9 @@ fn read_producer(node: &ConfigNode, problems: &mut Problems) -> Option<ProducerP
     let mut producer = ProducerProperties::default();
     if let Some(groups) = table.get("required-groups") {
         producer.required_groups = groups.string_list(problems).unwrap_or_default();
+    }
+    if let Some(count) = table.get("partition-count") {
+        producer.partition_count = read_u32(count, problems).unwrap_or(1);
     }
     Some(producer)
 }

@@ -32,8 +32,8 @@ use super::settle::{settle, InOrder, Verdict};
 use super::window::Window;
 use crate::binder::{Acknowledgement, Delivery, Producer, Subscription};
 use crate::bridge::{
-    all_confirmed, confirm_all, enqueue_all, new_message_id, output_id, stamp, Correlated,
-    MessageId, Output, Sendings,
+    all_confirmed, confirm_all, enqueue_all, new_message_id, output_id, Correlated, MessageId,
+    Output, Sendings,
 };
 use crate::config::ConsumerProperties;
 use crate::handler::{
@@ -434,7 +434,7 @@ impl Engine {
         let (output, messages) = match (outcome, &self.binding.invoker.output) {
             (Ok(mut messages), Some(output)) => {
                 for (index, message) in messages.iter_mut().enumerate() {
-                    stamp(
+                    output.prepare(
                         message,
                         || output_id(&item.id, index),
                         item.correlation_id.as_ref(),
@@ -658,6 +658,8 @@ fn unsettled(binding: &str, id: &MessageId, settled: Result<(), Error>) {
 /// The original message with the failure headers of the dead-letter contract.
 fn dead_letter(message: &Message, failure: &Failure, destination: &str, attempts: u32) -> Message {
     let mut message = message.clone();
+    // The dead-letter destination is not partitioned, whatever partition the input came from.
+    message.set_partition(None);
     let headers = message.headers_mut();
     headers.insert(header::EXCEPTION_MESSAGE, failure.message());
     headers.insert(header::EXCEPTION_TYPE, failure.type_name());

@@ -23,7 +23,8 @@ use plan::{Plan, Planner, KNOWN_BINDER_TYPES};
 use crate::binder::{Binder, BinderProvider};
 use crate::bridge::StreamBridge;
 use crate::config::{
-    load, AppConfig, ConfigError, ConfigSource, LoadOptions, Problems, StreamConfig,
+    load, AppConfig, ConfigError, ConfigSource, ConsumerProperties, LoadOptions, Problems,
+    ProducerProperties, StreamConfig,
 };
 use crate::function::{registered_functions, StreamFunction};
 use crate::handler::Context;
@@ -181,7 +182,7 @@ impl ApplicationBuilder {
 }
 
 /// One binding of an [`Application`], as it will be bound.
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq)]
 #[non_exhaustive]
 pub struct BindingInfo {
     /// Such as `bill-in-0`.
@@ -194,6 +195,10 @@ pub struct BindingInfo {
     pub group: Option<String>,
     /// The name of the binder it is bound on.
     pub binder: String,
+    /// The consumer settings, as resolved (an output has the defaults).
+    pub consumer: ConsumerProperties,
+    /// The producer settings, as resolved (an input has the defaults).
+    pub producer: ProducerProperties,
 }
 
 /// A validated application, ready to bind its functions.
@@ -251,6 +256,8 @@ impl Application {
                 destination: b.destination.clone(),
                 group: b.group.clone().filter(|_| input),
                 binder: b.binder.clone(),
+                consumer: b.consumer.clone(),
+                producer: b.producer.clone(),
             })
             .collect()
     }
@@ -488,6 +495,20 @@ impl RunningApplication {
     /// The bridge, to send to any binding or destination.
     pub fn bridge(&self) -> StreamBridge {
         self.bridge.clone()
+    }
+
+    /// Runs until Ctrl-C or SIGTERM, then shuts down gracefully: what [`Application::run`]
+    /// does once started, for an application that did something of its own after
+    /// [`Application::start`]. A binding that stops by itself stops the application too, and
+    /// the error names it.
+    pub async fn run_until_signal(mut self) -> Result<(), Error> {
+        let signal = listen_for_shutdown()?;
+        let outcome = tokio::select! {
+            signal = signal => signal,
+            failure = self.binding_failure() => Err(failure),
+        };
+        self.shutdown().await?;
+        outcome
     }
 
     /// Stops taking new messages, finishes and acknowledges those in flight, then closes the

@@ -628,6 +628,20 @@ impl Planner<'_> {
                 );
             }
         }
+        if consumer.instance_index >= consumer.instance_count {
+            let message = format!(
+                "for `{binding}`, `instance-index` is {} but `instance-count` is {}: instances are numbered from 0 to `instance-count - 1`; raise `instance-count` to the number of instances, or lower the index",
+                consumer.instance_index, consumer.instance_count
+            );
+            match set("instance-index").or_else(|| set("instance-count")) {
+                Some(node) => problems.at(node, message),
+                None => problems.at_key(
+                    "the configuration",
+                    format!("stream.bindings.{binding}.consumer.instance-index"),
+                    message,
+                ),
+            }
+        }
         if consumer.back_off_initial_interval > consumer.back_off_max_interval {
             let node = set("back-off-initial-interval").or_else(|| set("back-off-max-interval"));
             if let Some(node) = node {
