@@ -24,12 +24,15 @@
 //! checked: `inventory pid=4711 order=8 customer=customer-3`. The configuration is
 //! `examples/orders.toml`, with `orders-kafka.toml` and `orders-rabbit.toml` beside it.
 
+mod common;
+
 use std::collections::BTreeSet;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{LazyLock, Mutex};
 use std::time::Duration;
 
 use bindery::prelude::*;
+use common::{definition, environment_with, log_to_stderr, Failed, Flags, Services};
 use serde::{Deserialize, Serialize};
 use tokio::sync::Notify;
 
@@ -152,65 +155,36 @@ const SERVICES: &[&str] = &[
 
 /// What to run, from the command line.
 struct Options {
-    /// The consuming services; empty for the order service alone.
-    services: Vec<String>,
-    /// Whether this process places orders.
-    places_orders: bool,
+    services: Services,
     orders: u64,
     first: u64,
 }
 
-type Failed = Box<dyn std::error::Error>;
-
-fn usage(problem: &str) -> Failed {
-    format!(
-        "{problem}; usage: orders [--service orders|{}[,...]] [--orders N] [--first ID]",
-        SERVICES.join("|")
-    )
-    .into()
-}
-
 fn options() -> Result<Options, Failed> {
+    let usage = format!(
+        "orders [--service orders|{}[,...]] [--orders N] [--first ID]",
+        SERVICES.join("|")
+    );
+    let mut flags = Flags::new(usage);
     let mut options = Options {
-        services: SERVICES.iter().map(|s| s.to_string()).collect(),
-        places_orders: true,
+        services: Services::all(SERVICES),
         orders: 20,
         first: 1,
     };
-    let mut args = std::env::args().skip(1);
-    while let Some(arg) = args.next() {
-        let mut value = || {
-            args.next()
-                .ok_or_else(|| usage(&format!("`{arg}` needs a value")))
-        };
-        match arg.as_str() {
+    while let Some(flag) = flags.next_flag() {
+        match flag.as_str() {
             "--service" => {
-                let list = value()?;
-                let mut chosen: Vec<String> =
-                    list.split(',').map(|s| s.trim().to_owned()).collect();
-                chosen.sort();
-                chosen.dedup();
-                if let Some(unknown) = chosen
-                    .iter()
-                    .find(|s| *s != "orders" && !SERVICES.contains(&s.as_str()))
-                {
-                    return Err(usage(&format!("no service is called `{unknown}`")));
-                }
-                options.places_orders = chosen.iter().any(|s| s == "orders");
-                options.services = chosen.into_iter().filter(|s| s != "orders").collect();
+                let list = flags.value(&flag)?;
+                options.services = Services::chosen(&list, "orders", SERVICES)
+                    .map_err(|problem| flags.error(&problem))?;
             }
-            "--orders" => {
-                options.orders = value()?
-                    .parse()
-                    .map_err(|_| usage("`--orders` takes a whole number"))?
-            }
-            "--first" => {
-                options.first = value()?
-                    .parse()
-                    .map_err(|_| usage("`--first` takes a whole number"))?
-            }
-            other => return Err(usage(&format!("unknown argument `{other}`"))),
+            "--orders" => options.orders = flags.parsed(&flag)?,
+            "--first" => options.first = flags.parsed(&flag)?,
+            other => return Err(flags.error(&format!("unknown argument `{other}`"))),
         }
+    }
+    if options.first.checked_add(options.orders).is_none() {
+        return Err(flags.error("`--first` plus `--orders` is too large"));
     }
     Ok(options)
 }
@@ -264,42 +238,26 @@ fn all_seen(ids: &BTreeSet<u64>) -> bool {
 
 #[tokio::main]
 async fn main() -> Result<(), Failed> {
-    // The log goes to standard error: standard output is what the services did.
-    tracing_subscriber::fmt()
-        .with_writer(std::io::stderr)
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "warn".into()),
-        )
-        .init();
+    log_to_stderr();
     let options = options()?;
-    let everything = options.places_orders && options.services.len() == SERVICES.len();
+    let services = &options.services;
+    let everything = services.everything(SERVICES);
     SUMMARY.store(everything, Ordering::Relaxed);
-    // The services chosen are the functions bound: `stream.function.definition`, set as an
-    // environment variable would set it, over whatever the environment holds.
-    const DEFINITION: &str = "BINDERY_STREAM__FUNCTION__DEFINITION";
-    let mut environment: Vec<(String, String)> = std::env::vars()
-        .filter(|(name, _)| !name.eq_ignore_ascii_case(DEFINITION))
-        .collect();
-    if !options.services.is_empty() {
-        environment.push((DEFINITION.into(), options.services.join(";")));
-    }
     let mut builder = bindery::application()
         .config_file(concat!(env!("CARGO_MANIFEST_DIR"), "/examples/orders.toml"))
-        .environment(environment);
-    if options.services.is_empty() {
+        .environment(environment_with(definition(services)));
+    if services.functions.is_empty() {
         builder = builder.without_registered_functions();
     }
-    let Some(end) = options.first.checked_add(options.orders) else {
-        return Err(usage("`--first` plus `--orders` is too large"));
-    };
+    let end = options.first + options.orders;
     let app = builder.build()?.start().await?;
 
-    if options.places_orders {
+    if services.sends {
         if let Err(error) = place_orders(&app.bridge(), options.first, end).await {
             app.shutdown().await.ok();
             return Err(error.into());
         }
-        if options.services.is_empty() {
+        if services.functions.is_empty() {
             // The order service alone: done once the broker has confirmed its orders.
             return Ok(app.shutdown().await?);
         }
@@ -309,10 +267,9 @@ async fn main() -> Result<(), Failed> {
         println!(
             "ready pid={} services={}",
             std::process::id(),
-            options.services.join(",")
+            services.functions.join(",")
         );
-        shutdown_signal().await;
-        return Ok(app.shutdown().await?);
+        return Ok(app.run_until_signal().await?);
     }
     let ids: BTreeSet<u64> = (options.first..end).collect();
     let waited = tokio::time::timeout(Duration::from_secs(60), async {
@@ -338,23 +295,5 @@ async fn main() -> Result<(), Failed> {
     match waited {
         Ok(()) => Ok(()),
         Err(_) => Err("not every service saw all of its orders within 60 s (see the summary); is another process of the same groups running (`--service ...`) and taking a share of them?".into()),
-    }
-}
-
-/// Ctrl-C, or SIGTERM as a process manager stops a service.
-async fn shutdown_signal() {
-    use tokio::signal::unix::{signal, SignalKind};
-    match signal(SignalKind::terminate()) {
-        Ok(mut terminate) => tokio::select! {
-            _ = tokio::signal::ctrl_c() => {}
-            _ = terminate.recv() => {}
-        },
-        // No SIGTERM handler to be had: Ctrl-C still stops the services.
-        Err(error) => {
-            eprintln!("SIGTERM cannot be watched ({error}); stop the services with Ctrl-C");
-            if let Err(error) = tokio::signal::ctrl_c().await {
-                eprintln!("Ctrl-C cannot be watched either ({error}); stopping now");
-            }
-        }
     }
 }

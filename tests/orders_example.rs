@@ -4,200 +4,18 @@
 //! order reaches every group; the failed payments are in the dead-letter destination with
 //! their failure headers.
 
-use std::collections::{BTreeMap, BTreeSet};
-use std::io::{BufRead, BufReader};
-use std::path::PathBuf;
-use std::process::{Child, Command, Stdio};
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::mpsc;
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+mod support;
 
-use bindery::test::{host_port, require_broker};
+use std::collections::{BTreeMap, BTreeSet};
+use std::process::Child;
+use std::time::{Duration, Instant};
+
+use support::{
+    field, on_kafka, on_rabbitmq, wait_within, Deployment, Line, Observer, Reaped, RunEnvironment,
+};
 
 /// Kafka group joins on a small broker can take tens of seconds.
 const DEADLINE: Duration = Duration::from_secs(240);
-
-/// The example binary, which `cargo test` builds beside the test binaries.
-fn example_binary() -> PathBuf {
-    let exe = std::env::current_exe().expect("the test binary's path");
-    let profile_dir = exe
-        .parent()
-        .and_then(|deps| deps.parent())
-        .expect("target/<profile>/deps");
-    let binary = profile_dir.join("examples").join("orders");
-    assert!(
-        binary.exists(),
-        "{} is missing: `cargo test` builds the examples; run it through cargo",
-        binary.display()
-    );
-    binary
-}
-
-/// One line a process printed, with the process it came from.
-struct Line {
-    from: &'static str,
-    text: String,
-}
-
-/// The example's processes, their output merged into one channel, killed when dropped.
-struct Deployment {
-    environment: Vec<(String, String)>,
-    children: Vec<(&'static str, Child)>,
-    lines_tx: mpsc::Sender<Line>,
-    lines: mpsc::Receiver<Line>,
-}
-
-impl Deployment {
-    fn new(environment: Vec<(String, String)>) -> Self {
-        let (lines_tx, lines) = mpsc::channel();
-        Deployment {
-            environment,
-            children: Vec::new(),
-            lines_tx,
-            lines,
-        }
-    }
-
-    /// Starts a service of the deployment, which runs until it is stopped.
-    fn start(&mut self, name: &'static str, args: &[&str]) {
-        let child = self.spawn(name, args);
-        self.children.push((name, child));
-    }
-
-    /// Starts the example with `args`, its output read into the deployment's lines.
-    fn spawn(&self, name: &'static str, args: &[&str]) -> Child {
-        let mut child = Command::new(example_binary())
-            .args(args)
-            .envs(self.environment.iter().cloned())
-            .env_remove("BINDERY_CONFIG")
-            .stdout(Stdio::piped())
-            .stderr(Stdio::inherit())
-            .spawn()
-            .expect("the orders example starts");
-        let stdout = child.stdout.take().expect("piped stdout");
-        let tx = self.lines_tx.clone();
-        std::thread::spawn(move || {
-            for text in BufReader::new(stdout).lines().map_while(Result::ok) {
-                if tx.send(Line { from: name, text }).is_err() {
-                    break;
-                }
-            }
-        });
-        child
-    }
-
-    /// The next line, or `None` once `deadline` has passed.
-    fn next_line(&self, deadline: Instant) -> Option<Line> {
-        let left = deadline.checked_duration_since(Instant::now())?;
-        self.lines.recv_timeout(left).ok()
-    }
-
-    /// Waits for `count` more services to say they are ready, noting what they print.
-    fn wait_until_ready(
-        &mut self,
-        count: usize,
-        deadline: Instant,
-        broker: &str,
-        report: &mut Report,
-    ) {
-        let target = report.ready + count;
-        while report.ready < target {
-            if !self.watch(broker, deadline, report) {
-                panic!(
-                    "{broker}: only {} of {count} services became ready in time",
-                    count + report.ready - target
-                );
-            }
-        }
-    }
-
-    /// Notes the next line a process prints, waiting a second at most, after checking that no
-    /// service has exited; `false` once `deadline` has passed.
-    fn watch(&mut self, broker: &str, deadline: Instant, report: &mut Report) -> bool {
-        self.check_running(broker);
-        let step = deadline.min(Instant::now() + Duration::from_secs(1));
-        match self.next_line(step) {
-            Some(line) => {
-                report.note(&line);
-                true
-            }
-            None => Instant::now() < deadline,
-        }
-    }
-
-    /// Kills the process `name` with SIGKILL, as a crash or the OOM killer would.
-    fn kill(&mut self, name: &str) {
-        let index = self
-            .children
-            .iter()
-            .position(|(n, _)| *n == name)
-            .expect("a process of that name");
-        let (_, mut child) = self.children.remove(index);
-        child.kill().expect("SIGKILL");
-        let _ = child.wait();
-    }
-
-    /// Fails the test when a service has exited: services run until they are stopped.
-    fn check_running(&mut self, broker: &str) {
-        for (name, child) in &mut self.children {
-            if let Ok(Some(status)) = child.try_wait() {
-                panic!("{broker}: {name} exited early with {status}");
-            }
-        }
-    }
-
-    /// Stops every process with SIGTERM, as a process manager does, and checks each exits
-    /// cleanly within `within`.
-    fn stop(&mut self, within: Duration) {
-        for (_, child) in &self.children {
-            let _ = Command::new("kill")
-                .args(["-TERM", &child.id().to_string()])
-                .status();
-        }
-        for (name, child) in &mut self.children {
-            let status = wait_within(child, within, name);
-            assert!(status.success(), "{name} exited with {status}");
-        }
-        self.children.clear();
-    }
-}
-
-/// A process that is killed if the test lets go of it before it exited.
-struct Reaped(Child);
-
-impl Drop for Reaped {
-    fn drop(&mut self) {
-        if let Ok(None) = self.0.try_wait() {
-            let _ = self.0.kill();
-            let _ = self.0.wait();
-        }
-    }
-}
-
-/// The exit status of `child`, which must exit within `within` (it is killed otherwise).
-fn wait_within(child: &mut Child, within: Duration, what: &str) -> std::process::ExitStatus {
-    let deadline = Instant::now() + within;
-    loop {
-        if let Some(status) = child.try_wait().expect("waiting for a process") {
-            return status;
-        }
-        if Instant::now() > deadline {
-            let _ = child.kill();
-            let _ = child.wait();
-            panic!("{what} did not exit within {within:?}");
-        }
-        std::thread::sleep(Duration::from_millis(50));
-    }
-}
-
-impl Drop for Deployment {
-    fn drop(&mut self) {
-        for (_, child) in &mut self.children {
-            let _ = child.kill();
-            let _ = child.wait();
-        }
-    }
-}
 
 /// The `order=N` of a line, and the word it starts with (the service).
 fn parse(text: &str) -> Option<(&str, u64)> {
@@ -215,13 +33,10 @@ fn parse(text: &str) -> Option<(&str, u64)> {
 struct Report {
     handled: BTreeMap<String, BTreeMap<&'static str, Vec<u64>>>,
     audit_lines: Vec<String>,
-    /// How many services said they were ready.
-    ready: usize,
 }
 
-impl Report {
+impl Observer for Report {
     fn note(&mut self, line: &Line) {
-        self.ready += usize::from(line.text.starts_with("ready "));
         if let Some((service, order)) = parse(&line.text) {
             if service == "audit" {
                 self.audit_lines.push(line.text.clone());
@@ -234,7 +49,9 @@ impl Report {
                 .push(order);
         }
     }
+}
 
+impl Report {
     fn seen(&self, service: &str) -> BTreeSet<u64> {
         self.handled
             .get(service)
@@ -280,61 +97,37 @@ fn place_wave(deployment: &Deployment, broker: &str, first: u64) {
     assert!(status.success(), "{broker}: the order service failed");
 }
 
-/// The value of `name=` in a line, compared whole.
-fn field<'a>(line: &'a str, name: &str) -> Option<&'a str> {
-    line.split_whitespace()
-        .find_map(|f| f.strip_prefix(name)?.strip_prefix('='))
-}
-
-/// The environment of a deployment on `broker`, with destinations of this run's own, set as
-/// any deployment would set them; and the name of its orders destination. On Kafka the groups
-/// are this run's own too (a Kafka group spans topics, so runs must not share one); on RabbitMQ
-/// a queue is named after its destination and group, so it is this run's own already, and the
-/// groups keep the names `required-groups` gives them.
+/// The environment of a deployment on `broker`, with destinations (and on Kafka groups) of this
+/// run's own; and the name of its orders destination.
 fn of_this_run(
     broker: &str,
-    mut environment: Vec<(String, String)>,
+    environment: Vec<(String, String)>,
 ) -> (Vec<(String, String)>, String) {
-    // Tests of one broker run at once: the counter tells apart runs of the same microsecond.
-    static RUNS: AtomicU64 = AtomicU64::new(0);
-    let now = SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map_or(0, |d| d.as_micros());
-    let run = format!("{now}-{}", RUNS.fetch_add(1, Ordering::Relaxed));
-    let group = |name: &str| match broker {
-        "kafka" => format!("{name}-{run}"),
-        _ => name.to_owned(),
-    };
-    let orders = format!("orders-example-{broker}-{run}");
-    let payments = format!("payments-example-{broker}-{run}");
-    let dead_letters = format!("{orders}.{}.dlq", group("payment"));
-    let mut set = |binding: &str, key: &str, value: String| {
-        environment.push((format!("BINDERY_STREAM__BINDINGS__{binding}__{key}"), value));
-    };
-    set("PLACED_OUT_0", "DESTINATION", orders.clone());
-    set("PAYMENT_OUT_0", "DESTINATION", payments.clone());
+    let mut run = RunEnvironment::new(broker, environment);
+    let orders = run.destination("orders");
+    let payments = run.destination("payments");
+    let dead_letters = format!("{orders}.{}.dlq", run.group("payment"));
+    run.output("PLACED_OUT_0", &orders);
+    run.output("PAYMENT_OUT_0", &payments);
     for (binding, destination, group) in [
-        ("INVENTORY_IN_0", &orders, group("inventory")),
-        ("SHIPPING_IN_0", &orders, group("shipping")),
-        ("NOTIFICATION_IN_0", &orders, group("notification")),
-        ("PAYMENT_IN_0", &orders, group("payment")),
-        ("LEDGER_IN_0", &payments, group("ledger")),
-        ("AUDIT_IN_0", &dead_letters, group("audit")),
+        ("INVENTORY_IN_0", &orders, "inventory"),
+        ("SHIPPING_IN_0", &orders, "shipping"),
+        ("NOTIFICATION_IN_0", &orders, "notification"),
+        ("PAYMENT_IN_0", &orders, "payment"),
+        ("LEDGER_IN_0", &payments, "ledger"),
+        ("AUDIT_IN_0", &dead_letters, "audit"),
     ] {
-        set(binding, "DESTINATION", destination.clone());
-        set(binding, "GROUP", group);
+        let group = run.group(group);
+        run.input(binding, destination, &group);
     }
-    environment.push(("BINDERY_PROFILE".into(), broker.into()));
-    // Each process's start and shutdown are logged (to standard error, which the test shares).
-    environment.push(("RUST_LOG".into(), "warn,bindery_core::runtime=info".into()));
-    (environment, orders)
+    (run.finish(), orders)
 }
 
 /// Runs the example as separate processes on the broker the environment selects, and checks
 /// what each service did.
 fn run_deployment(broker: &str, environment: Vec<(String, String)>) {
     let (environment, orders) = of_this_run(broker, environment);
-    let mut deployment = Deployment::new(environment);
+    let mut deployment = Deployment::new("orders", environment);
 
     // `audit` starts first: on RabbitMQ a group of the dead-letter destination gets what is
     // dead-lettered once its queue exists. Then the order service, on a broker that has never
@@ -455,7 +248,7 @@ fn run_deployment(broker: &str, environment: Vec<(String, String)>) {
 /// batch of its own, and no member fetches from inside a batch (which Tansu cannot serve).
 fn kill_an_inventory_instance_mid_run(broker: &str, environment: Vec<(String, String)>) {
     let (environment, _) = of_this_run(broker, environment);
-    let mut deployment = Deployment::new(environment);
+    let mut deployment = Deployment::new("orders", environment);
     let deadline = Instant::now() + DEADLINE;
     let mut report = Report::default();
     deployment.start("inventory-a", &["--service", "inventory"]);
@@ -525,24 +318,6 @@ fn kill_an_inventory_instance_mid_run(broker: &str, environment: Vec<(String, St
         placed.len(),
         a + b + c - report.seen("inventory").len()
     );
-}
-
-/// How the example reaches RabbitMQ (`RABBIT_URI`), or `None` when the broker tests are
-/// skipped here.
-fn on_rabbitmq() -> Option<Vec<(String, String)>> {
-    let uri = std::env::var("RABBIT_URI")
-        .unwrap_or_else(|_| "amqp://guest:guest@127.0.0.1:5672/%2f".to_owned());
-    require_broker("RabbitMQ", &host_port(&uri, 5672))
-        .then(|| vec![("BINDERY_STREAM__BINDERS__RABBIT__URI".into(), uri)])
-}
-
-/// How the example reaches Kafka (`KAFKA_BROKERS`), or `None` when the broker tests are
-/// skipped here.
-fn on_kafka() -> Option<Vec<(String, String)>> {
-    let brokers = std::env::var("KAFKA_BROKERS").unwrap_or_else(|_| "127.0.0.1:9092".to_owned());
-    let first = brokers.split(',').next().unwrap_or_default().to_owned();
-    require_broker("Kafka", &first)
-        .then(|| vec![("BINDERY_STREAM__BINDERS__KAFKA__BROKERS".into(), brokers)])
 }
 
 #[test]
