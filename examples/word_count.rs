@@ -166,6 +166,10 @@ fn options() -> Result<Options, Failed> {
     if options.counters == 0 {
         return Err(flags.error("`--counters` is at least 1"));
     }
+    let one_process = options.services.everything(SERVICES);
+    if one_process && (options.counters > 1 || options.instance > 0) {
+        return Err(flags.error("one process runs one counter; `--counters` and `--instance` are for a deployment of several (`--service count` in each counter's process)"));
+    }
     Ok(options)
 }
 
@@ -214,7 +218,13 @@ async fn send_text(bridge: &StreamBridge, repeat: u64) -> Result<(), bindery::Er
             TEXT.len()
         );
     }
-    for (word, count) in expected_counts(repeat) {
+    let expected = expected_counts(repeat);
+    println!(
+        "expected-words pid={} words={}",
+        std::process::id(),
+        expected.len()
+    );
+    for (word, count) in expected {
         println!(
             "expected pid={} word={word} count={count}",
             std::process::id()

@@ -877,3 +877,83 @@ fn partition_settings_are_read_from_the_environment() {
         .expect("bill-out-0");
     assert_eq!(output.producer.partition_count, 3);
 }
+
+#[test]
+fn a_producer_and_its_partitioned_consumers_must_agree_on_the_partitions() {
+    let text = error_of(
+        r#"
+[stream.bindings.bill-out-0]
+destination = "invoices"
+producer.partition-count = 2
+[stream.bindings.audit-in-0]
+destination = "invoices"
+group = "auditors"
+consumer.partitioned = true
+consumer.instance-count = 3
+"#,
+    );
+    assert_mentions(
+        &text,
+        &[
+            "`stream.bindings.bill-out-0.producer.partition-count`",
+            "in 2 partition(s), but `audit-in-0` reads it as one of 3 partitioned instances",
+        ],
+    );
+    let unpartitioned = error_of(
+        r#"
+[stream.bindings.bill-out-0]
+destination = "invoices"
+[stream.bindings.audit-in-0]
+destination = "invoices"
+group = "auditors"
+consumer.partitioned = true
+consumer.instance-count = 2
+"#,
+    );
+    assert_mentions(&unpartitioned, &["in 1 partition(s)", "`audit-in-0`"]);
+}
+
+#[test]
+fn instance_settings_without_partitioned_are_rejected() {
+    let text = error_of("[stream.bindings.bill-in-0.consumer]\ninstance-count = 2");
+    assert_mentions(
+        &text,
+        &[
+            "`stream.bindings.bill-in-0.consumer.instance-count`",
+            "is not partitioned",
+            "set `partitioned = true`",
+        ],
+    );
+}
+
+#[test]
+fn producer_defaults_apply_key_by_key() {
+    let app = build(
+        r#"
+[stream.default.producer]
+partition-count = 2
+[stream.bindings.bill-out-0.producer]
+required-groups = ["audit"]
+"#,
+    )
+    .expect("valid");
+    let output = app
+        .bindings()
+        .into_iter()
+        .find(|b| b.name == "bill-out-0")
+        .expect("bill-out-0");
+    assert_eq!(output.producer.partition_count, 2);
+    assert_eq!(output.producer.required_groups, ["audit"]);
+}
+
+#[test]
+fn a_partition_count_beyond_the_limit_is_rejected() {
+    let text = error_of("[stream.bindings.bill-out-0.producer]\npartition-count = 100000");
+    assert_mentions(
+        &text,
+        &[
+            "`stream.bindings.bill-out-0.producer.partition-count`",
+            "at most 4096",
+        ],
+    );
+}

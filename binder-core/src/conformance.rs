@@ -909,7 +909,8 @@ producer.partition-count = 2"#
     }
 
     /// The required groups of a partitioned output keep each partition for its instance, so
-    /// what is sent before the instances start reaches each of them.
+    /// what is sent before the instances start reaches each of them; a message sent without a
+    /// key arrives without one.
     pub async fn required_groups_keep_each_partition_of_a_partitioned_destination(&self) {
         let binder = self.binder().await;
         let destination = unique("required-partitions");
@@ -934,6 +935,11 @@ producer.partition-count = 2"#
                 String::from_utf8_lossy(delivery.message.payload()),
                 format!("early-{instance}"),
                 "instance {instance} receives its own partition"
+            );
+            assert_eq!(
+                delivery.message.key(),
+                None,
+                "a message sent without a key arrives without one, whatever its partition"
             );
             delivery.acknowledgement.ack().await.expect("ack");
         }

@@ -31,7 +31,7 @@ use crate::{Error, Message};
 #[derive(Debug, thiserror::Error)]
 pub enum MemoryError {
     /// Nothing would receive the message.
-    #[error("no group or consumer is subscribed to destination `{0}`, so the message would be lost; start the consumer first or list its group in `producer.required-groups`")]
+    #[error("no group or consumer is subscribed to destination `{0}` (for a partitioned destination: to the message's partition), so the message would be lost; start the consumer first or list its group in `producer.required-groups`")]
     Unroutable(String),
 }
 
@@ -323,8 +323,11 @@ impl Subscription for MemorySubscription {
 
 impl MemorySubscription {
     fn delivery(&self, envelope: Envelope) -> Delivery {
+        // As from a broker: what partition a message was sent to is the sender's business.
+        let mut message = envelope.message.clone();
+        message.set_partition(None);
         Delivery {
-            message: envelope.message.clone(),
+            message,
             redelivered: envelope.redelivered,
             acknowledgement: Box::new(MemoryAck {
                 queue: self.queue.clone(),

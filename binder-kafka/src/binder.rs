@@ -200,7 +200,25 @@ impl KafkaBinder {
                 return Ok(());
             }
         }
-        let found = self.partition_count(topic).await?;
+        // A topic just created may take a moment to show in the metadata.
+        let give_up = tokio::time::Instant::now() + settings.connection_timeout;
+        let mut found = self.partition_count(topic).await?;
+        while settings.auto_create_topics
+            && found < partitions as usize
+            && tokio::time::Instant::now() < give_up
+        {
+            tokio::time::sleep(Duration::from_millis(100)).await;
+            found = self.partition_count(topic).await?;
+        }
+        if found == 0 && settings.auto_create_topics {
+            return Err(KafkaError::Topic {
+                topic: topic.to_owned(),
+                reason: format!(
+                    "it was created, but the broker did not list it within {:?}",
+                    settings.connection_timeout
+                ),
+            });
+        }
         if found == 0 {
             return Err(KafkaError::Topic {
                 topic: topic.to_owned(),
@@ -327,9 +345,11 @@ impl Binder for KafkaBinder {
             );
         }
         let assigned = Arc::new(Notify::new());
+        let assignment_failed = Arc::new(Mutex::new(None));
         let (acks, events) = sync_mpsc::channel();
         let context = PollContext {
             assigned: assigned.clone(),
+            assignment_failed: assignment_failed.clone(),
             tracker: Arc::new(Mutex::new(Tracker {
                 topic: spec.destination.clone(),
                 next_generation: 0,
@@ -355,7 +375,7 @@ impl Binder for KafkaBinder {
             }
             (group, partitioned) => Some(StaticAssignment {
                 start: group.is_none().then_some(start),
-                instances: if partitioned { instances } else { 1 },
+                instances: if partitioned { instances.max(1) } else { 1 },
                 index: if partitioned {
                     properties.instance_index
                 } else {
@@ -397,6 +417,12 @@ impl Binder for KafkaBinder {
                 group,
                 topic: spec.destination.clone(),
                 timeout: ASSIGNMENT_TIMEOUT,
+            }));
+        }
+        if let Some(reason) = lock(&assignment_failed).take() {
+            return Err(self.error(KafkaError::Topic {
+                topic: spec.destination.clone(),
+                reason: format!("the consumer of `{}`: {reason}", spec.binding),
             }));
         }
         Ok(Box::new(subscription))
@@ -641,12 +667,30 @@ impl Tracker {
 
 struct PollContext {
     assigned: Arc<Notify>,
+    /// Why the consumer could not take its partitions itself, for `subscribe` to report.
+    assignment_failed: Arc<Mutex<Option<String>>>,
     tracker: Arc<Mutex<Tracker>>,
 }
 
 impl ClientContext for PollContext {}
 
 impl ConsumerContext for PollContext {
+    fn commit_callback(
+        &self,
+        result: rdkafka::error::KafkaResult<()>,
+        offsets: &TopicPartitionList,
+    ) {
+        match result {
+            Ok(()) => {}
+            // Nothing was stored since the last commit.
+            Err(error) if error.rdkafka_error_code() == Some(RDKafkaErrorCode::NoOffset) => {}
+            Err(error) => {
+                let topic = lock(&self.tracker).topic.clone();
+                tracing::warn!(%topic, %error, partitions = offsets.count(), "committing offsets failed; what was handled since the last commit will be delivered again after a restart");
+            }
+        }
+    }
+
     fn pre_rebalance(&self, consumer: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
         if let Rebalance::Revoke(partitions) = rebalance {
             // Store what is done before librdkafka's commit of the revoked partitions; what is
@@ -717,7 +761,8 @@ impl Poller {
     /// Assigns the topic's partitions that `assignment` takes. Those resolved now (an
     /// anonymous consumer's, at the end or start of each) receive whatever is sent after this
     /// returns.
-    fn assign_static(&self, assignment: StaticAssignment) -> rdkafka::error::KafkaResult<()> {
+    /// How many partitions it took.
+    fn assign_static(&self, assignment: StaticAssignment) -> rdkafka::error::KafkaResult<usize> {
         let metadata = self
             .consumer
             .fetch_metadata(Some(&self.topic), self.timeout)?;
@@ -744,16 +789,30 @@ impl Poller {
                 partitions.add_partition_offset(&self.topic, id, offset)?;
             }
         }
-        self.consumer.assign(&partitions)
+        self.consumer.assign(&partitions)?;
+        Ok(partitions.count())
     }
 
     fn run(self) {
         if let Some(assignment) = self.static_assignment {
-            if let Err(error) = self.assign_static(assignment) {
-                tracing::error!(topic = %self.topic, %error, ?assignment, "could not assign the topic's partitions to the consumer");
+            let context = self.consumer.context();
+            match self.assign_static(assignment) {
+                Ok(0) => {
+                    *lock(&context.assignment_failed) = Some(format!(
+                        "no partition `p` of the topic has `p % {} == {}`: the topic has fewer partitions than `instance-count`",
+                        assignment.instances, assignment.index
+                    ))
+                }
+                Ok(_) => {}
+                Err(error) => {
+                    *lock(&context.assignment_failed) =
+                        Some(format!("assigning its partitions failed: {error}"))
+                }
+            }
+            context.assigned.notify_one();
+            if lock(&context.assignment_failed).is_some() {
                 return;
             }
-            self.consumer.context().assigned.notify_one();
         }
         // Records polled but not handed over yet: at most one in the steady state, more only
         // while paused.
@@ -883,11 +942,15 @@ impl Poller {
         if !self.commits {
             return;
         }
-        if let Err(error) = self
+        match self
             .consumer
             .commit_consumer_state(rdkafka::consumer::CommitMode::Sync)
         {
-            tracing::debug!(topic = %self.topic, %error, "final commit");
+            Ok(()) => {}
+            Err(error) if error.rdkafka_error_code() == Some(RDKafkaErrorCode::NoOffset) => {}
+            Err(error) => {
+                tracing::warn!(topic = %self.topic, %error, "the final commit failed; what was handled since the last commit will be delivered again")
+            }
         }
     }
 }

@@ -839,10 +839,13 @@ async fn a_partitioned_instance_commits_to_its_group_and_resumes_there() {
     let mut spec = ProducerSpec::new(topic.clone());
     spec.properties.partition_count = 2;
     let producer = binder.producer(&spec).await.expect("producer");
+    // Partition 0 belongs to the other instance: none of it may reach this one.
     for n in 0..10 {
-        let mut message = Message::new(Bytes::from(format!("record-{n}")));
-        message.set_partition(Some(1));
-        producer.send(message).await.expect("send");
+        for partition in [0, 1] {
+            let mut message = Message::new(Bytes::from(format!("record-{partition}-{n}")));
+            message.set_partition(Some(partition));
+            producer.send(message).await.expect("send");
+        }
     }
     for n in 0..5 {
         let delivery = next_within_30s(&mut first).await;
@@ -863,7 +866,7 @@ async fn a_partitioned_instance_commits_to_its_group_and_resumes_there() {
     let delivery = next_within_30s(&mut again).await;
     assert_eq!(
         String::from_utf8_lossy(delivery.message.payload()),
-        "record-5",
+        "record-1-5",
         "the restarted instance goes on after what it acknowledged"
     );
     delivery.acknowledgement.ack().await.expect("ack");
@@ -886,7 +889,7 @@ async fn a_topic_with_fewer_partitions_than_the_instances_is_a_clear_error() {
         .await
         .expect("producer");
     let error = binder
-        .subscribe(&partitioned_instance(&topic, "counters", 0))
+        .subscribe(&partitioned_instance(&topic, &unique("counters"), 0))
         .await
         .expect_err("two instances cannot share one partition");
     let text = error.to_string();

@@ -138,6 +138,19 @@ fn partition_routing_key(destination: &str, partition: u32) -> String {
     format!("{destination}-{partition}")
 }
 
+/// Why a partitioned binding cannot work with these settings: partitions are routed by key,
+/// which fanout and headers exchanges ignore, and by the partition's own key.
+fn partitioning_problem(
+    exchange_type: &str,
+    key: Option<&str>,
+    key_setting: &str,
+) -> Option<String> {
+    if exchange_type == "fanout" || exchange_type == "headers" {
+        return Some(format!("a `{exchange_type}` exchange ignores routing keys, so every partition's queue would get every message; use `exchange-type = \"topic\"` (or `direct`) for a partitioned destination"));
+    }
+    key.map(|key| format!("partitions are routed by the key `<destination>-<partition>`, so `{key_setting} = \"{key}\"` would be ignored; remove it"))
+}
+
 /// Exchange and queue names are AMQP short strings: longer ones are refused, never a panic.
 fn check_name(name: &str) -> Result<(), RabbitError> {
     if name.len() > mapping::SHORT_STRING_MAX {
@@ -707,6 +720,19 @@ impl RabbitBinder {
 #[async_trait]
 impl Binder for RabbitBinder {
     async fn subscribe(&self, spec: &ConsumerSpec) -> Result<Box<dyn Subscription>, Error> {
+        if spec.properties.partitioned {
+            let mut problems = Problems::default();
+            let own = RabbitConsumerSettings::read(spec.extension.as_ref(), &mut problems);
+            let key = (own.binding_routing_key != "#").then_some(own.binding_routing_key.as_str());
+            let problem = partitioning_problem(&own.exchange_type, key, "binding-routing-key");
+            if let Some(reason) = problem {
+                return Err(self.error(RabbitError::Declare {
+                    entity: format!("the partitioned consumer `{}`", spec.binding),
+                    reason,
+                    permanent: true,
+                }));
+            }
+        }
         self.subscription(self.topology(spec)).await
     }
 
@@ -717,6 +743,16 @@ impl Binder for RabbitBinder {
             .exchange_type
             .clone()
             .unwrap_or_else(|| "topic".to_owned());
+        if spec.properties.partition_count > 1 {
+            let key = settings.routing_key.as_deref();
+            if let Some(reason) = partitioning_problem(&exchange_type, key, "routing-key") {
+                return Err(self.error(RabbitError::Declare {
+                    entity: format!("the partitioned producer `{}`", spec.binding),
+                    reason,
+                    permanent: true,
+                }));
+            }
+        }
         let producer = self
             .producer_for(
                 spec.destination.clone(),
@@ -1142,12 +1178,14 @@ impl Producer for RabbitProducer {
                 self.publish_error(&routing_key, reason),
             )
         };
-        let properties = if key_in_header {
+        let properties = if key_in_header || message.partition().is_some() {
             let mut carried = message.clone();
-            if let Some(key) = message.key().cloned() {
-                carried
-                    .headers_mut()
-                    .insert_bytes(mapping::ORIGINAL_KEY, key);
+            let headers = carried.headers_mut();
+            if let (true, Some(key)) = (key_in_header, message.key().cloned()) {
+                headers.insert_bytes(mapping::ORIGINAL_KEY, key);
+            }
+            if let Some(partition) = message.partition() {
+                headers.insert(mapping::PARTITION, partition.to_string());
             }
             mapping::properties(&carried)
         } else {

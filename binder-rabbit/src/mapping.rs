@@ -12,6 +12,10 @@ use crate::DEAD_LETTER_EXCHANGE;
 /// its queue's name).
 pub(crate) const ORIGINAL_KEY: &str = "x-original-routing-key";
 
+/// Marks a message published to a partition (routed by `<destination>-<n>`, so its routing
+/// key is no key), with the partition; Spring Cloud Stream's name for it.
+pub(crate) const PARTITION: &str = "scst_partition";
+
 /// The longest AMQP short string (names, header names, routing keys, content types).
 pub(crate) const SHORT_STRING_MAX: usize = 255;
 
@@ -51,7 +55,8 @@ pub(crate) fn properties(message: &Message) -> Result<BasicProperties, String> {
 }
 
 /// The message a delivery carries. The routing key is the key unless it is the exchange's
-/// own name, which the producer uses for messages without a key.
+/// own name, which the producer uses for messages without a key, or the message went to a
+/// partition.
 pub(crate) fn message(delivery: &lapin::message::Delivery) -> Message {
     let mut headers = Headers::new();
     let props = &delivery.properties;
@@ -73,9 +78,10 @@ pub(crate) fn message(delivery: &lapin::message::Delivery) -> Message {
     }
     let routing_key = delivery.routing_key.as_str();
     let exchange = delivery.exchange.as_str();
+    let partitioned = headers.remove(PARTITION).is_some();
     let key = match headers.remove(ORIGINAL_KEY) {
         Some(key) => Some(key),
-        None if exchange == DEAD_LETTER_EXCHANGE => None,
+        None if exchange == DEAD_LETTER_EXCHANGE || partitioned => None,
         None => (!routing_key.is_empty() && routing_key != exchange)
             .then(|| Bytes::copy_from_slice(routing_key.as_bytes())),
     };

@@ -995,3 +995,58 @@ group = "workers"
     })
     .await
 }
+
+/// Partitions are routed by their own key: an exchange that ignores keys, or a key of the
+/// binding's own, would send every word to every counter, so starting is an error.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_partitioned_binding_that_routing_would_defeat_does_not_start() {
+    common::within_test_deadline(async {
+        if !available() {
+            return;
+        }
+        let count = StreamFunction::function("count", |word: String| async move { word });
+        let (words, counts) = (unique("words"), unique("counts"));
+        let start_with = |section: &str| {
+            let toml = format!(
+                r#"[stream]
+default-binder = "rabbit"
+[stream.binders.rabbit]
+type = "rabbit"
+uri = "{uri}"
+[stream.bindings.count-in-0]
+destination = "{words}"
+group = "counter"
+consumer.partitioned = true
+consumer.instance-count = 2
+[stream.bindings.count-out-0]
+destination = "{counts}"
+producer.partition-count = 2
+{section}
+"#,
+                uri = uri()
+            );
+            application(count.clone(), &toml).start()
+        };
+        let fanout =
+            start_with("[stream.rabbit.bindings.count-in-0.consumer]\nexchange-type = \"fanout\"")
+                .await
+                .expect_err("a fanout exchange ignores the partition keys");
+        let text = fanout.to_string();
+        assert!(
+            text.contains("`count-in-0`")
+                && text.contains("`fanout` exchange ignores routing keys"),
+            "{text}"
+        );
+        let keyed =
+            start_with("[stream.rabbit.bindings.count-out-0.producer]\nrouting-key = \"all\"")
+                .await
+                .expect_err("a fixed routing key would be ignored");
+        let text = keyed.to_string();
+        assert!(
+            text.contains("`count-out-0`")
+                && text.contains("`routing-key = \"all\"` would be ignored"),
+            "{text}"
+        );
+    })
+    .await;
+}

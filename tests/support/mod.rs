@@ -88,8 +88,10 @@ impl Deployment {
     pub(crate) fn spawn(&self, name: &'static str, args: &[&str]) -> Child {
         let mut child = Command::new(example_binary(self.example))
             .args(args)
-            .envs(self.environment.iter().cloned())
+            // Nothing but what the test sets chooses the configuration.
             .env_remove("BINDERY_CONFIG")
+            .env_remove("BINDERY_PROFILE")
+            .envs(self.environment.iter().cloned())
             .stdout(Stdio::piped())
             .stderr(Stdio::inherit())
             .spawn()

@@ -208,9 +208,10 @@ impl StreamBridge {
                 ),
                 None => {
                     let mut spec = ProducerSpec::new(target);
-                    if let Some(producer) = &self.inner.dynamic_defaults.producer {
-                        spec.properties = producer.clone();
-                    }
+                    self.inner
+                        .dynamic_defaults
+                        .producer
+                        .apply(&mut spec.properties);
                     (
                         self.inner.default_binder.clone(),
                         spec,

@@ -140,7 +140,25 @@ pub(crate) struct BindingConfig {
     pub(crate) content_type: Option<String>,
     pub(crate) binder: Option<(String, ConfigNode)>,
     pub(crate) consumer: ConsumerOverrides,
-    pub(crate) producer: Option<ProducerProperties>,
+    pub(crate) producer: ProducerOverrides,
+}
+
+/// What a producer section sets; each key falls back to `[stream.default.producer]` on its own.
+#[derive(Clone, Debug, Default)]
+pub(crate) struct ProducerOverrides {
+    required_groups: Option<Vec<String>>,
+    partition_count: Option<u32>,
+}
+
+impl ProducerOverrides {
+    pub(crate) fn apply(&self, to: &mut ProducerProperties) {
+        if let Some(groups) = &self.required_groups {
+            to.required_groups = groups.clone();
+        }
+        if let Some(count) = self.partition_count {
+            to.partition_count = count;
+        }
+    }
 }
 
 #[derive(Clone, Debug, Default)]
@@ -396,16 +414,23 @@ fn read_consumer(node: &ConfigNode, problems: &mut Problems) -> ConsumerOverride
     consumer
 }
 
-fn read_producer(node: &ConfigNode, problems: &mut Problems) -> Option<ProducerProperties> {
-    let table = node.table(PRODUCER_KEYS, problems)?;
-    let mut producer = ProducerProperties::default();
+/// The most partitions a destination may have: a typo must not declare millions of queues.
+const MAX_PARTITIONS: i64 = 4096;
+
+fn read_producer(node: &ConfigNode, problems: &mut Problems) -> ProducerOverrides {
+    let mut producer = ProducerOverrides::default();
+    let Some(table) = node.table(PRODUCER_KEYS, problems) else {
+        return producer;
+    };
     if let Some(groups) = table.get("required-groups") {
-        producer.required_groups = groups.string_list(problems).unwrap_or_default();
+        producer.required_groups = groups.string_list(problems);
     }
     if let Some(count) = table.get("partition-count") {
-        producer.partition_count = read_u32(count, problems).unwrap_or(1);
+        producer.partition_count = count
+            .integer_in(1, MAX_PARTITIONS, problems)
+            .and_then(|n| u32::try_from(n).ok());
     }
-    Some(producer)
+    producer
 }
 
 /// A whole number from 1 to `u32::MAX`.

@@ -502,7 +502,13 @@ impl RunningApplication {
     /// [`Application::start`]. A binding that stops by itself stops the application too, and
     /// the error names it.
     pub async fn run_until_signal(mut self) -> Result<(), Error> {
-        let signal = listen_for_shutdown()?;
+        let signal = match listen_for_shutdown() {
+            Ok(signal) => signal,
+            Err(error) => {
+                self.shutdown().await.ok();
+                return Err(error);
+            }
+        };
         let outcome = tokio::select! {
             signal = signal => signal,
             failure = self.binding_failure() => Err(failure),

@@ -9,7 +9,7 @@ use crate::binder::{BinderProvider, BinderSettings};
 use crate::bridge::ResolvedBinding;
 use crate::config::{
     normalize_name, quoted_list, suggestion, BindingConfig, ConfigNode, ConsumerProperties,
-    Problems, StreamConfig,
+    Problems, ProducerProperties, StreamConfig,
 };
 use crate::function::{FunctionKind, StreamFunction};
 
@@ -206,6 +206,13 @@ impl Planner<'_> {
             .filter_map(|f| f.output.as_mut())
             .for_each(required);
         outputs.values_mut().for_each(required);
+        let every_output = planned
+            .iter()
+            .filter_map(|f| f.output.as_ref())
+            .chain(outputs.values());
+        for output in every_output {
+            check_partitions_agree(output, bound_inputs.iter().chain(&unbound_inputs), problems);
+        }
 
         if !problems.is_empty() {
             return None;
@@ -527,6 +534,9 @@ impl Planner<'_> {
         let mut consumer = ConsumerProperties::default();
         defaults.consumer.apply(&mut consumer);
         config.consumer.apply(&mut consumer);
+        let mut producer = ProducerProperties::default();
+        defaults.producer.apply(&mut producer);
+        config.producer.apply(&mut producer);
         let group = config
             .group
             .clone()
@@ -577,11 +587,7 @@ impl Planner<'_> {
                 .or_else(|| defaults.content_type.clone()),
             binder,
             consumer,
-            producer: config
-                .producer
-                .clone()
-                .or_else(|| defaults.producer.clone())
-                .unwrap_or_default(),
+            producer,
             consumer_extension,
             producer_extension,
             required_group_consumers: Vec::new(),
@@ -625,6 +631,15 @@ impl Planner<'_> {
                 problems.at(
                     node,
                     format!("`dlq-name` names the dead-letter destination, but `{binding}` does not dead-letter: set `dlq = true` too, or remove `dlq-name`"),
+                );
+            }
+        }
+        if !consumer.partitioned {
+            let own = |key: &str| config.consumer.set.get(key);
+            if let Some(node) = own("instance-index").or_else(|| own("instance-count")) {
+                problems.at(
+                    node,
+                    format!("`{binding}` is not partitioned, so this would be ignored and its instances would share every partition; set `partitioned = true` too, or remove it"),
                 );
             }
         }
@@ -710,5 +725,37 @@ impl Planner<'_> {
                 DEFAULT_POLL
             }
         }
+    }
+}
+
+/// A partitioned consumer receives one partition: the producers of its destination that this
+/// application knows must send in as many partitions as there are instances, or messages wait
+/// in partitions no instance reads (or reach none at all).
+fn check_partitions_agree<'a>(
+    output: &ResolvedBinding,
+    inputs: impl Iterator<Item = &'a ResolvedBinding>,
+    problems: &mut Problems,
+) {
+    let partitions = output.producer.partition_count;
+    let readers = inputs.filter(|input| {
+        input.destination == output.destination
+            && input.binder == output.binder
+            && input.consumer.partitioned
+    });
+    for input in readers {
+        let instances = input.consumer.instance_count;
+        if partitions == instances {
+            continue;
+        }
+        let name = &output.name;
+        let message = format!(
+            "`{name}` sends to `{}` in {partitions} partition(s), but `{}` reads it as one of {instances} partitioned instances; give `stream.bindings.{name}.producer.partition-count` and `stream.bindings.{}.consumer.instance-count` the same value",
+            output.destination, input.name, input.name
+        );
+        problems.at_key(
+            "the configuration",
+            format!("stream.bindings.{name}.producer.partition-count"),
+            message,
+        );
     }
 }
