@@ -291,6 +291,6 @@ async fn main() -> Result<(), Failed> {
     app.shutdown().await?;
     match waited {
         Ok(()) => Ok(()),
-        Err(_) => Err(format!("the counts did not reach what was sent within 60 s; expected {expected:?}; is another process of the same groups running (`--service ...`) and taking a share?").into()),
+        Err(_) => Err(format!("the counts did not reach what was sent within 60 s; expected {expected:?}; is another process of the same groups running (`--service ...`) and taking a share, or did the `counter` group's queue keep words from an earlier run (RabbitMQ keeps queues: `rabbitmqctl delete_queue words.counter`)?").into()),
     }
 }

@@ -1,6 +1,8 @@
 //! What the multi-service examples share: the log on standard error, `--service` and the
 //! other flags, and the configuration they stand for, given as environment variables.
 
+#![allow(dead_code)] // each example uses its own part of this
+
 use std::str::FromStr;
 
 pub(crate) type Failed = Box<dyn std::error::Error>;

@@ -14,7 +14,7 @@ use bindery::test::{host_port, require_broker};
 
 /// A name for one run of a test, unique among the runs of every test on one broker: tests of
 /// one broker run at once, and the counter tells apart runs of the same microsecond.
-fn run_id() -> String {
+pub(crate) fn run_id() -> String {
     static RUNS: AtomicU64 = AtomicU64::new(0);
     let now = SystemTime::now()
         .duration_since(UNIX_EPOCH)
@@ -237,22 +237,32 @@ pub(crate) fn field<'a>(line: &'a str, name: &str) -> Option<&'a str> {
         .find_map(|f| f.strip_prefix(name)?.strip_prefix('='))
 }
 
-/// How the example reaches RabbitMQ (`RABBIT_URI`), or `None` when the broker tests are
-/// skipped here.
-pub(crate) fn on_rabbitmq() -> Option<Vec<(String, String)>> {
+/// How the example reaches RabbitMQ (`RABBIT_URI`): its binder `binder`'s URI, or `None` when
+/// the broker tests are skipped here.
+pub(crate) fn rabbitmq_as(binder: &str) -> Option<(String, String)> {
     let uri = std::env::var("RABBIT_URI")
         .unwrap_or_else(|_| "amqp://guest:guest@127.0.0.1:5672/%2f".to_owned());
-    require_broker("RabbitMQ", &host_port(&uri, 5672))
-        .then(|| vec![("BINDERY_STREAM__BINDERS__RABBIT__URI".into(), uri)])
+    let name = format!("BINDERY_STREAM__BINDERS__{binder}__URI");
+    require_broker("RabbitMQ", &host_port(&uri, 5672)).then_some((name, uri))
 }
 
-/// How the example reaches Kafka (`KAFKA_BROKERS`), or `None` when the broker tests are
-/// skipped here.
-pub(crate) fn on_kafka() -> Option<Vec<(String, String)>> {
+/// How the example reaches Kafka (`KAFKA_BROKERS`): its binder `binder`'s brokers, or `None`
+/// when the broker tests are skipped here.
+pub(crate) fn kafka_as(binder: &str) -> Option<(String, String)> {
     let brokers = std::env::var("KAFKA_BROKERS").unwrap_or_else(|_| "127.0.0.1:9092".to_owned());
     let first = brokers.split(',').next().unwrap_or_default().to_owned();
-    require_broker("Kafka", &first)
-        .then(|| vec![("BINDERY_STREAM__BINDERS__KAFKA__BROKERS".into(), brokers)])
+    let name = format!("BINDERY_STREAM__BINDERS__{binder}__BROKERS");
+    require_broker("Kafka", &first).then_some((name, brokers))
+}
+
+/// How an example with the binder `rabbit` reaches RabbitMQ.
+pub(crate) fn on_rabbitmq() -> Option<Vec<(String, String)>> {
+    rabbitmq_as("RABBIT").map(|setting| vec![setting])
+}
+
+/// How an example with the binder `kafka` reaches Kafka.
+pub(crate) fn on_kafka() -> Option<Vec<(String, String)>> {
+    kafka_as("KAFKA").map(|setting| vec![setting])
 }
 
 /// The environment of one run of a deployment on `broker`: destinations of the run's own, set
