@@ -62,8 +62,10 @@ fn the_bridge_example_takes_readings_from_kafka_to_rabbitmq() {
     let (Some(kafka), Some(rabbit)) = (kafka_as("INCOMING"), rabbitmq_as("OUTGOING")) else {
         return;
     };
+    let kafka_brokers = kafka.1.clone();
     let run = run_id();
     let readings = format!("readings-bridge-{run}");
+    let readings_topic = readings.clone();
     let sites = format!("sites-bridge-{run}");
     let binding = |name: &str, key: &str, value: String| {
         (format!("BINDERY_STREAM__BINDINGS__{name}__{key}"), value)
@@ -85,4 +87,43 @@ fn the_bridge_example_takes_readings_from_kafka_to_rabbitmq() {
         ("RUST_LOG".into(), "warn,bindery_core::runtime=info".into()),
     ];
     run_the_bridge(environment, "kafka to rabbit");
+    // The readings went through Kafka: its topic holds all twelve.
+    let brokers = kafka_brokers.clone();
+    let on_kafka = tokio::runtime::Runtime::new()
+        .expect("a runtime")
+        .block_on(records_on_kafka(brokers, readings_topic));
+    assert_eq!(on_kafka, 12, "the sensor's readings are on the Kafka topic");
+}
+
+/// How many records `topic` holds (up to twelve), read from the start by a group of its own.
+async fn records_on_kafka(brokers: String, topic: String) -> usize {
+    use bindery::binder::{Binder, ConsumerSpec};
+    use bindery::kafka::{KafkaBinder, KafkaSettings, StartOffset};
+    let settings = KafkaSettings {
+        brokers,
+        start_offset: Some(StartOffset::Earliest),
+        ..KafkaSettings::default()
+    };
+    let binder = KafkaBinder::connect("check", settings)
+        .await
+        .expect("connect to Kafka");
+    let group = format!("check-{}", run_id());
+    let mut subscription = binder
+        .subscribe(&ConsumerSpec::new(topic, Some(&group)))
+        .await
+        .expect("subscribe");
+    // Group joins on a small broker can take tens of seconds.
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(120);
+    let mut records = 0;
+    while records < 12 {
+        match tokio::time::timeout_at(deadline, subscription.next()).await {
+            Ok(Some(Ok(delivery))) => {
+                records += 1;
+                delivery.acknowledgement.ack().await.expect("ack");
+            }
+            _ => break,
+        }
+    }
+    binder.close().await.ok();
+    records
 }

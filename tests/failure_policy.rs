@@ -329,3 +329,47 @@ back-off-max-interval = "1h""#;
     );
     app.shutdown().await.unwrap();
 }
+
+/// A send through the bridge inside a handler that does not get through is a send failure,
+/// not a fault of the message: it is tried again past `max-attempts` until it gets through,
+/// never dropped (here: until the destination's first group exists).
+#[tokio::test]
+async fn a_bridge_send_that_fails_in_a_handler_is_retried_until_it_gets_through() {
+    let calls = counter();
+    let seen = calls.clone();
+    let relay = StreamFunction::consumer(
+        "relay",
+        move |text: String, bridge: bindery::StreamBridge| {
+            let seen = seen.clone();
+            async move {
+                seen.fetch_add(1, Ordering::SeqCst);
+                bridge.send("fp-relay-target", text).await
+            }
+        },
+    );
+    let app = start(relay, &binding("relay", "fp-relay", "max-attempts = 2")).await;
+    app.send("fp-relay", "hello").await.unwrap();
+    // Nothing subscribes to the target yet, so every send fails: well past `max-attempts`.
+    let deadline = tokio::time::Instant::now() + WAIT;
+    while calls.load(Ordering::SeqCst) < 5 {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the handler was tried {} times, then given up",
+            calls.load(Ordering::SeqCst)
+        );
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    let mut late = app
+        .binder()
+        .subscribe(&ConsumerSpec::new("fp-relay-target", Some("late")))
+        .await
+        .unwrap();
+    let delivery = tokio::time::timeout(WAIT, late.next())
+        .await
+        .expect("the relayed message arrives once its destination has a group")
+        .expect("a delivery")
+        .unwrap();
+    assert_eq!(&delivery.message.payload()[..], b"hello");
+    delivery.acknowledgement.ack().await.unwrap();
+    app.shutdown().await.unwrap();
+}

@@ -301,6 +301,14 @@ pub trait BinderProvider: Send + Sync + fmt::Debug + 'static {
         node.table(&[], problems);
     }
 
+    /// Whether a partitioned destination of this type needs `producer.partition-count` equal to
+    /// its consumers' `instance-count`, one partition per instance (as memory and RabbitMQ
+    /// queues are). The default is `true`; Kafka spreads a topic's partitions over the
+    /// instances, and any producer keyed as Kafka's are feeds them, so it answers `false`.
+    fn partitions_match_instances(&self) -> bool {
+        true
+    }
+
     /// Connects a binder. It must fail within a bounded time when the broker is unreachable.
     fn create(
         &self,

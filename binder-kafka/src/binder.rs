@@ -165,6 +165,7 @@ impl KafkaBinder {
     /// here gets them, and one that has fewer is an error.
     async fn ensure_topic(&self, topic: &str, partitions: u32) -> Result<(), KafkaError> {
         let settings = &self.inner.settings;
+        let mut created = false;
         if settings.auto_create_topics {
             let wanted = settings
                 .min_partition_count
@@ -187,7 +188,8 @@ impl KafkaBinder {
                 })?;
             for result in results {
                 match result {
-                    Ok(_) | Err((_, RDKafkaErrorCode::TopicAlreadyExists)) => {}
+                    Ok(_) => created = true,
+                    Err((_, RDKafkaErrorCode::TopicAlreadyExists)) => {}
                     Err((_, code)) => {
                         return Err(KafkaError::Topic {
                             topic: topic.to_owned(),
@@ -196,21 +198,22 @@ impl KafkaBinder {
                     }
                 }
             }
-            if partitions <= 1 {
+            if partitions <= 1 && !created {
                 return Ok(());
             }
         }
-        // A topic just created may take a moment to show in the metadata.
+        // A topic just created may take a moment to show in the metadata: a consumer that
+        // assigns its partitions itself must see them all.
         let give_up = tokio::time::Instant::now() + settings.connection_timeout;
         let mut found = self.partition_count(topic).await?;
-        while settings.auto_create_topics
-            && found < partitions as usize
+        while created
+            && found < wanted_partitions(settings, partitions)
             && tokio::time::Instant::now() < give_up
         {
             tokio::time::sleep(Duration::from_millis(100)).await;
             found = self.partition_count(topic).await?;
         }
-        if found == 0 && settings.auto_create_topics {
+        if found == 0 && created {
             return Err(KafkaError::Topic {
                 topic: topic.to_owned(),
                 reason: format!(
@@ -251,6 +254,12 @@ impl KafkaBinder {
             .find(|t| t.name() == topic && t.error().is_none())
             .map_or(0, |t| t.partitions().len()))
     }
+}
+
+/// How many partitions a topic created for a binding partitioned `partitions` ways gets.
+fn wanted_partitions(settings: &KafkaSettings, partitions: u32) -> usize {
+    let least = usize::try_from(settings.min_partition_count.max(1)).unwrap_or(1);
+    least.max(partitions as usize)
 }
 
 /// Refuses configuration that would silently weaken at-least-once delivery.

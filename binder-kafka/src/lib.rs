@@ -80,6 +80,10 @@ pub enum KafkaError {
 pub struct KafkaBinderProvider;
 
 impl BinderProvider for KafkaBinderProvider {
+    fn partitions_match_instances(&self) -> bool {
+        false
+    }
+
     fn binder_type(&self) -> &'static str {
         "kafka"
     }

@@ -146,7 +146,7 @@ fn partitioning_problem(
     key_setting: &str,
 ) -> Option<String> {
     if exchange_type == "fanout" || exchange_type == "headers" {
-        return Some(format!("a `{exchange_type}` exchange ignores routing keys, so every partition's queue would get every message; use `exchange-type = \"topic\"` (or `direct`) for a partitioned destination"));
+        return Some(format!("a `{exchange_type}` exchange ignores routing keys, so every partition's queue would get every message; use `exchange-type = \"topic\"` for a partitioned destination"));
     }
     key.map(|key| format!("partitions are routed by the key `<destination>-<partition>`, so `{key_setting} = \"{key}\"` would be ignored; remove it"))
 }
@@ -601,6 +601,7 @@ impl RabbitBinder {
                 let mut other = instance.clone();
                 other.properties.partitioned = partition.is_some();
                 other.properties.instance_index = partition.unwrap_or(0);
+                other.properties.instance_count = spec.properties.partition_count;
                 Some(other)
             });
         let topology = match known {
@@ -1178,9 +1179,12 @@ impl Producer for RabbitProducer {
                 self.publish_error(&routing_key, reason),
             )
         };
-        let properties = if key_in_header || message.partition().is_some() {
+        let stale = message.partition().is_none() && message.headers().contains(mapping::PARTITION);
+        let properties = if key_in_header || message.partition().is_some() || stale {
             let mut carried = message.clone();
             let headers = carried.headers_mut();
+            // Only this producer says which partition a message went to.
+            headers.remove(mapping::PARTITION);
             if let (true, Some(key)) = (key_in_header, message.key().cloned()) {
                 headers.insert_bytes(mapping::ORIGINAL_KEY, key);
             }

@@ -78,7 +78,10 @@ pub(crate) fn message(delivery: &lapin::message::Delivery) -> Message {
     }
     let routing_key = delivery.routing_key.as_str();
     let exchange = delivery.exchange.as_str();
-    let partitioned = headers.remove(PARTITION).is_some();
+    let partition = headers.remove(PARTITION);
+    let partitioned = partition.is_some_and(|partition| {
+        std::str::from_utf8(&partition).is_ok_and(|n| routing_key == format!("{exchange}-{n}"))
+    });
     let key = match headers.remove(ORIGINAL_KEY) {
         Some(key) => Some(key),
         None if exchange == DEAD_LETTER_EXCHANGE || partitioned => None,

@@ -68,9 +68,11 @@ impl ConsumerProperties {
         Duration::from_secs_f64(wait.min(self.back_off_max_interval.as_secs_f64()))
     }
 
-    /// The partition this consumer receives when it is `partitioned`: its `instance-index`.
+    /// The partition this consumer receives when it is `partitioned` among more than one
+    /// instance: its `instance-index`. A single instance receives everything, as a producer
+    /// with `partition-count = 1` is not partitioned.
     pub fn partition(&self) -> Option<u32> {
-        self.partitioned.then_some(self.instance_index)
+        (self.partitioned && self.instance_count > 1).then_some(self.instance_index)
     }
 }
 
@@ -402,7 +404,11 @@ fn read_consumer(node: &ConfigNode, problems: &mut Problems) -> ConsumerOverride
             "dlq" => consumer.dlq = node.boolean(problems).map(|b| (b, node)),
             "dlq-name" => consumer.dlq_name = non_empty(&node, problems),
             "partitioned" => consumer.partitioned = node.boolean(problems),
-            "instance-count" => consumer.instance_count = read_u32(&node, problems),
+            "instance-count" => {
+                consumer.instance_count = node
+                    .integer_in(1, MAX_PARTITIONS, problems)
+                    .and_then(|n| u32::try_from(n).ok())
+            }
             "instance-index" => {
                 consumer.instance_index = node
                     .integer_in(0, u32::MAX.into(), problems)

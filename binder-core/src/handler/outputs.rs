@@ -207,6 +207,8 @@ impl<O: IntoOutputs> IntoOutputs for Vec<O> {
 
 /// An `Err` is a failure of the handler, retried and then dead-lettered; an `Err` that is a
 /// [`Failure`] already keeps its kind (so one of kind [`FailureKind::Decode`] is not retried).
+/// A [`crate::Error`] from a send that did not get through (a `StreamBridge` send inside the
+/// handler) is of kind [`FailureKind::Send`]: retried until it gets through, as outputs are.
 impl<O: IntoOutputs, E: fmt::Display + Send + 'static> IntoOutputs for Result<O, E> {
     fn into_outputs(self, outputs: &mut Outputs) -> Result<(), Failure> {
         match self {
@@ -221,14 +223,30 @@ fn into_failure<E: fmt::Display + 'static>(error: E) -> Failure {
     let failure = (&mut error as &mut dyn Any)
         .downcast_mut::<Option<Failure>>()
         .and_then(Option::take);
-    match (failure, error) {
-        (Some(failure), _) => failure,
-        (None, error) => Failure::new(
-            FailureKind::Handler,
-            type_name::<E>(),
-            error.map(|e| e.to_string()).unwrap_or_default(),
-        ),
+    if let Some(failure) = failure {
+        return failure;
     }
+    // A send through the bridge that did not get through (the broker down, a destination
+    // nobody subscribes to yet) is a send failure: the message is tried again until it gets
+    // through or the application stops, never dropped after `max-attempts`.
+    let send_failed = (&error as &dyn Any)
+        .downcast_ref::<Option<crate::Error>>()
+        .and_then(Option::as_ref)
+        .is_some_and(|error| {
+            matches!(
+                error,
+                crate::Error::Binder { .. } | crate::Error::ShuttingDown
+            )
+        });
+    let kind = match send_failed {
+        true => FailureKind::Send,
+        false => FailureKind::Handler,
+    };
+    Failure::new(
+        kind,
+        type_name::<E>(),
+        error.map(|e| e.to_string()).unwrap_or_default(),
+    )
 }
 
 /// Messages collected already, as a hand-written handler returns them.

@@ -492,7 +492,11 @@ impl Engine {
 
     fn handler_failed(&mut self, item: InFlight, failure: Failure) {
         let binding = &self.binding;
-        let retry = failure.is_retryable() && item.attempts < binding.properties.max_attempts;
+        // A send that did not get through is no fault of the message: it is tried until it
+        // gets through or the binding stops, never dropped or dead-lettered for it.
+        let unbounded = failure.kind() == FailureKind::Send;
+        let retry = failure.is_retryable()
+            && (unbounded || item.attempts < binding.properties.max_attempts);
         if retry && self.stopping {
             return self.settle(item, Verdict::Requeue);
         }

@@ -206,12 +206,15 @@ impl Planner<'_> {
             .filter_map(|f| f.output.as_mut())
             .for_each(required);
         outputs.values_mut().for_each(required);
-        let every_output = planned
-            .iter()
-            .filter_map(|f| f.output.as_ref())
-            .chain(outputs.values());
-        for output in every_output {
-            check_partitions_agree(output, bound_inputs.iter().chain(&unbound_inputs), problems);
+        // Every output of a function is among `outputs` too.
+        for output in outputs.values() {
+            let checked = binders
+                .get(&output.binder)
+                .is_some_and(|b| b.provider.partitions_match_instances());
+            if checked {
+                let inputs = bound_inputs.iter().chain(&unbound_inputs);
+                check_partitions_agree(output, inputs, problems);
+            }
         }
 
         if !problems.is_empty() {
@@ -728,9 +731,10 @@ impl Planner<'_> {
     }
 }
 
-/// A partitioned consumer receives one partition: the producers of its destination that this
-/// application knows must send in as many partitions as there are instances, or messages wait
-/// in partitions no instance reads (or reach none at all).
+/// A partitioned consumer receives one partition: on a binder with a partition per instance,
+/// the producers of its destination that this application knows must send in as many
+/// partitions as there are instances, or messages wait in partitions no instance reads (or
+/// reach none at all).
 fn check_partitions_agree<'a>(
     output: &ResolvedBinding,
     inputs: impl Iterator<Item = &'a ResolvedBinding>,
@@ -740,7 +744,7 @@ fn check_partitions_agree<'a>(
     let readers = inputs.filter(|input| {
         input.destination == output.destination
             && input.binder == output.binder
-            && input.consumer.partitioned
+            && input.consumer.partition().is_some()
     });
     for input in readers {
         let instances = input.consumer.instance_count;
