@@ -895,7 +895,7 @@ consumer.instance-count = 3
     assert_mentions(
         &text,
         &[
-            "`stream.bindings.bill-out-0.producer.partition-count`",
+            "application.toml: `stream.bindings.bill-out-0.producer.partition-count`",
             "in 2 partition(s), but `audit-in-0` reads it as one of 3 partitioned instances",
         ],
     );

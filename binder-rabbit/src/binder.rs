@@ -746,7 +746,12 @@ impl Binder for RabbitBinder {
             .unwrap_or_else(|| "topic".to_owned());
         if spec.properties.partition_count > 1 {
             let key = settings.routing_key.as_deref();
-            if let Some(reason) = partitioning_problem(&exchange_type, key, "routing-key") {
+            let queue_key = &settings.required_group_queue.consumer.binding_routing_key;
+            let problem = partitioning_problem(&exchange_type, key, "routing-key").or_else(|| {
+                let queue_key = (queue_key != "#").then_some(queue_key.as_str());
+                partitioning_problem(&exchange_type, queue_key, "binding-routing-key")
+            });
+            if let Some(reason) = problem {
                 return Err(self.error(RabbitError::Declare {
                     entity: format!("the partitioned producer `{}`", spec.binding),
                     reason,

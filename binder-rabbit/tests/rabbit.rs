@@ -1047,6 +1047,16 @@ producer.partition-count = 2
                 && text.contains("`routing-key = \"all\"` would be ignored"),
             "{text}"
         );
+        let queue_keyed = start_with(
+            "[stream.rabbit.bindings.count-out-0.producer]\nbinding-routing-key = \"all\"",
+        )
+        .await
+        .expect_err("required groups of partitions are bound by the partition keys");
+        let text = queue_keyed.to_string();
+        assert!(
+            text.contains("`binding-routing-key = \"all\"` would be ignored"),
+            "{text}"
+        );
     })
     .await;
 }

@@ -150,6 +150,8 @@ pub(crate) struct BindingConfig {
 pub(crate) struct ProducerOverrides {
     required_groups: Option<Vec<String>>,
     partition_count: Option<u32>,
+    /// Where `partition-count` is set, to point at it.
+    pub(crate) partition_count_node: Option<ConfigNode>,
 }
 
 impl ProducerOverrides {
@@ -435,6 +437,7 @@ fn read_producer(node: &ConfigNode, problems: &mut Problems) -> ProducerOverride
         producer.partition_count = count
             .integer_in(1, MAX_PARTITIONS, problems)
             .and_then(|n| u32::try_from(n).ok());
+        producer.partition_count_node = Some(count.clone());
     }
     producer
 }

@@ -213,7 +213,8 @@ impl Planner<'_> {
                 .is_some_and(|b| b.provider.partitions_match_instances());
             if checked {
                 let inputs = bound_inputs.iter().chain(&unbound_inputs);
-                check_partitions_agree(output, inputs, problems);
+                let node = self.partition_count_node(&output.name);
+                check_partitions_agree(output, node, inputs, problems);
             }
         }
 
@@ -507,6 +508,18 @@ impl Planner<'_> {
         found
     }
 
+    /// Where an output's `partition-count` comes from: its own producer section, else
+    /// `[stream.default.producer]`.
+    fn partition_count_node(&self, binding: &str) -> Option<&ConfigNode> {
+        let normalized = normalize_name(binding);
+        self.stream
+            .bindings
+            .iter()
+            .find(|(name, _)| normalize_name(name) == normalized)
+            .and_then(|(_, config)| config.producer.partition_count_node.as_ref())
+            .or(self.stream.defaults.producer.partition_count_node.as_ref())
+    }
+
     #[allow(clippy::too_many_arguments)]
     fn resolve(
         &self,
@@ -737,6 +750,7 @@ impl Planner<'_> {
 /// reach none at all).
 fn check_partitions_agree<'a>(
     output: &ResolvedBinding,
+    node: Option<&ConfigNode>,
     inputs: impl Iterator<Item = &'a ResolvedBinding>,
     problems: &mut Problems,
 ) {
@@ -756,10 +770,13 @@ fn check_partitions_agree<'a>(
             "`{name}` sends to `{}` in {partitions} partition(s), but `{}` reads it as one of {instances} partitioned instances; give `stream.bindings.{name}.producer.partition-count` and `stream.bindings.{}.consumer.instance-count` the same value",
             output.destination, input.name, input.name
         );
-        problems.at_key(
-            "the configuration",
-            format!("stream.bindings.{name}.producer.partition-count"),
-            message,
-        );
+        match node {
+            Some(node) => problems.at(node, message),
+            None => problems.at_key(
+                "the configuration",
+                format!("stream.bindings.{name}.producer.partition-count"),
+                message,
+            ),
+        }
     }
 }
