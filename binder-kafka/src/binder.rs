@@ -167,9 +167,7 @@ impl KafkaBinder {
         let settings = &self.inner.settings;
         let mut created = false;
         if settings.auto_create_topics {
-            let wanted = settings
-                .min_partition_count
-                .max(i32::try_from(partitions).unwrap_or(i32::MAX));
+            let wanted = i32::try_from(wanted_partitions(settings, partitions)).unwrap_or(i32::MAX);
             let new_topic = NewTopic::new(
                 topic,
                 wanted,

@@ -407,14 +407,10 @@ fn read_consumer(node: &ConfigNode, problems: &mut Problems) -> ConsumerOverride
             "dlq-name" => consumer.dlq_name = non_empty(&node, problems),
             "partitioned" => consumer.partitioned = node.boolean(problems),
             "instance-count" => {
-                consumer.instance_count = node
-                    .integer_in(1, MAX_PARTITIONS, problems)
-                    .and_then(|n| u32::try_from(n).ok())
+                consumer.instance_count = read_u32_in(&node, 1, MAX_PARTITIONS, problems)
             }
             "instance-index" => {
-                consumer.instance_index = node
-                    .integer_in(0, u32::MAX.into(), problems)
-                    .and_then(|n| u32::try_from(n).ok())
+                consumer.instance_index = read_u32_in(&node, 0, u32::MAX.into(), problems)
             }
             _ => {}
         }
@@ -434,9 +430,7 @@ fn read_producer(node: &ConfigNode, problems: &mut Problems) -> ProducerOverride
         producer.required_groups = groups.string_list(problems);
     }
     if let Some(count) = table.get("partition-count") {
-        producer.partition_count = count
-            .integer_in(1, MAX_PARTITIONS, problems)
-            .and_then(|n| u32::try_from(n).ok());
+        producer.partition_count = read_u32_in(count, 1, MAX_PARTITIONS, problems);
         producer.partition_count_node = Some(count.clone());
     }
     producer
@@ -444,6 +438,11 @@ fn read_producer(node: &ConfigNode, problems: &mut Problems) -> ProducerOverride
 
 /// A whole number from 1 to `u32::MAX`.
 fn read_u32(node: &ConfigNode, problems: &mut Problems) -> Option<u32> {
-    let n = node.integer_in(1, u32::MAX.into(), problems)?;
+    read_u32_in(node, 1, u32::MAX.into(), problems)
+}
+
+/// A whole number from `min` to `max`, both within `u32`.
+fn read_u32_in(node: &ConfigNode, min: i64, max: i64, problems: &mut Problems) -> Option<u32> {
+    let n = node.integer_in(min, max, problems)?;
     u32::try_from(n).ok()
 }
