@@ -158,3 +158,90 @@ group = "workers""#,
         "the unfinished message waits for redelivery"
     );
 }
+
+/// Pausing lets the handler call under way finish and be acknowledged and starts no other;
+/// a shutdown while paused hands back what the binding held.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_paused_binding_finishes_what_runs_and_hands_back_the_rest_at_shutdown() {
+    let binder = MemoryBinder::new();
+    let started = Arc::new(AtomicU32::new(0));
+    let finished = Arc::new(AtomicU32::new(0));
+    // The first call waits until the test lets it go, so the pause comes while it runs.
+    let go_on = Arc::new(tokio::sync::Semaphore::new(0));
+    let gated = {
+        let (started, finished, go_on) = (started.clone(), finished.clone(), go_on.clone());
+        StreamFunction::function("gated", move |text: String| {
+            let (started, finished, go_on) = (started.clone(), finished.clone(), go_on.clone());
+            async move {
+                started.fetch_add(1, Ordering::SeqCst);
+                go_on.acquire().await.expect("open").forget();
+                finished.fetch_add(1, Ordering::SeqCst);
+                text
+            }
+        })
+    };
+    let app = start_on(
+        &binder,
+        gated,
+        r#"[stream.bindings.gated-in-0]
+destination = "gs-paused"
+group = "workers"
+[stream.bindings.gated-out-0]
+destination = "gs-paused-out"
+producer.required-groups = ["check"]"#,
+    )
+    .await;
+    let refused = app
+        .pause_binding("gated-out-0")
+        .await
+        .expect_err("an output");
+    assert!(
+        refused
+            .to_string()
+            .contains("its input bindings are: gated-in-0"),
+        "{refused}"
+    );
+    let producer = binder
+        .producer(&ProducerSpec::new("gs-paused"))
+        .await
+        .unwrap();
+    let total = 5;
+    for n in 0..total {
+        producer
+            .send(Message::new(Bytes::from(format!("m{n}"))))
+            .await
+            .unwrap();
+    }
+    wait_until("a message is in flight", Duration::from_secs(5), || {
+        started.load(Ordering::SeqCst) == 1
+    })
+    .await;
+    app.pause_binding("gated-in-0").await.unwrap();
+    go_on.add_permits(total);
+    wait_until(
+        "the call under way finishes",
+        Duration::from_secs(5),
+        || finished.load(Ordering::SeqCst) == 1,
+    )
+    .await;
+    // A while to watch for a call that must not start.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(
+        started.load(Ordering::SeqCst),
+        1,
+        "no call starts while paused"
+    );
+
+    app.shutdown().await.unwrap();
+    assert_eq!(started.load(Ordering::SeqCst), 1, "nor at shutdown");
+    assert_eq!(
+        binder.pending("gs-paused", "workers"),
+        total - 1,
+        "the finished message was acknowledged, and what the paused binding held is back with the broker"
+    );
+    assert_eq!(
+        binder.pending("gs-paused-out", "check"),
+        1,
+        "its output was sent"
+    );
+}

@@ -11,7 +11,8 @@ use std::process::Child;
 use std::time::{Duration, Instant};
 
 use support::{
-    field, on_kafka, on_rabbitmq, wait_within, Deployment, Line, Observer, Reaped, RunEnvironment,
+    field, on_kafka, on_rabbitmq, readme_commands, wait_within, Deployment, Line, Observer, Reaped,
+    RunEnvironment,
 };
 
 /// Kafka group joins on a small broker can take tens of seconds.
@@ -72,6 +73,34 @@ impl Report {
             .get(service)
             .and_then(|by| by.get(process))
             .map_or(0, |orders| orders.iter().filter(|id| **id >= first).count())
+    }
+
+    /// Whether every group has had what it should of the orders `placed`: each order in
+    /// inventory, shipping and notification, the successful payments in the ledger, the failed
+    /// ones in audit.
+    fn reached_every_group(&self, placed: &BTreeSet<u64>) -> bool {
+        let (paid, poison): (BTreeSet<u64>, BTreeSet<u64>) =
+            placed.iter().partition(|id| *id % 10 != 7);
+        let all = |service: &str| placed.is_subset(&self.seen(service));
+        all("inventory")
+            && all("shipping")
+            && all("notification")
+            && paid.is_subset(&self.seen("ledger"))
+            && poison.is_subset(&self.seen("audit"))
+    }
+
+    /// What each service has seen, for a failure's message.
+    fn progress(&self) -> String {
+        [
+            "orders",
+            "inventory",
+            "shipping",
+            "notification",
+            "ledger",
+            "audit",
+        ]
+        .map(|service| format!("{service} {}", self.seen(service).len()))
+        .join(", ")
     }
 
     fn count_by(&self, service: &str, process: &str) -> usize {
@@ -156,16 +185,7 @@ fn run_deployment(broker: &str, environment: Vec<(String, String)>) {
     loop {
         let shared = report.count_by("inventory", "inventory-a") > 0
             && report.count_by("inventory", "inventory-b") > 0;
-        let all = |service: &str| placed.is_subset(&report.seen(service));
-        let paid: BTreeSet<u64> = placed.iter().copied().filter(|id| id % 10 != 7).collect();
-        let poison: BTreeSet<u64> = placed.difference(&paid).copied().collect();
-        let done = shared
-            && all("inventory")
-            && all("shipping")
-            && all("notification")
-            && paid.is_subset(&report.seen("ledger"))
-            && poison.is_subset(&report.seen("audit"));
-        if done {
+        if shared && report.reached_every_group(&placed) {
             break;
         }
         if !shared && Instant::now() >= next_wave {
@@ -176,24 +196,36 @@ fn run_deployment(broker: &str, environment: Vec<(String, String)>) {
         }
         if !deployment.watch(broker, deadline, &mut report) {
             panic!(
-                "{broker}: within {DEADLINE:?} of {} orders placed, inventory saw {} (instance a {}, b {}), shipping {}, notification {}, ledger {}, audit {}",
+                "{broker}: within {DEADLINE:?} of {} orders placed, inventory instance a saw {}, b {}; in all: {}",
                 placed.len(),
-                report.seen("inventory").len(),
                 report.count_by("inventory", "inventory-a"),
                 report.count_by("inventory", "inventory-b"),
-                report.seen("shipping").len(),
-                report.seen("notification").len(),
-                report.seen("ledger").len(),
-                report.seen("audit").len(),
+                report.progress(),
             );
         }
     }
-    deployment.stop(Duration::from_secs(30));
-    // Lines printed before the services stopped were all read: the pipes are closed now.
-    while let Some(line) = deployment.next_line(Instant::now() + Duration::from_millis(100)) {
-        report.note(&line);
-    }
+    stop_a_clean_run(
+        broker,
+        deployment,
+        report,
+        &placed,
+        &orders,
+        ["inventory-a", "inventory-b"],
+    );
+}
 
+/// Stops a run that stopped no process mid-way, and checks what it must show for the orders
+/// `placed` on the destination `orders`, with the group `inventory` shared by the two
+/// processes `inventory`.
+fn stop_a_clean_run(
+    broker: &str,
+    mut deployment: Deployment,
+    mut report: Report,
+    placed: &BTreeSet<u64>,
+    orders: &str,
+    inventory: [&str; 2],
+) {
+    deployment.stop_and_note(Duration::from_secs(30), &mut report);
     let poison: BTreeSet<u64> = placed.iter().copied().filter(|id| id % 10 == 7).collect();
     assert_eq!(
         report.seen("ledger"),
@@ -201,20 +233,15 @@ fn run_deployment(broker: &str, environment: Vec<(String, String)>) {
         "{broker}: the ledger books exactly the payments that succeeded"
     );
     assert_eq!(report.seen("audit"), poison, "{broker}: the dead letters");
-    let dead_letter_source = orders.as_str();
     for line in &report.audit_lines {
         assert_eq!(field(line, "attempts"), Some("2"), "{broker}: {line}");
-        assert_eq!(
-            field(line, "from"),
-            Some(dead_letter_source),
-            "{broker}: {line}"
-        );
+        assert_eq!(field(line, "from"), Some(orders), "{broker}: {line}");
         assert!(line.contains("negative amount"), "{broker}: {line}");
     }
-    // A clean run (no process stopped mid-way) handles each order once in a group with one
-    // member; on RabbitMQ also in the group of two, which shares one queue. On Kafka the
-    // second member's join moves partitions, and what was handled but not yet committed
-    // comes again: duplicates are allowed there, and counted.
+    // A clean run handles each order once in a group with one member; on RabbitMQ also in the
+    // group of two, which shares one queue. On Kafka the second member's join moves
+    // partitions, and what was handled but not yet committed comes again: duplicates are
+    // allowed there, and counted.
     let mut once = vec!["shipping", "notification", "ledger", "audit"];
     if broker == "rabbit" {
         once.push("inventory");
@@ -226,12 +253,87 @@ fn run_deployment(broker: &str, environment: Vec<(String, String)>) {
             "{broker}: {service} handled an order twice on a clean run"
         );
     }
-    let a = report.count_by("inventory", "inventory-a");
-    let b = report.count_by("inventory", "inventory-b");
+    let [a, b] = inventory.map(|process| report.count_by("inventory", process));
     println!(
-        "{broker}: {} orders; inventory instance a handled {a}, b {b} ({} duplicates)",
+        "{broker}: {} orders; inventory {} handled {a}, {} {b} ({} duplicates)",
         placed.len(),
+        inventory[0],
+        inventory[1],
         a + b - report.seen("inventory").len()
+    );
+}
+
+/// The README's four terminals of a RabbitMQ deployment, run exactly as written (`cargo run
+/// ...`), with destinations of this run's own in the environment: the order service's orders
+/// each reach every group once, the two inventory terminals together name each order once,
+/// and the failed payments reach `audit`.
+fn run_the_readme_deployment(broker: &str, environment: Vec<(String, String)>) {
+    let (environment, orders) = of_this_run(broker, environment);
+    let mut deployment = Deployment::as_written("orders", environment);
+    let terminals = readme_commands("in four terminals:");
+    let names = ["inventory-1", "inventory-2", "the-rest", "orders"];
+    assert_eq!(terminals.len(), names.len(), "README.md: four terminals");
+    let services: Vec<&str> = terminals
+        .iter()
+        .map(|terminal| {
+            let args = terminal.example_args();
+            let service = args.windows(2).find(|w| w[0] == "--service").map(|w| w[1]);
+            service.expect("README.md: each terminal names its `--service`")
+        })
+        .collect();
+    assert_eq!(
+        [services[0], services[1], services[3]],
+        ["inventory", "inventory", "orders"],
+        "README.md: two inventory terminals, and the order service last"
+    );
+    for service in ["shipping", "notification", "payment", "ledger", "audit"] {
+        assert!(
+            services[2].split(',').any(|s| s == service),
+            "README.md: the third terminal runs {service}"
+        );
+    }
+    let deadline = Instant::now() + DEADLINE;
+    let mut report = Report::default();
+    for (name, terminal) in names.into_iter().zip(&terminals).take(3) {
+        deployment.start_as_written(name, terminal);
+    }
+    deployment.wait_until_ready(3, deadline, broker, &mut report);
+
+    let order_service = &terminals[3];
+    let args = order_service.example_args();
+    let count: u64 = args
+        .windows(2)
+        .find(|w| w[0] == "--orders")
+        .and_then(|w| w[1].parse().ok())
+        .expect("README.md: the last terminal places `--orders N`");
+    let mut placing = Reaped(deployment.spawn_as_written("orders", order_service));
+    let placed: BTreeSet<u64> = (1..=count).collect();
+    let mut placing_done = false;
+    loop {
+        if !placing_done {
+            if let Some(status) = placing.0.try_wait().expect("the order service") {
+                assert!(status.success(), "{broker}: the order service failed");
+                placing_done = true;
+            }
+        }
+        let confirmed = placed.is_subset(&report.seen("orders"));
+        if placing_done && confirmed && report.reached_every_group(&placed) {
+            break;
+        }
+        if !deployment.watch(broker, deadline, &mut report) {
+            panic!(
+                "{broker}: within {DEADLINE:?} of {count} orders: {}",
+                report.progress(),
+            );
+        }
+    }
+    stop_a_clean_run(
+        broker,
+        deployment,
+        report,
+        &placed,
+        &orders,
+        ["inventory-1", "inventory-2"],
     );
 }
 
@@ -324,6 +426,13 @@ fn kill_an_inventory_instance_mid_run(broker: &str, environment: Vec<(String, St
 fn the_orders_example_runs_as_separate_services_on_rabbitmq() {
     if let Some(environment) = on_rabbitmq() {
         run_deployment("rabbit", environment);
+    }
+}
+
+#[test]
+fn the_readmes_four_terminals_run_as_written_on_rabbitmq() {
+    if let Some(environment) = on_rabbitmq() {
+        run_the_readme_deployment("rabbit", environment);
     }
 }
 

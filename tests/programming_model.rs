@@ -1,5 +1,5 @@
 //! The programming model end to end on the memory binder: shapes, arguments, return values,
-//! headers, keys and correlation ids.
+//! headers, keys, correlation ids and trace context.
 
 use std::sync::atomic::AtomicBool;
 use std::sync::atomic::Ordering::SeqCst;
@@ -432,10 +432,16 @@ async fn a_handler_that_waits_keeps_its_correlation_and_order(concurrency: u32) 
     let app = TestApp::start_with(builder, &toml).await.unwrap();
     assert!(app.receive(&side, Duration::from_millis(1)).await.is_none());
     for n in 0..12 {
-        let message = bindery::Message::builder(bytes::Bytes::from(format!("m{n}")))
+        let mut message = bindery::Message::builder(bytes::Bytes::from(format!("m{n}")))
             .header(header::CORRELATION_ID, format!("corr-{n}"))
+            .header(header::TRACEPARENT, traceparent(n))
             .key("one-key")
             .build();
+        if n % 2 == 0 {
+            message
+                .headers_mut()
+                .insert(header::TRACESTATE, format!("vendor=state-{n}"));
+        }
         app.send(&format!("pm-late-in-{suffix}"), message)
             .await
             .unwrap();
@@ -456,7 +462,58 @@ async fn a_handler_that_waits_keeps_its_correlation_and_order(concurrency: u32) 
             correlation.as_deref(),
             "a bridge send after an await carries the input's correlation id"
         );
+        // One trace through the chain: both the returned output and the bridge send carry
+        // the input's trace context.
+        let state = (n % 2 == 0).then(|| format!("vendor=state-{n}"));
+        for (what, message) in [("the output", &returned), ("the bridge send", &sent)] {
+            assert_eq!(
+                message.headers().get_str(header::TRACEPARENT),
+                Some(traceparent(n).as_str()),
+                "{what} of m{n} carries its input's traceparent"
+            );
+            assert_eq!(
+                message.headers().get_str(header::TRACESTATE),
+                state.as_deref(),
+                "{what} of m{n} carries its input's tracestate, and only its own"
+            );
+        }
     }
+    app.shutdown().await.unwrap();
+}
+
+/// A W3C `traceparent` with a trace id of its own for `n`.
+fn traceparent(n: u64) -> String {
+    format!("00-{n:032x}-{:016x}-01", n + 1)
+}
+
+/// A handler that starts a trace context of its own for what it returns.
+#[stream_function(input = "pm-traced-in", output = "pm-traced-out")]
+fn retrace(message: Message<String>) -> Message<String> {
+    Message::builder(message.into_payload())
+        .header(header::TRACEPARENT, traceparent(99))
+        .build()
+}
+
+#[tokio::test]
+async fn an_output_with_a_trace_context_of_its_own_keeps_it() {
+    let app = TestApp::start(r#"stream.function.definition = "retrace""#)
+        .await
+        .unwrap();
+    let input = Message::builder(bytes::Bytes::from_static(b"hello"))
+        .header(header::TRACEPARENT, traceparent(1))
+        .header(header::TRACESTATE, "vendor=of-the-input")
+        .build();
+    app.send("pm-traced-in", input).await.unwrap();
+    let out = app.receive("pm-traced-out", WAIT).await.expect("an output");
+    assert_eq!(
+        out.headers().get_str(header::TRACEPARENT),
+        Some(traceparent(99).as_str())
+    );
+    assert_eq!(
+        out.headers().get_str(header::TRACESTATE),
+        None,
+        "the input's trace state belongs to the input's trace parent"
+    );
     app.shutdown().await.unwrap();
 }
 

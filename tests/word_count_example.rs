@@ -1,7 +1,8 @@
 //! The word_count example, run as a deployment runs it: the splitter, two counters of one
 //! group on a destination partitioned in two, and the totals printer, as separate processes of
 //! the one example binary, on RabbitMQ and on Kafka, with nothing but environment variables
-//! and the example's own flags differing. Every count is exact, each word is counted by the
+//! differing. The processes are the README's five terminals: on RabbitMQ its commands run as
+//! written, through `cargo run`; on Kafka the binary runs with the same flags. Every count is exact, each word is counted by the
 //! one counter that owns its partition, and the counts of a word come out in order.
 
 mod support;
@@ -11,13 +12,12 @@ use std::time::{Duration, Instant};
 
 use bindery::partition::partition_of_key;
 use support::{
-    field, on_kafka, on_rabbitmq, wait_within, Deployment, Line, Observer, Reaped, RunEnvironment,
+    field, on_kafka, on_rabbitmq, readme_commands, wait_within, Deployment, Line, Observer, Reaped,
+    RunEnvironment, Typed,
 };
 
 /// Kafka group joins on a small broker can take tens of seconds.
 const DEADLINE: Duration = Duration::from_secs(240);
-/// How many times the sentence service sends the example's text.
-const REPEAT: &str = "20";
 
 /// What the services printed.
 #[derive(Default)]
@@ -93,27 +93,58 @@ fn of_this_run(broker: &str, environment: Vec<(String, String)>) -> Vec<(String,
     run.finish()
 }
 
-fn count_words_in_a_deployment(broker: &str, environment: Vec<(String, String)>) {
-    let mut deployment = Deployment::new("word_count", of_this_run(broker, environment));
+/// The process a terminal of the README's word_count deployment runs, named as the test
+/// reports it.
+fn process_of(terminal: &Typed) -> &'static str {
+    let args = terminal.example_args();
+    let value = |flag: &str| args.windows(2).find(|w| w[0] == flag).map(|w| w[1]);
+    match (value("--service"), value("--instance")) {
+        (Some("totals"), None) => "totals",
+        (Some("split"), None) => "split",
+        (Some("count"), Some("0")) => "counter-0",
+        (Some("count"), Some("1")) => "counter-1",
+        (Some("sentences"), None) => "sentences",
+        _ => panic!(
+            "README.md: a word_count terminal this test does not know: `{}`",
+            terminal.line
+        ),
+    }
+}
+
+/// Runs the README's five terminals of a word_count deployment on `broker`: `as_written`, the
+/// commands exactly as the README gives them (`cargo run ...`); otherwise the example binary
+/// with the same flags.
+fn count_words_in_a_deployment(broker: &str, environment: Vec<(String, String)>, as_written: bool) {
+    let environment = of_this_run(broker, environment);
+    let mut deployment = match as_written {
+        true => Deployment::as_written("word_count", environment),
+        false => Deployment::new("word_count", environment),
+    };
+    let terminals = readme_commands("in five terminals:");
+    assert_eq!(terminals.len(), 5, "README.md: five terminals");
+    let (sentences, services) = terminals.split_last().expect("five terminals");
+    assert_eq!(
+        process_of(sentences),
+        "sentences",
+        "README.md: the last terminal sends"
+    );
     let deadline = Instant::now() + DEADLINE;
     let mut counts = Counts::default();
-    deployment.start("totals", &["--service", "totals"]);
-    deployment.start("split", &["--counters", "2", "--service", "split"]);
-    for (name, instance) in [("counter-0", "0"), ("counter-1", "1")] {
-        let args = [
-            "--counters",
-            "2",
-            "--service",
-            "count",
-            "--instance",
-            instance,
-        ];
-        deployment.start(name, &args);
+    for terminal in services {
+        let name = process_of(terminal);
+        if as_written {
+            deployment.start_as_written(name, terminal);
+        } else {
+            deployment.start(name, &terminal.example_args());
+        }
     }
-    deployment.wait_until_ready(4, deadline, broker, &mut counts);
+    deployment.wait_until_ready(services.len(), deadline, broker, &mut counts);
 
-    let mut sending =
-        Reaped(deployment.spawn("sentences", &["--service", "sentences", "--repeat", REPEAT]));
+    let mut sending = Reaped(if as_written {
+        deployment.spawn_as_written("sentences", sentences)
+    } else {
+        deployment.spawn("sentences", &sentences.example_args())
+    });
     while !counts.complete() {
         if let Ok(Some(status)) = sending.0.try_wait() {
             assert!(status.success(), "{broker}: the sentence service failed");
@@ -138,10 +169,7 @@ fn count_words_in_a_deployment(broker: &str, environment: Vec<(String, String)>)
         "the sentence service",
     );
     assert!(status.success(), "{broker}: the sentence service failed");
-    deployment.stop(Duration::from_secs(30));
-    while let Some(line) = deployment.next_line(Instant::now() + Duration::from_millis(100)) {
-        counts.note(&line);
-    }
+    deployment.stop_and_note(Duration::from_secs(30), &mut counts);
 
     let mut words_by_counter: BTreeMap<&str, usize> = BTreeMap::new();
     for (word, expected) in &counts.expected {
@@ -219,16 +247,19 @@ fn the_word_count_example_counts_exactly_in_one_process_on_memory() {
     }
 }
 
+/// The README's RabbitMQ commands, run exactly as written (with destinations of this run's own
+/// in the environment).
 #[test]
-fn two_counters_count_each_word_once_on_rabbitmq() {
+fn two_counters_count_each_word_once_on_rabbitmq_as_the_readme_runs_them() {
     if let Some(environment) = on_rabbitmq() {
-        count_words_in_a_deployment("rabbit", environment);
+        count_words_in_a_deployment("rabbit", environment, true);
     }
 }
 
+/// The README's deployment with the Kafka profile: the same flags, and the example binary.
 #[test]
 fn two_counters_count_each_word_once_on_kafka() {
     if let Some(environment) = on_kafka() {
-        count_words_in_a_deployment("kafka", environment);
+        count_words_in_a_deployment("kafka", environment, false);
     }
 }

@@ -24,7 +24,7 @@ use tokio::time::Instant;
 
 use crate::binder::{Binder, ConsumerSpec, Delivery, ProducerSpec, Subscription};
 use crate::partition::partition_of_key;
-use crate::{header, Application, Error, Message, StreamFunction};
+use crate::{header, Application, BindingState, Error, Message, StreamFunction};
 
 type BinderFactory =
     Arc<dyn Fn() -> BoxFuture<'static, Result<Arc<dyn Binder>, Error>> + Send + Sync>;
@@ -998,6 +998,118 @@ group = "{group}""#
         binder.close().await.ok();
     }
 
+    /// A binding paused, then stopped, then stopped while paused, while its application runs:
+    /// meanwhile nothing sent to its group is handled, and the broker keeps it; resumed, or
+    /// started again, the binding handles each of those messages once.
+    pub async fn a_paused_or_stopped_binding_handles_nothing_until_it_runs_again(&self) {
+        let binder = self.binder().await;
+        let (input, output) = (unique("lifecycle-in"), unique("lifecycle-out"));
+        let (group, readers) = (unique("lifecycle"), unique("lifecycle-readers"));
+        let forward =
+            StreamFunction::function("conformance-lifecycle", |message: Message| async move {
+                message
+            });
+        let toml = format!(
+            r#"[stream.bindings.conformance-lifecycle-in-0]
+destination = "{input}"
+group = "{group}"
+[stream.bindings.conformance-lifecycle-out-0]
+destination = "{output}""#
+        );
+        let binding = "conformance-lifecycle-in-0";
+        let mut handled = subscribe(&binder, &output, Some(&readers)).await;
+        let app = application(&binder, forward, &toml)
+            .start()
+            .await
+            .expect("start");
+        assert_eq!(app.binding_state(binding), Some(BindingState::Started));
+        let producer = producer(&binder, &input).await;
+        let send = |phase: &'static str, count: usize| {
+            let producer = producer.clone();
+            async move {
+                let mut sent = Vec::with_capacity(count);
+                for n in 0..count {
+                    let payload = format!("{phase}-{n:04}");
+                    let message = Message::new(Bytes::from(payload.clone()));
+                    producer.send(message).await.expect("send");
+                    sent.push(payload);
+                }
+                sent
+            }
+        };
+        let hold = self.quiet.max(Duration::from_secs(3));
+        let sent = send("running", 10).await;
+        let mut received = self.receive_n(&mut handled, 10).await;
+        received.sort();
+        assert_eq!(received, sent, "each message sent while started, once");
+
+        app.pause_binding(binding).await.expect("pause");
+        assert_eq!(app.binding_state(binding), Some(BindingState::Paused));
+        let sent = send("paused", 100).await;
+        self.expect_nothing(&mut handled, hold, "while the binding is paused")
+            .await;
+        app.resume_binding(binding).await.expect("resume");
+        assert_eq!(app.binding_state(binding), Some(BindingState::Started));
+        let mut received = self.receive_n(&mut handled, 100).await;
+        received.sort();
+        assert_eq!(received, sent, "each message sent while paused, once");
+        self.expect_nothing(&mut handled, self.quiet, "after the resumed backlog")
+            .await;
+
+        app.stop_binding(binding).await.expect("stop");
+        assert_eq!(app.binding_state(binding), Some(BindingState::Stopped));
+        let refused = app
+            .pause_binding(binding)
+            .await
+            .expect_err("a stopped binding");
+        assert!(refused.to_string().contains("start it"), "{refused}");
+        let sent = send("stopped", 100).await;
+        self.expect_nothing(&mut handled, hold, "while the binding is stopped")
+            .await;
+        app.start_binding(binding).await.expect("start again");
+        assert_eq!(app.binding_state(binding), Some(BindingState::Started));
+        let mut received = self.receive_n(&mut handled, 100).await;
+        received.sort();
+        assert_eq!(received, sent, "each message sent while stopped, once");
+        self.expect_nothing(&mut handled, self.quiet, "after the started backlog")
+            .await;
+
+        // Stopped while paused, it hands back what it held without handling it.
+        app.pause_binding(binding).await.expect("pause");
+        let sent = send("held", 20).await;
+        self.expect_nothing(&mut handled, self.quiet, "while the binding is paused")
+            .await;
+        app.stop_binding(binding).await.expect("stop while paused");
+        self.expect_nothing(&mut handled, self.quiet, "when the paused binding stopped")
+            .await;
+        app.start_binding(binding).await.expect("start again");
+        let mut received = self.receive_n(&mut handled, 20).await;
+        received.sort();
+        assert_eq!(received, sent, "each message held while paused, once");
+        self.expect_nothing(&mut handled, self.quiet, "after the held backlog")
+            .await;
+        app.shutdown().await.expect("shutdown");
+        binder.close().await.ok();
+    }
+
+    /// Fails if a message arrives within `quiet`.
+    async fn expect_nothing(
+        &self,
+        subscription: &mut Box<dyn Subscription>,
+        quiet: Duration,
+        when: &str,
+    ) {
+        match tokio::time::timeout(quiet, subscription.next()).await {
+            Err(_) => {}
+            Ok(Some(Ok(delivery))) => panic!(
+                "`{}` was handled {when}",
+                String::from_utf8_lossy(delivery.message.payload())
+            ),
+            Ok(Some(Err(error))) => panic!("receiving failed {when}: {error}"),
+            Ok(None) => panic!("the subscription ended {when}"),
+        }
+    }
+
     async fn receive_one(&self, subscription: &mut Box<dyn Subscription>) -> Delivery {
         match tokio::time::timeout(self.timeout, subscription.next()).await {
             Ok(Some(Ok(delivery))) => delivery,
@@ -1165,7 +1277,8 @@ macro_rules! conformance_tests {
             required_groups_keep_what_is_sent_before_their_consumer_starts,
             a_partitioned_destination_sends_each_key_to_one_instance,
             required_groups_keep_each_partition_of_a_partitioned_destination,
-            a_shutdown_mid_backlog_loses_nothing
+            a_shutdown_mid_backlog_loses_nothing,
+            a_paused_or_stopped_binding_handles_nothing_until_it_runs_again
         );
     };
     (@cases $suite:expr; $($case:ident),*) => {

@@ -36,7 +36,7 @@ pub use handler::{
 };
 pub use memory::{MemoryBinder, MemoryBinderProvider, MemoryError};
 pub use message::{header, Headers, Message, MessageBuilder};
-pub use runtime::{Application, ApplicationBuilder, BindingInfo, RunningApplication};
+pub use runtime::{Application, ApplicationBuilder, BindingInfo, BindingState, RunningApplication};
 
 #[doc(hidden)]
 pub use inventory;

@@ -23,6 +23,11 @@ pub mod header {
     pub const ORIGINAL_DESTINATION: &str = "x-original-destination";
     /// On a dead-lettered message: how many times the handler was tried.
     pub const ATTEMPTS: &str = "x-attempts";
+    /// The W3C trace context's parent (`00-<trace id>-<span id>-<flags>`), carried from an
+    /// input message to everything produced while handling it.
+    pub const TRACEPARENT: &str = "traceparent";
+    /// The W3C trace state, carried with the `traceparent` it belongs to.
+    pub const TRACESTATE: &str = "tracestate";
 }
 
 /// Message headers: names mapped to byte values, read as bytes or as text.

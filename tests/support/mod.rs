@@ -7,7 +7,7 @@ use std::io::{BufRead, BufReader};
 use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::mpsc;
+use std::sync::{mpsc, PoisonError, RwLock, RwLockReadGuard, RwLockWriteGuard};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use bindery::test::{host_port, require_broker};
@@ -42,6 +42,104 @@ fn example_binary(name: &str) -> PathBuf {
     binary
 }
 
+/// Deployments of one test binary run at once, except one that runs `cargo`.
+static TURNS: RwLock<()> = RwLock::new(());
+
+enum Turn {
+    Shared(RwLockReadGuard<'static, ()>),
+    Alone(RwLockWriteGuard<'static, ()>),
+}
+
+/// The directory cargo builds into for this test: `<target>/<profile>/deps/<test>`.
+fn target_dir() -> PathBuf {
+    let exe = std::env::current_exe().expect("the test binary's path");
+    exe.ancestors()
+        .nth(3)
+        .expect("<target>/<profile>/deps/<test binary>")
+        .to_owned()
+}
+
+/// A command line as the README writes it for a terminal: `NAME=value` settings, a program
+/// and its arguments, separated by spaces (the README quotes nothing in these commands).
+pub(crate) struct Typed {
+    pub(crate) line: String,
+    pub(crate) settings: Vec<(String, String)>,
+    pub(crate) program: String,
+    pub(crate) args: Vec<String>,
+}
+
+impl Typed {
+    fn parse(line: &str) -> Typed {
+        assert!(
+            !line.contains(['"', '\'', '\\', '$', '|', '&', ';', '#']),
+            "README command `{line}` needs a shell; the tests run plain commands only"
+        );
+        let mut words = line.split_whitespace().peekable();
+        let mut settings = Vec::new();
+        while let Some((name, value)) = words.peek().and_then(|word| word.split_once('=')) {
+            settings.push((name.to_owned(), value.to_owned()));
+            words.next();
+        }
+        let program = words
+            .next()
+            .expect("a program after the settings")
+            .to_owned();
+        Typed {
+            line: line.to_owned(),
+            settings,
+            program,
+            args: words.map(str::to_owned).collect(),
+        }
+    }
+
+    /// The example's own arguments: what follows `--`.
+    pub(crate) fn example_args(&self) -> Vec<&str> {
+        let mut args = self.args.iter().map(String::as_str);
+        args.by_ref().find(|arg| *arg == "--");
+        args.collect()
+    }
+}
+
+/// The commands of the README's code block that follows the paragraph containing `intro`,
+/// one per terminal.
+pub(crate) fn readme_commands(intro: &str) -> Vec<Typed> {
+    let readme = concat!(env!("CARGO_MANIFEST_DIR"), "/README.md");
+    let text = std::fs::read_to_string(readme).expect("README.md");
+    // The last paragraph's text, its lines joined; `ended` once a blank line closed it.
+    let mut paragraph = String::new();
+    let mut ended = false;
+    let mut lines = text.lines();
+    while let Some(line) = lines.next() {
+        if line.starts_with("```") {
+            if paragraph.contains(intro) {
+                let commands: Vec<Typed> = lines
+                    .by_ref()
+                    .take_while(|line| !line.starts_with("```"))
+                    .filter(|line| !line.trim().is_empty())
+                    .map(Typed::parse)
+                    .collect();
+                assert!(
+                    !commands.is_empty(),
+                    "README.md: no commands after `{intro}`"
+                );
+                return commands;
+            }
+            // Skip the block: what it holds is no paragraph.
+            lines.by_ref().find(|line| line.starts_with("```"));
+            paragraph.clear();
+        } else if line.trim().is_empty() {
+            ended = true;
+        } else {
+            if std::mem::take(&mut ended) {
+                paragraph.clear();
+            }
+            paragraph.push(' ');
+            paragraph.push_str(line.trim());
+        }
+    }
+    panic!("README.md has no code block after a paragraph with `{intro}`");
+}
+
 /// One line a process printed, with the process it came from.
 pub(crate) struct Line {
     pub(crate) from: &'static str,
@@ -57,6 +155,9 @@ pub(crate) trait Observer {
 pub(crate) struct Deployment {
     example: &'static str,
     environment: Vec<(String, String)>,
+    /// Shared with the other deployments of the test binary, or held alone by one that runs
+    /// `cargo`: a `cargo run` links the example binary anew, which the others run.
+    _turn: Turn,
     /// How many services said they were ready.
     ready: usize,
     children: Vec<(&'static str, Child)>,
@@ -67,10 +168,37 @@ pub(crate) struct Deployment {
 impl Deployment {
     /// A deployment of the example binary `example`, its processes run with `environment`.
     pub(crate) fn new(example: &'static str, environment: Vec<(String, String)>) -> Self {
+        let turn = Turn::Shared(TURNS.read().unwrap_or_else(PoisonError::into_inner));
+        Deployment::with_turn(example, environment, turn)
+    }
+
+    /// A deployment whose processes are commands as the README gives them, each run with
+    /// `cargo run` in `environment`, where the commands' own settings choose the profile. The
+    /// example is built first, before any deadline runs, and no other deployment of this test
+    /// binary runs meanwhile.
+    pub(crate) fn as_written(example: &'static str, environment: Vec<(String, String)>) -> Self {
+        let turn = Turn::Alone(TURNS.write().unwrap_or_else(PoisonError::into_inner));
+        let environment = environment
+            .into_iter()
+            .filter(|(name, _)| name != "BINDERY_PROFILE")
+            .collect();
+        let mut build = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()))
+            .args(["build", "--example", example])
+            .current_dir(env!("CARGO_MANIFEST_DIR"))
+            .env("CARGO_TARGET_DIR", target_dir())
+            .spawn()
+            .expect("cargo build starts");
+        let status = wait_within(&mut build, Duration::from_secs(1800), "cargo build");
+        assert!(status.success(), "cargo build --example {example} failed");
+        Deployment::with_turn(example, environment, turn)
+    }
+
+    fn with_turn(example: &'static str, environment: Vec<(String, String)>, turn: Turn) -> Self {
         let (lines_tx, lines) = mpsc::channel();
         Deployment {
             example,
             environment,
+            _turn: turn,
             ready: 0,
             children: Vec::new(),
             lines_tx,
@@ -86,12 +214,65 @@ impl Deployment {
 
     /// Starts the example with `args`, its output read into the deployment's lines.
     pub(crate) fn spawn(&self, name: &'static str, args: &[&str]) -> Child {
-        let mut child = Command::new(example_binary(self.example))
-            .args(args)
+        let mut command = Command::new(example_binary(self.example));
+        command.args(args);
+        self.spawn_command(name, command, &[])
+    }
+
+    /// Starts a service with a command exactly as the README gives it (`cargo run --example
+    /// ...`), which runs until it is stopped.
+    pub(crate) fn start_as_written(&mut self, name: &'static str, command: &Typed) {
+        let child = self.spawn_as_written(name, command);
+        self.children.push((name, child));
+    }
+
+    /// Runs a command exactly as the README gives it, from the workspace's root, in the
+    /// deployment's environment and then the command's own settings, as a shell would.
+    pub(crate) fn spawn_as_written(&self, name: &'static str, typed: &Typed) -> Child {
+        assert!(
+            matches!(self._turn, Turn::Alone(_)),
+            "a deployment of commands as written is made with `Deployment::as_written`"
+        );
+        assert!(
+            typed
+                .settings
+                .iter()
+                .any(|(name, _)| name == "BINDERY_PROFILE"),
+            "`{}` chooses no profile: it would run on the memory binder",
+            typed.line
+        );
+        assert!(
+            typed
+                .args
+                .windows(2)
+                .any(|w| w == ["--example", self.example]),
+            "`{}` does not run the example {}",
+            typed.line,
+            self.example
+        );
+        let mut command = Command::new(&typed.program);
+        command
+            .args(&typed.args)
+            .current_dir(env!("CARGO_MANIFEST_DIR"))
+            // The build this test runs in, where `as_written` built the example.
+            .env("CARGO_TARGET_DIR", target_dir());
+        self.spawn_command(name, command, &typed.settings)
+    }
+
+    /// Starts `command` in the deployment's environment and then `settings`, its output read
+    /// into the deployment's lines.
+    fn spawn_command(
+        &self,
+        name: &'static str,
+        mut command: Command,
+        settings: &[(String, String)],
+    ) -> Child {
+        let mut child = command
             // Nothing but what the test sets chooses the configuration.
             .env_remove("BINDERY_CONFIG")
             .env_remove("BINDERY_PROFILE")
             .envs(self.environment.iter().cloned())
+            .envs(settings.iter().cloned())
             .stdout(Stdio::piped())
             .stderr(Stdio::inherit())
             .spawn()
@@ -171,6 +352,15 @@ impl Deployment {
             if let Ok(Some(status)) = child.try_wait() {
                 panic!("{broker}: {name} exited early with {status}");
             }
+        }
+    }
+
+    /// Stops every process as [`stop`](Self::stop) does, then notes the lines they printed
+    /// that were not read yet: once they exited, their pipes are closed.
+    pub(crate) fn stop_and_note(&mut self, within: Duration, observer: &mut impl Observer) {
+        self.stop(within);
+        while let Some(line) = self.next_line(Instant::now() + Duration::from_millis(100)) {
+            observer.note(&line);
         }
     }
 

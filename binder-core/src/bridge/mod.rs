@@ -16,31 +16,84 @@ use crate::binder::{Binder, ConsumerSpec, Producer, ProducerSpec};
 use crate::config::{normalize_name, BindingConfig};
 use crate::config::{ConfigNode, ConsumerProperties, ProducerProperties};
 use crate::handler::{ContentType, IntoOutputs, Outputs, DEFAULT_CONTENT_TYPE};
+use crate::message::header;
 use crate::partition::PartitionSelector;
-use crate::{Error, Message};
+use crate::{Error, Headers, Message};
 pub(crate) use ids::{new_message_id, output_id, MessageId};
 use send::stamp;
 pub(crate) use send::{all_confirmed, confirm_all, enqueue_all, Sendings};
 
 tokio::task_local! {
-    /// The correlation id of the input message whose handler runs on this task.
-    static HANDLING: Option<Bytes>;
+    /// What the input message whose handler runs on this task hands on to what it sends.
+    static HANDLING: Lineage;
 }
 
-/// A handler's call, polled with `correlation_id` as the correlation id of whatever it sends
-/// through a [`StreamBridge`]. It can be moved between polls, so the engine polls a call
-/// once where it stands and keeps it (boxed) only when it has to wait.
-pub(crate) struct Correlated<F> {
+/// What an input message hands on to every message its handler sends, returned or sent
+/// through a [`StreamBridge`]: its correlation id, and its W3C trace context (`traceparent`,
+/// with `tracestate`), so that a chain of services keeps one id and one trace. A message that
+/// sets one of these itself keeps its own.
+#[derive(Clone, Debug, Default)]
+pub(crate) struct Lineage {
     correlation_id: Option<Bytes>,
+    // Shared: most messages carry no trace context, and this one is cloned on every poll.
+    trace: Option<Arc<TraceContext>>,
+}
+
+#[derive(Debug)]
+struct TraceContext {
+    parent: Bytes,
+    state: Option<Bytes>,
+}
+
+impl Lineage {
+    /// What `message` hands on.
+    pub(crate) fn of(message: &Message) -> Self {
+        let headers = message.headers();
+        let trace = headers.get(header::TRACEPARENT).map(|parent| {
+            Arc::new(TraceContext {
+                parent: parent.clone(),
+                state: headers.get(header::TRACESTATE).cloned(),
+            })
+        });
+        Lineage {
+            correlation_id: headers.get(header::CORRELATION_ID).cloned(),
+            trace,
+        }
+    }
+
+    /// Sets on `headers` what they do not set themselves. The trace state goes only with its
+    /// own trace parent.
+    pub(crate) fn hand_on(&self, headers: &mut Headers) {
+        if let Some(correlation) = &self.correlation_id {
+            if !headers.contains(header::CORRELATION_ID) {
+                headers.set_static(header::CORRELATION_ID, correlation.clone());
+            }
+        }
+        if let Some(trace) = &self.trace {
+            if !headers.contains(header::TRACEPARENT) {
+                headers.set_static(header::TRACEPARENT, trace.parent.clone());
+                match &trace.state {
+                    Some(state) => headers.set_static(header::TRACESTATE, state.clone()),
+                    None => {
+                        headers.remove(header::TRACESTATE);
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// A handler's call, polled with the [`Lineage`] of its input, which whatever it sends through
+/// a [`StreamBridge`] carries. It can be moved between polls, so the engine polls a call once
+/// where it stands and keeps it (boxed) only when it has to wait.
+pub(crate) struct Correlated<F> {
+    lineage: Lineage,
     call: F,
 }
 
 impl<F> Correlated<F> {
-    pub(crate) fn new(correlation_id: Option<Bytes>, call: F) -> Self {
-        Correlated {
-            correlation_id,
-            call,
-        }
+    pub(crate) fn new(lineage: Lineage, call: F) -> Self {
+        Correlated { lineage, call }
     }
 }
 
@@ -50,21 +103,21 @@ impl<F: Future + Unpin> Future for Correlated<F> {
     fn poll(mut self: Pin<&mut Self>, cx: &mut TaskContext<'_>) -> Poll<F::Output> {
         let this = &mut *self;
         let call = Pin::new(&mut this.call);
-        HANDLING.sync_scope(this.correlation_id.clone(), || call.poll(cx))
+        HANDLING.sync_scope(this.lineage.clone(), || call.poll(cx))
     }
 }
 
 /// Wraps `call` so that where it runs (a plain handler, on the blocking pool) it sends through
-/// a [`StreamBridge`] with the correlation id of the input being handled here.
+/// a [`StreamBridge`] with the correlation id and trace context of the input being handled here.
 #[doc(hidden)]
 pub fn with_current_correlation<T>(call: impl FnOnce() -> T) -> impl FnOnce() -> T {
-    let correlation_id = current_correlation_id();
-    move || HANDLING.sync_scope(correlation_id, call)
+    let lineage = current_lineage();
+    move || HANDLING.sync_scope(lineage, call)
 }
 
-/// The correlation id of the input being handled on this task, if any.
-fn current_correlation_id() -> Option<Bytes> {
-    HANDLING.try_with(Clone::clone).ok().flatten()
+/// What the input being handled on this task hands on; nothing outside a handler.
+fn current_lineage() -> Lineage {
+    HANDLING.try_with(Clone::clone).unwrap_or_default()
 }
 
 /// Sends values or messages to any output binding or destination at run time, with the same
@@ -112,16 +165,16 @@ pub(crate) struct Output {
 }
 
 impl Output {
-    /// Makes a message ready to send here: its id (unless the handler set one), the input's
-    /// correlation id, and its partition (cleared when this destination is not partitioned,
+    /// Makes a message ready to send here: its id (unless the handler set one), what the input
+    /// hands on (its correlation id and trace context), and its partition (cleared when this destination is not partitioned,
     /// so a message passed through keeps no partition of another destination).
     pub(crate) fn prepare(
         &self,
         message: &mut Message,
         id: impl FnOnce() -> MessageId,
-        correlation: Option<&Bytes>,
+        lineage: &Lineage,
     ) {
-        stamp(message, id, correlation);
+        stamp(message, id, lineage);
         let partition = self
             .partitions
             .as_ref()
@@ -134,12 +187,12 @@ impl Output {
     pub(crate) async fn send_all(
         &self,
         messages: Vec<Message>,
-        correlation_id: Option<&Bytes>,
+        lineage: &Lineage,
     ) -> Result<(), Error> {
         let messages = messages
             .into_iter()
             .map(|mut message| {
-                self.prepare(&mut message, new_message_id, correlation_id);
+                self.prepare(&mut message, new_message_id, lineage);
                 message
             })
             .collect();
@@ -174,8 +227,9 @@ impl StreamBridge {
     /// for a name in `stream.output-bindings`) or else a destination on the default binder.
     /// Returns once the broker confirmed every message.
     ///
-    /// Sent from a handler, the messages carry the input's `x-correlation-id`, as its returned
-    /// outputs do (unless they set one); from a task the handler spawned, they do not.
+    /// Sent from a handler, the messages carry the input's `x-correlation-id` and its trace
+    /// context (`traceparent`, `tracestate`), as its returned outputs do (unless they set their
+    /// own); from a task the handler spawned, they do not.
     pub async fn send(&self, target: &str, value: impl IntoOutputs) -> Result<(), Error> {
         let output = self.output(target).await?;
         let mut outputs = Outputs::encoded_as(output.content_type.clone());
@@ -186,7 +240,7 @@ impl StreamBridge {
                 message: failure.to_string(),
             })?;
         output
-            .send_all(outputs.into_messages(), current_correlation_id().as_ref())
+            .send_all(outputs.into_messages(), &current_lineage())
             .await
     }
 

@@ -3,11 +3,11 @@
 use std::panic::AssertUnwindSafe;
 use std::sync::Arc;
 
-use bytes::Bytes;
 use futures::FutureExt;
 use smallvec::SmallVec;
 
 use super::ids::MessageId;
+use super::Lineage;
 use crate::binder::{Confirmation, Producer};
 use crate::handler::panic_text;
 use crate::message::header;
@@ -77,19 +77,11 @@ pub(crate) async fn confirm_all(sendings: Sendings) -> Vec<(Message, Error)> {
         .collect()
 }
 
-/// Gives a message its id (unless the handler set one) and carries the correlation id over.
-pub(crate) fn stamp(
-    message: &mut Message,
-    id: impl FnOnce() -> MessageId,
-    correlation: Option<&Bytes>,
-) {
+/// Gives a message its id (unless the handler set one) and what its input hands on.
+pub(crate) fn stamp(message: &mut Message, id: impl FnOnce() -> MessageId, lineage: &Lineage) {
     let headers = message.headers_mut();
     if !headers.contains(header::MESSAGE_ID) {
         headers.set_static(header::MESSAGE_ID, id().bytes().clone());
     }
-    if let Some(correlation) = correlation {
-        if !headers.contains(header::CORRELATION_ID) {
-            headers.set_static(header::CORRELATION_ID, correlation.clone());
-        }
-    }
+    lineage.hand_on(headers);
 }

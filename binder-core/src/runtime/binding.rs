@@ -28,12 +28,13 @@ use tokio::task::{JoinError, JoinHandle};
 use tokio::time::Instant;
 
 use super::lanes::Lanes;
+use super::lifecycle::{BindingState, Steering, Wanted};
 use super::settle::{settle, InOrder, Verdict};
 use super::window::Window;
 use crate::binder::{Acknowledgement, Delivery, Producer, Subscription};
 use crate::bridge::{
-    all_confirmed, confirm_all, enqueue_all, new_message_id, output_id, Correlated, MessageId,
-    Output, Sendings,
+    all_confirmed, confirm_all, enqueue_all, new_message_id, output_id, Correlated, Lineage,
+    MessageId, Output, Sendings,
 };
 use crate::config::ConsumerProperties;
 use crate::handler::{
@@ -56,10 +57,9 @@ type Call = Correlated<CatchUnwind<AssertUnwindSafe<HandlerFuture>>>;
 
 impl Invoker {
     /// Starts the handler on `message`; [`finish`](Self::finish) reads what the call returns.
-    fn start(&self, message: Arc<Message>) -> Call {
-        let correlation_id = message.headers().get(header::CORRELATION_ID).cloned();
+    fn start(&self, message: Arc<Message>, lineage: Lineage) -> Call {
         let call = (self.handler)(message, self.context.clone());
-        Correlated::new(correlation_id, AssertUnwindSafe(call).catch_unwind())
+        Correlated::new(lineage, AssertUnwindSafe(call).catch_unwind())
     }
 
     /// What a call produced; a panic is a failure like any other.
@@ -82,8 +82,8 @@ impl Invoker {
     }
 
     /// Calls the handler. Returns what it produced.
-    async fn call(&self, message: Arc<Message>) -> Result<Vec<Message>, Failure> {
-        let returned = self.start(message).await;
+    async fn call(&self, message: Arc<Message>, lineage: Lineage) -> Result<Vec<Message>, Failure> {
+        let returned = self.start(message, lineage).await;
         self.finish(returned)
     }
 }
@@ -106,7 +106,8 @@ struct InFlight {
     sequence: u64,
     message: Arc<Message>,
     id: MessageId,
-    correlation_id: Option<Bytes>,
+    /// What the message hands on to its outputs.
+    lineage: Lineage,
     acknowledgement: Box<dyn Acknowledgement>,
     /// Handler attempts made so far.
     attempts: u32,
@@ -188,10 +189,14 @@ impl InputBinding {
     /// Receives, handles and settles messages until shutdown, then finishes what is in flight
     /// and hands back what was not started.
     /// Returns an error when the subscription ended while the application was running.
+    ///
+    /// `steering` pauses it (no handler starts and nothing is received until it runs again)
+    /// and stops it (as a shutdown does); the engine says which it does.
     pub(crate) async fn run(
         self: Arc<Self>,
         subscription: Box<dyn Subscription>,
         shutdown: watch::Receiver<bool>,
+        steering: &mut Steering,
     ) -> Result<(), Error> {
         let mut engine = Engine {
             window: Window::new(self.properties.max_in_flight),
@@ -204,6 +209,7 @@ impl InputBinding {
             jobs: FuturesUnordered::new(),
             settling_in_order: false,
             stopping: false,
+            paused: false,
             next_sequence: 0,
             halt: watch::channel(false).0,
         };
@@ -214,8 +220,59 @@ impl InputBinding {
         let mut receive_again_at: Option<Instant> = None;
         let mut drain_until: Option<Instant> = None;
         let mut stop_asked = false;
+        // Whether the application still steers this binding, and whether it asked it to stop.
+        let mut steered = true;
+        let mut stop_wanted = false;
+        steering.state.send_replace(BindingState::Started);
+        // Asked to stop by the application, the binding gives up on what is still in flight
+        // at this time: it is handed back unacknowledged.
+        let mut stop_by: Option<Instant> = None;
+        let mut gave_up = false;
+        let mut wanted = *steering.wanted.borrow_and_update();
         loop {
-            if open && receiving.is_none() && !engine.stopping && receive_again_at.is_none() {
+            // Checked without a lock: this runs for every message.
+            if steering.wanted.has_changed().unwrap_or(false) {
+                wanted = *steering.wanted.borrow_and_update();
+            }
+            let pause = wanted == Wanted::Pause;
+            // Asked to stop, a binding stays as it is (paused or not) and stops as a shutdown
+            // does. A receive under way is left to finish: what it brings is held, not lost.
+            if wanted != Wanted::Stop && pause != engine.paused && !engine.stopping {
+                engine.paused = pause;
+                let state = match pause {
+                    true => BindingState::Paused,
+                    false => BindingState::Started,
+                };
+                steering.state.send_replace(state);
+                tracing::info!(binding = %engine.binding.binding, ?state, "binding state changed");
+            }
+            if wanted == Wanted::Stop && !stop_wanted {
+                stop_wanted = true;
+                stop_asked = true;
+                stop_by = Some(Instant::now() + engine.binding.drain_for * 2);
+            }
+            if stop_asked {
+                stop_asked = false;
+                // A waiting receive has taken nothing: cancelled, so the broker can be asked to
+                // send no more.
+                receiving = None;
+                let stop_seen = Instant::now();
+                let drain_for = engine.binding.drain_for;
+                let asked = tokio::time::timeout(DRAIN_REQUEST_LIMIT.min(drain_for), async {
+                    subscription.lock().await.drain().await
+                });
+                // A paused binding handles nothing more: what it holds goes back at once.
+                match !engine.paused && asked.await == Ok(true) {
+                    true => drain_until = Some(stop_seen + drain_for),
+                    false => engine.stop(),
+                }
+            }
+            if open
+                && receiving.is_none()
+                && !engine.stopping
+                && !engine.paused
+                && receive_again_at.is_none()
+            {
                 if let Err(error) = engine.take_at_hand(&subscription) {
                     tracing::error!(binding = %engine.binding.binding, %error, "receiving failed; trying again in 1s");
                     receive_again_at = Some(Instant::now() + Duration::from_secs(1));
@@ -234,6 +291,14 @@ impl InputBinding {
                 _ = until(drain_until), if drain_until.is_some() && !engine.stopping => {
                     tracing::warn!(binding = %engine.binding.binding, "messages already received were not all handled before shutdown; the rest go back to the broker");
                     engine.stop();
+                }
+                _ = until(stop_by), if stop_by.is_some() && !gave_up => {
+                    tracing::warn!(binding = %engine.binding.binding, "messages in flight did not finish within `stream.shutdown-timeout` of the stop; they go back to the broker unacknowledged");
+                    gave_up = true;
+                    engine.stop();
+                    // Their acknowledgements, dropped, hand them back.
+                    engine.jobs = FuturesUnordered::new();
+                    engine.running = 0;
                 }
                 Some(step) = engine.jobs.next(), if !engine.jobs.is_empty() => engine.on_step(step),
                 next = async { receiving.as_mut().expect("receiving").await }, if receiving.is_some() => {
@@ -255,21 +320,10 @@ impl InputBinding {
                 _ = until(receive_again_at), if receive_again_at.is_some() => {
                     receive_again_at = None;
                 }
-            }
-            if stop_asked {
-                stop_asked = false;
-                // A waiting receive has taken nothing: cancelled, so the broker can be asked to
-                // send no more.
-                receiving = None;
-                let stop_seen = Instant::now();
-                let drain_for = engine.binding.drain_for;
-                let asked = tokio::time::timeout(DRAIN_REQUEST_LIMIT.min(drain_for), async {
-                    subscription.lock().await.drain().await
-                });
-                match asked.await {
-                    Ok(true) => drain_until = Some(stop_seen + drain_for),
-                    _ => engine.stop(),
-                }
+                changed = steering.wanted.changed(), if steered && !stop_wanted => match changed {
+                    Ok(()) => wanted = *steering.wanted.borrow_and_update(),
+                    Err(_) => steered = false,
+                },
             }
             engine.start_ready();
         }
@@ -280,7 +334,22 @@ impl InputBinding {
             .map(tokio::sync::Mutex::into_inner)
             .ok();
         if let Some(subscription) = subscription {
-            if let Err(error) = subscription.close().await {
+            // A shutdown bounds the close itself; a binding stopped alone gets what is left of
+            // the shutdown budget, and at least a moment.
+            let closing = subscription.close();
+            let closed = match stop_by {
+                Some(stop_by) => {
+                    let close_by = stop_by.max(Instant::now() + super::CLOSE_AT_LEAST);
+                    tokio::time::timeout_at(close_by, closing)
+                        .await
+                        .unwrap_or_else(|_| {
+                            tracing::warn!(binding = %engine.binding.binding, "the subscription did not close in time; it is dropped");
+                            Ok(())
+                        })
+                }
+                None => closing.await,
+            };
+            if let Err(error) = closed {
                 tracing::warn!(binding = %engine.binding.binding, %error, "closing the subscription failed");
             }
         }
@@ -308,6 +377,8 @@ struct Engine {
     in_order: Option<InOrder>,
     settling_in_order: bool,
     stopping: bool,
+    /// Paused by the application: no handler starts, nothing is received.
+    paused: bool,
     next_sequence: u64,
     /// Set when the binding stops for good (not while it drains): messages waiting for a
     /// back-off go back to the broker.
@@ -352,13 +423,13 @@ impl Engine {
                 .headers_mut()
                 .set_static(header::CORRELATION_ID, id.bytes().clone());
         }
-        let correlation_id = message.headers().get(header::CORRELATION_ID).cloned();
+        let lineage = Lineage::of(&message);
         self.window.open();
         let item = InFlight {
             sequence: self.next_sequence,
             message: Arc::new(message),
             id,
-            correlation_id,
+            lineage,
             acknowledgement,
             attempts: 0,
             send_failures: 0,
@@ -374,7 +445,7 @@ impl Engine {
     }
 
     fn start_ready(&mut self) {
-        while !self.stopping && self.running < self.concurrency {
+        while !self.stopping && !self.paused && self.running < self.concurrency {
             let Some(item) = self.ready.pop_front() else {
                 break;
             };
@@ -405,14 +476,19 @@ impl Engine {
         if self.concurrency > 1 {
             let invoker = self.binding.invoker.clone();
             return self.jobs.push(Box::pin(async move {
-                let message = item.message.clone();
-                let outcome = Spawned(tokio::spawn(async move { invoker.call(message).await }))
-                    .await
-                    .unwrap_or_else(|error| Err(Failure::panic(error.to_string())));
+                let (message, lineage) = (item.message.clone(), item.lineage.clone());
+                let outcome = Spawned(tokio::spawn(
+                    async move { invoker.call(message, lineage).await },
+                ))
+                .await
+                .unwrap_or_else(|error| Err(Failure::panic(error.to_string())));
                 Step::Called(item, outcome)
             }));
         }
-        let mut call = self.binding.invoker.start(item.message.clone());
+        let mut call = self
+            .binding
+            .invoker
+            .start(item.message.clone(), item.lineage.clone());
         match (&mut call).now_or_never() {
             Some(returned) => {
                 let outcome = self.binding.invoker.finish(returned);
@@ -434,11 +510,7 @@ impl Engine {
         let (output, messages) = match (outcome, &self.binding.invoker.output) {
             (Ok(mut messages), Some(output)) => {
                 for (index, message) in messages.iter_mut().enumerate() {
-                    output.prepare(
-                        message,
-                        || output_id(&item.id, index),
-                        item.correlation_id.as_ref(),
-                    );
+                    output.prepare(message, || output_id(&item.id, index), &item.lineage);
                 }
                 (output.clone(), messages)
             }
@@ -686,11 +758,15 @@ pub(crate) async fn run_supplier(
             _ = shutdown.wait_for(|stop| *stop) => break,
             _ = ticks.tick() => {}
         }
-        let sent = match invoker.call(Arc::new(Message::new(Bytes::new()))).await {
+        let tick = Arc::new(Message::new(Bytes::new()));
+        let sent = match invoker.call(tick, Lineage::default()).await {
             Ok(messages) => match &invoker.output {
-                Some(output) => output.send_all(messages, None).await.map_err(|error| {
-                    Failure::new(FailureKind::Send, "bindery::Error", error.to_string())
-                }),
+                Some(output) => output
+                    .send_all(messages, &Lineage::default())
+                    .await
+                    .map_err(|error| {
+                        Failure::new(FailureKind::Send, "bindery::Error", error.to_string())
+                    }),
                 None => Ok(()),
             },
             Err(failure) => Err(failure),

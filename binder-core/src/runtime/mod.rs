@@ -3,6 +3,7 @@
 
 mod binding;
 mod lanes;
+mod lifecycle;
 mod plan;
 mod settle;
 mod window;
@@ -18,6 +19,8 @@ use tokio::task::JoinSet;
 use tokio::time::Instant;
 
 use binding::{run_supplier, InputBinding, Invoker};
+pub use lifecycle::BindingState;
+use lifecycle::{supervise, Control};
 use plan::{Plan, Planner, KNOWN_BINDER_TYPES};
 
 use crate::binder::{Binder, BinderProvider};
@@ -337,6 +340,7 @@ impl Application {
             bridge: bridge.clone(),
             stop,
             consumers: JoinSet::new(),
+            controls: BTreeMap::new(),
             suppliers: JoinSet::new(),
             binders: binders.clone(),
             shutdown_timeout: plan.shutdown_timeout,
@@ -418,6 +422,8 @@ impl Application {
                 false => None,
             };
             let subscription = binder.subscribe(&spec).await?;
+            let (control, steering) = lifecycle::control(&input.name, binder.clone(), spec.clone());
+            running.controls.insert(input.name.clone(), control);
             tracing::info!(
                 binding = %input.name, destination = %input.destination, group = input.group.as_deref().unwrap_or("(anonymous)"),
                 binder = %input.binder, "bound"
@@ -430,12 +436,12 @@ impl Application {
                 dead_letter,
                 drain_for: plan.shutdown_timeout / 2,
             });
-            subscribed.push((binding, subscription));
+            subscribed.push((binding, subscription, steering));
         }
-        for (binding, subscription) in subscribed {
+        for (binding, subscription, steering) in subscribed {
             running
                 .consumers
-                .spawn(binding.run(subscription, stopped.clone()));
+                .spawn(supervise(binding, subscription, stopped.clone(), steering));
         }
         for (invoker, every) in suppliers {
             running
@@ -472,12 +478,18 @@ async fn close_binders(
 /// How long binders may take to close when the shutdown budget is already spent.
 const CLOSE_AT_LEAST: Duration = Duration::from_millis(500);
 
+/// Beyond the shutdown budget, how long a binding may take to stop or start again: Kafka group
+/// joins on a busy broker take seconds.
+const CHANGE_AT_LEAST: Duration = Duration::from_secs(30);
+
 /// A started application: its bridge, and the way to stop it.
 #[derive(Debug)]
 pub struct RunningApplication {
     bridge: StreamBridge,
     stop: watch::Sender<bool>,
     consumers: JoinSet<Result<(), Error>>,
+    /// Each input binding's lifecycle, by binding name.
+    controls: BTreeMap<String, Control>,
     suppliers: JoinSet<()>,
     binders: HashMap<String, Arc<dyn Binder>>,
     shutdown_timeout: Duration,
@@ -495,6 +507,69 @@ impl RunningApplication {
     /// The bridge, to send to any binding or destination.
     pub fn bridge(&self) -> StreamBridge {
         self.bridge.clone()
+    }
+
+    /// What the input binding `binding` (such as `bill-in-0`) is doing; `None` for a name that
+    /// is no input binding of this application.
+    pub fn binding_state(&self, binding: &str) -> Option<BindingState> {
+        self.control(binding).ok().map(Control::state)
+    }
+
+    /// Pauses an input binding: it starts no handler and takes nothing more from its
+    /// subscription, which stays open, so the group membership is kept (on Kafka the client
+    /// pauses its partitions and goes on polling). Calls already running finish and are
+    /// acknowledged; what the client had received waits, unacknowledged, until the binding
+    /// resumes. Returns once the binding is [`BindingState::Paused`]; a stopped binding is
+    /// refused.
+    ///
+    /// ```no_run
+    /// # async fn demo(app: bindery_core::RunningApplication) -> Result<(), bindery_core::Error> {
+    /// app.pause_binding("bill-in-0").await?;
+    /// // ... nothing is billed meanwhile ...
+    /// app.resume_binding("bill-in-0").await?;
+    /// # Ok(()) }
+    /// ```
+    pub async fn pause_binding(&self, binding: &str) -> Result<(), Error> {
+        self.control(binding)?.pause(self.change_limit()).await
+    }
+
+    /// Handles messages again on a paused binding, from where it paused.
+    pub async fn resume_binding(&self, binding: &str) -> Result<(), Error> {
+        self.control(binding)?.resume(self.change_limit()).await
+    }
+
+    /// Stops an input binding as a shutdown stops it, while the rest of the application runs:
+    /// what is in flight finishes and is acknowledged (a paused binding hands back what it
+    /// held), what is unfinished after `stream.shutdown-timeout` goes back to the broker
+    /// unacknowledged, and the subscription closes (leaving the Kafka group; cancelling the
+    /// RabbitMQ consumer). The broker keeps the group's messages. Returns once it is
+    /// [`BindingState::Stopped`].
+    pub async fn stop_binding(&self, binding: &str) -> Result<(), Error> {
+        self.control(binding)?.stop(self.change_limit()).await
+    }
+
+    /// Starts a stopped input binding again (or resumes a paused one): it subscribes anew and
+    /// goes on where its group left off (an anonymous binding misses what was sent while it was
+    /// stopped). Returns once the binding runs on its new subscription.
+    pub async fn start_binding(&self, binding: &str) -> Result<(), Error> {
+        self.control(binding)?.start(self.change_limit()).await
+    }
+
+    fn control(&self, binding: &str) -> Result<&Control, Error> {
+        let name = crate::config::normalize_name(binding);
+        self.controls.get(&name).ok_or_else(|| Error::Binding {
+            binding: binding.to_owned(),
+            message: format!(
+                "is no input binding of this application; its input bindings are: {}",
+                self.controls.keys().cloned().collect::<Vec<_>>().join(", ")
+            ),
+        })
+    }
+
+    /// How long a binding may take to change its state: a stop gives up on what is in flight
+    /// after the shutdown budget, then closes its subscription; a start subscribes anew.
+    fn change_limit(&self) -> Duration {
+        self.shutdown_timeout + CHANGE_AT_LEAST
     }
 
     /// Runs until Ctrl-C or SIGTERM, then shuts down gracefully: what [`Application::run`]
