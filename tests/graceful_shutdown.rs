@@ -5,8 +5,9 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use bindery::binder::{ConsumerSpec, ProducerSpec};
-use bindery::{Binder, MemoryBinder, Message, RunningApplication, StreamFunction};
+use bindery::{Binder, BindingState, MemoryBinder, Message, RunningApplication, StreamFunction};
 use bytes::Bytes;
+use tokio::sync::Semaphore;
 use tokio::time::Instant;
 
 async fn wait_until(what: &str, deadline: Duration, condition: impl Fn() -> bool) {
@@ -159,27 +160,48 @@ group = "workers""#,
     );
 }
 
+/// A function whose calls wait until the test lets each go: it counts calls started and
+/// finished.
+fn gated_function(
+    started: Arc<AtomicU32>,
+    finished: Arc<AtomicU32>,
+) -> (StreamFunction, Arc<Semaphore>) {
+    let go_on = Arc::new(Semaphore::new(0));
+    let gate = go_on.clone();
+    let function = StreamFunction::function("gated", move |text: String| {
+        let (started, finished, gate) = (started.clone(), finished.clone(), gate.clone());
+        async move {
+            started.fetch_add(1, Ordering::SeqCst);
+            gate.acquire().await.expect("open").forget();
+            finished.fetch_add(1, Ordering::SeqCst);
+            text
+        }
+    });
+    (function, go_on)
+}
+
+async fn send_to(binder: &MemoryBinder, destination: &str, count: usize) {
+    let producer = binder
+        .producer(&ProducerSpec::new(destination))
+        .await
+        .unwrap();
+    for n in 0..count {
+        producer
+            .send(Message::new(Bytes::from(format!("m{n}"))))
+            .await
+            .unwrap();
+    }
+}
+
 /// Pausing lets the handler call under way finish and be acknowledged and starts no other;
-/// a shutdown while paused hands back what the binding held.
+/// resuming starts what the binding held, with nothing new arriving; a shutdown while paused
+/// hands back what the binding held.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_paused_binding_finishes_what_runs_and_hands_back_the_rest_at_shutdown() {
+async fn a_paused_binding_finishes_what_runs_resumes_what_it_held_and_hands_back_the_rest() {
     let binder = MemoryBinder::new();
     let started = Arc::new(AtomicU32::new(0));
     let finished = Arc::new(AtomicU32::new(0));
-    // The first call waits until the test lets it go, so the pause comes while it runs.
-    let go_on = Arc::new(tokio::sync::Semaphore::new(0));
-    let gated = {
-        let (started, finished, go_on) = (started.clone(), finished.clone(), go_on.clone());
-        StreamFunction::function("gated", move |text: String| {
-            let (started, finished, go_on) = (started.clone(), finished.clone(), go_on.clone());
-            async move {
-                started.fetch_add(1, Ordering::SeqCst);
-                go_on.acquire().await.expect("open").forget();
-                finished.fetch_add(1, Ordering::SeqCst);
-                text
-            }
-        })
-    };
+    let (gated, go_on) = gated_function(started.clone(), finished.clone());
     let app = start_on(
         &binder,
         gated,
@@ -201,23 +223,13 @@ producer.required-groups = ["check"]"#,
             .contains("its input bindings are: gated-in-0"),
         "{refused}"
     );
-    let producer = binder
-        .producer(&ProducerSpec::new("gs-paused"))
-        .await
-        .unwrap();
-    let total = 5;
-    for n in 0..total {
-        producer
-            .send(Message::new(Bytes::from(format!("m{n}"))))
-            .await
-            .unwrap();
-    }
+    send_to(&binder, "gs-paused", 5).await;
     wait_until("a message is in flight", Duration::from_secs(5), || {
         started.load(Ordering::SeqCst) == 1
     })
     .await;
     app.pause_binding("gated-in-0").await.unwrap();
-    go_on.add_permits(total);
+    go_on.add_permits(100);
     wait_until(
         "the call under way finishes",
         Duration::from_secs(5),
@@ -232,16 +244,91 @@ producer.required-groups = ["check"]"#,
         "no call starts while paused"
     );
 
+    // Nothing new arrives: resuming alone starts what was held.
+    app.resume_binding("gated-in-0").await.unwrap();
+    wait_until(
+        "the messages held while paused are handled",
+        Duration::from_secs(5),
+        || finished.load(Ordering::SeqCst) == 5,
+    )
+    .await;
+
+    app.pause_binding("gated-in-0").await.unwrap();
+    send_to(&binder, "gs-paused", 3).await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(
+        started.load(Ordering::SeqCst),
+        5,
+        "no call starts while paused"
+    );
     app.shutdown().await.unwrap();
-    assert_eq!(started.load(Ordering::SeqCst), 1, "nor at shutdown");
     assert_eq!(
         binder.pending("gs-paused", "workers"),
-        total - 1,
-        "the finished message was acknowledged, and what the paused binding held is back with the broker"
+        3,
+        "what the paused binding held is back with the broker, and nothing else"
     );
     assert_eq!(
         binder.pending("gs-paused-out", "check"),
-        1,
-        "its output was sent"
+        5,
+        "every output was sent"
     );
+}
+
+/// A stop whose call is stuck gives up on it after `stream.shutdown-timeout` and hands it
+/// back; meanwhile the binding takes no other change, and started again it gets the message
+/// once more.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stop_gives_up_on_a_stuck_call_and_hands_it_back() {
+    let binder = MemoryBinder::new();
+    let started = Arc::new(AtomicU32::new(0));
+    let finished = Arc::new(AtomicU32::new(0));
+    let (gated, go_on) = gated_function(started.clone(), finished.clone());
+    let app = start_on(
+        &binder,
+        gated,
+        r#"[stream]
+shutdown-timeout = "1s"
+[stream.bindings.gated-in-0]
+destination = "gs-stuck-stop"
+group = "workers"
+[stream.bindings.gated-out-0]
+destination = "gs-stuck-stop-out"
+producer.required-groups = ["check"]"#,
+    )
+    .await;
+    send_to(&binder, "gs-stuck-stop", 1).await;
+    wait_until("the message is in flight", Duration::from_secs(5), || {
+        started.load(Ordering::SeqCst) == 1
+    })
+    .await;
+    // The caller stops waiting; the binding goes on stopping.
+    let waited =
+        tokio::time::timeout(Duration::from_millis(100), app.stop_binding("gated-in-0")).await;
+    assert!(waited.is_err(), "the stuck call holds the stop up");
+    let refused = app
+        .start_binding("gated-in-0")
+        .await
+        .expect_err("still stopping");
+    assert!(refused.to_string().contains("still stopping"), "{refused}");
+    wait_until(
+        "the stop gives up on the stuck call",
+        Duration::from_secs(10),
+        || app.binding_state("gated-in-0") == Some(BindingState::Stopped),
+    )
+    .await;
+    assert_eq!(finished.load(Ordering::SeqCst), 0);
+    assert_eq!(
+        binder.pending("gs-stuck-stop", "workers"),
+        1,
+        "the stuck message is back with the broker"
+    );
+    go_on.add_permits(1);
+    app.start_binding("gated-in-0").await.unwrap();
+    wait_until("it is handled again", Duration::from_secs(5), || {
+        finished.load(Ordering::SeqCst) == 1
+    })
+    .await;
+    app.shutdown().await.unwrap();
+    assert_eq!(binder.pending("gs-stuck-stop", "workers"), 0);
+    assert_eq!(binder.pending("gs-stuck-stop-out", "check"), 1);
 }

@@ -31,7 +31,8 @@ tokio::task_local! {
 /// What an input message hands on to every message its handler sends, returned or sent
 /// through a [`StreamBridge`]: its correlation id, and its W3C trace context (`traceparent`,
 /// with `tracestate`), so that a chain of services keeps one id and one trace. A message that
-/// sets one of these itself keeps its own.
+/// sets its own correlation id or `traceparent` keeps it; a `tracestate` travels only with the
+/// `traceparent` it belongs to.
 #[derive(Clone, Debug, Default)]
 pub(crate) struct Lineage {
     correlation_id: Option<Bytes>,

@@ -190,12 +190,11 @@ impl InputBinding {
     /// and hands back what was not started.
     /// Returns an error when the subscription ended while the application was running.
     ///
-    /// `steering` pauses it (no handler starts and nothing is received until it runs again)
-    /// and stops it (as a shutdown does); the engine says which it does.
+    /// `steering` pauses it (no handler starts and nothing is received until it runs again),
+    /// stops it (as a shutdown does) and shuts it down; the engine says which it does.
     pub(crate) async fn run(
         self: Arc<Self>,
         subscription: Box<dyn Subscription>,
-        shutdown: watch::Receiver<bool>,
         steering: &mut Steering,
     ) -> Result<(), Error> {
         let mut engine = Engine {
@@ -213,7 +212,6 @@ impl InputBinding {
             next_sequence: 0,
             halt: watch::channel(false).0,
         };
-        let mut stop = shutdown;
         let subscription: Shared = Arc::new(tokio::sync::Mutex::new(subscription));
         let mut open = true;
         let mut receiving: Option<Receiving> = None;
@@ -237,7 +235,7 @@ impl InputBinding {
             let pause = wanted == Wanted::Pause;
             // Asked to stop, a binding stays as it is (paused or not) and stops as a shutdown
             // does. A receive under way is left to finish: what it brings is held, not lost.
-            if wanted != Wanted::Stop && pause != engine.paused && !engine.stopping {
+            if !wanted.stops() && pause != engine.paused && !engine.stopping {
                 engine.paused = pause;
                 let state = match pause {
                     true => BindingState::Paused,
@@ -245,11 +243,16 @@ impl InputBinding {
                 };
                 steering.state.send_replace(state);
                 tracing::info!(binding = %engine.binding.binding, ?state, "binding state changed");
+                // Resumed: what was held starts now, not at the next message.
+                engine.start_ready();
             }
-            if wanted == Wanted::Stop && !stop_wanted {
+            if wanted.stops() && !stop_wanted {
                 stop_wanted = true;
                 stop_asked = true;
-                stop_by = Some(Instant::now() + engine.binding.drain_for * 2);
+                // A shutdown has a deadline of its own, for the whole application.
+                if wanted == Wanted::Stop {
+                    stop_by = Some(Instant::now() + engine.binding.drain_for * 2);
+                }
             }
             if stop_asked {
                 stop_asked = false;
@@ -285,9 +288,6 @@ impl InputBinding {
             }
             tokio::select! {
                 biased;
-                _ = stop.wait_for(|stop| *stop), if !engine.stopping && drain_until.is_none() => {
-                    stop_asked = true;
-                }
                 _ = until(drain_until), if drain_until.is_some() && !engine.stopping => {
                     tracing::warn!(binding = %engine.binding.binding, "messages already received were not all handled before shutdown; the rest go back to the broker");
                     engine.stop();
@@ -295,10 +295,11 @@ impl InputBinding {
                 _ = until(stop_by), if stop_by.is_some() && !gave_up => {
                     tracing::warn!(binding = %engine.binding.binding, "messages in flight did not finish within `stream.shutdown-timeout` of the stop; they go back to the broker unacknowledged");
                     gave_up = true;
-                    engine.stop();
-                    // Their acknowledgements, dropped, hand them back.
+                    // Their acknowledgements, dropped, hand them back; then what waits for a
+                    // handler goes back as at any stop, its settlements kept.
                     engine.jobs = FuturesUnordered::new();
                     engine.running = 0;
+                    engine.stop();
                 }
                 Some(step) = engine.jobs.next(), if !engine.jobs.is_empty() => engine.on_step(step),
                 next = async { receiving.as_mut().expect("receiving").await }, if receiving.is_some() => {
@@ -320,6 +321,7 @@ impl InputBinding {
                 _ = until(receive_again_at), if receive_again_at.is_some() => {
                     receive_again_at = None;
                 }
+                // Shutdown, too, comes this way: one watch for the engine to poll.
                 changed = steering.wanted.changed(), if steered && !stop_wanted => match changed {
                     Ok(()) => wanted = *steering.wanted.borrow_and_update(),
                     Err(_) => steered = false,
@@ -339,7 +341,8 @@ impl InputBinding {
             let closing = subscription.close();
             let closed = match stop_by {
                 Some(stop_by) => {
-                    let close_by = stop_by.max(Instant::now() + super::CLOSE_AT_LEAST);
+                    let at_least = engine.binding.drain_for.max(super::CLOSE_AT_LEAST);
+                    let close_by = stop_by.max(Instant::now() + at_least);
                     tokio::time::timeout_at(close_by, closing)
                         .await
                         .unwrap_or_else(|_| {

@@ -36,6 +36,14 @@ pub(crate) enum Wanted {
     Run,
     Pause,
     Stop,
+    /// The application shuts down: stop, for good.
+    ShutDown,
+}
+
+impl Wanted {
+    pub(crate) fn stops(self) -> bool {
+        matches!(self, Wanted::Stop | Wanted::ShutDown)
+    }
 }
 
 /// The application's handle on one input binding.
@@ -90,6 +98,12 @@ impl Control {
         *self.state.borrow()
     }
 
+    /// The application shuts down: the binding stops as a shutdown does, whatever it was
+    /// asked before.
+    pub(crate) fn shut_down(&self) {
+        self.wanted.send_replace(Wanted::ShutDown);
+    }
+
     /// Starts no more handlers; returns once the binding said so.
     pub(crate) async fn pause(&self, within: Duration) -> Result<(), Error> {
         self.while_subscribed(Wanted::Pause, BindingState::Paused, "pausing", within)
@@ -122,8 +136,7 @@ impl Control {
 
     /// Refuses a change while an earlier stop has not finished.
     fn not_stopping(&self) -> Result<(), Error> {
-        let stopping =
-            *self.wanted.borrow() == Wanted::Stop && self.state() != BindingState::Stopped;
+        let stopping = self.wanted.borrow().stops() && self.state() != BindingState::Stopped;
         match stopping {
             true => Err(self.refused(
                 "is still stopping (finishing what was in flight); change it once it is stopped",
@@ -206,10 +219,11 @@ pub(crate) async fn supervise(
 ) -> Result<(), Error> {
     let mut subscription = subscription;
     loop {
-        binding
-            .clone()
-            .run(subscription, shutdown.clone(), &mut steering)
-            .await?;
+        if let Err(error) = binding.clone().run(subscription, &mut steering).await {
+            // Failed: no longer subscribed, and no start brings it back (its task ends).
+            steering.state.send_replace(BindingState::Stopped);
+            return Err(error);
+        }
         // The engine ends without an error at shutdown, or when it was asked to stop.
         let shutting_down = *shutdown.borrow();
         if shutting_down {

@@ -515,11 +515,11 @@ impl RunningApplication {
         self.control(binding).ok().map(Control::state)
     }
 
-    /// Pauses an input binding: it starts no handler and takes nothing more from its
-    /// subscription, which stays open, so the group membership is kept (on Kafka the client
-    /// pauses its partitions and goes on polling). Calls already running finish and are
-    /// acknowledged; what the client had received waits, unacknowledged, until the binding
-    /// resumes. Returns once the binding is [`BindingState::Paused`]; a stopped binding is
+    /// Pauses an input binding: it starts no handler and asks its subscription for nothing
+    /// more (a receive under way still brings its one message), and the subscription stays
+    /// open, so the group membership is kept (on Kafka the client pauses its partitions and
+    /// goes on polling). Calls already running finish and are acknowledged; what the client
+    /// had received waits, unacknowledged, until the binding resumes. Returns once the binding is [`BindingState::Paused`]; a stopped binding is
     /// refused.
     ///
     /// ```no_run
@@ -567,9 +567,10 @@ impl RunningApplication {
     }
 
     /// How long a binding may take to change its state: a stop gives up on what is in flight
-    /// after the shutdown budget, then closes its subscription; a start subscribes anew.
+    /// after the shutdown budget, then has half of it again to close its subscription; a start
+    /// subscribes anew.
     fn change_limit(&self) -> Duration {
-        self.shutdown_timeout + CHANGE_AT_LEAST
+        self.shutdown_timeout * 2 + CHANGE_AT_LEAST
     }
 
     /// Runs until Ctrl-C or SIGTERM, then shuts down gracefully: what [`Application::run`]
@@ -601,7 +602,7 @@ impl RunningApplication {
     pub async fn shutdown(mut self) -> Result<(), Error> {
         tracing::info!("shutting down: finishing messages in flight");
         let deadline = tokio::time::Instant::now() + self.shutdown_timeout;
-        self.stop.send_replace(true);
+        self.stop_everything();
         let drained = tokio::time::timeout_at(deadline, async {
             while self.suppliers.join_next().await.is_some() {}
             while self.consumers.join_next().await.is_some() {}
@@ -648,8 +649,14 @@ impl RunningApplication {
         }
     }
 
-    async fn abort(&mut self) {
+    /// Tells suppliers and bindings to stop for good.
+    fn stop_everything(&self) {
         self.stop.send_replace(true);
+        self.controls.values().for_each(Control::shut_down);
+    }
+
+    async fn abort(&mut self) {
+        self.stop_everything();
         self.suppliers.abort_all();
         self.consumers.abort_all();
         while self.suppliers.join_next().await.is_some() {}
