@@ -5,11 +5,12 @@
 pub use bindery_core::{binder, config, memory, partition, redact};
 #[doc(inline)]
 pub use bindery_core::{
-    header, registered_functions, AppConfig, Application, ApplicationBuilder, Binder,
-    BinderProvider, BindingInfo, BindingState, ConsumerProperties, Context, Decoded, Encoded,
-    Error, Failure, FailureKind, FromMessage, FromPayload, FunctionKind, FunctionRegistration,
-    Handler, Headers, IntoOutputs, IntoPayload, MemoryBinder, Message, MessageBuilder, Outputs,
-    ProducerProperties, RunningApplication, StreamBridge, StreamFunction,
+    header, registered_functions, AppConfig, Application, ApplicationBuilder, ApplicationHealth,
+    Binder, BinderProvider, BindingInfo, BindingState, BindingStatus, ConsumerProperties, Context,
+    Controls, Decoded, Encoded, Error, Failure, FailureKind, FromMessage, FromPayload,
+    FunctionKind, FunctionRegistration, Handler, Headers, IntoOutputs, IntoPayload, MemoryBinder,
+    Message, MessageBuilder, Outputs, ProducerProperties, RunningApplication, StreamBridge,
+    StreamFunction,
 };
 #[doc(inline)]
 pub use bindery_macros::stream_function;

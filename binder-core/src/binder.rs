@@ -121,6 +121,60 @@ pub trait Binder: Send + Sync + fmt::Debug + 'static {
     async fn close(&self) -> Result<(), Error> {
         Ok(())
     }
+
+    /// Whether the broker is reachable now, for the application's health. It should answer
+    /// within a few seconds (the core gives up after five and reports the binder down); a
+    /// binder that recovers lost connections may try one reconnection here. The default is
+    /// up: a binder without a connection of its own (the memory binder) is always reachable.
+    async fn health(&self) -> Health {
+        Health::up()
+    }
+}
+
+/// A binder's health: whether its broker is reachable, with details for the operator.
+///
+/// ```
+/// use bindery_core::binder::Health;
+/// let down = Health::down("connection refused by 127.0.0.1:5672");
+/// assert!(!down.is_up());
+/// assert_eq!(down.details["error"], "connection refused by 127.0.0.1:5672");
+/// assert!(Health::up().with_detail("brokers", "127.0.0.1:9092").is_up());
+/// ```
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Health {
+    up: bool,
+    /// What the binder tells the operator, such as `error` when it is down. Never a secret.
+    pub details: std::collections::BTreeMap<String, String>,
+}
+
+impl Health {
+    /// Reachable.
+    pub fn up() -> Self {
+        Health {
+            up: true,
+            details: Default::default(),
+        }
+    }
+
+    /// Not reachable, and why (the `error` detail); the reason must hold no password.
+    pub fn down(reason: impl Into<String>) -> Self {
+        Health {
+            up: false,
+            details: Default::default(),
+        }
+        .with_detail("error", reason)
+    }
+
+    /// Adds a detail.
+    pub fn with_detail(mut self, key: impl Into<String>, value: impl Into<String>) -> Self {
+        self.details.insert(key.into(), value.into());
+        self
+    }
+
+    /// Whether the broker is reachable.
+    pub fn is_up(&self) -> bool {
+        self.up
+    }
 }
 
 /// A running consumer.

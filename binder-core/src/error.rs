@@ -68,6 +68,13 @@ pub enum Error {
     #[error("the application is shutting down; the message was not sent")]
     ShuttingDown,
 
+    /// The management server could not start.
+    #[error("management server: {message}")]
+    Management {
+        /// What went wrong and what to do.
+        message: String,
+    },
+
     /// Installing the Ctrl-C / SIGTERM handler failed.
     #[error("could not listen for shutdown signals: {0}")]
     Signal(#[source] std::io::Error),
@@ -92,6 +99,7 @@ impl Error {
             | Error::Binding { .. }
             | Error::Function { .. }
             | Error::ShuttingDown
+            | Error::Management { .. }
             | Error::Signal(_) => false,
         }
     }

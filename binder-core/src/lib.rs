@@ -10,6 +10,8 @@ pub mod config;
 mod error;
 mod function;
 pub mod handler;
+#[cfg(feature = "management")]
+mod management;
 pub mod memory;
 mod message;
 pub mod partition;
@@ -22,7 +24,7 @@ pub mod conformance;
 
 pub use binder::{
     Acknowledgement, Binder, BinderProvider, BinderSettings, Confirmation, ConsumerSpec, Delivery,
-    Producer, ProducerSpec, Subscription,
+    Health, Producer, ProducerSpec, Subscription,
 };
 #[doc(hidden)]
 pub use bridge::with_current_correlation;
@@ -36,7 +38,10 @@ pub use handler::{
 };
 pub use memory::{MemoryBinder, MemoryBinderProvider, MemoryError};
 pub use message::{header, Headers, Message, MessageBuilder};
-pub use runtime::{Application, ApplicationBuilder, BindingInfo, BindingState, RunningApplication};
+pub use runtime::{
+    Application, ApplicationBuilder, ApplicationHealth, BindingInfo, BindingState, BindingStatus,
+    Controls, RunningApplication,
+};
 
 #[doc(hidden)]
 pub use inventory;

@@ -8,8 +8,8 @@ use async_trait::async_trait;
 use bindery_core::config::Problems;
 use bindery_core::redact::{display_value, redact_uri};
 use bindery_core::{
-    header, Acknowledgement, Binder, Confirmation, ConsumerSpec, Delivery, Error, Headers, Message,
-    Producer, ProducerSpec, Subscription,
+    header, Acknowledgement, Binder, Confirmation, ConsumerSpec, Delivery, Error, Headers, Health,
+    Message, Producer, ProducerSpec, Subscription,
 };
 use bytes::Bytes;
 use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
@@ -294,6 +294,28 @@ fn base_config(settings: &KafkaSettings) -> ClientConfig {
 
 #[async_trait]
 impl Binder for KafkaBinder {
+    /// Up when a broker answers a metadata request within `connection-timeout` (at most 4 s).
+    async fn health(&self) -> Health {
+        let probe = self.inner.producer.clone();
+        let timeout = self
+            .inner
+            .settings
+            .connection_timeout
+            .min(Duration::from_secs(4));
+        let brokers = self.inner.settings.brokers.clone();
+        let answered = tokio::task::spawn_blocking(move || {
+            probe.client().fetch_metadata(None, timeout).map(|_| ())
+        })
+        .await;
+        match answered {
+            Ok(Ok(())) => Health::up().with_detail("brokers", brokers),
+            Ok(Err(error)) => Health::down(format!(
+                "no broker of {brokers} answered a metadata request within {timeout:?}: {error}"
+            )),
+            Err(error) => Health::down(format!("the metadata request failed: {error}")),
+        }
+    }
+
     async fn subscribe(&self, spec: &ConsumerSpec) -> Result<Box<dyn Subscription>, Error> {
         let properties = &spec.properties;
         let instances = if properties.partitioned {

@@ -7,7 +7,7 @@ use async_trait::async_trait;
 use bindery_core::config::Problems;
 use bindery_core::redact::redact_uri;
 use bindery_core::{
-    header, Acknowledgement, Binder, Confirmation, ConsumerSpec, Delivery, Error, Message,
+    header, Acknowledgement, Binder, Confirmation, ConsumerSpec, Delivery, Error, Health, Message,
     Producer, ProducerSpec, Subscription,
 };
 use futures::StreamExt;
@@ -834,6 +834,46 @@ impl Binder for RabbitBinder {
         };
         let (publishing, consuming) = tokio::join!(close(Role::Publish), close(Role::Consume));
         publishing.and(consuming)
+    }
+
+    /// Up while the consuming connection is open; when it was lost, one reconnection is
+    /// tried (as Spring's health check opens a connection), so a broker that is back reports
+    /// up before the subscriptions' back-off has run out.
+    async fn health(&self) -> Health {
+        if self.inner.closed.load(Ordering::Acquire) {
+            return Health::down("the binder was closed");
+        }
+        let connected = self
+            .inner
+            .consuming
+            .lock()
+            .await
+            .as_ref()
+            .is_some_and(|c| c.status().connected());
+        if !connected {
+            match self.channel(Role::Consume).await {
+                Ok(channel) => {
+                    let limit = self.inner.settings.connection_timeout;
+                    let closing = channel.close(200, "bindery health check".into());
+                    tokio::time::timeout(limit, closing).await.ok();
+                }
+                Err(error) => {
+                    return Health::down(format!(
+                        "RabbitMQ at {} is not reachable: {}",
+                        self.shown_uri(),
+                        redact_uri(&error.to_string())
+                    ))
+                }
+            }
+        }
+        let health = Health::up().with_detail("uri", self.shown_uri());
+        match self.inner.publishing_blocked.reason() {
+            Some(reason) => health.with_detail(
+                "publishing",
+                format!("blocked by the broker ({reason}); sends wait until it unblocks"),
+            ),
+            None => health,
+        }
     }
 }
 

@@ -364,6 +364,7 @@ impl AppConfig {
         };
         // The framework's section is read by the framework; the application gets the rest.
         map.remove("stream");
+        map.remove("management");
         let tree = Value::new(None, ValueKind::Table(map.clone()));
         let inner = config::Config::builder()
             .add_source(Collected(map))

@@ -2,11 +2,15 @@
 //! every key under `[stream]` before anything connects.
 
 mod load;
+mod management;
 mod node;
 mod settings;
 
 pub(crate) use load::{load, LoadOptions};
 pub use load::{AppConfig, ConfigSource};
+#[cfg(feature = "management")]
+pub(crate) use management::Endpoint;
+pub(crate) use management::ManagementSettings;
 pub use node::{did_you_mean, ConfigError, ConfigNode, ConfigProblem, ConfigTable, Problems};
 pub(crate) use node::{quoted_list, suggestion};
 pub(crate) use settings::{BindingConfig, StreamConfig};

@@ -30,6 +30,17 @@ pub enum BindingState {
     Stopped,
 }
 
+impl BindingState {
+    /// `started`, `paused` or `stopped`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            BindingState::Started => "started",
+            BindingState::Paused => "paused",
+            BindingState::Stopped => "stopped",
+        }
+    }
+}
+
 /// What the application asks of a binding.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub(crate) enum Wanted {
@@ -96,6 +107,13 @@ pub(crate) fn control(
 impl Control {
     pub(crate) fn state(&self) -> BindingState {
         *self.state.borrow()
+    }
+
+    /// Whether the binding's engine still runs: a binding stopped on purpose waits to be
+    /// started; one that failed, or that the application shut down, has ended.
+    pub(crate) fn runs(&self) -> bool {
+        // The engine's side of the state channel lives as long as the engine does.
+        self.state.has_changed().is_ok()
     }
 
     /// The application shuts down: the binding stops as a shutdown does, whatever it was

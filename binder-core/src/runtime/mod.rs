@@ -2,6 +2,7 @@
 //! shuts it down without losing a message.
 
 mod binding;
+mod controls;
 mod lanes;
 mod lifecycle;
 mod plan;
@@ -19,6 +20,7 @@ use tokio::task::JoinSet;
 use tokio::time::Instant;
 
 use binding::{run_supplier, InputBinding, Invoker};
+pub use controls::{ApplicationHealth, BindingStatus, Controls};
 pub use lifecycle::BindingState;
 use lifecycle::{supervise, Control};
 use plan::{Plan, Planner, KNOWN_BINDER_TYPES};
@@ -26,8 +28,8 @@ use plan::{Plan, Planner, KNOWN_BINDER_TYPES};
 use crate::binder::{Binder, BinderProvider};
 use crate::bridge::StreamBridge;
 use crate::config::{
-    load, AppConfig, ConfigError, ConfigSource, ConsumerProperties, LoadOptions, Problems,
-    ProducerProperties, StreamConfig,
+    load, AppConfig, ConfigError, ConfigSource, ConsumerProperties, LoadOptions,
+    ManagementSettings, Problems, ProducerProperties, StreamConfig,
 };
 use crate::function::{registered_functions, StreamFunction};
 use crate::handler::Context;
@@ -173,6 +175,7 @@ impl ApplicationBuilder {
             providers: &self.providers,
         };
         let plan = planner.plan(&mut problems);
+        let management = ManagementSettings::read(&merged, &mut problems);
         problems.into_result()?;
         let plan = plan.ok_or_else(|| ConfigError::Invalid(Vec::new()))?;
         Ok(Application {
@@ -180,6 +183,7 @@ impl ApplicationBuilder {
             config: AppConfig::new(&merged),
             binders: self.binders,
             every_binder: self.every_binder,
+            management,
         })
     }
 }
@@ -211,6 +215,9 @@ pub struct Application {
     config: AppConfig,
     binders: BTreeMap<String, Arc<dyn Binder>>,
     every_binder: Option<Arc<dyn Binder>>,
+    /// The management server's settings, when `[management]` configures one.
+    #[cfg_attr(not(feature = "management"), allow(dead_code))]
+    management: Option<ManagementSettings>,
 }
 
 impl Application {
@@ -312,6 +319,14 @@ impl Application {
     /// Connects the binders, binds every input, then every output and supplier, and returns
     /// while they run.
     pub async fn start(self) -> Result<RunningApplication, Error> {
+        let bindings = self.bindings();
+        // The management port is taken before any broker is touched: a port in use fails
+        // the start at once.
+        #[cfg(feature = "management")]
+        let listener = match &self.management {
+            Some(settings) => Some(crate::management::listen(settings)?),
+            None => None,
+        };
         let plan = self.plan;
         let mut binders: HashMap<String, Arc<dyn Binder>> = HashMap::new();
         for (name, planned) in &plan.binders {
@@ -336,11 +351,14 @@ impl Application {
             plan.dynamic_defaults.clone(),
         );
         let (stop, stopped) = watch::channel(false);
+        let change_limit = plan.shutdown_timeout * 2 + CHANGE_AT_LEAST;
         let mut running = RunningApplication {
             bridge: bridge.clone(),
             stop,
             consumers: JoinSet::new(),
-            controls: BTreeMap::new(),
+            controls: Controls::default(),
+            #[cfg(feature = "management")]
+            management: None,
             suppliers: JoinSet::new(),
             binders: binders.clone(),
             shutdown_timeout: plan.shutdown_timeout,
@@ -351,17 +369,41 @@ impl Application {
                 .collect(),
         };
 
-        match Self::bind(
+        let mut lifecycles = BTreeMap::new();
+        let bound = Self::bind(
             &plan,
             &self.config,
             &bridge,
             &binders,
             &mut running,
+            &mut lifecycles,
             stopped,
         )
-        .await
-        {
-            Ok(()) => Ok(running),
+        .await;
+        running.controls = Controls::new(
+            lifecycles,
+            bindings,
+            binders
+                .iter()
+                .map(|(n, b)| (n.clone(), b.clone()))
+                .collect(),
+            change_limit,
+        );
+        match bound {
+            Ok(()) => {
+                #[cfg(feature = "management")]
+                if let (Some(listener), Some(settings)) = (listener, &self.management) {
+                    match crate::management::serve(listener, settings, running.controls.clone()) {
+                        Ok(server) => running.management = Some(server),
+                        Err(error) => {
+                            running.abort().await;
+                            close_binders(&binders, Instant::now() + CLOSE_AT_LEAST).await;
+                            return Err(error);
+                        }
+                    }
+                }
+                Ok(running)
+            }
             Err(error) => {
                 // What was started stops, and the binders close, before the error is returned.
                 running.abort().await;
@@ -380,6 +422,7 @@ impl Application {
         bridge: &StreamBridge,
         binders: &HashMap<String, Arc<dyn Binder>>,
         running: &mut RunningApplication,
+        lifecycles: &mut BTreeMap<String, Control>,
         stopped: watch::Receiver<bool>,
     ) -> Result<(), Error> {
         let mut suppliers = Vec::new();
@@ -423,7 +466,7 @@ impl Application {
             };
             let subscription = binder.subscribe(&spec).await?;
             let (control, steering) = lifecycle::control(&input.name, binder.clone(), spec.clone());
-            running.controls.insert(input.name.clone(), control);
+            lifecycles.insert(input.name.clone(), control);
             tracing::info!(
                 binding = %input.name, destination = %input.destination, group = input.group.as_deref().unwrap_or("(anonymous)"),
                 binder = %input.binder, "bound"
@@ -488,8 +531,10 @@ pub struct RunningApplication {
     bridge: StreamBridge,
     stop: watch::Sender<bool>,
     consumers: JoinSet<Result<(), Error>>,
-    /// Each input binding's lifecycle, by binding name.
-    controls: BTreeMap<String, Control>,
+    /// Each binding's lifecycle and the binders' health.
+    controls: Controls,
+    #[cfg(feature = "management")]
+    management: Option<crate::management::ManagementServer>,
     suppliers: JoinSet<()>,
     binders: HashMap<String, Arc<dyn Binder>>,
     shutdown_timeout: Duration,
@@ -512,7 +557,25 @@ impl RunningApplication {
     /// What the input binding `binding` (such as `bill-in-0`) is doing; `None` for a name that
     /// is no input binding of this application.
     pub fn binding_state(&self, binding: &str) -> Option<BindingState> {
-        self.control(binding).ok().map(Control::state)
+        self.controls.binding_state(binding)
+    }
+
+    /// The handle on this application's bindings and health, to hand to whatever watches and
+    /// steers it from outside (a server of the application's own, a task).
+    pub fn controls(&self) -> Controls {
+        self.controls.clone()
+    }
+
+    /// Whether every binder's broker is reachable and every input binding runs; see
+    /// [`Controls::health`].
+    pub async fn health(&self) -> ApplicationHealth {
+        self.controls.health().await
+    }
+
+    /// Where the management server listens, when `[management]` configures one.
+    #[cfg(feature = "management")]
+    pub fn management_address(&self) -> Option<std::net::SocketAddr> {
+        self.management.as_ref().map(|server| server.address)
     }
 
     /// Pauses an input binding: it starts no handler and asks its subscription for nothing
@@ -530,12 +593,12 @@ impl RunningApplication {
     /// # Ok(()) }
     /// ```
     pub async fn pause_binding(&self, binding: &str) -> Result<(), Error> {
-        self.control(binding)?.pause(self.change_limit()).await
+        self.controls.pause_binding(binding).await
     }
 
     /// Handles messages again on a paused binding, from where it paused.
     pub async fn resume_binding(&self, binding: &str) -> Result<(), Error> {
-        self.control(binding)?.resume(self.change_limit()).await
+        self.controls.resume_binding(binding).await
     }
 
     /// Stops an input binding as a shutdown stops it, while the rest of the application runs:
@@ -545,32 +608,14 @@ impl RunningApplication {
     /// RabbitMQ consumer). The broker keeps the group's messages. Returns once it is
     /// [`BindingState::Stopped`].
     pub async fn stop_binding(&self, binding: &str) -> Result<(), Error> {
-        self.control(binding)?.stop(self.change_limit()).await
+        self.controls.stop_binding(binding).await
     }
 
     /// Starts a stopped input binding again (or resumes a paused one): it subscribes anew and
     /// goes on where its group left off (an anonymous binding misses what was sent while it was
     /// stopped). Returns once the binding runs on its new subscription.
     pub async fn start_binding(&self, binding: &str) -> Result<(), Error> {
-        self.control(binding)?.start(self.change_limit()).await
-    }
-
-    fn control(&self, binding: &str) -> Result<&Control, Error> {
-        let name = crate::config::normalize_name(binding);
-        self.controls.get(&name).ok_or_else(|| Error::Binding {
-            binding: binding.to_owned(),
-            message: format!(
-                "is no input binding of this application; its input bindings are: {}",
-                self.controls.keys().cloned().collect::<Vec<_>>().join(", ")
-            ),
-        })
-    }
-
-    /// How long a binding may take to change its state: a stop gives up on what is in flight
-    /// after the shutdown budget, then has half of it again to close its subscription; a start
-    /// subscribes anew.
-    fn change_limit(&self) -> Duration {
-        self.shutdown_timeout * 2 + CHANGE_AT_LEAST
+        self.controls.start_binding(binding).await
     }
 
     /// Runs until Ctrl-C or SIGTERM, then shuts down gracefully: what [`Application::run`]
@@ -602,6 +647,10 @@ impl RunningApplication {
     pub async fn shutdown(mut self) -> Result<(), Error> {
         tracing::info!("shutting down: finishing messages in flight");
         let deadline = tokio::time::Instant::now() + self.shutdown_timeout;
+        #[cfg(feature = "management")]
+        if let Some(server) = self.management.take() {
+            server.stop().await;
+        }
         self.stop_everything();
         let drained = tokio::time::timeout_at(deadline, async {
             while self.suppliers.join_next().await.is_some() {}
@@ -652,7 +701,7 @@ impl RunningApplication {
     /// Tells suppliers and bindings to stop for good.
     fn stop_everything(&self) {
         self.stop.send_replace(true);
-        self.controls.values().for_each(Control::shut_down);
+        self.controls.lifecycles().for_each(Control::shut_down);
     }
 
     async fn abort(&mut self) {

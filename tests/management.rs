@@ -1,0 +1,304 @@
+//! The management server over real HTTP: health, and the bindings endpoint steering a binding.
+
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use bindery::binder::{ConsumerSpec, Health, ProducerSpec, Subscription};
+use bindery::{Binder, MemoryBinder, Message, RunningApplication, StreamFunction};
+use bytes::Bytes;
+use serde_json::{json, Value};
+use tokio::time::Instant;
+
+const MANAGEMENT: &str = r#"
+[management]
+address = "127.0.0.1"
+port = 0
+endpoints = ["health", "bindings"]
+"#;
+
+fn counting(handled: Arc<AtomicU32>) -> StreamFunction {
+    StreamFunction::function("echo", move |text: String| {
+        let handled = handled.clone();
+        async move {
+            handled.fetch_add(1, Ordering::SeqCst);
+            text
+        }
+    })
+}
+
+async fn start(
+    binder: Arc<dyn Binder>,
+    function: StreamFunction,
+    toml: &str,
+) -> RunningApplication {
+    bindery::test::isolated(function, toml)
+        .replace_binders(binder)
+        .build()
+        .unwrap()
+        .start()
+        .await
+        .unwrap()
+}
+
+fn url(app: &RunningApplication, path: &str) -> String {
+    let address: SocketAddr = app
+        .management_address()
+        .expect("the management server runs");
+    format!("http://{address}{path}")
+}
+
+fn client() -> reqwest::Client {
+    reqwest::Client::builder()
+        .timeout(Duration::from_secs(60))
+        .build()
+        .unwrap()
+}
+
+async fn get(app: &RunningApplication, path: &str) -> (u16, Value) {
+    let response = client().get(url(app, path)).send().await.unwrap();
+    let status = response.status().as_u16();
+    (status, response.json().await.unwrap_or(Value::Null))
+}
+
+async fn post(app: &RunningApplication, path: &str, body: Value) -> (u16, Value) {
+    let response = client()
+        .post(url(app, path))
+        .json(&body)
+        .send()
+        .await
+        .unwrap();
+    let status = response.status().as_u16();
+    (status, response.json().await.unwrap_or(Value::Null))
+}
+
+async fn wait_until(what: &str, deadline: Duration, condition: impl Fn() -> bool) {
+    let until = Instant::now() + deadline;
+    while !condition() {
+        assert!(Instant::now() < until, "timed out waiting until {what}");
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn health_and_bindings_answer_over_http_and_steer_the_binding() {
+    let binder = MemoryBinder::new();
+    let handled = Arc::new(AtomicU32::new(0));
+    let toml = format!(
+        "{MANAGEMENT}
+[stream.bindings.echo-in-0]
+destination = \"mg-in\"
+group = \"echoes\"
+[stream.bindings.echo-out-0]
+destination = \"mg-out\"
+producer.required-groups = [\"check\"]"
+    );
+    let app = start(Arc::new(binder.clone()), counting(handled.clone()), &toml).await;
+    let producer = binder.producer(&ProducerSpec::new("mg-in")).await.unwrap();
+
+    let (status, health) = get(&app, "/health").await;
+    assert_eq!(status, 200, "{health}");
+    assert_eq!(health["status"], "UP");
+    assert_eq!(
+        health["components"]["binders"]["components"]["memory"]["status"],
+        "UP"
+    );
+    let echo = &health["components"]["bindings"]["components"]["echo-in-0"];
+    assert_eq!(echo["status"], "UP");
+    assert_eq!(echo["details"]["state"], "started");
+
+    let (status, bindings) = get(&app, "/bindings").await;
+    assert_eq!(status, 200);
+    assert_eq!(
+        bindings,
+        json!([
+            {"bindingName": "echo-in-0", "name": "mg-in", "group": "echoes", "binder": "memory",
+             "input": true, "pausable": true, "state": "started"},
+            {"bindingName": "echo-out-0", "name": "mg-out", "group": null, "binder": "memory",
+             "input": false, "pausable": false, "state": "started"},
+        ])
+    );
+
+    let (status, paused) = post(&app, "/bindings/echo-in-0", json!({"state": "PAUSED"})).await;
+    assert_eq!(
+        (status, &paused["state"]),
+        (200, &json!("paused")),
+        "{paused}"
+    );
+    for n in 0..100 {
+        producer
+            .send(Message::new(Bytes::from(format!("m{n}"))))
+            .await
+            .unwrap();
+    }
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    assert_eq!(
+        handled.load(Ordering::SeqCst),
+        0,
+        "a paused binding handled a message"
+    );
+
+    let (status, resumed) = post(&app, "/bindings/echo-in-0", json!({"state": "RESUMED"})).await;
+    assert_eq!(
+        (status, &resumed["state"]),
+        (200, &json!("started")),
+        "{resumed}"
+    );
+    wait_until(
+        "the 100 messages are handled",
+        Duration::from_secs(30),
+        || handled.load(Ordering::SeqCst) >= 100,
+    )
+    .await;
+
+    let (status, stopped) = post(&app, "/bindings/echo-in-0", json!({"state": "STOPPED"})).await;
+    assert_eq!(
+        (status, &stopped["state"]),
+        (200, &json!("stopped")),
+        "{stopped}"
+    );
+    let (status, refused) = post(&app, "/bindings/echo-in-0", json!({"state": "PAUSED"})).await;
+    assert_eq!(status, 409, "{refused}");
+    assert!(
+        refused["error"]
+            .as_str()
+            .unwrap()
+            .contains("is stopped; start it"),
+        "{refused}"
+    );
+    let (status, health) = get(&app, "/health").await;
+    assert_eq!(
+        status, 200,
+        "a binding stopped on purpose is healthy: {health}"
+    );
+    for n in 100..110 {
+        producer
+            .send(Message::new(Bytes::from(format!("m{n}"))))
+            .await
+            .unwrap();
+    }
+    let (status, started) = post(&app, "/bindings/echo-in-0", json!({"state": "STARTED"})).await;
+    assert_eq!(
+        (status, &started["state"]),
+        (200, &json!("started")),
+        "{started}"
+    );
+    wait_until(
+        "the 10 sent while stopped are handled",
+        Duration::from_secs(30),
+        || handled.load(Ordering::SeqCst) >= 110,
+    )
+    .await;
+    assert_eq!(
+        handled.load(Ordering::SeqCst),
+        110,
+        "a message was handled twice"
+    );
+
+    let (status, body) = post(&app, "/bindings/echo-in-0", json!({"state": "SLEEPING"})).await;
+    assert_eq!(status, 400, "{body}");
+    let (status, body) = post(&app, "/bindings/echo-out-0", json!({"state": "PAUSED"})).await;
+    assert_eq!(status, 400, "{body}");
+    let (status, body) = get(&app, "/bindings/nope-in-0").await;
+    assert_eq!(status, 404, "{body}");
+    assert!(
+        body["error"].as_str().unwrap().contains("echo-in-0"),
+        "{body}"
+    );
+    let (status, one) = get(&app, "/bindings/echo-in-0").await;
+    assert_eq!((status, &one["state"]), (200, &json!("started")));
+
+    let address = app.management_address().unwrap();
+    app.shutdown().await.unwrap();
+    assert!(
+        tokio::net::TcpStream::connect(address).await.is_err(),
+        "the management server still listens after shutdown"
+    );
+}
+
+/// A memory binder whose broker is unreachable, as far as health can tell.
+#[derive(Debug)]
+struct Unreachable(MemoryBinder);
+
+#[async_trait]
+impl Binder for Unreachable {
+    async fn subscribe(
+        &self,
+        spec: &ConsumerSpec,
+    ) -> Result<Box<dyn Subscription>, bindery::Error> {
+        self.0.subscribe(spec).await
+    }
+
+    async fn producer(
+        &self,
+        spec: &ProducerSpec,
+    ) -> Result<Arc<dyn bindery::binder::Producer>, bindery::Error> {
+        self.0.producer(spec).await
+    }
+
+    async fn health(&self) -> Health {
+        Health::down("connection refused")
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_unreachable_broker_is_down_with_503_and_the_bindings_endpoint_is_off_unless_listed() {
+    let handled = Arc::new(AtomicU32::new(0));
+    let toml = "[management]\naddress = \"127.0.0.1\"\nport = 0\n[stream.bindings.echo-in-0]\ndestination = \"mg-down\"";
+    let app = start(
+        Arc::new(Unreachable(MemoryBinder::new())),
+        counting(handled),
+        toml,
+    )
+    .await;
+    let (status, health) = get(&app, "/health").await;
+    assert_eq!(status, 503, "{health}");
+    assert_eq!(health["status"], "DOWN");
+    let memory = &health["components"]["binders"]["components"]["memory"];
+    assert_eq!(memory["status"], "DOWN");
+    assert_eq!(memory["details"]["error"], "connection refused");
+    assert_eq!(health["components"]["bindings"]["status"], "UP");
+
+    let response = client().get(url(&app, "/bindings")).send().await.unwrap();
+    assert_eq!(
+        response.status().as_u16(),
+        404,
+        "`bindings` is not in `endpoints`"
+    );
+    app.shutdown().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_port_in_use_fails_the_start_naming_the_key_and_a_wrong_endpoint_names_the_file() {
+    let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = taken.local_addr().unwrap().port();
+    let toml = format!("[management]\naddress = \"127.0.0.1\"\nport = {port}\n[stream.bindings.echo-in-0]\ndestination = \"mg-port\"");
+    let error = bindery::test::isolated(counting(Arc::default()), &toml)
+        .build()
+        .unwrap()
+        .start()
+        .await
+        .expect_err("the port is taken");
+    let text = error.to_string();
+    assert!(
+        text.contains(&format!("127.0.0.1:{port}"))
+            && text.contains("`management.port`")
+            && text.contains("application.toml"),
+        "{text}"
+    );
+
+    let toml = "[management]\nendpoints = [\"health\", \"bindngs\"]\nprot = 1";
+    let error = bindery::test::isolated(counting(Arc::default()), toml)
+        .build()
+        .expect_err("a misspelled endpoint and key");
+    let text = error.to_string();
+    assert!(
+        text.contains("application.toml")
+            && text.contains("`management.endpoints`")
+            && text.contains("did you mean `bindings`?")
+            && text.contains("`management.prot`"),
+        "{text}"
+    );
+}
