@@ -647,11 +647,12 @@ impl RunningApplication {
     pub async fn shutdown(mut self) -> Result<(), Error> {
         tracing::info!("shutting down: finishing messages in flight");
         let deadline = tokio::time::Instant::now() + self.shutdown_timeout;
+        self.stop_everything();
+        // Bindings stop taking messages first; the server's last requests share the budget.
         #[cfg(feature = "management")]
         if let Some(server) = self.management.take() {
             server.stop().await;
         }
-        self.stop_everything();
         let drained = tokio::time::timeout_at(deadline, async {
             while self.suppliers.join_next().await.is_some() {}
             while self.consumers.join_next().await.is_some() {}
