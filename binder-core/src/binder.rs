@@ -129,6 +129,16 @@ pub trait Binder: Send + Sync + fmt::Debug + 'static {
     async fn health(&self) -> Health {
         Health::up()
     }
+
+    /// How many messages wait for the group of `spec`, not yet received by it (consumer lag),
+    /// for the application's metrics: on Kafka the partitions' high watermarks less the
+    /// group's committed offsets, on RabbitMQ the queue's ready messages. It should answer
+    /// within a second or two (the core gives up after two). The default, `None`, is a binder
+    /// that cannot tell; so is an anonymous consumer's.
+    async fn lag(&self, spec: &ConsumerSpec) -> Option<u64> {
+        let _ = spec;
+        None
+    }
 }
 
 /// A binder's health: whether its broker is reachable, with details for the operator.

@@ -811,6 +811,53 @@ consumer.dlq = true"#
         binder.close().await.ok();
     }
 
+    /// The lag of a group counts what waits for it: five messages sent before its consumer
+    /// starts, then none once they were received and acknowledged. A binder that cannot tell
+    /// (its `lag` is `None`) passes.
+    pub async fn lag_counts_what_waits_for_a_group(&self) {
+        let binder = self.binder().await;
+        let destination = unique("lag");
+        let group = unique("behind");
+        let mut spec = ProducerSpec::new(destination.clone());
+        spec.properties.required_groups = vec![group.clone()];
+        let early = binder.producer(&spec).await.expect("producer");
+        for n in 0..5 {
+            early
+                .send(Message::new(Bytes::from(format!("waiting-{n}"))))
+                .await
+                .expect("sent before the group's consumer exists");
+        }
+        let consumer = ConsumerSpec::new(destination.clone(), Some(&group));
+        if binder.lag(&consumer).await.is_none() {
+            binder.close().await.ok();
+            return;
+        }
+        self.lag_reaches(&binder, &consumer, 5).await;
+        let mut subscription = subscribe(&binder, &destination, Some(&group)).await;
+        self.receive_n(&mut subscription, 5).await;
+        self.lag_reaches(&binder, &consumer, 0).await;
+        subscription.close().await.ok();
+        binder.close().await.ok();
+    }
+
+    /// Waits, within the suite's timeout, until the binder tells `lag` for `spec`.
+    async fn lag_reaches(&self, binder: &Arc<dyn Binder>, spec: &ConsumerSpec, lag: u64) {
+        let deadline = Instant::now() + self.timeout;
+        loop {
+            let told = binder.lag(spec).await;
+            if told == Some(lag) {
+                return;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "the lag of `{}` was {told:?}, not {lag}, within {:?}",
+                spec.destination,
+                self.timeout
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+
     /// An output with `partition-count = 2` sends each key to one partition, the one
     /// [`partition_of_key`] names, and each partitioned consumer of a group (`instance-count = 2`)
     /// receives only its own, in order within each key; a group that is not partitioned
@@ -1275,6 +1322,7 @@ macro_rules! conformance_tests {
             an_undecodable_payload_is_dead_lettered_without_retries,
             a_dead_letter_waits_for_a_reader_that_comes_later,
             required_groups_keep_what_is_sent_before_their_consumer_starts,
+            lag_counts_what_waits_for_a_group,
             a_partitioned_destination_sends_each_key_to_one_instance,
             required_groups_keep_each_partition_of_a_partitioned_destination,
             a_shutdown_mid_backlog_loses_nothing,

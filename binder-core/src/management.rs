@@ -1,5 +1,6 @@
 //! The management HTTP server (feature `management`): `GET /health`, and with the `bindings`
-//! endpoint on, `GET /bindings`, `GET /bindings/{name}` and `POST /bindings/{name}`.
+//! endpoint on, `GET /bindings`, `GET /bindings/{name}` and `POST /bindings/{name}`; with the
+//! `metrics` endpoint (and feature), `GET /metrics` in Prometheus' text format.
 
 use std::net::SocketAddr;
 use std::time::Duration;
@@ -43,8 +44,41 @@ impl ManagementServer {
     }
 }
 
+/// The port taken, and with `/metrics`, the recorder installed: what the server needs before
+/// any binding registers its meters.
+#[derive(Debug)]
+pub(crate) struct Prepared {
+    listener: std::net::TcpListener,
+    #[cfg(feature = "metrics")]
+    prometheus: Option<metrics_exporter_prometheus::PrometheusHandle>,
+}
+
+/// Takes the management port and installs the Prometheus recorder, or says why not.
+pub(crate) fn prepare(settings: &ManagementSettings) -> Result<Prepared, Error> {
+    let listener = listen(settings)?;
+    #[cfg(feature = "metrics")]
+    let prometheus = match settings.serves(Endpoint::Metrics) {
+        true => Some(crate::runtime::prometheus().map_err(|why| Error::Management {
+            message: format!(
+                "cannot serve `/metrics`: {why}; remove \"metrics\" from `management.endpoints` in {}",
+                settings.origin
+            ),
+        })?),
+        false => None,
+    };
+    Ok(Prepared {
+        listener,
+        #[cfg(feature = "metrics")]
+        prometheus,
+    })
+}
+
+/// How often histograms are folded into their buckets when nobody scrapes.
+#[cfg(feature = "metrics")]
+const UPKEEP_EVERY: Duration = Duration::from_secs(5);
+
 /// Takes the management port, or says why not.
-pub(crate) fn listen(settings: &ManagementSettings) -> Result<std::net::TcpListener, Error> {
+fn listen(settings: &ManagementSettings) -> Result<std::net::TcpListener, Error> {
     let address = SocketAddr::new(settings.address, settings.port);
     let fail = |e: std::io::Error| {
         Error::Management {
@@ -61,10 +95,11 @@ pub(crate) fn listen(settings: &ManagementSettings) -> Result<std::net::TcpListe
 
 /// Serves the configured endpoints on `listener` until stopped.
 pub(crate) fn serve(
-    listener: std::net::TcpListener,
+    prepared: Prepared,
     settings: &ManagementSettings,
     controls: Controls,
 ) -> Result<ManagementServer, Error> {
+    let listener = prepared.listener;
     let fail = |e: std::io::Error| Error::Management {
         message: format!("could not serve the management endpoints: {e}"),
     };
@@ -79,16 +114,56 @@ pub(crate) fn serve(
             .route("/bindings", get(bindings))
             .route("/bindings/{name}", get(binding).post(change_binding));
     }
+    #[cfg(feature = "metrics")]
+    let prometheus = prepared.prometheus;
+    #[cfg(feature = "metrics")]
+    if let Some(prometheus) = prometheus.clone() {
+        router = router.route(
+            "/metrics",
+            get(move |State(controls): State<Controls>| {
+                let prometheus = prometheus.clone();
+                async move {
+                    let lags = controls.lags().await;
+                    for status in controls.bindings() {
+                        if let Some(Some(lag)) = lags.get(&status.binding.name) {
+                            crate::runtime::record_lag(&status.binding, *lag);
+                        }
+                    }
+                    prometheus.run_upkeep();
+                    (
+                        [(
+                            axum::http::header::CONTENT_TYPE,
+                            "text/plain; version=0.0.4; charset=utf-8",
+                        )],
+                        prometheus.render(),
+                    )
+                }
+            }),
+        );
+    }
     let router = router.with_state(controls);
     let (stop, stopped) = oneshot::channel::<()>();
     let task = tokio::spawn(async move {
-        let served = axum::serve(listener, router)
-            .with_graceful_shutdown(async {
-                stopped.await.ok();
-            })
-            .await;
-        if let Err(error) = served {
-            tracing::error!(%error, "the management server stopped");
+        let serving = axum::serve(listener, router).with_graceful_shutdown(async {
+            stopped.await.ok();
+        });
+        // Histogram samples pile up until folded into buckets: fold them now and then, even
+        // when nobody scrapes.
+        let upkeep = async {
+            #[cfg(feature = "metrics")]
+            if let Some(prometheus) = &prometheus {
+                loop {
+                    tokio::time::sleep(UPKEEP_EVERY).await;
+                    prometheus.run_upkeep();
+                }
+            }
+            std::future::pending::<()>().await;
+        };
+        tokio::select! {
+            served = serving => if let Err(error) = served {
+                tracing::error!(%error, "the management server stopped");
+            },
+            () = upkeep => {}
         }
     });
     tracing::info!(%address, "management server listening");

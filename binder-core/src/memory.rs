@@ -171,10 +171,7 @@ impl MemoryBinder {
 
     /// The queue of `group`, or of its `partition` (named `<group>-<partition>`).
     fn group_queue(&self, destination: &str, group: &str, partition: Option<u32>) -> Arc<Queue> {
-        let name = match partition {
-            Some(partition) => format!("{group}-{partition}"),
-            None => group.to_owned(),
-        };
+        let name = queue_name(group, partition);
         let destination = self.destination(destination);
         let mut destination = lock(&destination);
         if let Some(queue) = destination.groups.get(&name) {
@@ -203,6 +200,14 @@ impl MemoryBinder {
             .groups
             .get(group)
             .map_or(0, |q| lock(&q.ready).len())
+    }
+}
+
+/// The queue of `group`, or of one `partition` of it.
+fn queue_name(group: &str, partition: Option<u32>) -> String {
+    match partition {
+        Some(partition) => format!("{group}-{partition}"),
+        None => group.to_owned(),
     }
 }
 
@@ -254,6 +259,11 @@ impl Binder for MemoryBinder {
             queue,
             anonymous_id,
         }))
+    }
+
+    async fn lag(&self, spec: &ConsumerSpec) -> Option<u64> {
+        let queue = queue_name(spec.group.as_ref()?, spec.properties.partition());
+        Some(self.pending(&spec.destination, &queue) as u64)
     }
 
     async fn producer(&self, spec: &ProducerSpec) -> Result<Arc<dyn Producer>, Error> {

@@ -56,6 +56,9 @@ struct Inner {
     producer_failed: Arc<AtomicBool>,
     producer: FutureProducer,
     admin: AdminClient<DefaultClientContext>,
+    /// The first topic a binding used: health checks ask for its metadata only, not for
+    /// every topic of the cluster.
+    health_topic: std::sync::OnceLock<String>,
 }
 
 impl fmt::Debug for KafkaBinder {
@@ -68,7 +71,12 @@ impl fmt::Debug for KafkaBinder {
 }
 
 fn client_error(settings: &KafkaSettings, error: rdkafka::error::KafkaError) -> KafkaError {
-    // librdkafka's configuration errors may quote a value: hide those of secret keys.
+    KafkaError::Config(redacted(settings, &error))
+}
+
+/// librdkafka's errors may quote a configuration value: those of secret keys are hidden, and
+/// so are passwords in addresses.
+fn redacted(settings: &KafkaSettings, error: &rdkafka::error::KafkaError) -> String {
     let mut text = error.to_string();
     for (key, value) in &settings.configuration {
         let shown = display_value(key, value);
@@ -76,7 +84,7 @@ fn client_error(settings: &KafkaSettings, error: rdkafka::error::KafkaError) -> 
             text = text.replace(value.as_str(), &shown);
         }
     }
-    KafkaError::Config(redact_uri(&text))
+    redact_uri(&text)
 }
 
 impl KafkaBinder {
@@ -127,6 +135,7 @@ impl KafkaBinder {
                 producer_failed: Arc::default(),
                 producer,
                 admin,
+                health_topic: std::sync::OnceLock::new(),
             }),
         })
     }
@@ -164,6 +173,13 @@ impl KafkaBinder {
     /// it exists. A partitioned binding needs `partitions` partitions at least: a topic created
     /// here gets them, and one that has fewer is an error.
     async fn ensure_topic(&self, topic: &str, partitions: u32) -> Result<(), KafkaError> {
+        self.create_or_check_topic(topic, partitions).await?;
+        // Only the first topic is kept; a later one changes nothing.
+        self.inner.health_topic.set(topic.to_owned()).ok();
+        Ok(())
+    }
+
+    async fn create_or_check_topic(&self, topic: &str, partitions: u32) -> Result<(), KafkaError> {
         let settings = &self.inner.settings;
         let mut created = false;
         if settings.auto_create_topics {
@@ -294,6 +310,54 @@ fn base_config(settings: &KafkaSettings) -> ClientConfig {
 
 #[async_trait]
 impl Binder for KafkaBinder {
+    /// The high watermarks of the group's partitions less its committed offsets (a partition
+    /// with no commit counts from its low watermark), from a client of its own that does not
+    /// join the group.
+    async fn lag(&self, spec: &ConsumerSpec) -> Option<u64> {
+        let group = spec.group.clone()?;
+        let topic = spec.destination.clone();
+        let properties = &spec.properties;
+        let (instances, index) = match properties.partitioned {
+            true => (properties.instance_count.max(1), properties.instance_index),
+            false => (1, 0),
+        };
+        let mut config = base_config(&self.inner.settings);
+        config
+            .set("group.id", &group)
+            .set("enable.auto.commit", "false");
+        let timeout = Duration::from_millis(600);
+        let measured = tokio::task::spawn_blocking(move || {
+            let consumer: BaseConsumer = config.create().ok()?;
+            let metadata = consumer.fetch_metadata(Some(&topic), timeout).ok()?;
+            let partitions: Vec<i32> = metadata
+                .topics()
+                .iter()
+                .filter(|t| t.name() == topic && t.error().is_none())
+                .flat_map(|t| t.partitions().iter().map(|p| p.id()))
+                .filter(|id| u32::try_from(*id).is_ok_and(|p| p % instances == index))
+                .collect();
+            let mut list = TopicPartitionList::new();
+            for partition in &partitions {
+                list.add_partition(&topic, *partition);
+            }
+            let committed = consumer.committed_offsets(list, timeout).ok()?;
+            let mut lag = 0u64;
+            for partition in partitions {
+                let (low, high) = consumer.fetch_watermarks(&topic, partition, timeout).ok()?;
+                let done = match committed
+                    .find_partition(&topic, partition)
+                    .map(|e| e.offset())
+                {
+                    Some(Offset::Offset(offset)) => offset,
+                    _ => low,
+                };
+                lag += u64::try_from(high - done).unwrap_or(0);
+            }
+            Some(lag)
+        });
+        measured.await.ok().flatten()
+    }
+
     /// Up when a broker answers a metadata request within `connection-timeout` (at most 4 s).
     async fn health(&self) -> Health {
         let probe = self.inner.producer.clone();
@@ -302,15 +366,20 @@ impl Binder for KafkaBinder {
             .settings
             .connection_timeout
             .min(Duration::from_secs(4));
-        let brokers = self.inner.settings.brokers.clone();
+        let brokers = redact_uri(&self.inner.settings.brokers);
+        let topic = self.inner.health_topic.get().cloned();
         let answered = tokio::task::spawn_blocking(move || {
-            probe.client().fetch_metadata(None, timeout).map(|_| ())
+            probe
+                .client()
+                .fetch_metadata(topic.as_deref(), timeout)
+                .map(|_| ())
         })
         .await;
         match answered {
             Ok(Ok(())) => Health::up().with_detail("brokers", brokers),
             Ok(Err(error)) => Health::down(format!(
-                "no broker of {brokers} answered a metadata request within {timeout:?}: {error}"
+                "no broker of {brokers} answered a metadata request within {timeout:?}: {}",
+                redacted(&self.inner.settings, &error)
             )),
             Err(error) => Health::down(format!("the metadata request failed: {error}")),
         }

@@ -201,7 +201,9 @@ fn refused_for_good(error: &lapin::Error, provision: bool) -> bool {
         AMQPErrorKind::Soft(AMQPSoftError::NOTFOUND) => {
             !provision && !text.contains("down or inaccessible")
         }
-        AMQPErrorKind::Hard(AMQPHardError::NOTALLOWED) => true,
+        // A connection limit that is reached frees up as connections close; the rest (a virtual
+        // host that is missing or not permitted) needs the configuration changed.
+        AMQPErrorKind::Hard(AMQPHardError::NOTALLOWED) => !text.contains("limit"),
         _ => false,
     }
 }
@@ -836,35 +838,78 @@ impl Binder for RabbitBinder {
         publishing.and(consuming)
     }
 
+    /// The ready messages of the group's queue (those delivered and not yet acknowledged are
+    /// not counted), from a passive declaration on a channel of its own.
+    async fn lag(&self, spec: &ConsumerSpec) -> Option<u64> {
+        spec.group.as_ref()?;
+        let queue = self.topology(spec).queue;
+        let within = self
+            .inner
+            .settings
+            .connection_timeout
+            .min(Duration::from_secs(2));
+        tokio::time::timeout(within, async {
+            // A passive declaration of a missing queue closes its channel: a channel of its own.
+            let probe = self.open_channel(Role::Consume).await.ok()?;
+            let declared = probe
+                .queue_declare(
+                    ShortString::from(queue.as_str()),
+                    QueueDeclareOptions {
+                        passive: true,
+                        ..QueueDeclareOptions::default()
+                    },
+                    FieldTable::default(),
+                )
+                .await
+                .ok()?;
+            probe.close(200, "bindery lag".into()).await.ok();
+            Some(u64::from(declared.message_count()))
+        })
+        .await
+        .ok()
+        .flatten()
+    }
+
     /// Up while the consuming connection is open; when it was lost, one reconnection is
     /// tried (as Spring's health check opens a connection), so a broker that is back reports
-    /// up before the subscriptions' back-off has run out.
+    /// up before the subscriptions' back-off has run out. The answer comes within
+    /// `connection-timeout`, and never later than four seconds.
     async fn health(&self) -> Health {
         if self.inner.closed.load(Ordering::Acquire) {
             return Health::down("the binder was closed");
         }
-        let connected = self
+        // Within the core's five seconds for a health check, whatever the connection timeout.
+        let within = self
             .inner
-            .consuming
-            .lock()
-            .await
-            .as_ref()
-            .is_some_and(|c| c.status().connected());
-        if !connected {
-            match self.channel(Role::Consume).await {
-                Ok(channel) => {
-                    let limit = self.inner.settings.connection_timeout;
-                    let closing = channel.close(200, "bindery health check".into());
-                    tokio::time::timeout(limit, closing).await.ok();
-                }
-                Err(error) => {
-                    return Health::down(format!(
-                        "RabbitMQ at {} is not reachable: {}",
-                        self.shown_uri(),
-                        redact_uri(&error.to_string())
-                    ))
-                }
+            .settings
+            .connection_timeout
+            .min(Duration::from_secs(4));
+        let probe = async {
+            let connected = self
+                .inner
+                .consuming
+                .lock()
+                .await
+                .as_ref()
+                .is_some_and(|c| c.status().connected());
+            if !connected {
+                let channel = self.open_channel(Role::Consume).await?;
+                // The channel only proved the broker answers; the connection stays for the
+                // subscriptions.
+                channel.close(200, "bindery health check".into()).await.ok();
             }
+            Ok::<(), RabbitError>(())
+        };
+        let problem = match tokio::time::timeout(within, probe).await {
+            Ok(Ok(())) => None,
+            Ok(Err(error)) => Some(redact_uri(&error.to_string())),
+            Err(_) => Some(format!("no connection within {within:?}")),
+        };
+        if let Some(problem) = problem {
+            return Health::down(format!(
+                "RabbitMQ at {} is not reachable: {problem}",
+                self.shown_uri()
+            ));
         }
         let health = Health::up().with_detail("uri", self.shown_uri());
         match self.inner.publishing_blocked.reason() {

@@ -8,6 +8,7 @@ use super::node::{quoted_list, suggestion, ConfigNode, Problems};
 
 /// The management server's settings; the server runs when `[management]` is present.
 #[derive(Clone, Debug, PartialEq)]
+#[cfg_attr(not(feature = "management"), allow(dead_code))]
 pub(crate) struct ManagementSettings {
     /// `address`: where to listen. Default `0.0.0.0` (every interface, for a container's probes).
     pub(crate) address: IpAddr,
@@ -22,17 +23,21 @@ pub(crate) struct ManagementSettings {
 
 /// An endpoint of the management server.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[cfg_attr(not(feature = "management"), allow(dead_code))]
 pub(crate) enum Endpoint {
     /// `GET /health`.
     Health,
     /// `GET /bindings`, `GET /bindings/{name}`, `POST /bindings/{name}`.
     Bindings,
+    /// `GET /metrics`, with the cargo feature `metrics`.
+    Metrics,
 }
 
 const KEYS: &[&str] = &["address", "port", "endpoints"];
 const ENDPOINTS: &[(&str, Endpoint)] = &[
     ("health", Endpoint::Health),
     ("bindings", Endpoint::Bindings),
+    ("metrics", Endpoint::Metrics),
 ];
 
 impl ManagementSettings {
@@ -79,6 +84,10 @@ impl ManagementSettings {
             settings.endpoints.clear();
             for name in names {
                 match ENDPOINTS.iter().find(|(known, _)| *known == name) {
+                    Some((_, Endpoint::Metrics)) if !cfg!(feature = "metrics") => problems.at(
+                        endpoints,
+                        "the \"metrics\" endpoint is not built in: enable the cargo feature `metrics` of `bindery` (features = [\"metrics\"]), or remove it",
+                    ),
                     Some((_, endpoint)) => settings.endpoints.push(*endpoint),
                     None => {
                         let hint = match suggestion(&name, known.iter().copied()) {

@@ -29,6 +29,7 @@ use tokio::time::Instant;
 
 use super::lanes::Lanes;
 use super::lifecycle::{BindingState, Steering, Wanted};
+use super::meter::{Meter, Stamp};
 use super::settle::{settle, InOrder, Verdict};
 use super::window::Window;
 use crate::binder::{Acknowledgement, Delivery, Producer, Subscription};
@@ -98,6 +99,7 @@ pub(crate) struct InputBinding {
     /// How long, at shutdown, the binding may handle what its subscription had already
     /// received (see [`Subscription::drain`]) before it hands the rest back.
     pub(crate) drain_for: Duration,
+    pub(crate) meter: Meter,
 }
 
 /// A received message on its way through the binding.
@@ -113,6 +115,10 @@ struct InFlight {
     attempts: u32,
     /// Failed sends of this message's outputs (or dead letter) so far.
     send_failures: u32,
+    /// Outputs handed to the producer and not confirmed yet.
+    unconfirmed: usize,
+    received_at: Stamp,
+    called_at: Stamp,
 }
 
 impl InFlight {
@@ -428,6 +434,7 @@ impl Engine {
         }
         let lineage = Lineage::of(&message);
         self.window.open();
+        self.binding.meter.received();
         let item = InFlight {
             sequence: self.next_sequence,
             message: Arc::new(message),
@@ -436,6 +443,9 @@ impl Engine {
             acknowledgement,
             attempts: 0,
             send_failures: 0,
+            unconfirmed: 0,
+            received_at: self.binding.meter.stamp(),
+            called_at: Stamp::default(),
         };
         self.next_sequence += 1;
         if self.stopping {
@@ -476,6 +486,7 @@ impl Engine {
     /// once (most are) is called here, without a job of its own.
     fn handle(&mut self, mut item: InFlight) {
         item.attempts += 1;
+        item.called_at = self.binding.meter.stamp();
         if self.concurrency > 1 {
             let invoker = self.binding.invoker.clone();
             return self.jobs.push(Box::pin(async move {
@@ -509,12 +520,14 @@ impl Engine {
 
     /// Hands a handler's outputs to the producer, in order, before the key is released: so
     /// outputs of one key are sent in the order their inputs arrived.
-    fn send_outputs(&mut self, item: InFlight, outcome: Result<Vec<Message>, Failure>) {
+    fn send_outputs(&mut self, mut item: InFlight, outcome: Result<Vec<Message>, Failure>) {
+        self.binding.meter.returned(item.called_at, outcome.is_ok());
         let (output, messages) = match (outcome, &self.binding.invoker.output) {
             (Ok(mut messages), Some(output)) => {
                 for (index, message) in messages.iter_mut().enumerate() {
                     output.prepare(message, || output_id(&item.id, index), &item.lineage);
                 }
+                item.unconfirmed = messages.len();
                 (output.clone(), messages)
             }
             (Ok(_), None) => return self.on_step(Step::Handled(item, Ok(Sendings::new()))),
@@ -533,6 +546,7 @@ impl Engine {
                 self.running -= 1;
                 self.release_key(&item);
                 if all_confirmed(&sendings) {
+                    self.binding.meter.sent(sendings.len());
                     self.settle(item, Verdict::Ack);
                 } else {
                     self.jobs.push(Box::pin(async move {
@@ -580,6 +594,7 @@ impl Engine {
             // messages with the same key wait with it.
             let wait = binding.properties.back_off(item.attempts);
             tracing::warn!(binding = %binding.binding, message_id = %item.id, attempt = item.attempts, %failure, "handling failed; retrying in {wait:?}");
+            binding.meter.retried();
             let job = self.after(wait, item, Step::BackedOff);
             return self.jobs.push(job);
         }
@@ -603,6 +618,7 @@ impl Engine {
         let attempts = item.attempts;
         let Some((destination, producer)) = binding.dead_letter.clone() else {
             tracing::error!(binding = %binding.binding, message_id = %item.id, attempts, %failure, "message dropped after failing; set `dlq = true` to keep such messages");
+            binding.meter.dropped();
             return self.settle(item, Verdict::Ack);
         };
         let letter = dead_letter(&item.message, &failure, &binding.destination, attempts);
@@ -615,6 +631,16 @@ impl Engine {
 
     fn confirmed(&mut self, mut item: InFlight, target: Target, failed: Vec<(Message, Error)>) {
         let binding = self.binding.clone();
+        match &target {
+            Target::Outputs => {
+                binding
+                    .meter
+                    .sent(item.unconfirmed.saturating_sub(failed.len()));
+                item.unconfirmed = failed.len();
+            }
+            Target::DeadLetter { .. } if failed.is_empty() => binding.meter.dead_lettered(),
+            Target::DeadLetter { .. } => {}
+        }
         if failed.is_empty() {
             if let Target::DeadLetter { failure, attempts } = &target {
                 tracing::warn!(binding = %binding.binding, message_id = %item.id, attempts, %failure, "message sent to the dead-letter destination");
@@ -664,6 +690,9 @@ impl Engine {
     }
 
     fn settle(&mut self, item: InFlight, verdict: Verdict) {
+        self.binding
+            .meter
+            .settled(item.received_at, verdict == Verdict::Ack);
         if let Some(in_order) = &mut self.in_order {
             in_order.decide(item.sequence, item.acknowledgement, verdict);
             return self.release_in_order();

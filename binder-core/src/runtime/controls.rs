@@ -7,6 +7,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use serde_json::{json, Value};
+use tokio::sync::watch;
 
 use super::lifecycle::{BindingState, Control};
 use super::BindingInfo;
@@ -15,6 +16,8 @@ use crate::Error;
 
 /// How long a binder may take to say whether its broker is reachable.
 const HEALTH_WITHIN: Duration = Duration::from_secs(5);
+/// How long a binder may take to tell a binding's consumer lag.
+const LAG_WITHIN: Duration = Duration::from_secs(2);
 
 /// The handle on a running application's bindings and health, to share with whatever watches
 /// and steers it from outside (cheap to clone; every clone controls the same application).
@@ -41,6 +44,9 @@ struct Inner {
     binders: BTreeMap<String, Arc<dyn Binder>>,
     /// How long a binding may take to change its state.
     change_limit: Duration,
+    /// Set when the application shuts down: changes and health checks still under way end at
+    /// once, and new ones are refused, so nothing outside steers an application that stops.
+    shut_down: watch::Sender<bool>,
 }
 
 /// One binding and, for an input, what it is doing.
@@ -158,7 +164,30 @@ impl Controls {
                 bindings,
                 binders,
                 change_limit,
+                shut_down: watch::Sender::new(false),
             }),
+        }
+    }
+
+    /// The application shuts down: whatever a clone of these controls still does ends.
+    pub(crate) fn shut_down(&self) {
+        self.inner.shut_down.send_replace(true);
+    }
+
+    /// Runs `doing` unless, or until, the application shuts down.
+    async fn unless_shut_down<T>(
+        &self,
+        name: &str,
+        doing: impl std::future::Future<Output = Result<T, Error>>,
+    ) -> Result<T, Error> {
+        let mut shut_down = self.inner.shut_down.subscribe();
+        tokio::select! {
+            biased;
+            _ = shut_down.wait_for(|down| *down) => Err(Error::Binding {
+                binding: name.to_owned(),
+                message: "was not changed: the application is shutting down".to_owned(),
+            }),
+            done = doing => done,
         }
     }
 
@@ -194,35 +223,45 @@ impl Controls {
 
     /// See [`RunningApplication::pause_binding`](super::RunningApplication::pause_binding).
     pub async fn pause_binding(&self, binding: &str) -> Result<(), Error> {
-        self.control(binding)?.pause(self.inner.change_limit).await
+        let control = self.control(binding)?;
+        self.unless_shut_down(binding, control.pause(self.inner.change_limit))
+            .await
     }
 
     /// See [`RunningApplication::resume_binding`](super::RunningApplication::resume_binding).
     pub async fn resume_binding(&self, binding: &str) -> Result<(), Error> {
-        self.control(binding)?.resume(self.inner.change_limit).await
+        let control = self.control(binding)?;
+        self.unless_shut_down(binding, control.resume(self.inner.change_limit))
+            .await
     }
 
     /// See [`RunningApplication::stop_binding`](super::RunningApplication::stop_binding).
     pub async fn stop_binding(&self, binding: &str) -> Result<(), Error> {
-        self.control(binding)?.stop(self.inner.change_limit).await
+        let control = self.control(binding)?;
+        self.unless_shut_down(binding, control.stop(self.inner.change_limit))
+            .await
     }
 
     /// See [`RunningApplication::start_binding`](super::RunningApplication::start_binding).
     pub async fn start_binding(&self, binding: &str) -> Result<(), Error> {
-        self.control(binding)?.start(self.inner.change_limit).await
+        let control = self.control(binding)?;
+        self.unless_shut_down(binding, control.start(self.inner.change_limit))
+            .await
     }
 
     /// Asks every binder whether its broker is reachable (each within five seconds, all at
     /// once) and every input binding whether its engine runs.
+    /// Once the application shuts down, every binder is down.
     pub async fn health(&self) -> ApplicationHealth {
         let asked = self.inner.binders.iter().map(|(name, binder)| async move {
-            let health = tokio::time::timeout(HEALTH_WITHIN, binder.health())
-                .await
-                .unwrap_or_else(|_| {
-                    Health::down(format!(
-                        "the binder did not say within {HEALTH_WITHIN:?} whether its broker is reachable"
-                    ))
-                });
+            let asking = tokio::time::timeout(HEALTH_WITHIN, binder.health());
+            let health = match self.unless_shut_down(name, async { Ok(asking.await) }).await {
+                Ok(Ok(health)) => health,
+                Ok(Err(_)) => Health::down(format!(
+                    "the binder did not say within {HEALTH_WITHIN:?} whether its broker is reachable"
+                )),
+                Err(_) => Health::down("the application is shutting down"),
+            };
             (name.clone(), health)
         });
         let binders = futures::future::join_all(asked).await.into_iter().collect();
@@ -233,6 +272,21 @@ impl Controls {
             .map(|(name, control)| (name.clone(), (control.state(), control.runs())))
             .collect();
         ApplicationHealth { binders, bindings }
+    }
+
+    /// Each input binding's consumer lag: how many messages wait for its group, as its binder
+    /// tells it (each within two seconds, all at once); `None` where the binder cannot tell,
+    /// or did not in time.
+    pub async fn lags(&self) -> BTreeMap<String, Option<u64>> {
+        let asked = self
+            .inner
+            .controls
+            .iter()
+            .map(|(name, control)| async move {
+                let lag = tokio::time::timeout(LAG_WITHIN, control.lag()).await;
+                (name.clone(), lag.ok().flatten())
+            });
+        futures::future::join_all(asked).await.into_iter().collect()
     }
 
     fn control(&self, binding: &str) -> Result<&Control, Error> {

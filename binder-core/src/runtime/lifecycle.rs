@@ -116,6 +116,11 @@ impl Control {
         self.state.has_changed().is_ok()
     }
 
+    /// How many messages wait for the binding's group, as its binder tells it.
+    pub(crate) async fn lag(&self) -> Option<u64> {
+        self.binder.lag(&self.spec).await
+    }
+
     /// The application shuts down: the binding stops as a shutdown does, whatever it was
     /// asked before.
     pub(crate) fn shut_down(&self) {
@@ -142,7 +147,7 @@ impl Control {
         doing: &str,
         within: Duration,
     ) -> Result<(), Error> {
-        let _changing = self.changing.lock().await;
+        let _changing = self.one_change_at_a_time(within).await?;
         self.not_stopping()?;
         match self.state() {
             BindingState::Stopped => {
@@ -166,14 +171,37 @@ impl Control {
     /// Finishes what is in flight as a shutdown does, and closes the subscription; returns
     /// once it is closed.
     pub(crate) async fn stop(&self, within: Duration) -> Result<(), Error> {
-        let _changing = self.changing.lock().await;
+        let _changing = self.one_change_at_a_time(within).await?;
         self.ask(Wanted::Stop, BindingState::Stopped, within).await
+    }
+
+    /// Waits, within `within`, for a change under way to finish.
+    async fn one_change_at_a_time(
+        &self,
+        within: Duration,
+    ) -> Result<tokio::sync::MutexGuard<'_, ()>, Error> {
+        tokio::time::timeout(within, self.changing.lock())
+            .await
+            .map_err(|_| {
+                self.refused(&format!(
+                    "is still changing (another change did not finish within {within:?}); try again later"
+                ))
+            })
+    }
+
+    /// Refuses every change once the application shuts down.
+    fn not_shut_down(&self) -> Result<(), Error> {
+        match *self.wanted.borrow() == Wanted::ShutDown || !self.runs() {
+            true => Err(self.ended()),
+            false => Ok(()),
+        }
     }
 
     /// Subscribes again after a stop (or resumes after a pause); returns once the binding runs
     /// on its new subscription.
     pub(crate) async fn start(&self, within: Duration) -> Result<(), Error> {
-        let _changing = self.changing.lock().await;
+        let _changing = self.one_change_at_a_time(within).await?;
+        self.not_shut_down()?;
         self.not_stopping()?;
         if self.state() != BindingState::Stopped {
             return self.ask(Wanted::Run, BindingState::Started, within).await;
@@ -181,18 +209,46 @@ impl Control {
         let subscription = tokio::time::timeout(within, self.binder.subscribe(&self.spec))
             .await
             .map_err(|_| self.refused(&format!("could not subscribe again within {within:?}")))??;
-        self.wanted.send_replace(Wanted::Run);
-        if let Err(unsent) = self.resubscribed.send(subscription).await {
-            // The binding has ended (the application stops): the subscription is not kept.
-            unsent.0.close().await.ok();
-            return Err(self.ended());
+        let refusal = match self.want(Wanted::Run) {
+            Ok(()) => match self.resubscribed.try_send(subscription) {
+                Ok(()) => return self.wait_for(BindingState::Started, within).await,
+                Err(mpsc::error::TrySendError::Full(unsent)) => (
+                    unsent,
+                    self.refused("is still taking up an earlier start; try again later"),
+                ),
+                Err(mpsc::error::TrySendError::Closed(unsent)) => (unsent, self.ended()),
+            },
+            Err(ended) => (subscription, ended),
+        };
+        // Not taken up: the subscription is closed, not kept.
+        let (unsent, error) = refusal;
+        if tokio::time::timeout(within, unsent.close()).await.is_err() {
+            tracing::warn!(binding = %self.binding, "a subscription that was not taken up did not close within {within:?}");
         }
-        self.wait_for(BindingState::Started, within).await
+        Err(error)
     }
 
     async fn ask(&self, wanted: Wanted, then: BindingState, within: Duration) -> Result<(), Error> {
-        self.wanted.send_replace(wanted);
+        self.want(wanted)?;
         self.wait_for(then, within).await
+    }
+
+    /// Asks the engine for `wanted`, unless the application shuts down: a shutdown is never
+    /// overridden.
+    fn want(&self, wanted: Wanted) -> Result<(), Error> {
+        let mut shut_down = false;
+        self.wanted.send_if_modified(|now| {
+            shut_down = *now == Wanted::ShutDown;
+            let change = !shut_down && *now != wanted;
+            if change {
+                *now = wanted;
+            }
+            change
+        });
+        match shut_down {
+            true => Err(self.ended()),
+            false => Ok(()),
+        }
     }
 
     async fn wait_for(&self, state: BindingState, within: Duration) -> Result<(), Error> {
@@ -250,6 +306,8 @@ pub(crate) async fn supervise(
         steering.state.send_replace(BindingState::Stopped);
         tracing::info!(binding = %binding.binding, "binding stopped");
         subscription = tokio::select! {
+            // A shutdown wins over a start that arrives at the same time.
+            biased;
             _ = async { shutdown.wait_for(|stop| *stop).await.map(|_| ()) } => {
                 // A start that raced the shutdown: its subscription is closed, not dropped.
                 if let Ok(subscription) = steering.resubscribed.try_recv() {

@@ -5,6 +5,7 @@ mod binding;
 mod controls;
 mod lanes;
 mod lifecycle;
+mod meter;
 mod plan;
 mod settle;
 mod window;
@@ -23,6 +24,8 @@ use binding::{run_supplier, InputBinding, Invoker};
 pub use controls::{ApplicationHealth, BindingStatus, Controls};
 pub use lifecycle::BindingState;
 use lifecycle::{supervise, Control};
+#[cfg(feature = "metrics")]
+pub(crate) use meter::{prometheus, record_lag};
 use plan::{Plan, Planner, KNOWN_BINDER_TYPES};
 
 use crate::binder::{Binder, BinderProvider};
@@ -324,7 +327,7 @@ impl Application {
         // the start at once.
         #[cfg(feature = "management")]
         let listener = match &self.management {
-            Some(settings) => Some(crate::management::listen(settings)?),
+            Some(settings) => Some(crate::management::prepare(settings)?),
             None => None,
         };
         let plan = self.plan;
@@ -478,6 +481,7 @@ impl Application {
                 invoker,
                 dead_letter,
                 drain_for: plan.shutdown_timeout / 2,
+                meter: meter::Meter::new(&input.name, &input.destination, input.group.as_deref()),
             });
             subscribed.push((binding, subscription, steering));
         }
@@ -702,6 +706,7 @@ impl RunningApplication {
     /// Tells suppliers and bindings to stop for good.
     fn stop_everything(&self) {
         self.stop.send_replace(true);
+        self.controls.shut_down();
         self.controls.lifecycles().for_each(Control::shut_down);
     }
 
