@@ -20,6 +20,9 @@
 //! BINDERY_PROFILE=rabbit cargo run --example orders -- --service orders --orders 20
 //! ```
 //!
+//! `cargo run --example orders -- --asyncapi` prints the AsyncAPI document of the services
+//! (all of them, or those `--service` names) and exits.
+//!
 //! Every line a service prints says what it did with which order, so the output can be
 //! checked: `inventory pid=4711 order=8 customer=customer-3`. The configuration is
 //! `examples/orders.toml`, with `orders-kafka.toml` and `orders-rabbit.toml` beside it.
@@ -39,14 +42,14 @@ use tokio::sync::Notify;
 /// Every order whose id leaves this remainder by ten has a negative amount.
 const POISON_REMAINDER: u64 = 7;
 
-#[derive(Debug, Serialize, Deserialize)]
+#[derive(Debug, Serialize, Deserialize, schemars::JsonSchema)]
 struct OrderPlaced {
     order_id: u64,
     customer: String,
     amount_cents: i64,
 }
 
-#[derive(Debug, Serialize, Deserialize)]
+#[derive(Debug, Serialize, Deserialize, schemars::JsonSchema)]
 struct PaymentProcessed {
     order_id: u64,
     charged_cents: i64,
@@ -158,11 +161,13 @@ struct Options {
     services: Services,
     orders: u64,
     first: u64,
+    /// Print the AsyncAPI document of the chosen services, and exit.
+    asyncapi: bool,
 }
 
 fn options() -> Result<Options, Failed> {
     let usage = format!(
-        "orders [--service orders|{}[,...]] [--orders N] [--first ID]",
+        "orders [--service orders|{}[,...]] [--orders N] [--first ID] [--asyncapi]",
         SERVICES.join("|")
     );
     let mut flags = Flags::new(usage);
@@ -170,6 +175,7 @@ fn options() -> Result<Options, Failed> {
         services: Services::all(SERVICES),
         orders: 20,
         first: 1,
+        asyncapi: false,
     };
     while let Some(flag) = flags.next_flag() {
         match flag.as_str() {
@@ -180,6 +186,7 @@ fn options() -> Result<Options, Failed> {
             }
             "--orders" => options.orders = flags.parsed(&flag)?,
             "--first" => options.first = flags.parsed(&flag)?,
+            "--asyncapi" => options.asyncapi = true,
             other => return Err(flags.error(&format!("unknown argument `{other}`"))),
         }
     }
@@ -250,7 +257,13 @@ async fn main() -> Result<(), Failed> {
         builder = builder.without_registered_functions();
     }
     let end = options.first + options.orders;
-    let app = builder.build()?.start().await?;
+    let app = builder.build()?;
+    if options.asyncapi {
+        let document = app.asyncapi("orders", env!("CARGO_PKG_VERSION"));
+        println!("{}", serde_json::to_string_pretty(&document)?);
+        return Ok(());
+    }
+    let app = app.start().await?;
 
     if services.sends {
         if let Err(error) = place_orders(&app.bridge(), options.first, end).await {
@@ -264,10 +277,13 @@ async fn main() -> Result<(), Failed> {
     }
     if !everything {
         // Services of a deployment: they run until Ctrl-C or SIGTERM.
+        let management = app
+            .management_address()
+            .map_or_else(|| "off".to_owned(), |address| address.to_string());
         println!(
-            "ready pid={} services={}",
+            "ready pid={} services={} management={management}",
             std::process::id(),
-            services.functions.join(",")
+            services.functions.join(","),
         );
         return Ok(app.run_until_signal().await?);
     }

@@ -92,6 +92,7 @@ pub fn log_to_stderr() {
 
 #[doc(hidden)]
 pub mod __private {
+    pub use bindery_core::__schema_of as schema_of;
     pub use bindery_core::inventory;
     pub use bindery_core::{
         Context, Decoded, Encoded, Failure, FromMessage, FunctionRegistration, IntoOutputs,

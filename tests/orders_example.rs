@@ -11,8 +11,8 @@ use std::process::Child;
 use std::time::{Duration, Instant};
 
 use support::{
-    field, on_kafka, on_rabbitmq, readme_commands, wait_within, Deployment, Line, Observer, Reaped,
-    RunEnvironment,
+    field, on_kafka, on_rabbitmq, readme_commands, readme_lines, wait_within, Deployment, Line,
+    Observer, Reaped, RunEnvironment,
 };
 
 /// Kafka group joins on a small broker can take tens of seconds.
@@ -420,6 +420,65 @@ fn kill_an_inventory_instance_mid_run(broker: &str, environment: Vec<(String, St
         placed.len(),
         a + b + c - report.seen("inventory").len()
     );
+}
+
+/// The README's management session: the inventory service started as written, then each
+/// `curl` line run as written by a shell, each answer checked.
+fn run_the_readme_management_session(broker: &str, environment: Vec<(String, String)>) {
+    let (environment, _) = of_this_run(broker, environment);
+    let mut deployment = Deployment::as_written("orders", environment);
+    let service = readme_commands("start its inventory service on a port you choose");
+    assert_eq!(service.len(), 1, "README.md: one terminal runs the service");
+    let session = readme_lines("watch and steer it from another terminal");
+    let deadline = Instant::now() + DEADLINE;
+    let mut report = Report::default();
+    deployment.start_as_written("inventory", &service[0]);
+    deployment.wait_until_ready(1, deadline, broker, &mut report);
+    let expected = [
+        ("curl -s localhost:8081/health", r#""status":"UP""#),
+        ("bindings/inventory-in-0 -H", r#""state":"paused""#),
+        (
+            "curl -s localhost:8081/bindings/inventory-in-0",
+            r#""state":"paused""#,
+        ),
+        ("RESUMED", r#""state":"started""#),
+        (
+            "curl -s localhost:8081/metrics",
+            r#"bindery_messages_received_total{binding="inventory-in-0""#,
+        ),
+    ];
+    assert_eq!(
+        session.len(),
+        expected.len(),
+        "README.md: the session's lines"
+    );
+    for (line, (part, answer)) in session.iter().zip(expected) {
+        assert!(
+            line.contains(part),
+            "README.md: `{line}` should contain `{part}`"
+        );
+        let mut curl = std::process::Command::new("sh")
+            .args(["-c", line])
+            .stdout(std::process::Stdio::piped())
+            .spawn()
+            .expect("sh runs");
+        let status = wait_within(&mut curl, Duration::from_secs(60), line);
+        let mut printed = String::new();
+        std::io::Read::read_to_string(curl.stdout.as_mut().expect("stdout"), &mut printed)
+            .expect("the answer");
+        assert!(status.success(), "`{line}` failed: {printed}");
+        assert!(
+            printed.contains(answer),
+            "`{line}` answered without `{answer}`: {printed}"
+        );
+    }
+}
+
+#[test]
+fn the_readmes_management_session_runs_as_written_on_rabbitmq() {
+    if let Some(environment) = on_rabbitmq() {
+        run_the_readme_management_session("rabbit", environment);
+    }
 }
 
 #[test]

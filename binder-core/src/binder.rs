@@ -347,6 +347,41 @@ pub struct BinderSettings {
     pub node: Option<ConfigNode>,
 }
 
+/// Where a binder's broker is, as an AsyncAPI server names it.
+///
+/// ```
+/// use bindery_core::binder::BrokerAddress;
+/// let rabbit = BrokerAddress::new("amqp", "mq.internal:5672").with_pathname("/orders");
+/// assert_eq!(rabbit.host, "mq.internal:5672");
+/// ```
+#[derive(Clone, Debug, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct BrokerAddress {
+    /// Such as `amqp` or `kafka`.
+    pub protocol: String,
+    /// `host:port`, without credentials.
+    pub host: String,
+    /// The part after the host, such as a RabbitMQ virtual host's `/orders`.
+    pub pathname: Option<String>,
+}
+
+impl BrokerAddress {
+    /// A broker at `host` spoken to with `protocol`.
+    pub fn new(protocol: impl Into<String>, host: impl Into<String>) -> Self {
+        BrokerAddress {
+            protocol: protocol.into(),
+            host: host.into(),
+            pathname: None,
+        }
+    }
+
+    /// With the part of the address after the host.
+    pub fn with_pathname(mut self, pathname: impl Into<String>) -> Self {
+        self.pathname = Some(pathname.into());
+        self
+    }
+}
+
 /// Creates binders of one type, and checks the configuration keys that belong to that type.
 pub trait BinderProvider: Send + Sync + fmt::Debug + 'static {
     /// The type name used in `type = "..."` and in `[stream.<type>.bindings...]`.
@@ -371,6 +406,14 @@ pub trait BinderProvider: Send + Sync + fmt::Debug + 'static {
     /// instances, and any producer keyed as Kafka's are feeds them, so it answers `false`.
     fn partitions_match_instances(&self) -> bool {
         true
+    }
+
+    /// Where the broker of a binder with `settings` is, for the application's AsyncAPI
+    /// document: protocol and host, never credentials. The default, `None`, is an embedded
+    /// broker, which the document lists as no server.
+    fn address(&self, settings: &BinderSettings) -> Option<BrokerAddress> {
+        let _ = settings;
+        None
     }
 
     /// Connects a binder. It must fail within a bounded time when the broker is unreachable.

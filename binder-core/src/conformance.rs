@@ -46,6 +46,7 @@ pub struct Suite {
     timeout: Duration,
     quiet: Duration,
     enabled: bool,
+    tells_lag: bool,
 }
 
 impl std::fmt::Debug for Suite {
@@ -76,6 +77,7 @@ impl Suite {
             timeout: Duration::from_secs(10),
             quiet: Duration::from_millis(300),
             enabled: true,
+            tells_lag: true,
         }
     }
 
@@ -89,6 +91,12 @@ impl Suite {
     /// Runs the cases only when `enabled` (see [`crate::testing::require_broker`]).
     pub fn enabled(mut self, enabled: bool) -> Self {
         self.enabled = enabled;
+        self
+    }
+
+    /// For a binder whose [`Binder::lag`] cannot tell (answers `None`).
+    pub fn without_lag(mut self) -> Self {
+        self.tells_lag = false;
         self
     }
 
@@ -812,8 +820,8 @@ consumer.dlq = true"#
     }
 
     /// The lag of a group counts what waits for it: five messages sent before its consumer
-    /// starts, then none once they were received and acknowledged. A binder that cannot tell
-    /// (its `lag` is `None`) passes.
+    /// starts, then none once they were received and acknowledged. For a suite made
+    /// [`without_lag`](Suite::without_lag), the binder must answer `None`.
     pub async fn lag_counts_what_waits_for_a_group(&self) {
         let binder = self.binder().await;
         let destination = unique("lag");
@@ -828,7 +836,12 @@ consumer.dlq = true"#
                 .expect("sent before the group's consumer exists");
         }
         let consumer = ConsumerSpec::new(destination.clone(), Some(&group));
-        if binder.lag(&consumer).await.is_none() {
+        if !self.tells_lag {
+            assert_eq!(
+                binder.lag(&consumer).await,
+                None,
+                "the binder tells lag after all: leave `Suite::without_lag` out"
+            );
             binder.close().await.ok();
             return;
         }

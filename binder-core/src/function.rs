@@ -37,7 +37,19 @@ pub struct StreamFunction {
     group: Option<String>,
     poll: Option<String>,
     refusal: Option<String>,
+    schemas: PayloadSchemas,
     pub(crate) handler: ErasedHandler,
+}
+
+/// A function that gives a payload type's JSON Schema, for the AsyncAPI document.
+pub type SchemaFn = fn() -> serde_json::Value;
+
+/// The JSON Schemas of a function's input and output payloads, where they are known.
+#[derive(Clone, Copy, Debug, Default)]
+#[cfg_attr(not(feature = "asyncapi"), allow(dead_code))]
+pub(crate) struct PayloadSchemas {
+    pub(crate) input: Option<SchemaFn>,
+    pub(crate) output: Option<SchemaFn>,
 }
 
 impl fmt::Debug for StreamFunction {
@@ -67,6 +79,7 @@ impl StreamFunction {
             group: None,
             poll: None,
             refusal: None,
+            schemas: PayloadSchemas::default(),
             handler: erase(handler),
         }
     }
@@ -116,6 +129,29 @@ impl StreamFunction {
     pub fn refused(mut self, why: impl Into<String>) -> Self {
         self.refusal = Some(why.into());
         self
+    }
+
+    /// The JSON Schemas of the payload the function takes and of the one it returns, for the
+    /// AsyncAPI document (feature `asyncapi`); `None` where there is none. `#[stream_function]`
+    /// sets them for payload types that derive `schemars::JsonSchema`.
+    ///
+    /// ```
+    /// use bindery_core::StreamFunction;
+    /// fn text() -> serde_json::Value {
+    ///     serde_json::json!({"type": "string"})
+    /// }
+    /// let shout = StreamFunction::function("shout", |text: String| async move { text.to_uppercase() })
+    ///     .payload_schemas(Some(text), Some(text));
+    /// # let _ = shout;
+    /// ```
+    pub fn payload_schemas(mut self, input: Option<SchemaFn>, output: Option<SchemaFn>) -> Self {
+        self.schemas = PayloadSchemas { input, output };
+        self
+    }
+
+    #[cfg_attr(not(feature = "asyncapi"), allow(dead_code))]
+    pub(crate) fn schemas(&self) -> PayloadSchemas {
+        self.schemas
     }
 
     /// Why the function must not run, if it was [refused](Self::refused).

@@ -4,6 +4,9 @@
 //!
 //! Applications use the `bindery` crate, which re-exports this one with the macro and binders.
 
+#[cfg(feature = "asyncapi")]
+#[doc(hidden)]
+pub mod asyncapi;
 pub mod binder;
 mod bridge;
 pub mod config;
@@ -31,7 +34,19 @@ pub use bridge::with_current_correlation;
 pub use bridge::StreamBridge;
 pub use config::{AppConfig, ConfigError, ConsumerProperties, ProducerProperties};
 pub use error::{BoxError, Error};
-pub use function::{registered_functions, FunctionKind, FunctionRegistration, StreamFunction};
+pub use function::{
+    registered_functions, FunctionKind, FunctionRegistration, SchemaFn, StreamFunction,
+};
+
+/// Without the feature `asyncapi`, no payload type has a schema.
+#[cfg(not(feature = "asyncapi"))]
+#[doc(hidden)]
+#[macro_export]
+macro_rules! __schema_of {
+    ($direction:ident $t:ty) => {
+        ::core::option::Option::<$crate::SchemaFn>::None
+    };
+}
 pub use handler::{
     Context, Decoded, Encoded, Failure, FailureKind, FromMessage, FromPayload, Handler,
     IntoOutputs, IntoPayload, Outputs,

@@ -1,6 +1,7 @@
 //! The management HTTP server (feature `management`): `GET /health`, and with the `bindings`
 //! endpoint on, `GET /bindings`, `GET /bindings/{name}` and `POST /bindings/{name}`; with the
-//! `metrics` endpoint (and feature), `GET /metrics` in Prometheus' text format.
+//! `metrics` endpoint (and feature), `GET /metrics` in Prometheus' text format; with the
+//! `asyncapi` endpoint (and feature), `GET /asyncapi.json`.
 
 use std::net::SocketAddr;
 use std::time::Duration;
@@ -25,22 +26,30 @@ const FINISH_REQUESTS_WITHIN: Duration = Duration::from_secs(1);
 #[derive(Debug)]
 pub(crate) struct ManagementServer {
     pub(crate) address: SocketAddr,
-    stop: oneshot::Sender<()>,
+    stop: Option<oneshot::Sender<()>>,
     task: JoinHandle<()>,
 }
 
 impl ManagementServer {
     /// Stops listening; requests under way get a moment to finish.
-    pub(crate) async fn stop(self) {
-        self.stop.send(()).ok();
-        let mut task = self.task;
-        if tokio::time::timeout(FINISH_REQUESTS_WITHIN, &mut task)
+    pub(crate) async fn stop(mut self) {
+        if let Some(stop) = self.stop.take() {
+            stop.send(()).ok();
+        }
+        if tokio::time::timeout(FINISH_REQUESTS_WITHIN, &mut self.task)
             .await
             .is_err()
         {
-            task.abort();
-            task.await.ok();
+            self.task.abort();
+            (&mut self.task).await.ok();
         }
+    }
+}
+
+impl Drop for ManagementServer {
+    /// An application dropped without a shutdown keeps no port open.
+    fn drop(&mut self) {
+        self.task.abort();
     }
 }
 
@@ -51,6 +60,8 @@ pub(crate) struct Prepared {
     listener: std::net::TcpListener,
     #[cfg(feature = "metrics")]
     prometheus: Option<metrics_exporter_prometheus::PrometheusHandle>,
+    #[cfg(feature = "asyncapi")]
+    pub(crate) asyncapi: Option<Value>,
 }
 
 /// Takes the management port and installs the Prometheus recorder, or says why not.
@@ -70,6 +81,8 @@ pub(crate) fn prepare(settings: &ManagementSettings) -> Result<Prepared, Error> 
         listener,
         #[cfg(feature = "metrics")]
         prometheus,
+        #[cfg(feature = "asyncapi")]
+        asyncapi: None,
     })
 }
 
@@ -125,7 +138,7 @@ pub(crate) fn serve(
                 async move {
                     let lags = controls.lags().await;
                     for status in controls.bindings() {
-                        if let Some(Some(lag)) = lags.get(&status.binding.name) {
+                        if let Some(lag) = lags.get(&status.binding.name) {
                             crate::runtime::record_lag(&status.binding, *lag);
                         }
                     }
@@ -138,6 +151,17 @@ pub(crate) fn serve(
                         prometheus.render(),
                     )
                 }
+            }),
+        );
+    }
+    #[cfg(feature = "asyncapi")]
+    if let (true, Some(document)) = (settings.serves(Endpoint::AsyncApi), prepared.asyncapi) {
+        let document = std::sync::Arc::new(document);
+        router = router.route(
+            "/asyncapi.json",
+            get(move || {
+                let document = document.clone();
+                async move { Json((*document).clone()) }
             }),
         );
     }
@@ -169,7 +193,7 @@ pub(crate) fn serve(
     tracing::info!(%address, "management server listening");
     Ok(ManagementServer {
         address,
-        stop,
+        stop: Some(stop),
         task,
     })
 }

@@ -38,6 +38,8 @@ const HAND_OVER: usize = 256;
 /// The longest the poll thread waits in one step (for a message, or for room to hand one
 /// over); also the longest acknowledgements wait to become stored offsets.
 const POLL_INTERVAL: Duration = Duration::from_millis(100);
+/// How long one measurement of a group's lag may take in all.
+const LAG_WITHIN: Duration = Duration::from_millis(1500);
 /// How long the poll thread sleeps before looking again for room in the hand-over.
 const FULL_WAIT: Duration = Duration::from_millis(1);
 
@@ -59,6 +61,9 @@ struct Inner {
     /// The first topic a binding used: health checks ask for its metadata only, not for
     /// every topic of the cluster.
     health_topic: std::sync::OnceLock<String>,
+    /// A client per group for measuring lag (it reads the group's offsets, never joins it),
+    /// kept so a scrape opens no connection; `None` while a measurement holds it.
+    lag_clients: Mutex<BTreeMap<String, Option<Arc<BaseConsumer>>>>,
 }
 
 impl fmt::Debug for KafkaBinder {
@@ -68,6 +73,49 @@ impl fmt::Debug for KafkaBinder {
             .field("settings", &self.inner.settings)
             .finish_non_exhaustive()
     }
+}
+
+/// What waits for the consumer's group in `topic` (its partitions `p % instances == index`),
+/// or `None` when the broker does not answer every request within `within` in all.
+fn measure_lag(
+    consumer: &BaseConsumer,
+    topic: &str,
+    instances: u32,
+    index: u32,
+    within: Duration,
+) -> Option<u64> {
+    let deadline = std::time::Instant::now() + within;
+    let left = || {
+        deadline
+            .checked_duration_since(std::time::Instant::now())
+            .filter(|left| !left.is_zero())
+    };
+    let metadata = consumer.fetch_metadata(Some(topic), left()?).ok()?;
+    let partitions: Vec<i32> = metadata
+        .topics()
+        .iter()
+        .filter(|t| t.name() == topic && t.error().is_none())
+        .flat_map(|t| t.partitions().iter().map(|p| p.id()))
+        .filter(|id| u32::try_from(*id).is_ok_and(|p| p % instances == index))
+        .collect();
+    let mut list = TopicPartitionList::new();
+    for partition in &partitions {
+        list.add_partition(topic, *partition);
+    }
+    let committed = consumer.committed_offsets(list, left()?).ok()?;
+    let mut lag = 0u64;
+    for partition in partitions {
+        let (low, high) = consumer.fetch_watermarks(topic, partition, left()?).ok()?;
+        let done = match committed
+            .find_partition(topic, partition)
+            .map(|e| e.offset())
+        {
+            Some(Offset::Offset(offset)) => offset,
+            _ => low,
+        };
+        lag += u64::try_from(high - done).unwrap_or(0);
+    }
+    Some(lag)
 }
 
 fn client_error(settings: &KafkaSettings, error: rdkafka::error::KafkaError) -> KafkaError {
@@ -88,6 +136,23 @@ fn redacted(settings: &KafkaSettings, error: &rdkafka::error::KafkaError) -> Str
 }
 
 impl KafkaBinder {
+    /// The lag client of `group`, made on first use; `None` while a measurement holds it.
+    fn take_lag_client(&self, group: &str) -> Option<Arc<BaseConsumer>> {
+        let mut clients = lock(&self.inner.lag_clients);
+        match clients.get_mut(group) {
+            Some(client) => client.take(),
+            None => {
+                let mut config = base_config(&self.inner.settings);
+                config
+                    .set("group.id", group)
+                    .set("enable.auto.commit", "false");
+                let client: BaseConsumer = config.create().ok()?;
+                clients.insert(group.to_owned(), None);
+                Some(Arc::new(client))
+            }
+        }
+    }
+
     /// Connects to the brokers, failing within `connection-timeout` when none answers.
     pub async fn connect(name: &str, settings: KafkaSettings) -> Result<Self, Error> {
         let fail = |e: KafkaError| Error::binder(name.to_owned(), e);
@@ -136,6 +201,7 @@ impl KafkaBinder {
                 producer,
                 admin,
                 health_topic: std::sync::OnceLock::new(),
+                lag_clients: Mutex::default(),
             }),
         })
     }
@@ -311,51 +377,28 @@ fn base_config(settings: &KafkaSettings) -> ClientConfig {
 #[async_trait]
 impl Binder for KafkaBinder {
     /// The high watermarks of the group's partitions less its committed offsets (a partition
-    /// with no commit counts from its low watermark), from a client of its own that does not
-    /// join the group.
+    /// with no commit counts from its low watermark), from a client per group that does not
+    /// join it. One measurement per group at a time, all of it within 1.5 s; `None` when it
+    /// does not finish in time, or another is under way.
     async fn lag(&self, spec: &ConsumerSpec) -> Option<u64> {
         let group = spec.group.clone()?;
+        let client = self.take_lag_client(&group)?;
         let topic = spec.destination.clone();
         let properties = &spec.properties;
         let (instances, index) = match properties.partitioned {
             true => (properties.instance_count.max(1), properties.instance_index),
             false => (1, 0),
         };
-        let mut config = base_config(&self.inner.settings);
-        config
-            .set("group.id", &group)
-            .set("enable.auto.commit", "false");
-        let timeout = Duration::from_millis(600);
+        let inner = self.inner.clone();
+        // The measurement hands the client back itself, so a caller that stops waiting
+        // leaves none behind.
         let measured = tokio::task::spawn_blocking(move || {
-            let consumer: BaseConsumer = config.create().ok()?;
-            let metadata = consumer.fetch_metadata(Some(&topic), timeout).ok()?;
-            let partitions: Vec<i32> = metadata
-                .topics()
-                .iter()
-                .filter(|t| t.name() == topic && t.error().is_none())
-                .flat_map(|t| t.partitions().iter().map(|p| p.id()))
-                .filter(|id| u32::try_from(*id).is_ok_and(|p| p % instances == index))
-                .collect();
-            let mut list = TopicPartitionList::new();
-            for partition in &partitions {
-                list.add_partition(&topic, *partition);
-            }
-            let committed = consumer.committed_offsets(list, timeout).ok()?;
-            let mut lag = 0u64;
-            for partition in partitions {
-                let (low, high) = consumer.fetch_watermarks(&topic, partition, timeout).ok()?;
-                let done = match committed
-                    .find_partition(&topic, partition)
-                    .map(|e| e.offset())
-                {
-                    Some(Offset::Offset(offset)) => offset,
-                    _ => low,
-                };
-                lag += u64::try_from(high - done).unwrap_or(0);
-            }
-            Some(lag)
-        });
-        measured.await.ok().flatten()
+            let lag = measure_lag(&client, &topic, instances, index, LAG_WITHIN);
+            lock(&inner.lag_clients).insert(group, Some(client));
+            lag
+        })
+        .await;
+        measured.ok().flatten()
     }
 
     /// Up when a broker answers a metadata request within `connection-timeout` (at most 4 s).

@@ -21,7 +21,9 @@ pub use settings::{KafkaConsumerSettings, KafkaSettings, StartOffset};
 
 use std::sync::Arc;
 
+use bindery_core::binder::BrokerAddress;
 use bindery_core::config::{ConfigNode, Problems};
+use bindery_core::redact::redact_uri;
 use bindery_core::{Binder, BinderProvider, BinderSettings};
 use futures::future::BoxFuture;
 
@@ -94,6 +96,25 @@ impl BinderProvider for KafkaBinderProvider {
 
     fn validate_consumer(&self, node: &ConfigNode, problems: &mut Problems) {
         KafkaConsumerSettings::read(Some(node), problems);
+    }
+
+    /// The first of `brokers`; `kafka-secure` when `security.protocol` uses TLS.
+    fn address(&self, settings: &BinderSettings) -> Option<BrokerAddress> {
+        let kafka = KafkaSettings::read(settings.node.as_ref(), &mut Problems::default());
+        let first = kafka
+            .brokers
+            .split(',')
+            .map(str::trim)
+            .find(|b| !b.is_empty())?;
+        let secure = kafka
+            .configuration
+            .get("security.protocol")
+            .is_some_and(|protocol| protocol.to_ascii_uppercase().contains("SSL"));
+        let protocol = match secure {
+            true => "kafka-secure",
+            false => "kafka",
+        };
+        Some(BrokerAddress::new(protocol, redact_uri(first)))
     }
 
     fn create(

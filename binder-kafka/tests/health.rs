@@ -39,6 +39,16 @@ impl PrivateBroker {
             shout("!!!!!!!! SKIPPING A KAFKA HEALTH TEST: BINDERY_TANSU names no Tansu binary to stop under the application; scripts/test sets it !!!!!!!!");
             return None;
         };
+        // A port free a moment ago may be taken by the time Tansu binds it: then another.
+        for _ in 0..3 {
+            if let Some(broker) = Self::start_on_a_free_port(&tansu).await {
+                return Some(broker);
+            }
+        }
+        panic!("the private Tansu did not start on any of three free ports");
+    }
+
+    async fn start_on_a_free_port(tansu: &std::ffi::OsStr) -> Option<Self> {
         let port = {
             let free = TcpListener::bind("127.0.0.1:0").expect("a free port");
             free.local_addr().expect("its address").port()
@@ -64,7 +74,7 @@ impl PrivateBroker {
             .stderr(Stdio::null())
             .spawn()
             .expect("Tansu starts");
-        let broker = PrivateBroker {
+        let mut broker = PrivateBroker {
             child,
             address,
             _dir: TempDir(dir),
@@ -74,6 +84,9 @@ impl PrivateBroker {
             .await
             .is_err()
         {
+            if broker.child.try_wait().expect("Tansu's status").is_some() {
+                return None;
+            }
             assert!(
                 Instant::now() < deadline,
                 "the private Tansu did not listen on {} within 60s",

@@ -203,7 +203,7 @@ fn refused_for_good(error: &lapin::Error, provision: bool) -> bool {
         }
         // A connection limit that is reached frees up as connections close; the rest (a virtual
         // host that is missing or not permitted) needs the configuration changed.
-        AMQPErrorKind::Hard(AMQPHardError::NOTALLOWED) => !text.contains("limit"),
+        AMQPErrorKind::Hard(AMQPHardError::NOTALLOWED) => !text.contains("connection limit"),
         _ => false,
     }
 }

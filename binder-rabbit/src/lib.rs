@@ -26,6 +26,7 @@ pub use settings::{
 
 use std::sync::Arc;
 
+use bindery_core::binder::BrokerAddress;
 use bindery_core::config::{ConfigNode, Problems};
 use bindery_core::{Binder, BinderProvider, BinderSettings};
 use futures::future::BoxFuture;
@@ -123,6 +124,21 @@ impl BinderProvider for RabbitBinderProvider {
 
     fn validate_producer(&self, node: &ConfigNode, problems: &mut Problems) {
         RabbitProducerSettings::read(Some(node), problems);
+    }
+
+    /// The host and port of `uri` (credentials left out) and its virtual host as the
+    /// pathname.
+    fn address(&self, settings: &BinderSettings) -> Option<BrokerAddress> {
+        let rabbit = RabbitSettings::read(settings.node.as_ref(), &mut Problems::default());
+        let uri: lapin::uri::AMQPUri = rabbit.uri.parse().ok()?;
+        let host = &uri.authority.host;
+        let host = match host.contains(':') && !host.starts_with('[') {
+            true => format!("[{host}]:{}", uri.authority.port),
+            false => format!("{host}:{}", uri.authority.port),
+        };
+        // As the URI writes it: the default virtual host `/` is `/%2f`.
+        let pathname = format!("/{}", uri.vhost.replace('/', "%2f"));
+        Some(BrokerAddress::new(uri.scheme.to_string(), host).with_pathname(pathname))
     }
 
     fn create(

@@ -194,6 +194,43 @@ fn is_raw_payload(ty: &Type) -> bool {
     }
 }
 
+/// The payload type an argument decodes, for its JSON Schema: `None` for bytes, a raw
+/// message and context.
+fn input_payload(argument: &Argument) -> Option<Type> {
+    match argument {
+        Argument::Decoded(ty) | Argument::MessageOfDecoded(ty) => Some(ty.clone()),
+        Argument::AsIs(ty) if is_named(ty, "String") => Some(ty.clone()),
+        Argument::AsIs(ty) => match last_segment(ty) {
+            Some(segment) if segment.ident == "Decoded" => {
+                generic_args(segment).first().map(|inner| (*inner).clone())
+            }
+            _ => None,
+        },
+        Argument::Context(_) => None,
+    }
+}
+
+/// The payload type each message a return type sends has, for its JSON Schema: through
+/// `Result`, `Option`, `Vec` and `Message`; `None` for nothing sent, bytes and raw messages.
+fn output_payload(ty: &Type) -> Option<Type> {
+    if is_unit(ty) || matches!(ty, Type::Reference(_) | Type::ImplTrait(_)) {
+        return None;
+    }
+    let Some(segment) = last_segment(ty) else {
+        return Some(ty.clone());
+    };
+    let args = generic_args(segment);
+    match (segment.ident.to_string().as_str(), args.as_slice()) {
+        ("String", []) => Some(ty.clone()),
+        ("Bytes", []) | ("Message", []) => None,
+        ("Vec", [inner]) if is_named(inner, "u8") => None,
+        ("Result", [inner, ..]) | ("Option", [inner]) | ("Vec", [inner]) => output_payload(inner),
+        ("Message", [inner]) if is_raw_payload(inner) && !is_named(inner, "String") => None,
+        ("Message", [inner]) => output_payload(inner),
+        _ => Some(ty.clone()),
+    }
+}
+
 fn is_named(ty: &Type, name: &str) -> bool {
     last_segment(ty).is_some_and(|s| s.ident == name && s.arguments.is_none())
 }
@@ -418,6 +455,7 @@ fn expand(args: TokenStream, function: &ItemFn) -> syn::Result<TokenStream> {
     let mut takes = Vec::new();
     let mut call_args = Vec::new();
     let mut payload: Option<Span> = None;
+    let mut input_type: Option<Type> = None;
     let mut context_named: Option<String> = None;
     for (index, input) in signature.inputs.iter().enumerate() {
         let FnArg::Typed(typed) = input else { continue };
@@ -432,6 +470,7 @@ fn expand(args: TokenStream, function: &ItemFn) -> syn::Result<TokenStream> {
                 ));
             }
             payload = Some(typed.ty.span());
+            input_type = input_payload(&argument);
         }
         let (take, ty) = match argument {
             Argument::Decoded(ty) => (quote!(decode), ty),
@@ -526,6 +565,15 @@ fn expand(args: TokenStream, function: &ItemFn) -> syn::Result<TokenStream> {
         let setter = format_ident!("{}", setter);
         value.as_ref().map(|v| quote!(.#setter(#v)))
     });
+    let schema = |direction: TokenStream, ty: Option<Type>| match ty {
+        Some(ty) => quote!(#private::schema_of!(#direction #ty)),
+        None => quote!(::std::option::Option::None),
+    };
+    let schemas = {
+        let input = schema(quote!(input), input_type);
+        let output = schema(quote!(output), output_payload(&output_ty));
+        quote!(.payload_schemas(#input, #output))
+    };
     let register = format_ident!("__bindery_stream_function_{}", ident);
     // A return type the macro reads by a name it does not know may be an alias of `Result`,
     // `Option` or `Vec`, which it would send as one JSON value: refused when the application
@@ -557,7 +605,8 @@ fn expand(args: TokenStream, function: &ItemFn) -> syn::Result<TokenStream> {
                 #outputs
             }
             let __bindery_function = #private::StreamFunction::#constructor(#name, __bindery_handler)
-                #(#setters)*;
+                #(#setters)*
+                #schemas;
             #alias_check
             __bindery_function
         }

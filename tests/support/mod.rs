@@ -27,7 +27,7 @@ pub(crate) fn run_id() -> String {
 }
 
 /// The example binary `name`, which `cargo test` builds beside the test binaries.
-fn example_binary(name: &str) -> PathBuf {
+pub(crate) fn example_binary(name: &str) -> PathBuf {
     let exe = std::env::current_exe().expect("the test binary's path");
     let profile_dir = exe
         .parent()
@@ -103,6 +103,15 @@ impl Typed {
 /// The commands of the README's code block that follows the paragraph containing `intro`,
 /// one per terminal.
 pub(crate) fn readme_commands(intro: &str) -> Vec<Typed> {
+    readme_lines(intro)
+        .iter()
+        .map(|line| Typed::parse(line))
+        .collect()
+}
+
+/// The lines, blank ones left out, of the README's code block that follows the paragraph
+/// containing `intro`.
+pub(crate) fn readme_lines(intro: &str) -> Vec<String> {
     let readme = concat!(env!("CARGO_MANIFEST_DIR"), "/README.md");
     let text = std::fs::read_to_string(readme).expect("README.md");
     // The last paragraph's text, its lines joined; `ended` once a blank line closed it.
@@ -112,11 +121,11 @@ pub(crate) fn readme_commands(intro: &str) -> Vec<Typed> {
     while let Some(line) = lines.next() {
         if line.starts_with("```") {
             if paragraph.contains(intro) {
-                let commands: Vec<Typed> = lines
+                let commands: Vec<String> = lines
                     .by_ref()
                     .take_while(|line| !line.starts_with("```"))
                     .filter(|line| !line.trim().is_empty())
-                    .map(Typed::parse)
+                    .map(str::to_owned)
                     .collect();
                 assert!(
                     !commands.is_empty(),

@@ -31,6 +31,8 @@ pub(crate) enum Endpoint {
     Bindings,
     /// `GET /metrics`, with the cargo feature `metrics`.
     Metrics,
+    /// `GET /asyncapi.json`, with the cargo feature `asyncapi`.
+    AsyncApi,
 }
 
 const KEYS: &[&str] = &["address", "port", "endpoints"];
@@ -38,6 +40,7 @@ const ENDPOINTS: &[(&str, Endpoint)] = &[
     ("health", Endpoint::Health),
     ("bindings", Endpoint::Bindings),
     ("metrics", Endpoint::Metrics),
+    ("asyncapi", Endpoint::AsyncApi),
 ];
 
 impl ManagementSettings {
@@ -87,6 +90,10 @@ impl ManagementSettings {
                     Some((_, Endpoint::Metrics)) if !cfg!(feature = "metrics") => problems.at(
                         endpoints,
                         "the \"metrics\" endpoint is not built in: enable the cargo feature `metrics` of `bindery` (features = [\"metrics\"]), or remove it",
+                    ),
+                    Some((_, Endpoint::AsyncApi)) if !cfg!(feature = "asyncapi") => problems.at(
+                        endpoints,
+                        "the \"asyncapi\" endpoint is not built in: enable the cargo feature `asyncapi` of `bindery` (features = [\"asyncapi\"]), or remove it",
                     ),
                     Some((_, endpoint)) => settings.endpoints.push(*endpoint),
                     None => {

@@ -29,7 +29,7 @@ use tokio::time::Instant;
 
 use super::lanes::Lanes;
 use super::lifecycle::{BindingState, Steering, Wanted};
-use super::meter::{Meter, Stamp};
+use super::meter::{InFlightMark, Meter, Stamp};
 use super::settle::{settle, InOrder, Verdict};
 use super::window::Window;
 use crate::binder::{Acknowledgement, Delivery, Producer, Subscription};
@@ -119,6 +119,7 @@ struct InFlight {
     unconfirmed: usize,
     received_at: Stamp,
     called_at: Stamp,
+    _in_flight: InFlightMark,
 }
 
 impl InFlight {
@@ -434,7 +435,7 @@ impl Engine {
         }
         let lineage = Lineage::of(&message);
         self.window.open();
-        self.binding.meter.received();
+        let in_flight = self.binding.meter.received();
         let item = InFlight {
             sequence: self.next_sequence,
             message: Arc::new(message),
@@ -446,6 +447,7 @@ impl Engine {
             unconfirmed: 0,
             received_at: self.binding.meter.stamp(),
             called_at: Stamp::default(),
+            _in_flight: in_flight,
         };
         self.next_sequence += 1;
         if self.stopping {
@@ -690,9 +692,9 @@ impl Engine {
     }
 
     fn settle(&mut self, item: InFlight, verdict: Verdict) {
-        self.binding
-            .meter
-            .settled(item.received_at, verdict == Verdict::Ack);
+        if verdict == Verdict::Ack {
+            self.binding.meter.done(item.received_at);
+        }
         if let Some(in_order) = &mut self.in_order {
             in_order.decide(item.sequence, item.acknowledgement, verdict);
             return self.release_in_order();

@@ -311,7 +311,10 @@ pub(crate) async fn supervise(
             _ = async { shutdown.wait_for(|stop| *stop).await.map(|_| ()) } => {
                 // A start that raced the shutdown: its subscription is closed, not dropped.
                 if let Ok(subscription) = steering.resubscribed.try_recv() {
-                    subscription.close().await.ok();
+                    let closing = tokio::time::timeout(super::CLOSE_AT_LEAST, subscription.close());
+                    if closing.await.is_err() {
+                        tracing::warn!(binding = %binding.binding, "a subscription made while shutting down did not close in time");
+                    }
                 }
                 return Ok(());
             }

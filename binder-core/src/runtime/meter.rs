@@ -15,7 +15,7 @@
 //! - `bindery_processing_duration_seconds`: histogram from receipt to acknowledgement;
 //! - `bindery_messages_in_flight`: messages received and not yet settled;
 //! - `bindery_consumer_lag`: messages waiting for the group, as the binder tells it, measured
-//!   at each scrape.
+//!   at each scrape (NaN when it could not tell).
 
 #[cfg(feature = "metrics")]
 use std::sync::Arc;
@@ -111,14 +111,22 @@ impl Meter {
         Stamp {}
     }
 
-    /// A message was received; it is in flight until [`settled`](Self::settled).
+    /// A message was received; it is in flight until the mark is dropped, whichever way it
+    /// leaves the binding (settled, handed back, or dropped by a stop that gave up).
     #[inline]
-    pub(crate) fn received(&self) {
+    pub(crate) fn received(&self) -> InFlightMark {
         #[cfg(feature = "metrics")]
-        if let Some(meters) = &self.meters {
-            meters.received.increment(1);
-            meters.in_flight.increment(1.0);
+        {
+            if let Some(meters) = &self.meters {
+                meters.received.increment(1);
+                meters.in_flight.increment(1.0);
+            }
+            InFlightMark {
+                meters: self.meters.clone(),
+            }
         }
+        #[cfg(not(feature = "metrics"))]
+        InFlightMark {}
     }
 
     /// A handler call that began at `called` returned, successfully or not.
@@ -171,29 +179,43 @@ impl Meter {
         }
     }
 
-    /// A message received at `received` was settled: acknowledged (`done`) or handed back.
+    /// A message received at `received` was acknowledged.
     #[inline]
     #[cfg_attr(not(feature = "metrics"), allow(unused_variables))]
-    pub(crate) fn settled(&self, received: Stamp, done: bool) {
+    pub(crate) fn done(&self, received: Stamp) {
         #[cfg(feature = "metrics")]
-        if let Some(meters) = &self.meters {
-            meters.in_flight.decrement(1.0);
-            if let (true, Some(seconds)) = (done, received.seconds()) {
-                meters.processing_seconds.record(seconds);
-            }
+        if let (Some(meters), Some(seconds)) = (&self.meters, received.seconds()) {
+            meters.processing_seconds.record(seconds);
         }
     }
 }
 
-/// Sets the consumer lag of an input binding.
+/// Counts its message in `bindery_messages_in_flight` while it lives.
+#[derive(Default)]
+pub(crate) struct InFlightMark {
+    #[cfg(feature = "metrics")]
+    meters: Option<Arc<Meters>>,
+}
+
 #[cfg(feature = "metrics")]
-pub(crate) fn record_lag(binding: &super::BindingInfo, lag: u64) {
+impl Drop for InFlightMark {
+    fn drop(&mut self) {
+        if let Some(meters) = &self.meters {
+            meters.in_flight.decrement(1.0);
+        }
+    }
+}
+
+/// Sets the consumer lag of an input binding: NaN when its binder could not tell this time,
+/// so an old figure never stands for a backlog that may have grown.
+#[cfg(feature = "metrics")]
+pub(crate) fn record_lag(binding: &super::BindingInfo, lag: Option<u64>) {
     let labels = [
         ("binding", binding.name.clone()),
         ("destination", binding.destination.clone()),
         ("group", binding.group.clone().unwrap_or_default()),
     ];
-    metrics::gauge!("bindery_consumer_lag", &labels).set(lag as f64);
+    metrics::gauge!("bindery_consumer_lag", &labels).set(lag.map_or(f64::NAN, |lag| lag as f64));
 }
 
 /// bindery's Prometheus recorder, installed as the process's `metrics` recorder the first

@@ -26,7 +26,11 @@ pub use lifecycle::BindingState;
 use lifecycle::{supervise, Control};
 #[cfg(feature = "metrics")]
 pub(crate) use meter::{prometheus, record_lag};
-use plan::{Plan, Planner, KNOWN_BINDER_TYPES};
+#[cfg(feature = "asyncapi")]
+pub(crate) use plan::Plan;
+#[cfg(not(feature = "asyncapi"))]
+use plan::Plan;
+use plan::{Planner, KNOWN_BINDER_TYPES};
 
 use crate::binder::{Binder, BinderProvider};
 use crate::bridge::StreamBridge;
@@ -234,6 +238,31 @@ impl Application {
         &self.config
     }
 
+    /// The application's AsyncAPI 3 document (feature `asyncapi`): a server per binder with
+    /// a broker (host and protocol, never credentials), a channel per destination, an
+    /// operation per binding and a message per binding, with its content type and, where
+    /// the payload type derives `schemars::JsonSchema`, its schema.
+    ///
+    /// ```
+    /// # fn main() -> Result<(), bindery_core::Error> {
+    /// use bindery_core::{Application, StreamFunction};
+    /// let bill = StreamFunction::function("bill", |text: String| async move { text });
+    /// let app = Application::builder()
+    ///     .without_registered_functions()
+    ///     .function(bill)
+    ///     .config_str("application.toml", "[stream.bindings.bill-in-0]\ndestination = \"orders\"")
+    ///     .environment(Vec::<(String, String)>::new())
+    ///     .build()?;
+    /// let document = app.asyncapi("billing", "1.0.0");
+    /// assert_eq!(document["operations"]["bill-in-0"]["action"], "receive");
+    /// assert_eq!(document["channels"]["orders"]["address"], "orders");
+    /// # Ok(()) }
+    /// ```
+    #[cfg(feature = "asyncapi")]
+    pub fn asyncapi(&self, title: &str, version: &str) -> serde_json::Value {
+        crate::asyncapi::document(&self.plan, crate::asyncapi::Info { title, version })
+    }
+
     /// Every binding as it will be bound, inputs first, each with its destination, group and
     /// binder, as configured and overridden.
     ///
@@ -326,10 +355,20 @@ impl Application {
         // The management port is taken before any broker is touched: a port in use fails
         // the start at once.
         #[cfg(feature = "management")]
-        let listener = match &self.management {
+        #[cfg_attr(not(feature = "asyncapi"), allow(unused_mut))]
+        let mut listener = match &self.management {
             Some(settings) => Some(crate::management::prepare(settings)?),
             None => None,
         };
+        #[cfg(all(feature = "management", feature = "asyncapi"))]
+        if let Some(prepared) = &mut listener {
+            // Served as the application was planned: titled by its executable's name.
+            let title = std::env::current_exe()
+                .ok()
+                .and_then(|exe| exe.file_stem().map(|s| s.to_string_lossy().into_owned()))
+                .unwrap_or_else(|| "bindery application".to_owned());
+            prepared.asyncapi = Some(self.asyncapi(&title, "0.0.0"));
+        }
         let plan = self.plan;
         let mut binders: HashMap<String, Arc<dyn Binder>> = HashMap::new();
         for (name, planned) in &plan.binders {
