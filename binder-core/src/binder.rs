@@ -220,6 +220,20 @@ pub trait Subscription: Send + fmt::Debug {
         false
     }
 
+    /// The binding was paused: the core takes nothing more until [`resume`](Self::resume).
+    /// A binder whose broker goes on pushing messages to an idle consumer (RabbitMQ's
+    /// prefetch) stops them here and hands back what it holds that the core did not take, so
+    /// the broker keeps them for the group's other consumers. Messages the core took stay
+    /// with it, and are settled as usual. It should finish within a few seconds (the core
+    /// waits five at most). The default does nothing: Kafka's binder pauses its partitions
+    /// by itself once nothing is taken, keeping the group membership.
+    async fn pause(&mut self) {}
+
+    /// The binding runs again after a [`pause`](Self::pause): consume as before. A
+    /// subscription that cannot should let its next [`next`](Self::next) recover, as after a
+    /// lost connection. The default does nothing.
+    async fn resume(&mut self) {}
+
     /// Whether this subscription needs its messages settled in the order they were received.
     /// When it does, the core never acknowledges a message before every earlier one was
     /// settled, however the handling finished. The default is `false`: Kafka's binder tracks

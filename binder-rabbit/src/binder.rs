@@ -372,8 +372,18 @@ impl RabbitBinder {
             .basic_qos(topology.consumer.prefetch, BasicQosOptions::default())
             .await
             .map_err(|e| RabbitError::Channel(e.to_string()))?;
+        let consumer = self.start_consumer(&channel, topology).await?;
+        Ok((channel, consumer))
+    }
+
+    /// A new consumer of the topology's queue on `channel`.
+    async fn start_consumer(
+        &self,
+        channel: &Channel,
+        topology: &Topology,
+    ) -> Result<lapin::Consumer, RabbitError> {
         let tag = format!("bindery-{}", uuid::Uuid::new_v4().simple());
-        let consumer = channel
+        channel
             .basic_consume(
                 ShortString::from(topology.queue.as_str()),
                 ShortString::from(tag),
@@ -384,8 +394,7 @@ impl RabbitBinder {
                 FieldTable::default(),
             )
             .await
-            .map_err(self.declare_error(format!("a consumer on queue `{}`", topology.queue)))?;
-        Ok((channel, consumer))
+            .map_err(self.declare_error(format!("a consumer on queue `{}`", topology.queue)))
     }
 
     async fn declare(&self, channel: &Channel, topology: &Topology) -> Result<(), RabbitError> {
@@ -694,6 +703,7 @@ impl RabbitBinder {
             channel,
             consumer,
             cancelled: false,
+            paused: false,
         }))
     }
 
@@ -929,6 +939,9 @@ struct RabbitSubscription {
     consumer: lapin::Consumer,
     /// `basic.cancel` was sent at shutdown: the consumer yields what it holds, then ends.
     cancelled: bool,
+    /// Cancelled for a pause: resumed with a new consumer on the same channel, where the
+    /// messages the core holds are still to be settled.
+    paused: bool,
 }
 
 impl fmt::Debug for RabbitSubscription {
@@ -1015,6 +1028,51 @@ impl Subscription for RabbitSubscription {
 
     async fn drain(&mut self) -> bool {
         self.cancel().await
+    }
+
+    /// Cancels the consumer, so the broker keeps the queue for the group's other consumers,
+    /// and hands back (`basic.nack`, requeued) what it had prefetched that the core did not
+    /// take.
+    async fn pause(&mut self) {
+        if self.cancelled || !self.cancel().await {
+            return;
+        }
+        self.paused = true;
+        let limit = self.binder.inner.settings.connection_timeout;
+        let mut handed_back = 0usize;
+        // After `cancel-ok` the consumer yields what it holds, then ends.
+        while let Ok(Some(Ok(delivery))) = tokio::time::timeout(limit, self.consumer.next()).await {
+            let requeued = settle_delivery(delivery.acker.nack(REQUEUE), "basic.nack").await;
+            if let Err(error) = requeued {
+                tracing::warn!(queue = %self.topology.queue, %error, "handing a prefetched message back failed; the broker delivers it again when the channel closes");
+            }
+            handed_back += 1;
+        }
+        tracing::info!(queue = %self.topology.queue, handed_back, "paused: the consumer is cancelled, the queue keeps the group's messages");
+    }
+
+    async fn resume(&mut self) {
+        if !std::mem::take(&mut self.paused) {
+            return;
+        }
+        let limit = self.binder.inner.settings.connection_timeout;
+        let consuming = self.binder.start_consumer(&self.channel, &self.topology);
+        match tokio::time::timeout(limit, consuming).await {
+            Ok(Ok(consumer)) => {
+                self.consumer = consumer;
+                self.cancelled = false;
+            }
+            failed => {
+                let why = match failed {
+                    Ok(Err(error)) => error.to_string(),
+                    _ => format!("no answer within {limit:?}"),
+                };
+                // The ended consumer makes the next receive recover, as after a lost
+                // connection.
+                self.cancelled = false;
+                tracing::warn!(queue = %self.topology.queue, %why, "consuming again after the pause failed; reconnecting");
+            }
+        }
     }
 
     async fn close(mut self: Box<Self>) -> Result<(), Error> {

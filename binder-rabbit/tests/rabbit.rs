@@ -1060,3 +1060,81 @@ producer.partition-count = 2
     })
     .await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_paused_binding_cancels_its_consumer_so_the_queue_keeps_the_group_s_messages() {
+    common::within_test_deadline(async {
+        if !available() {
+            return;
+        }
+        let destination = unique("paused");
+        let seen = Arc::new(std::sync::Mutex::new(Vec::<String>::new()));
+        let sink = StreamFunction::consumer("sink", {
+            let seen = seen.clone();
+            move |text: String| {
+                let seen = seen.clone();
+                async move { seen.lock().unwrap().push(text) }
+            }
+        });
+        let toml = format!(
+            r#"[stream]
+default-binder = "rabbit"
+[stream.binders.rabbit]
+type = "rabbit"
+uri = "{uri}"
+[stream.bindings.sink-in-0]
+destination = "{destination}"
+group = "g"
+"#,
+            uri = uri()
+        );
+        let app = application(sink, &toml).start().await.expect("start");
+        app.pause_binding("sink-in-0").await.expect("paused");
+        let binder = RabbitBinder::connect_uri(&uri()).await.expect("connect");
+        let producer = binder
+            .producer(&ProducerSpec::new(destination.clone()))
+            .await
+            .expect("producer");
+        for n in 0..100 {
+            producer
+                .send(Message::new(Bytes::from(format!("m{n:03}"))))
+                .await
+                .expect("send");
+        }
+        // With its consumer still there, the broker would push 100 of them to it (the prefetch
+        // is 250) and none would be ready in the queue.
+        let group = ConsumerSpec::new(destination.clone(), Some("g"));
+        let deadline = Instant::now() + Duration::from_secs(30);
+        let mut ready = binder.lag(&group).await;
+        while ready != Some(100) {
+            assert!(
+                Instant::now() < deadline,
+                "the queue keeps {ready:?} ready, not the 100 sent while paused"
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await;
+            ready = binder.lag(&group).await;
+        }
+        assert!(
+            seen.lock().unwrap().is_empty(),
+            "a paused binding handled a message"
+        );
+
+        app.resume_binding("sink-in-0").await.expect("resumed");
+        let deadline = Instant::now() + Duration::from_secs(60);
+        while seen.lock().unwrap().len() < 100 {
+            assert!(
+                Instant::now() < deadline,
+                "only {} of 100 handled after the resume",
+                seen.lock().unwrap().len()
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        let mut handled = seen.lock().unwrap().clone();
+        handled.sort();
+        let expected: Vec<String> = (0..100).map(|n| format!("m{n:03}")).collect();
+        assert_eq!(handled, expected, "each message handled once");
+        binder.close().await.ok();
+        app.shutdown().await.expect("shutdown");
+    })
+    .await
+}

@@ -164,6 +164,8 @@ async fn until(deadline: Option<Instant>) {
 /// How many messages already at hand one turn of a binding's loop takes.
 const AT_HAND_PER_TURN: usize = 16;
 
+/// How long a subscription may take to pause or resume.
+const PAUSE_LIMIT: Duration = Duration::from_secs(5);
 /// How long a subscription may take to answer [`Subscription::drain`].
 const DRAIN_REQUEST_LIMIT: Duration = Duration::from_secs(5);
 type Shared = Arc<tokio::sync::Mutex<Box<dyn Subscription>>>;
@@ -197,7 +199,8 @@ impl InputBinding {
     /// and hands back what was not started.
     /// Returns an error when the subscription ended while the application was running.
     ///
-    /// `steering` pauses it (no handler starts and nothing is received until it runs again),
+    /// `steering` pauses it (no handler starts and nothing is received until it runs again;
+    /// the subscription is told, [`Subscription::pause`]),
     /// stops it (as a shutdown does) and shuts it down; the engine says which it does.
     pub(crate) async fn run(
         self: Arc<Self>,
@@ -244,6 +247,19 @@ impl InputBinding {
             // does. A receive under way is left to finish: what it brings is held, not lost.
             if !wanted.stops() && pause != engine.paused && !engine.stopping {
                 engine.paused = pause;
+                // A waiting receive has taken nothing: cancelled, so the subscription can hand
+                // back what its client holds, and the broker keep it.
+                receiving = None;
+                let changing = async {
+                    let mut subscription = subscription.lock().await;
+                    match pause {
+                        true => subscription.pause().await,
+                        false => subscription.resume().await,
+                    }
+                };
+                if tokio::time::timeout(PAUSE_LIMIT, changing).await.is_err() {
+                    tracing::warn!(binding = %engine.binding.binding, "the subscription did not say within {PAUSE_LIMIT:?} that it is paused or running again; going on");
+                }
                 let state = match pause {
                     true => BindingState::Paused,
                     false => BindingState::Started,
