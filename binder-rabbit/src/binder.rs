@@ -132,6 +132,8 @@ struct Topology {
 /// How long a publish may wait to be written, and then for its confirm, before it is a failed
 /// send (which the core sends again).
 const PUBLISH_TIMEOUT: Duration = Duration::from_secs(30);
+/// How long a pause (or a resume) may take, within the core's five seconds.
+const PAUSE_WITHIN: Duration = Duration::from_secs(4);
 
 /// The routing key of partition `partition` of `destination`, as Spring Cloud Stream names it.
 fn partition_routing_key(destination: &str, partition: u32) -> String {
@@ -704,6 +706,7 @@ impl RabbitBinder {
             consumer,
             cancelled: false,
             paused: false,
+            ended: false,
         }))
     }
 
@@ -942,6 +945,9 @@ struct RabbitSubscription {
     /// Cancelled for a pause: resumed with a new consumer on the same channel, where the
     /// messages the core holds are still to be settled.
     paused: bool,
+    /// The consumer has ended (or may have): it is never polled again, since lapin does not
+    /// say twice that a consumer ended. The next receive recovers instead.
+    ended: bool,
 }
 
 impl fmt::Debug for RabbitSubscription {
@@ -955,13 +961,17 @@ impl fmt::Debug for RabbitSubscription {
 impl RabbitSubscription {
     /// Asks the broker to send this consumer no more (`basic.cancel`), within a deadline.
     async fn cancel(&mut self) -> bool {
+        let limit = self.binder.inner.settings.connection_timeout;
+        self.cancel_within(limit).await
+    }
+
+    async fn cancel_within(&mut self, limit: Duration) -> bool {
         if self.cancelled {
             return true;
         }
         let cancelling = self
             .channel
             .basic_cancel(self.consumer.tag(), BasicCancelOptions::default());
-        let limit = self.binder.inner.settings.connection_timeout;
         self.cancelled = matches!(tokio::time::timeout(limit, cancelling).await, Ok(Ok(())));
         self.cancelled
     }
@@ -978,6 +988,8 @@ impl RabbitSubscription {
                 Ok((channel, consumer)) => {
                     tracing::info!(queue = %self.topology.queue, "consuming again after reconnecting to RabbitMQ");
                     self.cancelled = false;
+                    self.paused = false;
+                    self.ended = false;
                     self.channel = channel;
                     self.consumer = consumer;
                     return true;
@@ -1000,6 +1012,15 @@ impl RabbitSubscription {
 impl Subscription for RabbitSubscription {
     async fn next(&mut self) -> Option<Result<Delivery, Error>> {
         loop {
+            if self.ended {
+                // Drained at shutdown: nothing more comes.
+                if self.cancelled && !self.paused {
+                    return None;
+                }
+                if !self.recover().await {
+                    return None;
+                }
+            }
             match self.consumer.next().await {
                 Some(Ok(delivery)) => {
                     let message = mapping::message(&delivery);
@@ -1012,7 +1033,10 @@ impl Subscription for RabbitSubscription {
                     }));
                 }
                 // Draining at shutdown: what was received has been yielded; nothing is recovered.
-                _ if self.cancelled => return None,
+                _ if self.cancelled => {
+                    self.ended = true;
+                    return None;
+                }
                 Some(Err(error)) => {
                     tracing::warn!(queue = %self.topology.queue, %error, "lost the RabbitMQ consumer; reconnecting");
                 }
@@ -1020,9 +1044,8 @@ impl Subscription for RabbitSubscription {
                     tracing::warn!(queue = %self.topology.queue, "the RabbitMQ consumer was cancelled; reconnecting");
                 }
             }
-            if !self.recover().await {
-                return None;
-            }
+            // Marked first: a receive dropped while it recovers leaves the next one to recover.
+            self.ended = true;
         }
     }
 
@@ -1032,45 +1055,56 @@ impl Subscription for RabbitSubscription {
 
     /// Cancels the consumer, so the broker keeps the queue for the group's other consumers,
     /// and hands back (`basic.nack`, requeued) what it had prefetched that the core did not
-    /// take.
+    /// take; all within [`PAUSE_WITHIN`], inside the core's limit.
     async fn pause(&mut self) {
-        if self.cancelled || !self.cancel().await {
+        let deadline = tokio::time::Instant::now() + PAUSE_WITHIN;
+        if self.ended || self.cancelled || !self.cancel_within(PAUSE_WITHIN / 2).await {
             return;
         }
         self.paused = true;
-        let limit = self.binder.inner.settings.connection_timeout;
         let mut handed_back = 0usize;
-        // After `cancel-ok` the consumer yields what it holds, then ends.
-        while let Ok(Some(Ok(delivery))) = tokio::time::timeout(limit, self.consumer.next()).await {
-            let requeued = settle_delivery(delivery.acker.nack(REQUEUE), "basic.nack").await;
-            if let Err(error) = requeued {
-                tracing::warn!(queue = %self.topology.queue, %error, "handing a prefetched message back failed; the broker delivers it again when the channel closes");
+        // After `cancel-ok` the consumer yields what lapin holds for it, then ends.
+        loop {
+            let next = tokio::time::timeout_at(deadline, self.consumer.next()).await;
+            let Ok(Some(Ok(delivery))) = next else {
+                // Ended (or out of time: not polled again either way).
+                self.ended = true;
+                break;
+            };
+            let nack = delivery.acker.nack(REQUEUE);
+            if !matches!(tokio::time::timeout_at(deadline, nack).await, Ok(Ok(true))) {
+                tracing::warn!(queue = %self.topology.queue, "handing a prefetched message back failed; RabbitMQ delivers it again once the channel closes");
             }
             handed_back += 1;
         }
-        tracing::info!(queue = %self.topology.queue, handed_back, "paused: the consumer is cancelled, the queue keeps the group's messages");
+        tracing::info!(queue = %self.topology.queue, handed_back, "paused: the consumer is cancelled, and the queue keeps the group's messages");
     }
 
+    /// Consumes again on the same channel, where the messages the core holds are settled;
+    /// when that fails, the next receive reconnects.
     async fn resume(&mut self) {
         if !std::mem::take(&mut self.paused) {
             return;
         }
-        let limit = self.binder.inner.settings.connection_timeout;
+        self.cancelled = false;
+        self.ended = true;
         let consuming = self.binder.start_consumer(&self.channel, &self.topology);
-        match tokio::time::timeout(limit, consuming).await {
+        match tokio::time::timeout(PAUSE_WITHIN / 2, consuming).await {
             Ok(Ok(consumer)) => {
                 self.consumer = consumer;
-                self.cancelled = false;
+                self.ended = false;
             }
-            failed => {
-                let why = match failed {
-                    Ok(Err(error)) => error.to_string(),
-                    _ => format!("no answer within {limit:?}"),
-                };
-                // The ended consumer makes the next receive recover, as after a lost
-                // connection.
-                self.cancelled = false;
-                tracing::warn!(queue = %self.topology.queue, %why, "consuming again after the pause failed; reconnecting");
+            Ok(Err(error)) => {
+                tracing::warn!(queue = %self.topology.queue, %error, "consuming again after the pause failed; reconnecting");
+            }
+            Err(_) => {
+                // A consumer the broker may have started is read by nobody: closing the
+                // channel hands its messages back (and those the core holds, which come again).
+                tracing::warn!(queue = %self.topology.queue, "RabbitMQ did not start the consumer again in time; reconnecting");
+                let closing = self
+                    .channel
+                    .close(200, "consumer not started in time".into());
+                tokio::time::timeout(PAUSE_WITHIN / 2, closing).await.ok();
             }
         }
     }

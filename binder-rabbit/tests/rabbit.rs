@@ -1138,3 +1138,98 @@ group = "g"
     })
     .await
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_pause_hands_back_what_the_client_prefetched_and_a_resume_after_a_lost_connection_consumes_again(
+) {
+    common::within_test_deadline(async {
+        if !available() {
+            return;
+        }
+        let destination = unique("prefetched");
+        let gate = Arc::new(tokio::sync::Semaphore::new(0));
+        let seen = Arc::new(std::sync::Mutex::new(Vec::<String>::new()));
+        let sink = StreamFunction::consumer("sink", {
+            let (gate, seen) = (gate.clone(), seen.clone());
+            move |text: String| {
+                let (gate, seen) = (gate.clone(), seen.clone());
+                async move {
+                    gate.acquire().await.expect("gate").forget();
+                    seen.lock().unwrap().push(text);
+                }
+            }
+        });
+        // The binding holds 5 at most; the client prefetches the rest of the 100.
+        let toml = format!(
+            r#"[stream]
+default-binder = "prefetched"
+[stream.binders.prefetched]
+type = "rabbit"
+uri = "{uri}"
+[stream.bindings.sink-in-0]
+destination = "{destination}"
+group = "g"
+consumer.max-in-flight = 5
+"#,
+            uri = uri()
+        );
+        let app = application(sink, &toml).start().await.expect("start");
+        let binder = RabbitBinder::connect_uri(&uri()).await.expect("connect");
+        let producer = binder
+            .producer(&ProducerSpec::new(destination.clone()))
+            .await
+            .expect("producer");
+        for n in 0..100 {
+            producer
+                .send(Message::new(Bytes::from(format!("m{n:03}"))))
+                .await
+                .expect("send");
+        }
+        let group = ConsumerSpec::new(destination.clone(), Some("g"));
+        let ready_reaches = |wanted: u64, what: &'static str| {
+            let (binder, group) = (binder.clone(), group.clone());
+            async move {
+                let deadline = Instant::now() + Duration::from_secs(30);
+                let mut ready = binder.lag(&group).await;
+                while ready != Some(wanted) {
+                    assert!(
+                        Instant::now() < deadline,
+                        "{what}: {ready:?} ready, not {wanted}"
+                    );
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                    ready = binder.lag(&group).await;
+                }
+            }
+        };
+        ready_reaches(0, "the client prefetched every message").await;
+        app.pause_binding("sink-in-0").await.expect("paused");
+        // The binding keeps the 5 it took (one in the handler); the other 95 go back.
+        ready_reaches(95, "the prefetched messages went back to the queue").await;
+
+        // The connection lost while paused: the resume reconnects. The 5 the binding held
+        // come again (their channel closed), so duplicates are allowed here; losses are not.
+        let closed = close_connections_named("bindery prefetched").await;
+        assert!(!closed.is_empty(), "the application's connection was found");
+        gate.add_permits(1000);
+        app.resume_binding("sink-in-0").await.expect("resumed");
+        let deadline = Instant::now() + Duration::from_secs(60);
+        loop {
+            let mut handled = seen.lock().unwrap().clone();
+            handled.sort();
+            handled.dedup();
+            if handled.len() == 100 {
+                break;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "only {} of 100 handled after the resume",
+                handled.len()
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        ready_reaches(0, "the queue drained after the resume").await;
+        binder.close().await.ok();
+        app.shutdown().await.expect("shutdown");
+    })
+    .await
+}

@@ -172,7 +172,7 @@ type Shared = Arc<tokio::sync::Mutex<Box<dyn Subscription>>>;
 type Receiving = BoxFuture<'static, Option<Result<Delivery, Error>>>;
 
 /// Waits for the subscription's next message, keeping the `next` call alive however often the
-/// engine's loop turns: a receive is cancelled only when the binding stops.
+/// engine's loop turns: a receive is cancelled only when the binding stops or pauses.
 fn receive(subscription: Shared) -> Receiving {
     Box::pin(async move { subscription.lock().await.next().await })
 }
@@ -244,7 +244,7 @@ impl InputBinding {
             }
             let pause = wanted == Wanted::Pause;
             // Asked to stop, a binding stays as it is (paused or not) and stops as a shutdown
-            // does. A receive under way is left to finish: what it brings is held, not lost.
+            // does.
             if !wanted.stops() && pause != engine.paused && !engine.stopping {
                 engine.paused = pause;
                 // A waiting receive has taken nothing: cancelled, so the subscription can hand
