@@ -17,6 +17,8 @@ pub mod handler;
 mod management;
 pub mod memory;
 mod message;
+#[cfg(feature = "otel")]
+mod otel;
 pub mod partition;
 pub mod redact;
 mod runtime;

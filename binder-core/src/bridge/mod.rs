@@ -62,6 +62,15 @@ impl Lineage {
         }
     }
 
+    /// The same, with the trace context of a span of this service instead of the input's.
+    #[cfg(feature = "otel")]
+    pub(crate) fn with_trace(self, parent: Bytes, state: Option<Bytes>) -> Self {
+        Lineage {
+            trace: Some(Arc::new(TraceContext { parent, state })),
+            ..self
+        }
+    }
+
     /// Sets on `headers` what they do not set themselves. The trace state goes only with its
     /// own trace parent.
     pub(crate) fn hand_on(&self, headers: &mut Headers) {
@@ -90,11 +99,26 @@ impl Lineage {
 pub(crate) struct Correlated<F> {
     lineage: Lineage,
     call: F,
+    /// The call's span, entered whenever it is polled (feature `otel`).
+    #[cfg(feature = "otel")]
+    span: tracing::Span,
 }
 
 impl<F> Correlated<F> {
     pub(crate) fn new(lineage: Lineage, call: F) -> Self {
-        Correlated { lineage, call }
+        Correlated {
+            lineage,
+            call,
+            #[cfg(feature = "otel")]
+            span: tracing::Span::none(),
+        }
+    }
+
+    /// Polled inside `span`.
+    #[cfg(feature = "otel")]
+    pub(crate) fn in_span(mut self, span: tracing::Span) -> Self {
+        self.span = span;
+        self
     }
 }
 
@@ -103,6 +127,8 @@ impl<F: Future + Unpin> Future for Correlated<F> {
 
     fn poll(mut self: Pin<&mut Self>, cx: &mut TaskContext<'_>) -> Poll<F::Output> {
         let this = &mut *self;
+        #[cfg(feature = "otel")]
+        let _entered = this.span.enter();
         let call = Pin::new(&mut this.call);
         HANDLING.sync_scope(this.lineage.clone(), || call.poll(cx))
     }

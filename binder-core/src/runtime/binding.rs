@@ -53,14 +53,41 @@ pub(crate) struct Invoker {
     pub(crate) output: Option<Arc<Output>>,
 }
 
+/// The span a handler call runs in: with the feature `otel`, a `tracing` span continuing the
+/// input's trace; nothing without it.
+#[derive(Default)]
+struct CallSpan(#[cfg(feature = "otel")] Option<tracing::Span>);
+
 /// A handler's call under way: polled in place, and movable between polls.
 type Call = Correlated<CatchUnwind<AssertUnwindSafe<HandlerFuture>>>;
 
 impl Invoker {
     /// Starts the handler on `message`; [`finish`](Self::finish) reads what the call returns.
-    fn start(&self, message: Arc<Message>, lineage: Lineage) -> Call {
+    #[cfg_attr(not(feature = "otel"), allow(unused_variables))]
+    fn start(&self, message: Arc<Message>, lineage: Lineage, span: CallSpan) -> Call {
         let call = (self.handler)(message, self.context.clone());
-        Correlated::new(lineage, AssertUnwindSafe(call).catch_unwind())
+        let call = Correlated::new(lineage, AssertUnwindSafe(call).catch_unwind());
+        #[cfg(feature = "otel")]
+        if let Some(span) = span.0 {
+            return call.in_span(span);
+        }
+        call
+    }
+
+    /// The span a call on `item` runs in (feature `otel`), and the trace context its outputs
+    /// carry from then on: the span's, where OpenTelemetry gave it one.
+    #[cfg_attr(not(feature = "otel"), allow(unused_variables))]
+    fn span_for(&self, item: &mut InFlight) -> CallSpan {
+        #[cfg(feature = "otel")]
+        {
+            let lineage = std::mem::take(&mut item.lineage);
+            let (span, lineage) =
+                crate::otel::handler_span(&self.function, item.message.headers(), lineage);
+            item.lineage = lineage;
+            CallSpan(Some(span))
+        }
+        #[cfg(not(feature = "otel"))]
+        CallSpan()
     }
 
     /// What a call produced; a panic is a failure like any other.
@@ -83,8 +110,13 @@ impl Invoker {
     }
 
     /// Calls the handler. Returns what it produced.
-    async fn call(&self, message: Arc<Message>, lineage: Lineage) -> Result<Vec<Message>, Failure> {
-        let returned = self.start(message, lineage).await;
+    async fn call(
+        &self,
+        message: Arc<Message>,
+        lineage: Lineage,
+        span: CallSpan,
+    ) -> Result<Vec<Message>, Failure> {
+        let returned = self.start(message, lineage, span).await;
         self.finish(returned)
     }
 }
@@ -505,13 +537,14 @@ impl Engine {
     fn handle(&mut self, mut item: InFlight) {
         item.attempts += 1;
         item.called_at = self.binding.meter.stamp();
+        let span = self.binding.invoker.span_for(&mut item);
         if self.concurrency > 1 {
             let invoker = self.binding.invoker.clone();
             return self.jobs.push(Box::pin(async move {
                 let (message, lineage) = (item.message.clone(), item.lineage.clone());
-                let outcome = Spawned(tokio::spawn(
-                    async move { invoker.call(message, lineage).await },
-                ))
+                let outcome = Spawned(tokio::spawn(async move {
+                    invoker.call(message, lineage, span).await
+                }))
                 .await
                 .unwrap_or_else(|error| Err(Failure::panic(error.to_string())));
                 Step::Called(item, outcome)
@@ -520,7 +553,7 @@ impl Engine {
         let mut call = self
             .binding
             .invoker
-            .start(item.message.clone(), item.lineage.clone());
+            .start(item.message.clone(), item.lineage.clone(), span);
         match (&mut call).now_or_never() {
             Some(returned) => {
                 let outcome = self.binding.invoker.finish(returned);
@@ -809,7 +842,10 @@ pub(crate) async fn run_supplier(
             _ = ticks.tick() => {}
         }
         let tick = Arc::new(Message::new(Bytes::new()));
-        let sent = match invoker.call(tick, Lineage::default()).await {
+        let sent = match invoker
+            .call(tick, Lineage::default(), CallSpan::default())
+            .await
+        {
             Ok(messages) => match &invoker.output {
                 Some(output) => output
                     .send_all(messages, &Lineage::default())
