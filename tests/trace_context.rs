@@ -4,7 +4,7 @@
 //! up OpenTelemetry as an application does: a `tracing-opentelemetry` layer over an SDK tracer
 //! provider. `pika` is installed once, with pip, into `~/.cache/bindery/python`.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::sync::Arc;
 use std::time::Duration;
@@ -34,7 +34,7 @@ fn pika() -> Option<PathBuf> {
         .or_else(|| std::env::var_os("HOME").map(|home| PathBuf::from(home).join(".cache")))
         .expect("HOME or XDG_CACHE_HOME");
     let dir = cache.join("bindery").join("python");
-    if dir.join("pika").is_dir() {
+    if dir.join("pika").join("__init__.py").is_file() {
         return Some(dir);
     }
     let install = Command::new("python3")
@@ -45,8 +45,16 @@ fn pika() -> Option<PathBuf> {
     match install {
         Ok(mut pip) => {
             let status = wait_within(&mut pip, Duration::from_secs(600), "pip install pika");
-            assert!(status.success(), "pip install pika failed");
-            Some(dir)
+            match (status.success(), std::env::var_os("CI").is_some()) {
+                (true, _) => Some(dir),
+                (false, true) => {
+                    panic!("pip install pika failed; CI runs the trace propagation test with pika")
+                }
+                (false, false) => {
+                    shout("!!!!!!!! SKIPPING THE TRACE PROPAGATION TEST: pip could not install pika !!!!!!!!");
+                    None
+                }
+            }
         }
         Err(error) if std::env::var_os("CI").is_none() => {
             shout(&format!("!!!!!!!! SKIPPING THE TRACE PROPAGATION TEST: python3 does not run ({error}) !!!!!!!!"));
@@ -59,7 +67,7 @@ fn pika() -> Option<PathBuf> {
 }
 
 /// Publishes one message with `traceparent` to the exchange `destination`, with pika.
-fn publish_with_pika(pythonpath: &PathBuf, destination: &str, traceparent: &str) {
+fn publish_with_pika(pythonpath: &Path, destination: &str, traceparent: &str) {
     let script = r#"
 import sys, pika
 uri, exchange, traceparent = sys.argv[1], sys.argv[2], sys.argv[3]

@@ -19,6 +19,7 @@ use crate::message::{header, Headers};
 /// its outputs get: the span's context where OpenTelemetry gave it one.
 pub(crate) fn handler_span(
     function: &str,
+    message_id: &str,
     headers: &Headers,
     lineage: Lineage,
 ) -> (tracing::Span, Lineage) {
@@ -26,13 +27,22 @@ pub(crate) fn handler_span(
         "bindery.handle",
         otel.kind = "consumer",
         function = function,
-        message_id = headers.get_str(header::MESSAGE_ID).unwrap_or_default(),
+        message_id = message_id,
     );
-    let parent = headers
-        .get(header::TRACEPARENT)
-        .and_then(|parent| remote_context(parent, headers.get(header::TRACESTATE)));
+    if span.is_disabled() {
+        return (span, lineage);
+    }
+    let parent = match headers.get(header::TRACEPARENT) {
+        Some(parent) => match remote_context(parent, headers.get(header::TRACESTATE)) {
+            Some(parent) => Some(parent),
+            // Unreadable: handed on as it came rather than replaced by a trace of our own.
+            None => return (span, lineage),
+        },
+        None => None,
+    };
     if let Some(parent) = &parent {
-        // Fails only when no OpenTelemetry layer records the span: nothing to continue then.
+        // Fails when no OpenTelemetry layer records the span (none installed, or one that
+        // `tracing-opentelemetry` 0.34 does not find): nothing to continue then.
         let _ = span.set_parent(Context::new().with_remote_span_context(parent.clone()));
     }
     let own = span.context().span().span_context().clone();
@@ -47,14 +57,26 @@ pub(crate) fn handler_span(
     (span, lineage)
 }
 
-/// The remote context a `traceparent` (`00-<trace id>-<parent id>-<flags>`) names; `None` for
-/// one that is not version 00 in that form, or names the invalid trace or span.
+/// The remote context a `traceparent` (`<version>-<trace id>-<parent id>-<flags>`, in
+/// lowercase hex) names, as W3C Trace Context reads it: version `00` has exactly these four
+/// fields; a later version is read by its first four, and may have more after them; `ff` and
+/// the invalid trace or span ids are refused.
 fn remote_context(parent: &Bytes, state: Option<&Bytes>) -> Option<SpanContext> {
     let text = std::str::from_utf8(parent).ok()?.trim();
     let mut parts = text.split('-');
     let (version, trace, span, flags) =
         (parts.next()?, parts.next()?, parts.next()?, parts.next()?);
-    if version != "00" || parts.next().is_some() || trace.len() != 32 || span.len() != 16 {
+    let more = parts.next().is_some();
+    let hex = |field: &str, digits: usize| {
+        field.len() == digits
+            && field
+                .bytes()
+                .all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f'))
+    };
+    if !hex(version, 2) || version == "ff" || (version == "00" && more) {
+        return None;
+    }
+    if !hex(trace, 32) || !hex(span, 16) || !hex(flags, 2) {
         return None;
     }
     let trace = TraceId::from_hex(trace).ok()?;
@@ -95,9 +117,19 @@ mod tests {
             "4bf92f3577b34da6a3ce929d0e0e4736"
         );
         assert!(context.is_sampled() && context.is_remote());
+        let later = Bytes::from_static(
+            b"01-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01-what-comes-next",
+        );
+        assert!(
+            remote_context(&later, None).is_some(),
+            "a later version is read by its first four fields"
+        );
         for bad in [
-            "01-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01",
+            "ff-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01",
+            "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01-extra",
             "00-00000000000000000000000000000000-00f067aa0ba902b7-01",
+            "00-4BF92F3577B34DA6A3CE929D0E0E4736-00f067aa0ba902b7-01",
+            "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-1",
             "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7",
             "not a traceparent",
         ] {

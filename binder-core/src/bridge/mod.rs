@@ -139,7 +139,14 @@ impl<F: Future + Unpin> Future for Correlated<F> {
 #[doc(hidden)]
 pub fn with_current_correlation<T>(call: impl FnOnce() -> T) -> impl FnOnce() -> T {
     let lineage = current_lineage();
-    move || HANDLING.sync_scope(lineage, call)
+    // The handler's span too (feature `otel`), so what a plain handler logs is within it.
+    #[cfg(feature = "otel")]
+    let span = tracing::Span::current();
+    move || {
+        #[cfg(feature = "otel")]
+        let _entered = span.enter();
+        HANDLING.sync_scope(lineage, call)
+    }
 }
 
 /// What the input being handled on this task hands on; nothing outside a handler.

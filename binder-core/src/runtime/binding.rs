@@ -80,9 +80,14 @@ impl Invoker {
     fn span_for(&self, item: &mut InFlight) -> CallSpan {
         #[cfg(feature = "otel")]
         {
-            let lineage = std::mem::take(&mut item.lineage);
-            let (span, lineage) =
-                crate::otel::handler_span(&self.function, item.message.headers(), lineage);
+            // From the input each attempt: an attempt's span never stands for the next one's.
+            let input = Lineage::of(&item.message);
+            let (span, lineage) = crate::otel::handler_span(
+                &self.function,
+                &item.id.to_string(),
+                item.message.headers(),
+                input,
+            );
             item.lineage = lineage;
             CallSpan(Some(span))
         }
