@@ -12,6 +12,8 @@ use bytes::Bytes;
 use serde_json::{json, Value};
 use tokio::time::Instant;
 
+mod support;
+
 const MANAGEMENT: &str = r#"
 [management]
 address = "127.0.0.1"
@@ -496,4 +498,127 @@ producer.required-groups = ["check"]
         "durations are histograms: {scrape}"
     );
     app.shutdown().await.unwrap();
+}
+
+/// Pauses, resumes, stops and starts a binding on a real broker over HTTP: 100 sent while it
+/// is paused (and 100 while it is stopped) are not handled within 3 s, then each is handled
+/// once after the resume (the start).
+async fn steer_over_http_on(
+    binder: &str,
+    binder_toml: &str,
+    provider: impl bindery::BinderProvider,
+) {
+    let id = &uuid::Uuid::new_v4().simple().to_string()[..8];
+    let (input, group) = (format!("mg-{binder}-{id}"), format!("g-{id}"));
+    let seen = Arc::new(Mutex::new(Vec::<String>::new()));
+    let sink = StreamFunction::consumer("sink", {
+        let seen = seen.clone();
+        move |text: String| {
+            let seen = seen.clone();
+            async move { seen.lock().unwrap().push(text) }
+        }
+    });
+    let toml = format!(
+        "{MANAGEMENT}
+[stream]
+default-binder = \"{binder}\"
+{binder_toml}
+[stream.bindings.sink-in-0]
+destination = \"{input}\"
+group = \"{group}\""
+    );
+    let app = tokio::time::timeout(
+        Duration::from_secs(120),
+        bindery::test::isolated(sink, &toml)
+            .binder_provider(provider)
+            .build()
+            .expect("configuration")
+            .start(),
+    )
+    .await
+    .expect("started within 120 s")
+    .expect("start");
+    let bridge = app.bridge();
+    let send = |phase: &'static str| {
+        let (bridge, input) = (bridge.clone(), input.clone());
+        async move {
+            // One at a time, each confirmed before the next: on Kafka every record is a batch
+            // of its own, so a group started again never fetches from inside a batch.
+            for n in 0..100 {
+                bridge
+                    .send(&input, Message::new(Bytes::from(format!("{phase}-{n:03}"))))
+                    .await
+                    .expect("send");
+            }
+        }
+    };
+    let handled = || seen.lock().unwrap().len();
+    let every = |phases: &[&str]| {
+        let mut all: Vec<String> = phases
+            .iter()
+            .flat_map(|phase| (0..100).map(move |n| format!("{phase}-{n:03}")))
+            .collect();
+        all.sort();
+        all
+    };
+
+    for (away, back, state, phase) in [
+        ("PAUSED", "RESUMED", "paused", "paused"),
+        ("STOPPED", "STARTED", "stopped", "stopped"),
+    ] {
+        let (status, body) = post(&app, "/bindings/sink-in-0", json!({"state": away})).await;
+        assert_eq!(
+            (status, &body["state"]),
+            (200, &json!(state)),
+            "{binder}: {body}"
+        );
+        let before = handled();
+        send(phase).await;
+        tokio::time::sleep(Duration::from_secs(3)).await;
+        assert_eq!(
+            handled(),
+            before,
+            "{binder}: a {state} binding handled a message"
+        );
+        let (status, body) = post(&app, "/bindings/sink-in-0", json!({"state": back})).await;
+        assert_eq!(
+            (status, &body["state"]),
+            (200, &json!("started")),
+            "{binder}: {body}"
+        );
+        wait_until(
+            &format!("{binder}: the 100 sent while {state} are handled"),
+            Duration::from_secs(120),
+            || handled() >= before + 100,
+        )
+        .await;
+    }
+    let mut payloads = seen.lock().unwrap().clone();
+    payloads.sort();
+    assert_eq!(
+        payloads,
+        every(&["paused", "stopped"]),
+        "{binder}: each handled once"
+    );
+    app.shutdown().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_binding_on_rabbitmq_pauses_resumes_stops_and_starts_over_http() {
+    let Some((_, uri)) = support::rabbitmq_as("RABBIT") else {
+        return;
+    };
+    let binder = format!("[stream.binders.rabbit]\ntype = \"rabbit\"\nuri = \"{uri}\"");
+    steer_over_http_on("rabbit", &binder, bindery::rabbit::RabbitBinderProvider).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_binding_on_kafka_pauses_resumes_stops_and_starts_over_http() {
+    let Some((_, brokers)) = support::kafka_as("KAFKA") else {
+        return;
+    };
+    let binder = format!(
+        "[stream.binders.kafka]\ntype = \"kafka\"\nbrokers = \"{brokers}\"\nauto-create-topics = true\nstart-offset = \"earliest\""
+    );
+    steer_over_http_on("kafka", &binder, bindery::kafka::KafkaBinderProvider).await;
 }
