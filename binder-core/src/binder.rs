@@ -225,8 +225,8 @@ pub trait Subscription: Send + fmt::Debug {
     /// prefetch) stops them here and hands back what it holds that the core did not take, so
     /// the broker keeps them for the group's other consumers. Messages the core took stay
     /// with it, and are settled as usual. It should finish within a few seconds (the core
-    /// waits five at most). The default does nothing: Kafka's binder pauses its partitions
-    /// by itself once nothing is taken, keeping the group membership.
+    /// waits five at most); Kafka's binder pauses its partitions here and polls on, keeping
+    /// the group membership. The default does nothing.
     async fn pause(&mut self) {}
 
     /// The binding runs again after a [`pause`](Self::pause): consume as before. A

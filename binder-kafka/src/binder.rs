@@ -528,6 +528,7 @@ impl Binder for KafkaBinder {
         // A small hand-over: the engine's window bounds what is in flight, not this channel.
         let (deliveries, receiver) = mpsc::channel(HAND_OVER);
         let stop = Arc::new(AtomicBool::new(false));
+        let held = Arc::new(AtomicBool::new(false));
         let waiting = assigned.notified();
         let poller = Poller {
             consumer,
@@ -535,6 +536,7 @@ impl Binder for KafkaBinder {
             deliveries,
             acks,
             stop: stop.clone(),
+            held: held.clone(),
             producer_failed: self.inner.producer_failed.clone(),
             max_poll_interval,
             static_assignment,
@@ -548,6 +550,7 @@ impl Binder for KafkaBinder {
         let subscription = KafkaSubscription {
             receiver,
             stop,
+            held,
             thread: Some(thread),
         };
         if tokio::time::timeout(ASSIGNMENT_TIMEOUT, waiting)
@@ -868,6 +871,8 @@ struct Poller {
     deliveries: mpsc::Sender<Delivery>,
     acks: sync_mpsc::Sender<AckEvent>,
     stop: Arc<AtomicBool>,
+    /// The binding is paused: the partitions are paused at once, and polling goes on.
+    held: Arc<AtomicBool>,
     /// The binder's producer failed for good: stop too.
     producer_failed: Arc<AtomicBool>,
     max_poll_interval: Duration,
@@ -962,6 +967,19 @@ impl Poller {
         let mut paused = false;
         while !self.stop.load(Ordering::Acquire) && !self.producer_failed.load(Ordering::Acquire) {
             self.settle();
+            if self.held.load(Ordering::Acquire) {
+                if !paused {
+                    tracing::info!(topic = %self.topic, "the binding is paused: pausing the partitions, keeping the group membership");
+                    paused = true;
+                }
+                // As when full for long: paused again each time for partitions assigned
+                // meanwhile, and polled so rebalances are served; what comes is kept.
+                self.pause();
+                if let Some(record) = self.poll() {
+                    pending.push_back(record);
+                }
+                continue;
+            }
             if let Some(polled) = pending.pop_front() {
                 let current = lock(&self.consumer.context().tracker)
                     .is_current(polled.partition, polled.generation);
@@ -1120,6 +1138,7 @@ fn to_message(record: &rdkafka::message::BorrowedMessage<'_>) -> Message {
 struct KafkaSubscription {
     receiver: mpsc::Receiver<Delivery>,
     stop: Arc<AtomicBool>,
+    held: Arc<AtomicBool>,
     thread: Option<std::thread::JoinHandle<()>>,
 }
 
@@ -1138,6 +1157,16 @@ impl Subscription for KafkaSubscription {
     /// What the polling thread has handed over already; its end is left for `next` to report.
     fn try_next(&mut self) -> Option<Result<Delivery, Error>> {
         self.receiver.try_recv().ok().map(Ok)
+    }
+
+    /// Pauses the partitions at once, keeping the group membership; what the polling thread
+    /// had handed over stays in the hand-over, and resuming goes on after it.
+    async fn pause(&mut self) {
+        self.held.store(true, Ordering::Release);
+    }
+
+    async fn resume(&mut self) {
+        self.held.store(false, Ordering::Release);
     }
 
     async fn close(mut self: Box<Self>) -> Result<(), Error> {

@@ -622,10 +622,11 @@ impl RunningApplication {
     }
 
     /// Pauses an input binding: it starts no handler and asks its subscription for nothing
-    /// more (a receive under way still brings its one message), and the subscription stays
-    /// open, so the group membership is kept (on Kafka the client pauses its partitions and
-    /// goes on polling). Calls already running finish and are acknowledged; what the client
-    /// had received waits, unacknowledged, until the binding resumes. Returns once the binding is [`BindingState::Paused`]; a stopped binding is
+    /// more, and the subscription stays open, so the group membership is kept (on Kafka its
+    /// partitions are paused and polling goes on; on RabbitMQ its consumer is cancelled and
+    /// what the client had prefetched goes back to the queue). Calls already running finish
+    /// and are acknowledged; messages the binding had received wait, unacknowledged, until it
+    /// resumes. Returns once the binding is [`BindingState::Paused`]; a stopped binding is
     /// refused.
     ///
     /// ```no_run
