@@ -9,6 +9,7 @@ use std::future::Future;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{Context, Poll};
+use std::time::Duration;
 
 use async_trait::async_trait;
 use futures::future::BoxFuture;
@@ -140,6 +141,16 @@ pub trait Binder: Send + Sync + fmt::Debug + 'static {
         None
     }
 }
+
+/// How long a binder's [`Binder::health`] may take to answer; the core waits a second more,
+/// then reports the binder down.
+pub const HEALTH_ANSWER_WITHIN: Duration = Duration::from_secs(4);
+/// How long a binder's [`Binder::lag`] may take to answer; the core waits half a second more,
+/// then reports no figure.
+pub const LAG_ANSWER_WITHIN: Duration = Duration::from_millis(1500);
+/// How long a subscription's [`Subscription::pause`] or [`Subscription::resume`] may take; the
+/// core waits a second more, then goes on.
+pub const PAUSE_ANSWER_WITHIN: Duration = Duration::from_secs(4);
 
 /// A binder's health: whether its broker is reachable, with details for the operator.
 ///

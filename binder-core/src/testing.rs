@@ -174,15 +174,19 @@ pub fn require_broker(name: &str, address: &str) -> bool {
     if reachable {
         return true;
     }
-    let required =
-        std::env::var_os("CI").is_some() || std::env::var_os("BINDERY_REQUIRE_BROKERS").is_some();
-    if required {
+    if broker_tests_required() {
         panic!("{name} does not answer at {address}, and broker tests are required here (CI or BINDERY_REQUIRE_BROKERS); start it, or run scripts/test which provisions it");
     }
     shout(&format!(
         "!!!!!!!! SKIPPING {name} TEST: nothing answers at {address}. Run scripts/test to provision the broker. !!!!!!!!"
     ));
     false
+}
+
+/// Whether a broker test that cannot run must fail rather than skip: with `CI` or
+/// `BINDERY_REQUIRE_BROKERS` set (the test command sets it).
+pub fn broker_tests_required() -> bool {
+    std::env::var_os("CI").is_some() || std::env::var_os("BINDERY_REQUIRE_BROKERS").is_some()
 }
 
 /// Writes `notice` to the process's standard error itself: the test harness captures what

@@ -5,6 +5,7 @@ use std::sync::{mpsc as sync_mpsc, Arc, Mutex};
 use std::time::Duration;
 
 use async_trait::async_trait;
+use bindery_core::binder::{HEALTH_ANSWER_WITHIN, LAG_ANSWER_WITHIN};
 use bindery_core::config::Problems;
 use bindery_core::redact::{display_value, redact_uri};
 use bindery_core::{
@@ -38,8 +39,6 @@ const HAND_OVER: usize = 256;
 /// The longest the poll thread waits in one step (for a message, or for room to hand one
 /// over); also the longest acknowledgements wait to become stored offsets.
 const POLL_INTERVAL: Duration = Duration::from_millis(100);
-/// How long one measurement of a group's lag may take in all.
-const LAG_WITHIN: Duration = Duration::from_millis(1500);
 /// How long the poll thread sleeps before looking again for room in the hand-over.
 const FULL_WAIT: Duration = Duration::from_millis(1);
 
@@ -393,7 +392,7 @@ impl Binder for KafkaBinder {
         // The measurement hands the client back itself, so a caller that stops waiting
         // leaves none behind.
         let measured = tokio::task::spawn_blocking(move || {
-            let lag = measure_lag(&client, &topic, instances, index, LAG_WITHIN);
+            let lag = measure_lag(&client, &topic, instances, index, LAG_ANSWER_WITHIN);
             lock(&inner.lag_clients).insert(group, Some(client));
             lag
         })
@@ -408,7 +407,7 @@ impl Binder for KafkaBinder {
             .inner
             .settings
             .connection_timeout
-            .min(Duration::from_secs(4));
+            .min(HEALTH_ANSWER_WITHIN);
         let brokers = redact_uri(&self.inner.settings.brokers);
         let topic = self.inner.health_topic.get().cloned();
         let answered = tokio::task::spawn_blocking(move || {

@@ -4,6 +4,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use async_trait::async_trait;
+use bindery_core::binder::{HEALTH_ANSWER_WITHIN, LAG_ANSWER_WITHIN, PAUSE_ANSWER_WITHIN};
 use bindery_core::config::Problems;
 use bindery_core::redact::redact_uri;
 use bindery_core::{
@@ -132,8 +133,6 @@ struct Topology {
 /// How long a publish may wait to be written, and then for its confirm, before it is a failed
 /// send (which the core sends again).
 const PUBLISH_TIMEOUT: Duration = Duration::from_secs(30);
-/// How long a pause (or a resume) may take, within the core's five seconds.
-const PAUSE_WITHIN: Duration = Duration::from_secs(4);
 
 /// The routing key of partition `partition` of `destination`, as Spring Cloud Stream names it.
 fn partition_routing_key(destination: &str, partition: u32) -> String {
@@ -860,7 +859,7 @@ impl Binder for RabbitBinder {
             .inner
             .settings
             .connection_timeout
-            .min(Duration::from_secs(2));
+            .min(LAG_ANSWER_WITHIN);
         tokio::time::timeout(within, async {
             // A passive declaration of a missing queue closes its channel: a channel of its own.
             let probe = self.open_channel(Role::Consume).await.ok()?;
@@ -891,12 +890,12 @@ impl Binder for RabbitBinder {
         if self.inner.closed.load(Ordering::Acquire) {
             return Health::down("the binder was closed");
         }
-        // Within the core's five seconds for a health check, whatever the connection timeout.
+        // Within the time the core gives a health check, whatever the connection timeout.
         let within = self
             .inner
             .settings
             .connection_timeout
-            .min(Duration::from_secs(4));
+            .min(HEALTH_ANSWER_WITHIN);
         let probe = async {
             let connected = self
                 .inner
@@ -1055,10 +1054,10 @@ impl Subscription for RabbitSubscription {
 
     /// Cancels the consumer, so the broker keeps the queue for the group's other consumers,
     /// and hands back (`basic.nack`, requeued) what it had prefetched that the core did not
-    /// take; all within [`PAUSE_WITHIN`], inside the core's limit.
+    /// take; all within [`PAUSE_ANSWER_WITHIN`], inside the core's limit.
     async fn pause(&mut self) {
-        let deadline = tokio::time::Instant::now() + PAUSE_WITHIN;
-        if self.ended || self.cancelled || !self.cancel_within(PAUSE_WITHIN / 2).await {
+        let deadline = tokio::time::Instant::now() + PAUSE_ANSWER_WITHIN;
+        if self.ended || self.cancelled || !self.cancel_within(PAUSE_ANSWER_WITHIN / 2).await {
             return;
         }
         self.paused = true;
@@ -1089,7 +1088,7 @@ impl Subscription for RabbitSubscription {
         self.cancelled = false;
         self.ended = true;
         let consuming = self.binder.start_consumer(&self.channel, &self.topology);
-        match tokio::time::timeout(PAUSE_WITHIN / 2, consuming).await {
+        match tokio::time::timeout(PAUSE_ANSWER_WITHIN / 2, consuming).await {
             Ok(Ok(consumer)) => {
                 self.consumer = consumer;
                 self.ended = false;
@@ -1104,7 +1103,9 @@ impl Subscription for RabbitSubscription {
                 let closing = self
                     .channel
                     .close(200, "consumer not started in time".into());
-                tokio::time::timeout(PAUSE_WITHIN / 2, closing).await.ok();
+                tokio::time::timeout(PAUSE_ANSWER_WITHIN / 2, closing)
+                    .await
+                    .ok();
             }
         }
     }

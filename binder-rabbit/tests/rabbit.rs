@@ -1104,16 +1104,13 @@ group = "g"
         // With its consumer still there, the broker would push 100 of them to it (the prefetch
         // is 250) and none would be ready in the queue.
         let group = ConsumerSpec::new(destination.clone(), Some("g"));
-        let deadline = Instant::now() + Duration::from_secs(30);
-        let mut ready = binder.lag(&group).await;
-        while ready != Some(100) {
-            assert!(
-                Instant::now() < deadline,
-                "the queue keeps {ready:?} ready, not the 100 sent while paused"
-            );
-            tokio::time::sleep(Duration::from_millis(100)).await;
-            ready = binder.lag(&group).await;
-        }
+        ready_reaches(
+            &binder,
+            &group,
+            100,
+            "the 100 sent while paused wait in the queue",
+        )
+        .await;
         assert!(
             seen.lock().unwrap().is_empty(),
             "a paused binding handled a message"
@@ -1186,25 +1183,16 @@ consumer.max-in-flight = 5
                 .expect("send");
         }
         let group = ConsumerSpec::new(destination.clone(), Some("g"));
-        let ready_reaches = |wanted: u64, what: &'static str| {
-            let (binder, group) = (binder.clone(), group.clone());
-            async move {
-                let deadline = Instant::now() + Duration::from_secs(30);
-                let mut ready = binder.lag(&group).await;
-                while ready != Some(wanted) {
-                    assert!(
-                        Instant::now() < deadline,
-                        "{what}: {ready:?} ready, not {wanted}"
-                    );
-                    tokio::time::sleep(Duration::from_millis(100)).await;
-                    ready = binder.lag(&group).await;
-                }
-            }
-        };
-        ready_reaches(0, "the client prefetched every message").await;
+        ready_reaches(&binder, &group, 0, "the client prefetched every message").await;
         app.pause_binding("sink-in-0").await.expect("paused");
         // The binding keeps the 5 it took (one in the handler); the other 95 go back.
-        ready_reaches(95, "the prefetched messages went back to the queue").await;
+        ready_reaches(
+            &binder,
+            &group,
+            95,
+            "the prefetched messages went back to the queue",
+        )
+        .await;
 
         // The connection lost while paused: the resume reconnects. The 5 the binding held
         // come again (their channel closed), so duplicates are allowed here; losses are not.
@@ -1227,9 +1215,23 @@ consumer.max-in-flight = 5
             );
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
-        ready_reaches(0, "the queue drained after the resume").await;
+        ready_reaches(&binder, &group, 0, "the queue drained after the resume").await;
         binder.close().await.ok();
         app.shutdown().await.expect("shutdown");
     })
     .await
+}
+
+/// Waits, within 30 s, until the queue of `group` has `wanted` messages ready.
+async fn ready_reaches(binder: &RabbitBinder, group: &ConsumerSpec, wanted: u64, what: &str) {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let mut ready = binder.lag(group).await;
+    while ready != Some(wanted) {
+        assert!(
+            Instant::now() < deadline,
+            "{what}: {ready:?} ready, not {wanted}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        ready = binder.lag(group).await;
+    }
 }

@@ -202,7 +202,8 @@ async fn until(deadline: Option<Instant>) {
 const AT_HAND_PER_TURN: usize = 16;
 
 /// How long a subscription may take to pause or resume.
-const PAUSE_LIMIT: Duration = Duration::from_secs(5);
+const PAUSE_LIMIT: Duration =
+    crate::binder::PAUSE_ANSWER_WITHIN.saturating_add(Duration::from_secs(1));
 /// How long a subscription may take to answer [`Subscription::drain`].
 const DRAIN_REQUEST_LIMIT: Duration = Duration::from_secs(5);
 type Shared = Arc<tokio::sync::Mutex<Box<dyn Subscription>>>;

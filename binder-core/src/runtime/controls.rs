@@ -15,9 +15,11 @@ use crate::binder::{Binder, Health};
 use crate::Error;
 
 /// How long a binder may take to say whether its broker is reachable.
-const HEALTH_WITHIN: Duration = Duration::from_secs(5);
+const HEALTH_WITHIN: Duration =
+    crate::binder::HEALTH_ANSWER_WITHIN.saturating_add(Duration::from_secs(1));
 /// How long a binder may take to tell a binding's consumer lag.
-const LAG_WITHIN: Duration = Duration::from_secs(2);
+const LAG_WITHIN: Duration =
+    crate::binder::LAG_ANSWER_WITHIN.saturating_add(Duration::from_millis(500));
 
 /// The handle on a running application's bindings and health, to share with whatever watches
 /// and steers it from outside (cheap to clone; every clone controls the same application).

@@ -26,8 +26,7 @@ pub(crate) fn can_control_server() -> bool {
             .status()
             .is_ok_and(|s| s.success());
     if !works {
-        if std::env::var_os("CI").is_some() || std::env::var_os("BINDERY_REQUIRE_BROKERS").is_some()
-        {
+        if bindery_core::testing::broker_tests_required() {
             panic!("this test needs `rabbitmqctl` for the local RabbitMQ server");
         }
         bindery_core::testing::shout("!!!!!!!! SKIPPING A RabbitMQ TEST THAT CONTROLS THE SERVER: rabbitmqctl cannot reach a local server !!!!!!!!");
