@@ -257,7 +257,8 @@ pub trait Subscription: Send + fmt::Debug {
 /// Sends messages to one destination.
 ///
 /// The core keeps many messages in flight: it hands each message over with
-/// [`Producer::enqueue`] as soon as it was produced, in order, and awaits the returned
+/// [`Producer::try_enqueue`] or [`Producer::enqueue`] as soon as it was produced, in order,
+/// and awaits the returned
 /// [`Confirmation`] in the background. A binder only has to make two promises: messages
 /// enqueued one after another are sent in that order, and a confirmation resolves to `Ok`
 /// only once the broker has taken responsibility for the message.
@@ -272,6 +273,20 @@ pub trait Producer: Send + Sync + fmt::Debug {
     /// confirmation to await. An error here (or from the confirmation) is a failed send: the
     /// core sends the message again later, unless the error [is permanent](Error::is_permanent).
     async fn enqueue(&self, message: &Message) -> Result<Confirmation, Error>;
+
+    /// Hands `message` over as [`enqueue`](Self::enqueue) does, when the client can take it
+    /// without waiting; `None` (and nothing sent) when it cannot now, and the core calls
+    /// `enqueue` for it and for every message after it in the same batch. A client that takes
+    /// messages synchronously (an in-process queue, a local buffer with room) saves the core a
+    /// future per message. The default never can.
+    ///
+    /// The order promise covers both methods: while an `enqueue` on this producer is still
+    /// waiting, `try_enqueue` must answer `None`, so no message overtakes one handed over
+    /// before it.
+    fn try_enqueue(&self, message: &Message) -> Option<Result<Confirmation, Error>> {
+        let _ = message;
+        None
+    }
 
     /// Sends `message`, returning once the broker has confirmed it (or it failed).
     async fn send(&self, message: Message) -> Result<(), Error> {
@@ -331,10 +346,12 @@ impl Future for Confirmation {
 
 /// Settles one received message with its broker.
 ///
-/// The core calls exactly one of the two, once per message:
-/// - [`ack`](Acknowledgement::ack) ("done") once the handler succeeded and every message it
-///   produced was confirmed, or once the message was dead-lettered and the dead letter was
-///   confirmed (or, without a DLQ, logged). Nothing else acknowledges.
+/// The core settles each message once, one of two ways:
+/// - [`ack`](Acknowledgement::ack) ("done"), or [`try_ack`](Acknowledgement::try_ack) first
+///   where the binder can acknowledge without waiting (and `ack` only if that answers `None`),
+///   once the handler succeeded and every message it produced was confirmed, or once the
+///   message was dead-lettered and the dead letter was confirmed (or, without a DLQ, logged).
+///   Nothing else acknowledges.
 /// - [`requeue`](Acknowledgement::requeue) ("deliver again") when the binding stops with the
 ///   message unfinished (shutdown, or a send that never got through). Retries while running
 ///   happen inside the core and never reach the binder.
@@ -350,6 +367,20 @@ pub trait Acknowledgement: Send + fmt::Debug {
     /// The message was not handled: the broker delivers it again later.
     /// Dropping an acknowledgement without settling it must have the same effect.
     async fn requeue(self: Box<Self>) -> Result<(), Error>;
+
+    /// Acknowledges as [`ack`](Self::ack) does, when that needs no waiting (a client that
+    /// records acknowledgements in memory), saving the core a future per message:
+    /// - `Some(Ok(()))`: the message is acknowledged; dropping the acknowledgement afterwards
+    ///   does nothing more.
+    /// - `Some(Err(_))`: acknowledging failed, as when `ack` fails; the core logs it, settles
+    ///   nothing else for the message and leaves its redelivery to the broker.
+    /// - `None`: nothing was done and the acknowledgement is as it was; the core calls `ack`.
+    ///
+    /// The core asks it only of subscriptions that do not
+    /// [acknowledge in order](Subscription::acknowledges_in_order). The default waits.
+    fn try_ack(&mut self) -> Option<Result<(), Error>> {
+        None
+    }
 }
 
 /// A received message and the means to settle it.

@@ -338,6 +338,54 @@ impl Suite {
         .await;
     }
 
+    /// A message acknowledged is gone for its group: the group's next consumer gets what was
+    /// sent after it. It is sent with [`Producer::try_enqueue`](crate::Producer::try_enqueue)
+    /// and settled with [`Acknowledgement::try_ack`](crate::binder::Acknowledgement::try_ack)
+    /// where the binder offers them (as the core
+    /// does), and the acknowledgement is dropped after `try_ack`, which must not hand the
+    /// message back.
+    pub async fn an_acknowledged_message_is_not_delivered_again(&self) {
+        let binder = self.binder().await;
+        let destination = unique("acked");
+        let group = unique("acked");
+        let mut first = subscribe(&binder, &destination, Some(&group)).await;
+        let producer = producer(&binder, &destination).await;
+        let done = Message::new(Bytes::from_static(b"done"));
+        let confirmation = match producer.try_enqueue(&done) {
+            Some(taken) => taken,
+            None => producer.enqueue(&done).await,
+        };
+        confirmation.expect("enqueue").await.expect("confirm");
+        let delivery = self.receive_one(&mut first).await;
+        assert_eq!(&delivery.message.payload()[..], b"done");
+        let mut acknowledgement = delivery.acknowledgement;
+        match acknowledgement.try_ack() {
+            Some(settled) => {
+                settled.expect("try_ack");
+                // Dropped before the consumer goes: what is left must not hand the message back.
+                drop(acknowledgement);
+            }
+            None => acknowledgement.ack().await.expect("ack"),
+        }
+        first.close().await.expect("close");
+        // Sent after the first consumer went, so it starts a batch of its own on any broker.
+        producer
+            .send(Message::new(Bytes::from_static(b"next")))
+            .await
+            .expect("send");
+        let mut second = subscribe(&binder, &destination, Some(&group)).await;
+        let next = self.receive_one(&mut second).await;
+        assert_eq!(
+            String::from_utf8_lossy(next.message.payload()),
+            "next",
+            "an acknowledged message must not come again"
+        );
+        next.acknowledgement.ack().await.expect("ack");
+        self.expect_nothing(&mut second, self.quiet, "again after it was acknowledged")
+            .await;
+        binder.close().await.ok();
+    }
+
     /// Sends one message to a group, lets `hand_back` settle it without acknowledging it, closes
     /// that consumer, and checks that the group's next consumer gets the message.
     async fn comes_back_to_its_group<F, Fut>(&self, case: &str, hand_back: F)
@@ -569,8 +617,8 @@ destination = "{output}""#
         binder.close().await.ok();
     }
 
-    /// A backlog sent before the application starts drains through a function at default
-    /// settings: every message once, in order within each key.
+    /// A backlog sent before the application starts drains through a function with a window
+    /// of 7: every message once, in order within each key.
     pub async fn a_backlog_drains_in_order_within_each_key(&self) {
         let binder = self.binder().await;
         let input = unique("backlog-in");
@@ -584,6 +632,9 @@ destination = "{output}""#
             r#"[stream.bindings.conformance-backlog-in-0]
 destination = "{input}"
 group = "{forwarders}"
+# A window far smaller than the backlog: each settled message must give its place back, or
+# the drain stalls.
+consumer.max-in-flight = 7
 [stream.bindings.conformance-backlog-out-0]
 destination = "{output}""#
         );
@@ -1327,6 +1378,7 @@ macro_rules! conformance_tests {
             headers_key_and_content_type_round_trip,
             unacknowledged_messages_are_redelivered,
             a_requeued_message_is_delivered_again,
+            an_acknowledged_message_is_not_delivered_again,
             retries_then_dead_letter_with_failure_headers,
             nothing_is_lost_under_concurrency,
             back_off_holds_back_only_its_key,

@@ -300,14 +300,24 @@ struct MemoryProducer {
     destination: Arc<Mutex<Destination>>,
 }
 
-#[async_trait]
-impl Producer for MemoryProducer {
-    async fn enqueue(&self, message: &Message) -> Result<Confirmation, Error> {
+impl MemoryProducer {
+    fn publish(&self, message: &Message) -> Result<Confirmation, Error> {
         if !lock(&self.destination).publish(message) {
             let unroutable = MemoryError::Unroutable(self.name.clone());
             return Err(Error::binder("memory", unroutable));
         }
         Ok(Confirmation::confirmed())
+    }
+}
+
+#[async_trait]
+impl Producer for MemoryProducer {
+    async fn enqueue(&self, message: &Message) -> Result<Confirmation, Error> {
+        self.publish(message)
+    }
+
+    fn try_enqueue(&self, message: &Message) -> Option<Result<Confirmation, Error>> {
+        Some(self.publish(message))
     }
 }
 
@@ -380,6 +390,11 @@ impl Acknowledgement for MemoryAck {
     async fn requeue(mut self: Box<Self>) -> Result<(), Error> {
         self.return_to_queue();
         Ok(())
+    }
+
+    fn try_ack(&mut self) -> Option<Result<(), Error>> {
+        self.envelope = None;
+        Some(Ok(()))
     }
 }
 

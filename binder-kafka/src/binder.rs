@@ -1224,6 +1224,11 @@ impl Acknowledgement for KafkaAck {
         self.tell(false);
         Ok(())
     }
+
+    fn try_ack(&mut self) -> Option<Result<(), Error>> {
+        self.tell(true);
+        Some(Ok(()))
+    }
 }
 
 impl Drop for KafkaAck {

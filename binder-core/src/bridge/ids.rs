@@ -40,23 +40,54 @@ thread_local! {
     static ID_BLOCK: RefCell<BytesMut> = RefCell::new(BytesMut::new());
 }
 
-/// The id as header bytes, cut from a block shared with the ids made before it on this
+/// The UUID of the 128 bits `high` then `low` as header bytes, cut from a block shared with
+/// the ids made before it on this
 /// thread: an id costs no allocation of its own (ids are freed wherever their messages end,
 /// often on another thread, where a small allocation each is what costs most).
-fn uuid_bytes(uuid: Uuid) -> Bytes {
-    const LENGTH: usize = uuid::fmt::Hyphenated::LENGTH;
-    let mut text = [0u8; LENGTH];
-    uuid.hyphenated().encode_lower(&mut text);
+fn uuid_bytes(high: u64, low: u64) -> Bytes {
+    let text = hyphenated(high, low);
     let cut = ID_BLOCK.try_with(|block| {
         let mut block = block.borrow_mut();
-        if block.capacity() - block.len() < LENGTH {
-            *block = BytesMut::with_capacity(LENGTH * IDS_PER_BLOCK);
+        if block.capacity() - block.len() < UUID_LENGTH {
+            *block = BytesMut::with_capacity(UUID_LENGTH * IDS_PER_BLOCK);
         }
         block.extend_from_slice(&text);
         block.split().freeze()
     });
     // A thread's locals are gone while it exits: an id made then has an allocation of its own.
     cut.unwrap_or_else(|_| Bytes::from_owner(text))
+}
+
+/// A UUID's text: `8-4-4-4-12` lowercase hex digits.
+const UUID_LENGTH: usize = 36;
+
+/// The UUID text of the 128 bits `high` then `low`, as [`Uuid`]'s hyphenated lowercase form
+/// writes it: ids are made for every message, so eight digits are made at once.
+fn hyphenated(high: u64, low: u64) -> [u8; UUID_LENGTH] {
+    let mut text = [b'-'; UUID_LENGTH];
+    let [a, b, c] = [(high >> 32) as u32, high as u32, (low >> 32) as u32];
+    text[0..8].copy_from_slice(&hex_digits(a));
+    let b = hex_digits(b);
+    text[9..13].copy_from_slice(&b[..4]);
+    text[14..18].copy_from_slice(&b[4..]);
+    let c = hex_digits(c);
+    text[19..23].copy_from_slice(&c[..4]);
+    text[24..28].copy_from_slice(&c[4..]);
+    text[28..36].copy_from_slice(&hex_digits(low as u32));
+    text
+}
+
+/// The eight lowercase hex digits of `value`, computed for all eight at once: each nibble is
+/// spread to a byte of its own, then turned into its digit.
+fn hex_digits(value: u32) -> [u8; 8] {
+    let mut spread = u64::from(value);
+    spread = ((spread & 0xffff_0000) << 16) | (spread & 0xffff);
+    spread = ((spread & 0x0000_ff00_0000_ff00) << 8) | (spread & 0x0000_00ff_0000_00ff);
+    spread = ((spread & 0x00f0_00f0_00f0_00f0) << 4) | (spread & 0x000f_000f_000f_000f);
+    // 1 in each byte whose nibble is 10 or more: it becomes a letter.
+    let letters = ((spread + 0x0606_0606_0606_0606) >> 4) & 0x0101_0101_0101_0101;
+    let digits = spread + 0x3030_3030_3030_3030 + letters * u64::from(b'a' - b'0' - 10);
+    digits.to_be_bytes()
 }
 
 /// A new unique id: a random prefix drawn once per process and a counter, so no message pays
@@ -66,27 +97,33 @@ pub(crate) fn new_message_id() -> MessageId {
     static COUNTER: AtomicU64 = AtomicU64::new(0);
     let prefix = *PREFIX.get_or_init(|| Uuid::new_v4().as_u64_pair().0);
     let count = COUNTER.fetch_add(1, Ordering::Relaxed);
-    MessageId(uuid_bytes(Uuid::from_u64_pair(prefix, count)))
+    MessageId(uuid_bytes(prefix, count))
 }
 
 /// The id of output number `index` of the input `input_id`: the same on every attempt and
 /// every redelivery, whatever process handles it.
 pub(crate) fn output_id(input_id: &MessageId, index: usize) -> MessageId {
-    let high = fnv1a(0xcbf2_9ce4_8422_2325, &input_id.0, index);
-    let low = fnv1a(0x6c62_272e_07bb_0142, &input_id.0, index);
-    MessageId(uuid_bytes(Uuid::from_u64_pair(high, low)))
+    let (high, low) = fnv1a_pair(&input_id.0, index);
+    MessageId(uuid_bytes(high, low))
 }
 
-/// FNV-1a over `bytes` then `index`, from `seed`: stable across Rust versions and platforms.
-fn fnv1a(seed: u64, bytes: &[u8], index: usize) -> u64 {
+/// FNV-1a over `bytes` then `index`, from two seeds at once: stable across Rust versions and
+/// platforms.
+fn fnv1a_pair(bytes: &[u8], index: usize) -> (u64, u64) {
     const PRIME: u64 = 0x0000_0100_0000_01b3;
-    bytes
-        .iter()
-        .copied()
-        .chain((index as u64).to_le_bytes())
-        .fold(seed, |hash, byte| {
-            (hash ^ u64::from(byte)).wrapping_mul(PRIME)
-        })
+    let mut high: u64 = 0xcbf2_9ce4_8422_2325;
+    let mut low: u64 = 0x6c62_272e_07bb_0142;
+    let mut add = |byte: u8| {
+        high = (high ^ u64::from(byte)).wrapping_mul(PRIME);
+        low = (low ^ u64::from(byte)).wrapping_mul(PRIME);
+    };
+    for byte in bytes {
+        add(*byte);
+    }
+    for byte in (index as u64).to_le_bytes() {
+        add(byte);
+    }
+    (high, low)
 }
 
 #[cfg(test)]
@@ -100,6 +137,24 @@ mod tests {
         assert_ne!(output_id(&id("order-1"), 0), output_id(&id("order-1"), 1));
         assert_ne!(output_id(&id("order-1"), 0), output_id(&id("order-2"), 0));
         assert_ne!(new_message_id(), new_message_id());
+    }
+
+    #[test]
+    fn ids_are_written_as_uuid_writes_them() {
+        let cases = [
+            (0, 0),
+            (u64::MAX, u64::MAX),
+            (0x0123_4567_89ab_cdef, 0xfedc_ba98_7654_3210),
+            (0x172933e93b8e780d, 0x590013c2bfd1434c),
+            (0x0a1b_2c3d_4e5f_6a7b, 0x8c9d_aebf_c0d1_e2f3),
+            (0x9999_aaaa_ffff_0000, 0xa0b0_c0d0_e0f0_0909),
+        ];
+        let more = (0..64u64).map(|n| (n.wrapping_mul(0x9e37_79b9_7f4a_7c15), !n << (n % 61)));
+        for (high, low) in cases.into_iter().chain(more) {
+            let expected = Uuid::from_u64_pair(high, low).hyphenated().to_string();
+            assert_eq!(&hyphenated(high, low)[..], expected.as_bytes());
+            assert_eq!(&uuid_bytes(high, low)[..], expected.as_bytes());
+        }
     }
 
     #[test]

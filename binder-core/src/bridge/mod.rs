@@ -21,7 +21,7 @@ use crate::partition::PartitionSelector;
 use crate::{Error, Headers, Message};
 pub(crate) use ids::{new_message_id, output_id, MessageId};
 use send::stamp;
-pub(crate) use send::{all_confirmed, confirm_all, enqueue_all, Sendings};
+pub(crate) use send::{all_confirmed, confirm_all, enqueue_all, enqueue_at_once, Sendings};
 
 tokio::task_local! {
     /// What the input message whose handler runs on this task hands on to what it sends.
@@ -230,7 +230,8 @@ impl Output {
                 message
             })
             .collect();
-        let sendings = enqueue_all(&self.producer, &self.destination, messages).await;
+        let (sendings, rest) = enqueue_at_once(&self.producer, &self.destination, messages);
+        let sendings = enqueue_all(&self.producer, &self.destination, sendings, rest).await;
         match confirm_all(sendings).await.into_iter().next() {
             Some((_, error)) => Err(error),
             None => Ok(()),

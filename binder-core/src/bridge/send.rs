@@ -23,27 +23,68 @@ pub(crate) struct Sending {
 /// The sends of one handler call: most calls produce one message, kept inline.
 pub(crate) type Sendings = SmallVec<[Sending; 1]>;
 
-/// Hands `messages` to `producer` one after the other, so they are sent in this order.
+/// Hands `messages` to `producer` in order, as far as it takes them without waiting (see
+/// [`Producer::try_enqueue`]): the sends made, and the messages left for [`enqueue_all`], from
+/// the first one it could not take at once. A producer that never takes messages at once costs
+/// nothing here: its messages come back as they were.
+pub(crate) fn enqueue_at_once(
+    producer: &Arc<dyn Producer>,
+    destination: &str,
+    messages: Vec<Message>,
+) -> (Sendings, Vec<Message>) {
+    // Asked of the first by reference: most producers take all or none at once.
+    let first = match messages.first() {
+        Some(first) => try_enqueue(producer, destination, first),
+        None => None,
+    };
+    let Some(first) = first else {
+        return (Sendings::new(), messages);
+    };
+    let mut sendings = Sendings::with_capacity(messages.len());
+    let mut messages = messages.into_iter();
+    let mut confirmation = Some(first);
+    while let Some(message) = messages.next() {
+        let taken = confirmation
+            .take()
+            .or_else(|| try_enqueue(producer, destination, &message));
+        match taken {
+            Some(confirmation) => sendings.push(Sending {
+                message,
+                confirmation,
+            }),
+            None => return (sendings, std::iter::once(message).chain(messages).collect()),
+        }
+    }
+    (sendings, Vec::new())
+}
+
+/// [`Producer::try_enqueue`], where a panic refuses the message for good.
+fn try_enqueue(
+    producer: &Arc<dyn Producer>,
+    destination: &str,
+    message: &Message,
+) -> Option<Result<Confirmation, Error>> {
+    std::panic::catch_unwind(AssertUnwindSafe(|| producer.try_enqueue(message)))
+        .unwrap_or_else(|panic| Some(Err(panicked(destination, &*panic))))
+}
+
+/// Hands `messages` to `producer` one after the other, after the `sendings` already made, so
+/// they are sent in this order.
 /// A producer that panics refuses the message for good rather than taking the binding down.
 pub(crate) async fn enqueue_all(
     producer: &Arc<dyn Producer>,
     destination: &str,
+    mut sendings: Sendings,
     messages: Vec<Message>,
 ) -> Sendings {
-    let mut sendings = Sendings::with_capacity(messages.len());
+    sendings.reserve(messages.len());
     for message in messages {
         let confirmation = match AssertUnwindSafe(producer.enqueue(&message))
             .catch_unwind()
             .await
         {
             Ok(confirmation) => confirmation,
-            Err(panic) => Err(Error::refused(
-                destination,
-                format!(
-                    "sending to `{destination}` panicked: {}",
-                    panic_text(&*panic)
-                ),
-            )),
+            Err(panic) => Err(panicked(destination, &*panic)),
         };
         sendings.push(Sending {
             message,
@@ -51,6 +92,14 @@ pub(crate) async fn enqueue_all(
         });
     }
     sendings
+}
+
+/// The permanent refusal a panicking producer amounts to.
+fn panicked(destination: &str, panic: &(dyn std::any::Any + Send)) -> Error {
+    Error::refused(
+        destination,
+        format!("sending to `{destination}` panicked: {}", panic_text(panic)),
+    )
 }
 
 /// Whether every send was confirmed already (a broker that takes messages synchronously), so
@@ -84,4 +133,130 @@ pub(crate) fn stamp(message: &mut Message, id: impl FnOnce() -> MessageId, linea
         headers.set_static(header::MESSAGE_ID, id().bytes().clone());
     }
     lineage.hand_on(headers);
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Mutex;
+
+    use async_trait::async_trait;
+    use bytes::Bytes;
+
+    use super::*;
+
+    /// Answers `try_enqueue` for the n-th message as `script[n]` says: taken at once, not now,
+    /// or a panic; records how each message was sent.
+    #[derive(Debug)]
+    struct Scripted {
+        script: Vec<&'static str>,
+        tried: Mutex<usize>,
+        sent: Mutex<Vec<(String, &'static str)>>,
+    }
+
+    impl Scripted {
+        fn new(script: &[&'static str]) -> Arc<Self> {
+            Arc::new(Scripted {
+                script: script.to_vec(),
+                tried: Mutex::new(0),
+                sent: Mutex::new(Vec::new()),
+            })
+        }
+
+        fn record(&self, message: &Message, how: &'static str) {
+            self.sent.lock().unwrap().push((text(message), how));
+        }
+
+        fn sent(&self) -> Vec<(String, &'static str)> {
+            self.sent.lock().unwrap().clone()
+        }
+    }
+
+    fn text(message: &Message) -> String {
+        String::from_utf8_lossy(message.payload()).into_owned()
+    }
+
+    #[async_trait]
+    impl Producer for Scripted {
+        async fn enqueue(&self, message: &Message) -> Result<Confirmation, Error> {
+            self.record(message, "enqueue");
+            Ok(Confirmation::confirmed())
+        }
+
+        fn try_enqueue(&self, message: &Message) -> Option<Result<Confirmation, Error>> {
+            let n = {
+                let mut tried = self.tried.lock().unwrap();
+                *tried += 1;
+                *tried - 1
+            };
+            match self.script.get(n).copied() {
+                Some("at once") => {
+                    self.record(message, "at once");
+                    Some(Ok(Confirmation::confirmed()))
+                }
+                Some("panic") => panic!("the client broke"),
+                _ => None,
+            }
+        }
+    }
+
+    fn messages(texts: &[&'static str]) -> Vec<Message> {
+        texts
+            .iter()
+            .map(|text| Message::new(Bytes::from_static(text.as_bytes())))
+            .collect()
+    }
+
+    #[tokio::test]
+    async fn from_the_first_message_not_taken_at_once_everything_is_enqueued_in_order() {
+        // The producer would take "c" at once again: it is enqueued after "b", never before.
+        let scripted = Scripted::new(&["at once", "not now", "at once", "at once"]);
+        let producer: Arc<dyn Producer> = scripted.clone();
+        let (sendings, rest) = enqueue_at_once(&producer, "out", messages(&["a", "b", "c", "d"]));
+        assert_eq!((sendings.len(), rest.len()), (1, 3));
+        let sendings = enqueue_all(&producer, "out", sendings, rest).await;
+        let order: Vec<_> = sendings.iter().map(|s| text(&s.message)).collect();
+        assert_eq!(order, ["a", "b", "c", "d"]);
+        assert!(all_confirmed(&sendings));
+        let expected = [
+            ("a", "at once"),
+            ("b", "enqueue"),
+            ("c", "enqueue"),
+            ("d", "enqueue"),
+        ]
+        .map(|(text, how)| (text.to_owned(), how));
+        assert_eq!(scripted.sent(), expected);
+    }
+
+    #[tokio::test]
+    async fn a_producer_that_never_takes_messages_at_once_gets_them_all_back() {
+        let scripted = Scripted::new(&[]);
+        let producer: Arc<dyn Producer> = scripted.clone();
+        let (sendings, rest) = enqueue_at_once(&producer, "out", messages(&["a", "b"]));
+        assert!(sendings.is_empty());
+        assert_eq!(rest.iter().map(text).collect::<Vec<_>>(), ["a", "b"]);
+        assert!(
+            scripted.sent().is_empty(),
+            "nothing may be sent by a `None`"
+        );
+    }
+
+    #[tokio::test]
+    async fn a_panic_taking_a_message_at_once_refuses_it_for_good_and_the_next_goes_on() {
+        let scripted = Scripted::new(&["panic", "at once"]);
+        let producer: Arc<dyn Producer> = scripted.clone();
+        let (sendings, rest) = enqueue_at_once(&producer, "out", messages(&["a", "b"]));
+        assert!(rest.is_empty());
+        let refused = match &sendings[0].confirmation {
+            Err(error) => error,
+            Ok(_) => panic!("a panicking producer must refuse the message"),
+        };
+        assert!(refused.is_permanent(), "{refused}");
+        assert!(
+            refused.to_string().contains("the client broke"),
+            "{refused}"
+        );
+        assert_eq!(text(&sendings[1].message), "b");
+        assert!(matches!(&sendings[1].confirmation, Ok(c) if c.is_confirmed()));
+        assert_eq!(scripted.sent(), [("b".to_owned(), "at once")]);
+    }
 }

@@ -34,8 +34,8 @@ use super::settle::{settle, InOrder, Verdict};
 use super::window::Window;
 use crate::binder::{Acknowledgement, Delivery, Producer, Subscription};
 use crate::bridge::{
-    all_confirmed, confirm_all, enqueue_all, new_message_id, output_id, Correlated, Lineage,
-    MessageId, Output, Sendings,
+    all_confirmed, confirm_all, enqueue_all, enqueue_at_once, new_message_id, output_id,
+    Correlated, Lineage, MessageId, Output, Sendings,
 };
 use crate::config::ConsumerProperties;
 use crate::handler::{
@@ -590,8 +590,13 @@ impl Engine {
             (Ok(_), None) => return self.on_step(Step::Handled(item, Ok(Sendings::new()))),
             (Err(failure), _) => return self.on_step(Step::Handled(item, Err(failure))),
         };
+        // A producer that takes the outputs at once costs no job.
+        let (sendings, rest) = enqueue_at_once(&output.producer, &output.destination, messages);
+        if rest.is_empty() {
+            return self.on_step(Step::Handled(item, Ok(sendings)));
+        }
         self.push_job(Box::pin(async move {
-            let sendings = enqueue_all(&output.producer, &output.destination, messages).await;
+            let sendings = enqueue_all(&output.producer, &output.destination, sendings, rest).await;
             Step::Handled(item, Ok(sendings))
         }));
     }
@@ -680,7 +685,8 @@ impl Engine {
         };
         let letter = dead_letter(&item.message, &failure, &binding.destination, attempts);
         self.push_job(Box::pin(async move {
-            let sendings = enqueue_all(&producer, &destination, vec![letter]).await;
+            let sendings =
+                enqueue_all(&producer, &destination, Sendings::new(), vec![letter]).await;
             let failed = confirm_all(sendings).await;
             Step::Confirmed(item, Target::DeadLetter { failure, attempts }, failed)
         }));
@@ -740,19 +746,25 @@ impl Engine {
                     None => return Step::Abandoned(item),
                 },
             };
-            let sendings = enqueue_all(&producer, &destination, messages).await;
+            let sendings = enqueue_all(&producer, &destination, Sendings::new(), messages).await;
             let failed = confirm_all(sendings).await;
             Step::Confirmed(item, target, failed)
         }));
     }
 
-    fn settle(&mut self, item: InFlight, verdict: Verdict) {
+    fn settle(&mut self, mut item: InFlight, verdict: Verdict) {
         if verdict == Verdict::Ack {
             self.binding.meter.done(item.received_at);
         }
         if let Some(in_order) = &mut self.in_order {
             in_order.decide(item.sequence, item.acknowledgement, verdict);
             return self.release_in_order();
+        }
+        if verdict == Verdict::Ack {
+            if let Some(settled) = item.acknowledgement.try_ack() {
+                self.window.close(1);
+                return unsettled(&self.binding.binding, &item.id, settled);
+            }
         }
         let mut settling = settle(item.acknowledgement, verdict);
         // Most brokers settle without waiting; only those that must wait cost a job.
