@@ -376,8 +376,7 @@ pub trait Acknowledgement: Send + fmt::Debug {
     ///   nothing else for the message and leaves its redelivery to the broker.
     /// - `None`: nothing was done and the acknowledgement is as it was; the core calls `ack`.
     ///
-    /// The core asks it only of subscriptions that do not
-    /// [acknowledge in order](Subscription::acknowledges_in_order). The default waits.
+    /// The default waits.
     fn try_ack(&mut self) -> Option<Result<(), Error>> {
         None
     }

@@ -32,30 +32,23 @@ pub(crate) fn enqueue_at_once(
     destination: &str,
     messages: Vec<Message>,
 ) -> (Sendings, Vec<Message>) {
-    // Asked of the first by reference: most producers take all or none at once.
-    let first = match messages.first() {
-        Some(first) => try_enqueue(producer, destination, first),
-        None => None,
-    };
-    let Some(first) = first else {
-        return (Sendings::new(), messages);
-    };
-    let mut sendings = Sendings::with_capacity(messages.len());
+    let mut sendings = Sendings::new();
     let mut messages = messages.into_iter();
-    let mut confirmation = Some(first);
-    while let Some(message) = messages.next() {
-        let taken = confirmation
-            .take()
-            .or_else(|| try_enqueue(producer, destination, &message));
-        match taken {
-            Some(confirmation) => sendings.push(Sending {
+    // Each is asked by reference, and moved only once taken.
+    while let Some(confirmation) = messages
+        .as_slice()
+        .first()
+        .and_then(|next| try_enqueue(producer, destination, next))
+    {
+        if let Some(message) = messages.next() {
+            sendings.push(Sending {
                 message,
                 confirmation,
-            }),
-            None => return (sendings, std::iter::once(message).chain(messages).collect()),
+            });
         }
     }
-    (sendings, Vec::new())
+    // Collected in place: the rest keep the batch's allocation.
+    (sendings, messages.collect())
 }
 
 /// [`Producer::try_enqueue`], where a panic refuses the message for good.

@@ -30,7 +30,7 @@ use tokio::time::Instant;
 use super::lanes::Lanes;
 use super::lifecycle::{BindingState, Steering, Wanted};
 use super::meter::{InFlightMark, Meter, Stamp};
-use super::settle::{settle, InOrder, Verdict};
+use super::settle::{settle, InOrder, Settling, Verdict};
 use super::window::Window;
 use crate::binder::{Acknowledgement, Delivery, Producer, Subscription};
 use crate::bridge::{
@@ -752,7 +752,7 @@ impl Engine {
         }));
     }
 
-    fn settle(&mut self, mut item: InFlight, verdict: Verdict) {
+    fn settle(&mut self, item: InFlight, verdict: Verdict) {
         if verdict == Verdict::Ack {
             self.binding.meter.done(item.received_at);
         }
@@ -760,18 +760,13 @@ impl Engine {
             in_order.decide(item.sequence, item.acknowledgement, verdict);
             return self.release_in_order();
         }
-        if verdict == Verdict::Ack {
-            if let Some(settled) = item.acknowledgement.try_ack() {
+        let settling = match settle(item.acknowledgement, verdict) {
+            Settling::Done(settled) => {
                 self.window.close(1);
                 return unsettled(&self.binding.binding, &item.id, settled);
             }
-        }
-        let mut settling = settle(item.acknowledgement, verdict);
-        // Most brokers settle without waiting; only those that must wait cost a job.
-        if let Some(settled) = (&mut settling).now_or_never() {
-            self.window.close(1);
-            return unsettled(&self.binding.binding, &item.id, settled);
-        }
+            Settling::Waiting(settling) => settling,
+        };
         let binding = self.binding.binding.clone();
         let id = item.id;
         self.jobs.push(Box::pin(async move {
@@ -800,7 +795,7 @@ impl Engine {
         self.push_job(Box::pin(async move {
             let count = batch.len();
             for (acknowledgement, verdict) in batch {
-                if let Err(error) = settle(acknowledgement, verdict).await {
+                if let Err(error) = settle(acknowledgement, verdict).finish().await {
                     tracing::warn!(%binding, %error, "settling a message with the broker failed; it may be delivered again");
                 }
             }

@@ -8,6 +8,7 @@
 use std::collections::BTreeMap;
 
 use futures::future::BoxFuture;
+use futures::FutureExt;
 
 use crate::binder::Acknowledgement;
 use crate::Error;
@@ -21,14 +22,38 @@ pub(crate) enum Verdict {
     Requeue,
 }
 
-/// Settles one message with its broker.
-pub(crate) fn settle(
-    acknowledgement: Box<dyn Acknowledgement>,
-    verdict: Verdict,
-) -> BoxFuture<'static, Result<(), Error>> {
-    match verdict {
+/// A settlement: done at once, or still to await.
+pub(crate) enum Settling {
+    Done(Result<(), Error>),
+    Waiting(BoxFuture<'static, Result<(), Error>>),
+}
+
+impl Settling {
+    /// The broker's answer, waiting for it if it has not come.
+    pub(crate) async fn finish(self) -> Result<(), Error> {
+        match self {
+            Settling::Done(settled) => settled,
+            Settling::Waiting(settling) => settling.await,
+        }
+    }
+}
+
+/// Settles one message with its broker: without a future where the acknowledgement can
+/// ([`Acknowledgement::try_ack`]), otherwise as far as its future goes at once.
+pub(crate) fn settle(mut acknowledgement: Box<dyn Acknowledgement>, verdict: Verdict) -> Settling {
+    if verdict == Verdict::Ack {
+        if let Some(settled) = acknowledgement.try_ack() {
+            return Settling::Done(settled);
+        }
+    }
+    let mut settling = match verdict {
         Verdict::Ack => acknowledgement.ack(),
         Verdict::Requeue => acknowledgement.requeue(),
+    };
+    // Most brokers settle without waiting; only those that must wait cost a job.
+    match (&mut settling).now_or_never() {
+        Some(settled) => Settling::Done(settled),
+        None => Settling::Waiting(settling),
     }
 }
 
