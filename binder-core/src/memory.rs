@@ -75,26 +75,17 @@ impl Destination {
     /// Hands what was kept to a consumer's new queue.
     fn hand_over_kept(&mut self, queue: &Queue) {
         for message in self.kept.drain(..) {
-            queue.push_back(Envelope {
-                message,
-                redelivered: false,
-            });
+            queue.push_back(message);
         }
     }
 }
 
 #[derive(Debug, Default)]
 struct Queue {
-    ready: Mutex<VecDeque<Envelope>>,
+    ready: Mutex<VecDeque<Box<MemoryAck>>>,
     available: Notify,
     /// The one partition this queue receives; `None` for every message.
     partition: Option<u32>,
-}
-
-#[derive(Debug)]
-struct Envelope {
-    message: Message,
-    redelivered: bool,
 }
 
 fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -116,18 +107,19 @@ impl Queue {
         self.partition.is_none() || self.partition == message.partition()
     }
 
-    fn push_back(&self, envelope: Envelope) {
-        lock(&self.ready).push_back(envelope);
+    fn push_back(&self, message: Message) {
+        let queued = MemoryAck::queued(message, false);
+        lock(&self.ready).push_back(queued);
         self.available.notify_one();
     }
 
-    fn push_front(&self, envelope: Envelope) {
-        lock(&self.ready).push_front(envelope);
+    fn push_front(&self, queued: Box<MemoryAck>) {
+        lock(&self.ready).push_front(queued);
         self.available.notify_one();
     }
 
     /// The first message waiting, if any.
-    fn try_pop(&self) -> Option<Envelope> {
+    fn try_pop(&self) -> Option<Box<MemoryAck>> {
         let (next, more) = {
             let mut ready = lock(&self.ready);
             (ready.pop_front(), !ready.is_empty())
@@ -139,10 +131,10 @@ impl Queue {
         next
     }
 
-    async fn pop(&self) -> Envelope {
+    async fn pop(&self) -> Box<MemoryAck> {
         loop {
-            if let Some(envelope) = self.try_pop() {
-                return envelope;
+            if let Some(queued) = self.try_pop() {
+                return queued;
             }
             self.available.notified().await;
         }
@@ -224,10 +216,7 @@ impl Destination {
         }
         for queue in self.groups.values().chain(self.anonymous.values()) {
             if queue.receives(message) {
-                queue.push_back(Envelope {
-                    message: message.clone(),
-                    redelivered: false,
-                });
+                queue.push_back(message.clone());
                 received = true;
             }
         }
@@ -331,28 +320,28 @@ struct MemorySubscription {
 #[async_trait]
 impl Subscription for MemorySubscription {
     async fn next(&mut self) -> Option<Result<Delivery, Error>> {
-        let envelope = self.queue.pop().await;
-        Some(Ok(self.delivery(envelope)))
+        let queued = self.queue.pop().await;
+        Some(Ok(self.delivery(queued)))
     }
 
     fn try_next(&mut self) -> Option<Result<Delivery, Error>> {
-        let envelope = self.queue.try_pop()?;
-        Some(Ok(self.delivery(envelope)))
+        let queued = self.queue.try_pop()?;
+        Some(Ok(self.delivery(queued)))
     }
 }
 
 impl MemorySubscription {
-    fn delivery(&self, envelope: Envelope) -> Delivery {
+    /// Delivers a copy of the message; its box, moved rather than copied, becomes the
+    /// acknowledgement, which keeps the message until it is settled.
+    fn delivery(&self, mut queued: Box<MemoryAck>) -> Delivery {
         // As from a broker: what partition a message was sent to is the sender's business.
-        let mut message = envelope.message.clone();
+        let mut message = queued.message.clone();
         message.set_partition(None);
+        queued.queue = Some(self.queue.clone());
         Delivery {
             message,
-            redelivered: envelope.redelivered,
-            acknowledgement: Box::new(MemoryAck {
-                queue: self.queue.clone(),
-                envelope: Some(envelope),
-            }),
+            redelivered: queued.redelivered,
+            acknowledgement: queued,
         }
     }
 }
@@ -365,42 +354,58 @@ impl Drop for MemorySubscription {
     }
 }
 
+/// A message in a queue, boxed once when it is queued: queues move the box, not the message,
+/// and the box is the acknowledgement the message is delivered with.
 #[derive(Debug)]
 struct MemoryAck {
-    queue: Arc<Queue>,
-    envelope: Option<Envelope>,
+    message: Message,
+    redelivered: bool,
+    /// Where the message goes back unless it is settled: the queue it was delivered from;
+    /// `None` while it waits in a queue (a queue does not hold itself).
+    queue: Option<Arc<Queue>>,
+    acknowledged: bool,
 }
 
 impl MemoryAck {
-    fn return_to_queue(&mut self) {
-        if let Some(mut envelope) = self.envelope.take() {
-            envelope.redelivered = true;
-            self.queue.push_front(envelope);
-        }
+    fn queued(message: Message, redelivered: bool) -> Box<Self> {
+        Box::new(MemoryAck {
+            message,
+            redelivered,
+            queue: None,
+            acknowledged: false,
+        })
     }
 }
 
 #[async_trait]
 impl Acknowledgement for MemoryAck {
     async fn ack(mut self: Box<Self>) -> Result<(), Error> {
-        self.envelope = None;
+        self.acknowledged = true;
         Ok(())
     }
 
     async fn requeue(mut self: Box<Self>) -> Result<(), Error> {
-        self.return_to_queue();
+        if let Some(queue) = self.queue.take() {
+            self.redelivered = true;
+            queue.push_front(self);
+        }
         Ok(())
     }
 
     fn try_ack(&mut self) -> Option<Result<(), Error>> {
-        self.envelope = None;
+        self.acknowledged = true;
         Some(Ok(()))
     }
 }
 
 impl Drop for MemoryAck {
     fn drop(&mut self) {
-        self.return_to_queue();
+        if self.acknowledged {
+            return;
+        }
+        if let Some(queue) = self.queue.take() {
+            queue.push_front(MemoryAck::queued(self.message.clone(), true));
+        }
     }
 }
 

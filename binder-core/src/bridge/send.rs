@@ -48,7 +48,11 @@ pub(crate) fn enqueue_at_once(
         }
     }
     // Collected in place: the rest keep the batch's allocation.
-    (sendings, messages.collect())
+    let rest = match messages.as_slice().is_empty() {
+        true => Vec::new(),
+        false => messages.collect(),
+    };
+    (sendings, rest)
 }
 
 /// [`Producer::try_enqueue`], where a panic refuses the message for good.
