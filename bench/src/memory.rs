@@ -48,9 +48,9 @@ async fn start(binder: &MemoryBinder) -> Result<bindery::RunningApplication, Str
         .map_err(|e| e.to_string())
 }
 
-/// Reads and acknowledges `n` invoices as a careful consumer of the binder SPI does: what is at
-/// hand is taken and acknowledged without a future each, as the floor's reader takes what its
-/// channel holds.
+/// Reads and acknowledges `n` invoices as a careful consumer of the binder SPI does: an invoice
+/// already at hand is taken and acknowledged without a boxed future, and only an empty queue is
+/// waited on.
 async fn read(mut invoices: Box<dyn Subscription>, n: u64) -> Result<(), String> {
     let all = async {
         for _ in 0..n {

@@ -16,6 +16,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 
 use async_trait::async_trait;
+use bytes::Bytes;
 use futures::future::BoxFuture;
 use tokio::sync::Notify;
 
@@ -385,6 +386,9 @@ impl Acknowledgement for MemoryAck {
     }
 
     async fn requeue(mut self: Box<Self>) -> Result<(), Error> {
+        if self.acknowledged {
+            return Ok(());
+        }
         if let Some(queue) = self.queue.take() {
             self.redelivered = true;
             queue.push_front(self);
@@ -404,7 +408,8 @@ impl Drop for MemoryAck {
             return;
         }
         if let Some(queue) = self.queue.take() {
-            queue.push_front(MemoryAck::queued(self.message.clone(), true));
+            let message = std::mem::replace(&mut self.message, Message::new(Bytes::new()));
+            queue.push_front(MemoryAck::queued(message, true));
         }
     }
 }
