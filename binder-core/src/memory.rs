@@ -361,10 +361,10 @@ impl Drop for MemorySubscription {
 struct MemoryAck {
     message: Message,
     redelivered: bool,
-    /// Where the message goes back unless it is settled: the queue it was delivered from;
-    /// `None` while it waits in a queue (a queue does not hold itself).
+    /// Where the message goes back unless it is settled: the queue it was delivered from
+    /// until it is acknowledged or requeued; `None` while it waits in a queue (a queue does not
+    /// hold itself).
     queue: Option<Arc<Queue>>,
-    acknowledged: bool,
 }
 
 impl MemoryAck {
@@ -373,7 +373,6 @@ impl MemoryAck {
             message,
             redelivered,
             queue: None,
-            acknowledged: false,
         })
     }
 }
@@ -381,14 +380,11 @@ impl MemoryAck {
 #[async_trait]
 impl Acknowledgement for MemoryAck {
     async fn ack(mut self: Box<Self>) -> Result<(), Error> {
-        self.acknowledged = true;
+        self.queue = None;
         Ok(())
     }
 
     async fn requeue(mut self: Box<Self>) -> Result<(), Error> {
-        if self.acknowledged {
-            return Ok(());
-        }
         if let Some(queue) = self.queue.take() {
             self.redelivered = true;
             queue.push_front(self);
@@ -397,16 +393,13 @@ impl Acknowledgement for MemoryAck {
     }
 
     fn try_ack(&mut self) -> Option<Result<(), Error>> {
-        self.acknowledged = true;
+        self.queue = None;
         Some(Ok(()))
     }
 }
 
 impl Drop for MemoryAck {
     fn drop(&mut self) {
-        if self.acknowledged {
-            return;
-        }
         if let Some(queue) = self.queue.take() {
             let message = std::mem::replace(&mut self.message, Message::new(Bytes::new()));
             queue.push_front(MemoryAck::queued(message, true));

@@ -47,7 +47,7 @@ pub(crate) fn enqueue_at_once(
             });
         }
     }
-    // Collected in place: the rest keep the batch's allocation.
+    // The rest, if any, are collected in place and keep the batch's allocation.
     let rest = match messages.as_slice().is_empty() {
         true => Vec::new(),
         false => messages.collect(),
