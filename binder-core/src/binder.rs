@@ -275,23 +275,39 @@ pub trait Producer: Send + Sync + fmt::Debug {
     async fn enqueue(&self, message: &Message) -> Result<Confirmation, Error>;
 
     /// Hands `message` over as [`enqueue`](Self::enqueue) does, when the client can take it
-    /// without waiting; `None` (and nothing sent) when it cannot now, and the core calls
-    /// `enqueue` for it and for every message after it in the same batch. A client that takes
-    /// messages synchronously (an in-process queue, a local buffer with room) saves the core a
-    /// future per message. The default never can.
+    /// without waiting (see [`TryEnqueue`] for the answers); [`TryEnqueue::NotNow`], with the
+    /// message and nothing sent, when it cannot now, and the core calls `enqueue` for it and
+    /// for every message after it in the same batch. A client that takes messages
+    /// synchronously (an in-process queue, a local buffer with room) saves the core a future
+    /// per message, and one that confirms at once the copy the core would keep to send again.
+    /// The default never can.
     ///
     /// The order promise covers both methods: while an `enqueue` on this producer is still
-    /// waiting, `try_enqueue` must answer `None`, so no message overtakes one handed over
+    /// waiting, `try_enqueue` must answer `NotNow`, so no message overtakes one handed over
     /// before it.
-    fn try_enqueue(&self, message: &Message) -> Option<Result<Confirmation, Error>> {
-        let _ = message;
-        None
+    fn try_enqueue(&self, message: Message) -> TryEnqueue {
+        TryEnqueue::NotNow(message)
     }
 
     /// Sends `message`, returning once the broker has confirmed it (or it failed).
     async fn send(&self, message: Message) -> Result<(), Error> {
         self.enqueue(&message).await?.await
     }
+}
+
+/// What became of a message offered with [`Producer::try_enqueue`].
+#[derive(Debug)]
+pub enum TryEnqueue {
+    /// Taken, and the broker took responsibility for it already: nothing is left to wait for.
+    Confirmed,
+    /// Taken; the broker's answer is still to come. The message comes back with it, for the
+    /// core to send again should the answer be an error.
+    Pending(Confirmation, Message),
+    /// Not taken now: nothing was sent, and the core enqueues the message with
+    /// [`Producer::enqueue`].
+    NotNow(Message),
+    /// Not taken, for the reason given (a send failure, as an error of `enqueue` is).
+    Failed(Message, Error),
 }
 
 /// The broker's answer to one enqueued message, still to come: a future of `Ok` once the

@@ -22,7 +22,7 @@ use futures::future::BoxFuture;
 use tokio::sync::mpsc;
 use tokio::time::Instant;
 
-use crate::binder::{Binder, ConsumerSpec, Delivery, ProducerSpec, Subscription};
+use crate::binder::{Binder, ConsumerSpec, Delivery, ProducerSpec, Subscription, TryEnqueue};
 use crate::partition::partition_of_key;
 use crate::{header, Application, BindingState, Error, Message, StreamFunction};
 
@@ -351,11 +351,15 @@ impl Suite {
         let mut first = subscribe(&binder, &destination, Some(&group)).await;
         let producer = producer(&binder, &destination).await;
         let done = Message::new(Bytes::from_static(b"done"));
-        let confirmation = match producer.try_enqueue(&done) {
-            Some(taken) => taken,
-            None => producer.enqueue(&done).await,
-        };
-        confirmation.expect("enqueue").await.expect("confirm");
+        match producer.try_enqueue(done) {
+            TryEnqueue::Confirmed => {}
+            TryEnqueue::Pending(confirmation, _) => confirmation.await.expect("confirm"),
+            TryEnqueue::NotNow(done) => {
+                let confirmation = producer.enqueue(&done).await.expect("enqueue");
+                confirmation.await.expect("confirm");
+            }
+            TryEnqueue::Failed(_, error) => panic!("try_enqueue failed: {error}"),
+        }
         let delivery = self.receive_one(&mut first).await;
         assert_eq!(&delivery.message.payload()[..], b"done");
         let mut acknowledgement = delivery.acknowledgement;

@@ -29,7 +29,7 @@ pub mod conformance;
 
 pub use binder::{
     Acknowledgement, Binder, BinderProvider, BinderSettings, Confirmation, ConsumerSpec, Delivery,
-    Health, Producer, ProducerSpec, Subscription,
+    Health, Producer, ProducerSpec, Subscription, TryEnqueue,
 };
 #[doc(hidden)]
 pub use bridge::with_current_correlation;

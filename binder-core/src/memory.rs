@@ -22,7 +22,7 @@ use tokio::sync::Notify;
 
 use crate::binder::{
     Acknowledgement, Binder, BinderProvider, BinderSettings, Confirmation, ConsumerSpec, Delivery,
-    Producer, ProducerSpec, Subscription,
+    Producer, ProducerSpec, Subscription, TryEnqueue,
 };
 use crate::config::Problems;
 use crate::{Error, Message};
@@ -206,22 +206,33 @@ fn queue_name(group: &str, partition: Option<u32>) -> String {
 
 impl Destination {
     /// Hands `message` to every group and anonymous consumer that receives its partition (or
-    /// keeps it, when lasting); `false` when nothing would receive it.
-    fn publish(&mut self, message: &Message) -> bool {
-        let mut received = false;
-        if self.lasting && self.groups.is_empty() {
-            // Kept for the first group, as a DLQ queue keeps it on a broker; anonymous
-            // consumers see it too.
-            self.kept.push_back(message.clone());
-            received = true;
-        }
-        for queue in self.groups.values().chain(self.anonymous.values()) {
-            if queue.receives(message) {
-                queue.push_back(message.clone());
-                received = true;
+    /// keeps it, when lasting); the message back when nothing would receive it. The last
+    /// receiver gets the message itself, the others copies.
+    fn publish(&mut self, message: Message) -> Option<Message> {
+        let mut receivers = self
+            .groups
+            .values()
+            .chain(self.anonymous.values())
+            .filter(|queue| queue.receives(&message));
+        // Kept for the first group, as a DLQ queue keeps it on a broker; anonymous consumers
+        // see it too.
+        let keep = self.lasting && self.groups.is_empty();
+        let Some(mut last) = receivers.next() else {
+            if keep {
+                self.kept.push_back(message);
+                return None;
             }
+            return Some(message);
+        };
+        for queue in receivers {
+            last.push_back(message.clone());
+            last = queue;
         }
-        received
+        if keep {
+            self.kept.push_back(message.clone());
+        }
+        last.push_back(message);
+        None
     }
 }
 
@@ -291,23 +302,28 @@ struct MemoryProducer {
 }
 
 impl MemoryProducer {
-    fn publish(&self, message: &Message) -> Result<Confirmation, Error> {
-        if !lock(&self.destination).publish(message) {
-            let unroutable = MemoryError::Unroutable(self.name.clone());
-            return Err(Error::binder("memory", unroutable));
+    fn publish(&self, message: Message) -> TryEnqueue {
+        match lock(&self.destination).publish(message) {
+            None => TryEnqueue::Confirmed,
+            Some(message) => {
+                let unroutable = MemoryError::Unroutable(self.name.clone());
+                TryEnqueue::Failed(message, Error::binder("memory", unroutable))
+            }
         }
-        Ok(Confirmation::confirmed())
     }
 }
 
 #[async_trait]
 impl Producer for MemoryProducer {
     async fn enqueue(&self, message: &Message) -> Result<Confirmation, Error> {
-        self.publish(message)
+        match self.publish(message.clone()) {
+            TryEnqueue::Failed(_, error) => Err(error),
+            _ => Ok(Confirmation::confirmed()),
+        }
     }
 
-    fn try_enqueue(&self, message: &Message) -> Option<Result<Confirmation, Error>> {
-        Some(self.publish(message))
+    fn try_enqueue(&self, message: Message) -> TryEnqueue {
+        self.publish(message)
     }
 }
 

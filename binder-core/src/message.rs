@@ -63,8 +63,18 @@ type Entries = SmallVec<[(Name, Bytes); 4]>;
 /// A header name: bindery's own are static and cost no allocation.
 type Name = Cow<'static, str>;
 
+/// Where `name` is kept inline, if it is one of bindery's own headers. Headers are looked up
+/// several times for every message: told apart by length and first byte, a name is compared
+/// once, and a constant name costs nothing once inlined.
+#[inline]
 fn own_index(name: &str) -> Option<usize> {
-    OWN.iter().position(|own| *own == name)
+    let index = match (name.len(), name.as_bytes().first()) {
+        (12, Some(b'c')) => 0,
+        (16, Some(b'x')) => 1,
+        (12, Some(b'x')) => 2,
+        _ => return None,
+    };
+    (OWN[index] == name).then_some(index)
 }
 
 impl Headers {
@@ -83,6 +93,7 @@ impl Headers {
     }
 
     /// The value of `name` as bytes.
+    #[inline]
     pub fn get(&self, name: &str) -> Option<&Bytes> {
         if let Some(index) = own_index(name) {
             return self.own[index].as_ref();
@@ -97,6 +108,7 @@ impl Headers {
     }
 
     /// Whether `name` is present.
+    #[inline]
     pub fn contains(&self, name: &str) -> bool {
         self.get(name).is_some()
     }
@@ -115,10 +127,12 @@ impl Headers {
     }
 
     /// Sets one of bindery's own headers (a static name) without copying name or value.
+    #[inline]
     pub(crate) fn set_static(&mut self, name: &'static str, value: Bytes) {
         self.set(Cow::Borrowed(name), value);
     }
 
+    #[inline]
     fn set(&mut self, name: Name, value: Bytes) {
         if let Some(index) = own_index(&name) {
             self.own[index] = Some(value);
@@ -411,6 +425,29 @@ impl Message<Bytes> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn own_headers_are_found_by_their_names_and_no_other() {
+        for (index, name) in OWN.iter().enumerate() {
+            assert_eq!(own_index(name), Some(index), "{name}");
+        }
+        for other in [
+            "content-typE",
+            "x-message-iD",
+            "x-correlation-iD",
+            "c",
+            "",
+            "xx-message-id",
+            "x-messages-id",
+            "tracestate",
+        ] {
+            assert_eq!(own_index(other), None, "{other}");
+        }
+        let mut headers = Headers::new();
+        headers.insert("x-message-iD", "not ours");
+        assert_eq!(headers.get(header::MESSAGE_ID), None);
+        assert_eq!(headers.get_str("x-message-iD"), Some("not ours"));
+    }
 
     #[test]
     fn headers_keep_name_order_replace_and_remove() {

@@ -595,7 +595,7 @@ fn expand(args: TokenStream, function: &ItemFn) -> syn::Result<TokenStream> {
         #[allow(non_snake_case, clippy::unused_unit)]
         fn #register() -> #private::StreamFunction {
             async fn __bindery_handler(
-                #message: #private::Message,
+                #message: ::std::sync::Arc<#private::Message>,
                 #context: #private::Context,
             ) -> ::std::result::Result<#private::Outputs, #private::Failure> {
                 #(#takes)*

@@ -1,10 +1,8 @@
+use std::cell::RefCell;
 use std::collections::{BTreeMap, HashMap};
 use std::fmt;
-use std::future::Future;
-use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
-use std::task::{Context as TaskContext, Poll};
 
 use bytes::Bytes;
 use tokio::sync::Mutex;
@@ -15,17 +13,18 @@ mod send;
 use crate::binder::{Binder, ConsumerSpec, Producer, ProducerSpec};
 use crate::config::{normalize_name, BindingConfig};
 use crate::config::{ConfigNode, ConsumerProperties, ProducerProperties};
-use crate::handler::{ContentType, IntoOutputs, Outputs, DEFAULT_CONTENT_TYPE};
+use crate::handler::{Batch, ContentType, IntoOutputs, Outputs, DEFAULT_CONTENT_TYPE};
 use crate::message::header;
 use crate::partition::PartitionSelector;
 use crate::{Error, Headers, Message};
 pub(crate) use ids::{new_message_id, output_id, MessageId};
 use send::stamp;
-pub(crate) use send::{all_confirmed, confirm_all, enqueue_all, enqueue_at_once, Sendings};
+pub(crate) use send::{confirm_all, enqueue_all, enqueue_at_once, Sendings};
 
-tokio::task_local! {
-    /// What the input message whose handler runs on this task hands on to what it sends.
-    static HANDLING: Lineage;
+thread_local! {
+    /// What the input message whose handler is being polled on this thread hands on to what it
+    /// sends: set for each poll of a handler call (see [`Lineage::in_scope`]).
+    static HANDLING: RefCell<Lineage> = const { RefCell::new(Lineage::none()) };
 }
 
 /// What an input message hands on to every message its handler sends, returned or sent
@@ -47,6 +46,28 @@ struct TraceContext {
 }
 
 impl Lineage {
+    const fn none() -> Self {
+        Lineage {
+            correlation_id: None,
+            trace: None,
+        }
+    }
+
+    /// Runs `f` with this lineage as the one what is sent from this thread hands on, as when
+    /// a handler call is polled: moved in and out again, never copied.
+    pub(crate) fn in_scope<R>(&mut self, f: impl FnOnce() -> R) -> R {
+        let lineage = std::mem::take(self);
+        let Ok(outer) = HANDLING.try_with(|handling| handling.replace(lineage)) else {
+            // A thread's locals are gone while it exits: nothing is handed on then.
+            return f();
+        };
+        let _restore = Restore {
+            lineage: self,
+            outer: Some(outer),
+        };
+        f()
+    }
+
     /// What `message` hands on.
     pub(crate) fn of(message: &Message) -> Self {
         let headers = message.headers();
@@ -93,44 +114,18 @@ impl Lineage {
     }
 }
 
-/// A handler's call, polled with the [`Lineage`] of its input, which whatever it sends through
-/// a [`StreamBridge`] carries. It can be moved between polls, so the engine polls a call once
-/// where it stands and keeps it (boxed) only when it has to wait.
-pub(crate) struct Correlated<F> {
-    lineage: Lineage,
-    call: F,
-    /// The call's span, entered whenever it is polled (feature `otel`).
-    #[cfg(feature = "otel")]
-    span: tracing::Span,
+/// Gives the lineage back to its call, and the thread the one it had, however the scope ends.
+struct Restore<'a> {
+    lineage: &'a mut Lineage,
+    outer: Option<Lineage>,
 }
 
-impl<F> Correlated<F> {
-    pub(crate) fn new(lineage: Lineage, call: F) -> Self {
-        Correlated {
-            lineage,
-            call,
-            #[cfg(feature = "otel")]
-            span: tracing::Span::none(),
+impl Drop for Restore<'_> {
+    fn drop(&mut self) {
+        let outer = self.outer.take().unwrap_or_default();
+        if let Ok(lineage) = HANDLING.try_with(|handling| handling.replace(outer)) {
+            *self.lineage = lineage;
         }
-    }
-
-    /// Polled inside `span`.
-    #[cfg(feature = "otel")]
-    pub(crate) fn in_span(mut self, span: tracing::Span) -> Self {
-        self.span = span;
-        self
-    }
-}
-
-impl<F: Future + Unpin> Future for Correlated<F> {
-    type Output = F::Output;
-
-    fn poll(mut self: Pin<&mut Self>, cx: &mut TaskContext<'_>) -> Poll<F::Output> {
-        let this = &mut *self;
-        #[cfg(feature = "otel")]
-        let _entered = this.span.enter();
-        let call = Pin::new(&mut this.call);
-        HANDLING.sync_scope(this.lineage.clone(), || call.poll(cx))
     }
 }
 
@@ -145,13 +140,16 @@ pub fn with_current_correlation<T>(call: impl FnOnce() -> T) -> impl FnOnce() ->
     move || {
         #[cfg(feature = "otel")]
         let _entered = span.enter();
-        HANDLING.sync_scope(lineage, call)
+        let mut lineage = lineage;
+        lineage.in_scope(call)
     }
 }
 
 /// What the input being handled on this task hands on; nothing outside a handler.
 fn current_lineage() -> Lineage {
-    HANDLING.try_with(Clone::clone).unwrap_or_default()
+    HANDLING
+        .try_with(|handling| handling.borrow().clone())
+        .unwrap_or_default()
 }
 
 /// Sends values or messages to any output binding or destination at run time, with the same
@@ -218,11 +216,7 @@ impl Output {
 
     /// Sends the messages in order, each with a new id, and waits until all were confirmed;
     /// the first failure is returned.
-    pub(crate) async fn send_all(
-        &self,
-        messages: Vec<Message>,
-        lineage: &Lineage,
-    ) -> Result<(), Error> {
+    pub(crate) async fn send_all(&self, messages: Batch, lineage: &Lineage) -> Result<(), Error> {
         let messages = messages
             .into_iter()
             .map(|mut message| {
@@ -275,7 +269,7 @@ impl StreamBridge {
                 message: failure.to_string(),
             })?;
         output
-            .send_all(outputs.into_messages(), &current_lineage())
+            .send_all(outputs.into_batch(), &current_lineage())
             .await
     }
 

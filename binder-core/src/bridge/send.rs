@@ -3,25 +3,66 @@
 use std::panic::AssertUnwindSafe;
 use std::sync::Arc;
 
+use bytes::Bytes;
 use futures::FutureExt;
 use smallvec::SmallVec;
 
 use super::ids::MessageId;
 use super::Lineage;
-use crate::binder::{Confirmation, Producer};
-use crate::handler::panic_text;
+use crate::binder::{Confirmation, Producer, TryEnqueue};
+use crate::handler::{give_back, panic_text, Batch};
 use crate::message::header;
 use crate::{Error, Message};
 
-/// One message handed to a producer, with the broker's answer still to come.
+/// One message handed to a producer, with the broker's answer still to come (or the error it
+/// failed with), kept to be sent again should the answer be an error.
 #[derive(Debug)]
 pub(crate) struct Sending {
     pub(crate) message: Message,
     confirmation: Result<Confirmation, Error>,
 }
 
-/// The sends of one handler call: most calls produce one message, kept inline.
-pub(crate) type Sendings = SmallVec<[Sending; 1]>;
+/// The sends of one handler call: how many the broker confirmed at once, and the others, kept
+/// until their answers come. Most calls produce one message, kept inline.
+#[derive(Debug, Default)]
+pub(crate) struct Sendings {
+    confirmed: usize,
+    answers: SmallVec<[Sending; 1]>,
+}
+
+impl Sendings {
+    /// How many messages were handed over.
+    pub(crate) fn len(&self) -> usize {
+        self.confirmed + self.answers.len()
+    }
+
+    /// Records what [`Producer::try_enqueue`] answered; the message back when it was not taken.
+    fn record(&mut self, answer: TryEnqueue) -> Option<Message> {
+        match answer {
+            TryEnqueue::Confirmed => self.confirmed += 1,
+            TryEnqueue::Pending(confirmation, message) => self.push(message, Ok(confirmation)),
+            TryEnqueue::Failed(message, error) => self.push(message, Err(error)),
+            TryEnqueue::NotNow(message) => return Some(message),
+        }
+        None
+    }
+
+    fn push(&mut self, message: Message, confirmation: Result<Confirmation, Error>) {
+        match &confirmation {
+            // A producer that confirmed at once leaves nothing to wait for, or to send again.
+            Ok(confirmation) if confirmation.is_confirmed() => self.confirmed += 1,
+            _ => self.answers.push(Sending {
+                message,
+                confirmation,
+            }),
+        }
+    }
+
+    /// Whether every send was confirmed already, so there is nothing to wait for.
+    pub(crate) fn all_confirmed(&self) -> bool {
+        self.answers.is_empty()
+    }
+}
 
 /// Hands `messages` to `producer` in order, as far as it takes them without waiting (see
 /// [`Producer::try_enqueue`]): the sends made, and the messages left for [`enqueue_all`], from
@@ -30,39 +71,50 @@ pub(crate) type Sendings = SmallVec<[Sending; 1]>;
 pub(crate) fn enqueue_at_once(
     producer: &Arc<dyn Producer>,
     destination: &str,
-    messages: Vec<Message>,
-) -> (Sendings, Vec<Message>) {
-    let mut sendings = Sendings::new();
-    let mut messages = messages.into_iter();
-    // Each is asked by reference, and moved only once taken.
-    while let Some(confirmation) = messages
-        .as_slice()
-        .first()
-        .and_then(|next| try_enqueue(producer, destination, next))
-    {
-        if let Some(message) = messages.next() {
-            sendings.push(Sending {
-                message,
-                confirmation,
-            });
+    mut messages: Batch,
+) -> (Sendings, Batch) {
+    let mut sendings = Sendings::default();
+    // Most calls produce one message: taken from the end, and put back when not taken, so a
+    // producer that takes nothing at once gets the batch back in the allocation it came in.
+    if messages.len() == 1 {
+        let Some(only) = messages.pop() else {
+            return (sendings, messages);
+        };
+        if let Some(only) = sendings.record(try_enqueue(producer, destination, only)) {
+            messages.push(only);
+            return (sendings, messages);
+        }
+        give_back(messages);
+        return (sendings, Batch::new());
+    }
+    if messages.is_empty() {
+        return (sendings, messages);
+    }
+    let first = messages.remove(0);
+    if let Some(first) = sendings.record(try_enqueue(producer, destination, first)) {
+        messages.insert(0, first);
+        return (sendings, messages);
+    }
+    let mut rest = messages.drain(..);
+    while let Some(message) = rest.next() {
+        if let Some(message) = sendings.record(try_enqueue(producer, destination, message)) {
+            let left = std::iter::once(message).chain(rest).collect();
+            give_back(messages);
+            return (sendings, left);
         }
     }
-    // The rest, if any, are collected in place and keep the batch's allocation.
-    let rest = match messages.as_slice().is_empty() {
-        true => Vec::new(),
-        false => messages.collect(),
-    };
-    (sendings, rest)
+    drop(rest);
+    give_back(messages);
+    (sendings, Batch::new())
 }
 
 /// [`Producer::try_enqueue`], where a panic refuses the message for good.
-fn try_enqueue(
-    producer: &Arc<dyn Producer>,
-    destination: &str,
-    message: &Message,
-) -> Option<Result<Confirmation, Error>> {
-    std::panic::catch_unwind(AssertUnwindSafe(|| producer.try_enqueue(message)))
-        .unwrap_or_else(|panic| Some(Err(panicked(destination, &*panic))))
+fn try_enqueue(producer: &Arc<dyn Producer>, destination: &str, message: Message) -> TryEnqueue {
+    std::panic::catch_unwind(AssertUnwindSafe(|| producer.try_enqueue(message))).unwrap_or_else(
+        // The message went with the panic; a permanent refusal is never sent again, so a
+        // stand-in keeps its place.
+        |panic| TryEnqueue::Failed(Message::new(Bytes::new()), panicked(destination, &*panic)),
+    )
 }
 
 /// Hands `messages` to `producer` one after the other, after the `sendings` already made, so
@@ -72,10 +124,10 @@ pub(crate) async fn enqueue_all(
     producer: &Arc<dyn Producer>,
     destination: &str,
     mut sendings: Sendings,
-    messages: Vec<Message>,
+    mut messages: Batch,
 ) -> Sendings {
-    sendings.reserve(messages.len());
-    for message in messages {
+    sendings.answers.reserve(messages.len());
+    for message in messages.drain(..) {
         let confirmation = match AssertUnwindSafe(producer.enqueue(&message))
             .catch_unwind()
             .await
@@ -83,11 +135,9 @@ pub(crate) async fn enqueue_all(
             Ok(confirmation) => confirmation,
             Err(panic) => Err(panicked(destination, &*panic)),
         };
-        sendings.push(Sending {
-            message,
-            confirmation,
-        });
+        sendings.push(message, confirmation);
     }
+    give_back(messages);
     sendings
 }
 
@@ -99,24 +149,17 @@ fn panicked(destination: &str, panic: &(dyn std::any::Any + Send)) -> Error {
     )
 }
 
-/// Whether every send was confirmed already (a broker that takes messages synchronously), so
-/// there is nothing to wait for.
-pub(crate) fn all_confirmed(sendings: &[Sending]) -> bool {
-    sendings
-        .iter()
-        .all(|s| matches!(&s.confirmation, Ok(c) if c.is_confirmed()))
-}
-
 /// Awaits every confirmation; returns the messages that were not confirmed, with why.
 pub(crate) async fn confirm_all(sendings: Sendings) -> Vec<(Message, Error)> {
-    let answers = futures::future::join_all(sendings.into_iter().map(|sending| async move {
-        let answer = match sending.confirmation {
-            Ok(confirmation) => confirmation.await,
-            Err(error) => Err(error),
-        };
-        (sending.message, answer)
-    }))
-    .await;
+    let answers =
+        futures::future::join_all(sendings.answers.into_iter().map(|sending| async move {
+            let answer = match sending.confirmation {
+                Ok(confirmation) => confirmation.await,
+                Err(error) => Err(error),
+            };
+            (sending.message, answer)
+        }))
+        .await;
     answers
         .into_iter()
         .filter_map(|(message, answer)| answer.err().map(|error| (message, error)))
@@ -179,7 +222,7 @@ mod tests {
             Ok(Confirmation::confirmed())
         }
 
-        fn try_enqueue(&self, message: &Message) -> Option<Result<Confirmation, Error>> {
+        fn try_enqueue(&self, message: Message) -> TryEnqueue {
             let n = {
                 let mut tried = self.tried.lock().unwrap();
                 *tried += 1;
@@ -187,16 +230,21 @@ mod tests {
             };
             match self.script.get(n).copied() {
                 Some("at once") => {
-                    self.record(message, "at once");
-                    Some(Ok(Confirmation::confirmed()))
+                    self.record(&message, "at once");
+                    TryEnqueue::Confirmed
+                }
+                Some("pending") => {
+                    self.record(&message, "pending");
+                    let answer = Confirmation::pending(async { Err(Error::ShuttingDown) });
+                    TryEnqueue::Pending(answer, message)
                 }
                 Some("panic") => panic!("the client broke"),
-                _ => None,
+                _ => TryEnqueue::NotNow(message),
             }
         }
     }
 
-    fn messages(texts: &[&'static str]) -> Vec<Message> {
+    fn messages(texts: &[&'static str]) -> Batch {
         texts
             .iter()
             .map(|text| Message::new(Bytes::from_static(text.as_bytes())))
@@ -211,9 +259,8 @@ mod tests {
         let (sendings, rest) = enqueue_at_once(&producer, "out", messages(&["a", "b", "c", "d"]));
         assert_eq!((sendings.len(), rest.len()), (1, 3));
         let sendings = enqueue_all(&producer, "out", sendings, rest).await;
-        let order: Vec<_> = sendings.iter().map(|s| text(&s.message)).collect();
-        assert_eq!(order, ["a", "b", "c", "d"]);
-        assert!(all_confirmed(&sendings));
+        assert_eq!(sendings.len(), 4);
+        assert!(sendings.all_confirmed());
         let expected = [
             ("a", "at once"),
             ("b", "enqueue"),
@@ -229,11 +276,11 @@ mod tests {
         let scripted = Scripted::new(&[]);
         let producer: Arc<dyn Producer> = scripted.clone();
         let (sendings, rest) = enqueue_at_once(&producer, "out", messages(&["a", "b"]));
-        assert!(sendings.is_empty());
+        assert_eq!(sendings.len(), 0);
         assert_eq!(rest.iter().map(text).collect::<Vec<_>>(), ["a", "b"]);
         assert!(
             scripted.sent().is_empty(),
-            "nothing may be sent by a `None`"
+            "nothing may be sent by a `NotNow`"
         );
     }
 
@@ -243,7 +290,9 @@ mod tests {
         let producer: Arc<dyn Producer> = scripted.clone();
         let (sendings, rest) = enqueue_at_once(&producer, "out", messages(&["a", "b"]));
         assert!(rest.is_empty());
-        let refused = match &sendings[0].confirmation {
+        assert_eq!(sendings.len(), 2);
+        assert_eq!(sendings.answers.len(), 1, "only the refusal is kept");
+        let refused = match &sendings.answers[0].confirmation {
             Err(error) => error,
             Ok(_) => panic!("a panicking producer must refuse the message"),
         };
@@ -252,8 +301,25 @@ mod tests {
             refused.to_string().contains("the client broke"),
             "{refused}"
         );
-        assert_eq!(text(&sendings[1].message), "b");
-        assert!(matches!(&sendings[1].confirmation, Ok(c) if c.is_confirmed()));
         assert_eq!(scripted.sent(), [("b".to_owned(), "at once")]);
+    }
+
+    #[tokio::test]
+    async fn a_message_taken_with_its_answer_to_come_is_kept_until_the_answer_comes() {
+        let scripted = Scripted::new(&["pending", "at once"]);
+        let producer: Arc<dyn Producer> = scripted.clone();
+        let (sendings, rest) = enqueue_at_once(&producer, "out", messages(&["a", "b"]));
+        assert!(rest.is_empty());
+        assert!(!sendings.all_confirmed());
+        assert_eq!(sendings.len(), 2);
+        let kept: Vec<_> = sendings.answers.iter().map(|s| text(&s.message)).collect();
+        assert_eq!(
+            kept,
+            ["a"],
+            "a pending send keeps its message to send again"
+        );
+        let failed = confirm_all(sendings).await;
+        assert_eq!(failed.len(), 1);
+        assert_eq!(text(&failed[0].0), "a");
     }
 }

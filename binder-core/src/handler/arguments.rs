@@ -1,5 +1,7 @@
 //! What a handler takes: arguments extracted from the incoming message or its context.
 
+use std::sync::Arc;
+
 use bytes::Bytes;
 use serde::de::DeserializeOwned;
 
@@ -16,6 +18,12 @@ use crate::{AppConfig, Headers, Message};
 pub trait FromMessage: Sized + Send + 'static {
     /// Takes the value from `message`; a [`FailureKind::Decode`](super::FailureKind::Decode) failure is not retried.
     fn from_message(message: &Message, context: &Context) -> Result<Self, Failure>;
+
+    /// Takes the value from the message as the runtime holds it, shared; what a handler call
+    /// uses. The default takes it from the message itself.
+    fn from_shared(message: &Arc<Message>, context: &Context) -> Result<Self, Failure> {
+        Self::from_message(message, context)
+    }
 }
 
 /// A payload type taken from the raw bytes of a message, given its content type.
@@ -89,6 +97,17 @@ impl<P: FromPayload> FromMessage for Message<P> {
             message.headers().clone(),
             message.key().cloned(),
         ))
+    }
+}
+
+/// The message as received, shared rather than copied.
+impl FromMessage for Arc<Message> {
+    fn from_message(message: &Message, _: &Context) -> Result<Self, Failure> {
+        Ok(Arc::new(message.clone()))
+    }
+
+    fn from_shared(message: &Arc<Message>, _: &Context) -> Result<Self, Failure> {
+        Ok(message.clone())
     }
 }
 

@@ -17,6 +17,7 @@
 //! ```
 
 mod arguments;
+mod calls;
 mod failure;
 mod outputs;
 
@@ -26,9 +27,10 @@ use std::sync::Arc;
 use futures::future::BoxFuture;
 
 pub use arguments::{Decoded, FromMessage, FromPayload};
+pub use calls::HandlerCalls;
 pub(crate) use failure::panic_text;
 pub use failure::{Failure, FailureKind};
-pub(crate) use outputs::ContentType;
+pub(crate) use outputs::{give_back, Batch, ContentType};
 pub use outputs::{Encoded, IntoOutputs, IntoPayload, Outputs};
 
 use crate::bridge::StreamBridge;
@@ -135,6 +137,31 @@ pub trait Handler<Args>: Clone + Send + Sync + 'static {
     /// Takes the arguments from `message`, calls the function and collects its outputs.
     /// The message is shared, so a retry hands the same message over again without a copy.
     fn call(&self, message: Arc<Message>, context: Context) -> HandlerFuture;
+
+    /// Calls of this handler made one after another, each in the allocation of the one before:
+    /// how a binding calls it, message after message. By default each call is boxed, as
+    /// [`call`](Self::call) makes it.
+    fn calls(&self) -> Box<dyn HandlerCalls> {
+        let handler = self.clone();
+        Box::new(calls::Boxed::new(move |message, context| {
+            handler.call(message, context)
+        }))
+    }
+}
+
+/// The body of a handler call: the arguments taken from the message, the function called, its
+/// value turned into outputs.
+macro_rules! handler_call {
+    ($handler:ident, $message:ident, $context:ident; $($arg:ident),*) => {
+        async move {
+            $(let $arg = $arg::from_shared(&$message, &$context)?;)*
+            drop($message);
+            let value = $handler($($arg),*).await;
+            let mut outputs = $context.outputs();
+            value.into_outputs(&mut outputs)?;
+            Ok(outputs)
+        }
+    };
 }
 
 macro_rules! impl_handler {
@@ -149,14 +176,16 @@ macro_rules! impl_handler {
             #[allow(non_snake_case, unused_variables)]
             fn call(&self, message: Arc<Message>, context: Context) -> HandlerFuture {
                 let handler = self.clone();
-                Box::pin(async move {
-                    $(let $arg = $arg::from_message(&message, &context)?;)*
-                    drop(message);
-                    let value = handler($($arg),*).await;
-                    let mut outputs = context.outputs();
-                    value.into_outputs(&mut outputs)?;
-                    Ok(outputs)
-                })
+                Box::pin(handler_call!(handler, message, context; $($arg),*))
+            }
+
+            #[allow(non_snake_case, unused_variables)]
+            fn calls(&self) -> Box<dyn HandlerCalls> {
+                let handler = self.clone();
+                Box::new(calls::Reused::new(move |message: Arc<Message>, context: Context| {
+                    let handler = handler.clone();
+                    handler_call!(handler, message, context; $($arg),*)
+                }))
             }
         }
     };
@@ -170,9 +199,9 @@ impl_handler!(A1, A2, A3, A4);
 impl_handler!(A1, A2, A3, A4, A5);
 impl_handler!(A1, A2, A3, A4, A5, A6);
 
-/// A handler with its argument types erased, as the runtime stores it.
-pub(crate) type ErasedHandler = Arc<dyn Fn(Arc<Message>, Context) -> HandlerFuture + Send + Sync>;
+/// A handler with its argument types erased, as the runtime stores it: what makes its calls.
+pub(crate) type ErasedHandler = Arc<dyn Fn() -> Box<dyn HandlerCalls> + Send + Sync>;
 
 pub(crate) fn erase<Args, H: Handler<Args>>(handler: H) -> ErasedHandler {
-    Arc::new(move |message, context| handler.call(message, context))
+    Arc::new(move || handler.calls())
 }

@@ -1,6 +1,7 @@
 //! What a handler returns: values turned into messages to send.
 
 use std::any::{type_name, Any};
+use std::cell::Cell;
 use std::fmt;
 use std::sync::Arc;
 
@@ -38,11 +39,35 @@ impl ContentType {
     }
 }
 
+/// The messages of one handler call, in order.
+pub(crate) type Batch = Vec<Message>;
+
+thread_local! {
+    /// An emptied list of outputs kept for the next handler call on this thread: the engine
+    /// hands a call's outputs over and gives the list back, so a call on the engine's thread
+    /// costs no allocation for its list.
+    static SPARE_BATCH: Cell<Batch> = const { Cell::new(Vec::new()) };
+}
+
+/// A list for a call's outputs: the spare one of this thread, or a new one.
+fn spare_batch() -> Batch {
+    SPARE_BATCH.try_with(Cell::take).unwrap_or_default()
+}
+
+/// Keeps `batch`, emptied, for the next call on this thread (a small one only).
+pub(crate) fn give_back(mut batch: Batch) {
+    if batch.capacity() == 0 || batch.capacity() > 16 {
+        return;
+    }
+    batch.clear();
+    let _ = SPARE_BATCH.try_with(|spare| spare.set(batch));
+}
+
 /// Messages produced by one handler call, not yet sent.
 #[derive(Debug)]
 pub struct Outputs {
     content_type: ContentType,
-    messages: Vec<Message>,
+    messages: Batch,
 }
 
 impl Outputs {
@@ -54,7 +79,7 @@ impl Outputs {
     pub(crate) fn encoded_as(content_type: ContentType) -> Self {
         Outputs {
             content_type,
-            messages: Vec::new(),
+            messages: spare_batch(),
         }
     }
 
@@ -70,6 +95,11 @@ impl Outputs {
 
     /// The messages, in the order they were produced.
     pub fn into_messages(self) -> Vec<Message> {
+        self.messages
+    }
+
+    /// The messages, in the order they were produced, as the engine sends them.
+    pub(crate) fn into_batch(self) -> Batch {
         self.messages
     }
 

@@ -20,7 +20,7 @@ use std::task::{Context as TaskContext, Poll};
 use std::time::Duration;
 
 use bytes::Bytes;
-use futures::future::{BoxFuture, CatchUnwind};
+use futures::future::BoxFuture;
 use futures::stream::FuturesUnordered;
 use futures::{FutureExt, StreamExt};
 use tokio::sync::watch;
@@ -34,12 +34,12 @@ use super::settle::{settle, InOrder, Settling, Verdict};
 use super::window::Window;
 use crate::binder::{Acknowledgement, Delivery, Producer, Subscription};
 use crate::bridge::{
-    all_confirmed, confirm_all, enqueue_all, enqueue_at_once, new_message_id, output_id,
-    Correlated, Lineage, MessageId, Output, Sendings,
+    confirm_all, enqueue_all, enqueue_at_once, new_message_id, output_id, Lineage, MessageId,
+    Output, Sendings,
 };
 use crate::config::ConsumerProperties;
 use crate::handler::{
-    panic_text, Context, ErasedHandler, Failure, FailureKind, HandlerFuture, Outputs,
+    panic_text, Batch, Context, ErasedHandler, Failure, FailureKind, HandlerCalls, Outputs,
 };
 use crate::message::header;
 use crate::{Error, Message};
@@ -58,20 +58,63 @@ pub(crate) struct Invoker {
 #[derive(Default)]
 struct CallSpan(#[cfg(feature = "otel")] Option<tracing::Span>);
 
-/// A handler's call under way: polled in place, and movable between polls.
-type Call = Correlated<CatchUnwind<AssertUnwindSafe<HandlerFuture>>>;
+/// A handler's call under way: polled in its input's lineage (and span), where a panic is a
+/// failure like any other. It moves between polls as a box; once it is ready, its calls are
+/// given back for the next message.
+struct Call {
+    calls: Box<dyn HandlerCalls>,
+    lineage: Lineage,
+    #[cfg(feature = "otel")]
+    span: Option<tracing::Span>,
+    /// A call that panicked leaves its calls in no state to be used again.
+    panicked: bool,
+}
+
+impl Call {
+    /// The handler's calls, to start the next one with; none after a panic.
+    fn into_calls(self) -> Option<Box<dyn HandlerCalls>> {
+        (!self.panicked).then_some(self.calls)
+    }
+}
+
+impl Future for Call {
+    type Output = Result<Outputs, Failure>;
+
+    fn poll(mut self: Pin<&mut Self>, cx: &mut TaskContext<'_>) -> Poll<Self::Output> {
+        let this = &mut *self;
+        #[cfg(feature = "otel")]
+        let _entered = this.span.as_ref().map(tracing::Span::enter);
+        let calls = &mut this.calls;
+        let polled = this
+            .lineage
+            .in_scope(|| std::panic::catch_unwind(AssertUnwindSafe(|| calls.poll_call(cx))));
+        polled.unwrap_or_else(|panic| {
+            this.panicked = true;
+            Poll::Ready(Err(Failure::panic(panic_text(&*panic))))
+        })
+    }
+}
 
 impl Invoker {
-    /// Starts the handler on `message`; [`finish`](Self::finish) reads what the call returns.
+    /// Starts the handler on `message` with `calls` (new ones when `None`);
+    /// [`finish`](Self::finish) reads what the call returns.
     #[cfg_attr(not(feature = "otel"), allow(unused_variables))]
-    fn start(&self, message: Arc<Message>, lineage: Lineage, span: CallSpan) -> Call {
-        let call = (self.handler)(message, self.context.clone());
-        let call = Correlated::new(lineage, AssertUnwindSafe(call).catch_unwind());
-        #[cfg(feature = "otel")]
-        if let Some(span) = span.0 {
-            return call.in_span(span);
+    fn start(
+        &self,
+        calls: Option<Box<dyn HandlerCalls>>,
+        message: Arc<Message>,
+        lineage: Lineage,
+        span: CallSpan,
+    ) -> Call {
+        let mut calls = calls.unwrap_or_else(|| (self.handler)());
+        calls.start(message, self.context.clone());
+        Call {
+            calls,
+            lineage,
+            #[cfg(feature = "otel")]
+            span: span.0,
+            panicked: false,
         }
-        call
     }
 
     /// The span a call on `item` runs in (feature `otel`), and the trace context its outputs
@@ -95,15 +138,9 @@ impl Invoker {
         CallSpan()
     }
 
-    /// What a call produced; a panic is a failure like any other.
-    fn finish(
-        &self,
-        returned: std::thread::Result<Result<Outputs, Failure>>,
-    ) -> Result<Vec<Message>, Failure> {
-        let outputs = match returned {
-            Ok(result) => result?,
-            Err(panic) => return Err(Failure::panic(panic_text(&*panic))),
-        };
+    /// What a call produced.
+    fn finish(&self, returned: Result<Outputs, Failure>) -> Result<Batch, Failure> {
+        let outputs = returned?;
         if self.output.is_none() && !outputs.is_empty() {
             return Err(Failure::new(
                 FailureKind::Encode,
@@ -111,18 +148,21 @@ impl Invoker {
                 "a consumer returned messages but has no output binding",
             ));
         }
-        Ok(outputs.into_messages())
+        Ok(outputs.into_batch())
     }
 
-    /// Calls the handler. Returns what it produced.
+    /// Calls the handler with `calls` (new ones when `None`). Returns what it produced, and
+    /// the calls for the next message.
     async fn call(
         &self,
+        calls: Option<Box<dyn HandlerCalls>>,
         message: Arc<Message>,
         lineage: Lineage,
         span: CallSpan,
-    ) -> Result<Vec<Message>, Failure> {
-        let returned = self.start(message, lineage, span).await;
-        self.finish(returned)
+    ) -> (Result<Batch, Failure>, Option<Box<dyn HandlerCalls>>) {
+        let mut call = self.start(calls, message, lineage, span);
+        let returned = (&mut call).await;
+        (self.finish(returned), call.into_calls())
     }
 }
 
@@ -174,7 +214,11 @@ enum Target {
 /// A finished piece of work of the binding.
 enum Step {
     /// The handler returned (or failed); its outputs are not sent yet.
-    Called(InFlight, Result<Vec<Message>, Failure>),
+    Called(
+        InFlight,
+        Result<Batch, Failure>,
+        Option<Box<dyn HandlerCalls>>,
+    ),
     /// The handler ran: its outputs handed to the producer, or why it failed.
     Handled(InFlight, Result<Sendings, Failure>),
     /// A retry's back-off is over.
@@ -259,6 +303,8 @@ impl InputBinding {
             paused: false,
             next_sequence: 0,
             halt: watch::channel(false).0,
+            calls: Vec::new(),
+            spare: None,
         };
         let subscription: Shared = Arc::new(tokio::sync::Mutex::new(subscription));
         let mut open = true;
@@ -447,6 +493,10 @@ struct Engine {
     /// Set when the binding stops for good (not while it drains): messages waiting for a
     /// back-off go back to the broker.
     halt: watch::Sender<bool>,
+    /// The handler's calls not in use, each kept for the next message.
+    calls: Vec<Box<dyn HandlerCalls>>,
+    /// The allocation of a message settled, for the next one received.
+    spare: Option<Arc<Message>>,
 }
 
 impl Engine {
@@ -490,9 +540,20 @@ impl Engine {
         let lineage = Lineage::of(&message);
         self.window.open();
         let in_flight = self.binding.meter.received();
+        // In the allocation of a message settled before, where there is one.
+        let message = match self.spare.take() {
+            Some(mut spare) => match Arc::get_mut(&mut spare) {
+                Some(slot) => {
+                    *slot = message;
+                    spare
+                }
+                None => Arc::new(message),
+            },
+            None => Arc::new(message),
+        };
         let item = InFlight {
             sequence: self.next_sequence,
-            message: Arc::new(message),
+            message,
             id,
             lineage,
             acknowledgement,
@@ -544,32 +605,34 @@ impl Engine {
         item.attempts += 1;
         item.called_at = self.binding.meter.stamp();
         let span = self.binding.invoker.span_for(&mut item);
+        let calls = self.calls.pop();
         if self.concurrency > 1 {
             let invoker = self.binding.invoker.clone();
             return self.jobs.push(Box::pin(async move {
                 let (message, lineage) = (item.message.clone(), item.lineage.clone());
-                let outcome = Spawned(tokio::spawn(async move {
-                    invoker.call(message, lineage, span).await
+                let (outcome, calls) = Spawned(tokio::spawn(async move {
+                    invoker.call(calls, message, lineage, span).await
                 }))
                 .await
-                .unwrap_or_else(|error| Err(Failure::panic(error.to_string())));
-                Step::Called(item, outcome)
+                .unwrap_or_else(|error| (Err(Failure::panic(error.to_string())), None));
+                Step::Called(item, outcome, calls)
             }));
         }
-        let mut call = self
-            .binding
-            .invoker
-            .start(item.message.clone(), item.lineage.clone(), span);
+        let mut call =
+            self.binding
+                .invoker
+                .start(calls, item.message.clone(), item.lineage.clone(), span);
         match (&mut call).now_or_never() {
             Some(returned) => {
+                self.calls.extend(call.into_calls());
                 let outcome = self.binding.invoker.finish(returned);
                 self.send_outputs(item, outcome);
             }
             None => {
                 let binding = self.binding.clone();
                 self.jobs.push(Box::pin(async move {
-                    let returned = call.await;
-                    Step::Called(item, binding.invoker.finish(returned))
+                    let returned = (&mut call).await;
+                    Step::Called(item, binding.invoker.finish(returned), call.into_calls())
                 }));
             }
         }
@@ -577,7 +640,7 @@ impl Engine {
 
     /// Hands a handler's outputs to the producer, in order, before the key is released: so
     /// outputs of one key are sent in the order their inputs arrived.
-    fn send_outputs(&mut self, mut item: InFlight, outcome: Result<Vec<Message>, Failure>) {
+    fn send_outputs(&mut self, mut item: InFlight, outcome: Result<Batch, Failure>) {
         self.binding.meter.returned(item.called_at, outcome.is_ok());
         let (output, messages) = match (outcome, &self.binding.invoker.output) {
             (Ok(mut messages), Some(output)) => {
@@ -587,7 +650,7 @@ impl Engine {
                 item.unconfirmed = messages.len();
                 (output.clone(), messages)
             }
-            (Ok(_), None) => return self.on_step(Step::Handled(item, Ok(Sendings::new()))),
+            (Ok(_), None) => return self.on_step(Step::Handled(item, Ok(Sendings::default()))),
             (Err(failure), _) => return self.on_step(Step::Handled(item, Err(failure))),
         };
         // A producer that takes the outputs at once costs no job.
@@ -603,11 +666,14 @@ impl Engine {
 
     fn on_step(&mut self, step: Step) {
         match step {
-            Step::Called(item, outcome) => self.send_outputs(item, outcome),
+            Step::Called(item, outcome, calls) => {
+                self.calls.extend(calls);
+                self.send_outputs(item, outcome);
+            }
             Step::Handled(item, Ok(sendings)) => {
                 self.running -= 1;
                 self.release_key(&item);
-                if all_confirmed(&sendings) {
+                if sendings.all_confirmed() {
                     self.binding.meter.sent(sendings.len());
                     self.settle(item, Verdict::Ack);
                 } else {
@@ -686,7 +752,7 @@ impl Engine {
         let letter = dead_letter(&item.message, &failure, &binding.destination, attempts);
         self.push_job(Box::pin(async move {
             let sendings =
-                enqueue_all(&producer, &destination, Sendings::new(), vec![letter]).await;
+                enqueue_all(&producer, &destination, Sendings::default(), vec![letter]).await;
             let failed = confirm_all(sendings).await;
             Step::Confirmed(item, Target::DeadLetter { failure, attempts }, failed)
         }));
@@ -729,7 +795,7 @@ impl Engine {
             Target::DeadLetter { .. } => "dead-lettering",
         };
         tracing::warn!(binding = %binding.binding, message_id = %item.id, failures = item.send_failures, %error, "{what} failed; sending it again in {wait:?}");
-        let messages: Vec<Message> = failed.into_iter().map(|(message, _)| message).collect();
+        let messages: Batch = failed.into_iter().map(|(message, _)| message).collect();
         let mut halted = self.halt.subscribe();
         self.jobs.push(Box::pin(async move {
             tokio::select! {
@@ -746,7 +812,8 @@ impl Engine {
                     None => return Step::Abandoned(item),
                 },
             };
-            let sendings = enqueue_all(&producer, &destination, Sendings::new(), messages).await;
+            let sendings =
+                enqueue_all(&producer, &destination, Sendings::default(), messages).await;
             let failed = confirm_all(sendings).await;
             Step::Confirmed(item, target, failed)
         }));
@@ -758,11 +825,13 @@ impl Engine {
         }
         if let Some(in_order) = &mut self.in_order {
             in_order.decide(item.sequence, item.acknowledgement, verdict);
+            self.keep_spare(item.message);
             return self.release_in_order();
         }
         let settling = match settle(item.acknowledgement, verdict) {
             Settling::Done(settled) => {
                 self.window.close(1);
+                self.keep_spare(item.message);
                 return unsettled(&self.binding.binding, &item.id, settled);
             }
             Settling::Waiting(settling) => settling,
@@ -776,6 +845,15 @@ impl Engine {
                 in_order: false,
             }
         }));
+    }
+
+    /// Keeps the allocation of a settled message for the next one received, when nothing else
+    /// holds it; the message itself is dropped now.
+    fn keep_spare(&mut self, mut message: Arc<Message>) {
+        if let Some(settled) = Arc::get_mut(&mut message) {
+            *settled = Message::new(Bytes::new());
+            self.spare = Some(message);
+        }
     }
 
     /// Settles, one at a time and in arrival order, every verdict with none undecided before it.
@@ -848,6 +926,7 @@ pub(crate) async fn run_supplier(
 ) {
     let mut ticks = tokio::time::interval(every);
     ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut calls = None;
     loop {
         tokio::select! {
             biased;
@@ -855,10 +934,11 @@ pub(crate) async fn run_supplier(
             _ = ticks.tick() => {}
         }
         let tick = Arc::new(Message::new(Bytes::new()));
-        let sent = match invoker
-            .call(tick, Lineage::default(), CallSpan::default())
-            .await
-        {
+        let (called, next_calls) = invoker
+            .call(calls.take(), tick, Lineage::default(), CallSpan::default())
+            .await;
+        calls = next_calls;
+        let sent = match called {
             Ok(messages) => match &invoker.output {
                 Some(output) => output
                     .send_all(messages, &Lineage::default())
