@@ -12,7 +12,7 @@
 //! the first group that does.
 
 use std::collections::{HashMap, VecDeque};
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 
 use async_trait::async_trait;
@@ -85,6 +85,8 @@ impl Destination {
 struct Queue {
     ready: Mutex<VecDeque<Box<MemoryAck>>>,
     available: Notify,
+    /// Subscriptions consuming from this queue.
+    consumers: AtomicUsize,
     /// The one partition this queue receives; `None` for every message.
     partition: Option<u32>,
 }
@@ -125,8 +127,9 @@ impl Queue {
             let mut ready = lock(&self.ready);
             (ready.pop_front(), !ready.is_empty())
         };
-        // Pass the wake-up on in case more messages are waiting for other consumers.
-        if next.is_some() && more {
+        // Pass the wake-up on in case more messages are waiting for other consumers (a single
+        // consumer takes the rest itself).
+        if next.is_some() && more && self.consumers.load(Ordering::Relaxed) > 1 {
             self.available.notify_one();
         }
         next
@@ -255,6 +258,7 @@ impl Binder for MemoryBinder {
                 (queue, Some(id))
             }
         };
+        queue.consumers.fetch_add(1, Ordering::Relaxed);
         Ok(Box::new(MemorySubscription {
             destination: self.destination(&spec.destination),
             queue,
@@ -365,6 +369,7 @@ impl MemorySubscription {
 
 impl Drop for MemorySubscription {
     fn drop(&mut self) {
+        self.queue.consumers.fetch_sub(1, Ordering::Relaxed);
         if let Some(id) = self.anonymous_id {
             lock(&self.destination).anonymous.remove(&id);
         }

@@ -91,13 +91,36 @@ fn hex_digits(value: u32) -> [u8; 8] {
 }
 
 /// A new unique id: a random prefix drawn once per process and a counter, so no message pays
-/// for a draw from the operating system.
+/// for a draw from the operating system. A thread takes the counter's values a block at a
+/// time and writes the block's ids out at once; each id is a slice of it.
 pub(crate) fn new_message_id() -> MessageId {
+    let cut = NEW_IDS.try_with(|ids| {
+        let mut ids = ids.borrow_mut();
+        if ids.is_empty() {
+            *ids = fresh_ids(IDS_PER_BLOCK);
+        }
+        ids.split_to(UUID_LENGTH)
+    });
+    // A thread's locals are gone while it exits: an id made then is a block of its own.
+    MessageId(cut.unwrap_or_else(|_| fresh_ids(1)))
+}
+
+thread_local! {
+    /// The ids of this thread's block not handed out yet.
+    static NEW_IDS: RefCell<Bytes> = const { RefCell::new(Bytes::new()) };
+}
+
+/// `count` new ids, written one after the other.
+fn fresh_ids(count: usize) -> Bytes {
     static PREFIX: OnceLock<u64> = OnceLock::new();
     static COUNTER: AtomicU64 = AtomicU64::new(0);
     let prefix = *PREFIX.get_or_init(|| Uuid::new_v4().as_u64_pair().0);
-    let count = COUNTER.fetch_add(1, Ordering::Relaxed);
-    MessageId(uuid_bytes(prefix, count))
+    let first = COUNTER.fetch_add(count as u64, Ordering::Relaxed);
+    let mut block = Vec::with_capacity(UUID_LENGTH * count);
+    for n in first..first + count as u64 {
+        block.extend_from_slice(&hyphenated(prefix, n));
+    }
+    Bytes::from(block)
 }
 
 /// The id of output number `index` of the input `input_id`: the same on every attempt and
@@ -137,6 +160,27 @@ mod tests {
         assert_ne!(output_id(&id("order-1"), 0), output_id(&id("order-1"), 1));
         assert_ne!(output_id(&id("order-1"), 0), output_id(&id("order-2"), 0));
         assert_ne!(new_message_id(), new_message_id());
+    }
+
+    #[test]
+    fn new_ids_are_uuids_and_distinct_across_blocks_and_threads() {
+        let mine: Vec<MessageId> = (0..IDS_PER_BLOCK * 3 + 5)
+            .map(|_| new_message_id())
+            .collect();
+        let theirs = std::thread::spawn(|| {
+            (0..IDS_PER_BLOCK + 1)
+                .map(|_| new_message_id())
+                .collect::<Vec<_>>()
+        })
+        .join()
+        .expect("a thread making ids");
+        let mut seen = std::collections::HashSet::new();
+        for id in mine.iter().chain(&theirs) {
+            let text = id.to_string();
+            assert_eq!(text.len(), UUID_LENGTH, "{text}");
+            assert!(Uuid::parse_str(&text).is_ok(), "{text}");
+            assert!(seen.insert(text.clone()), "{text} was made twice");
+        }
     }
 
     #[test]

@@ -15,8 +15,15 @@ use crate::Message;
 /// A binding's content type, as text and as the header value, shared by every message.
 #[derive(Clone, Debug)]
 pub(crate) struct ContentType {
-    text: Arc<str>,
+    text: Text,
     header: Bytes,
+}
+
+/// A content type's text: the default is static, so copies of it cost no reference count.
+#[derive(Clone, Debug)]
+enum Text {
+    Default,
+    Shared(Arc<str>),
 }
 
 impl ContentType {
@@ -24,18 +31,23 @@ impl ContentType {
         let text: String = text.into();
         // A static header value is shared without a reference count: the default costs
         // nothing per message, on any thread.
-        let header = match text.as_str() {
-            DEFAULT_CONTENT_TYPE => Bytes::from_static(DEFAULT_CONTENT_TYPE.as_bytes()),
-            _ => Bytes::from(text.clone()),
-        };
-        ContentType {
-            header,
-            text: text.into(),
+        match text.as_str() {
+            DEFAULT_CONTENT_TYPE => ContentType {
+                text: Text::Default,
+                header: Bytes::from_static(DEFAULT_CONTENT_TYPE.as_bytes()),
+            },
+            _ => ContentType {
+                header: Bytes::from(text.clone()),
+                text: Text::Shared(text.into()),
+            },
         }
     }
 
     pub(crate) fn as_str(&self) -> &str {
-        &self.text
+        match &self.text {
+            Text::Default => DEFAULT_CONTENT_TYPE,
+            Text::Shared(text) => text,
+        }
     }
 }
 

@@ -71,9 +71,10 @@ struct Call {
 }
 
 impl Call {
-    /// The handler's calls, to start the next one with; none after a panic.
-    fn into_calls(self) -> Option<Box<dyn HandlerCalls>> {
-        (!self.panicked).then_some(self.calls)
+    /// The handler's calls, to start the next one with (none after a panic), and the lineage
+    /// the call ran in.
+    fn into_parts(self) -> (Option<Box<dyn HandlerCalls>>, Lineage) {
+        ((!self.panicked).then_some(self.calls), self.lineage)
     }
 }
 
@@ -162,7 +163,7 @@ impl Invoker {
     ) -> (Result<Batch, Failure>, Option<Box<dyn HandlerCalls>>) {
         let mut call = self.start(calls, message, lineage, span);
         let returned = (&mut call).await;
-        (self.finish(returned), call.into_calls())
+        (self.finish(returned), call.into_parts().0)
     }
 }
 
@@ -618,13 +619,17 @@ impl Engine {
                 Step::Called(item, outcome, calls)
             }));
         }
-        let mut call =
-            self.binding
-                .invoker
-                .start(calls, item.message.clone(), item.lineage.clone(), span);
+        // The call runs in the item's lineage, moved there and back.
+        let lineage = std::mem::take(&mut item.lineage);
+        let mut call = self
+            .binding
+            .invoker
+            .start(calls, item.message.clone(), lineage, span);
         match (&mut call).now_or_never() {
             Some(returned) => {
-                self.calls.extend(call.into_calls());
+                let (calls, lineage) = call.into_parts();
+                item.lineage = lineage;
+                self.calls.extend(calls);
                 let outcome = self.binding.invoker.finish(returned);
                 self.send_outputs(item, outcome);
             }
@@ -632,7 +637,9 @@ impl Engine {
                 let binding = self.binding.clone();
                 self.jobs.push(Box::pin(async move {
                     let returned = (&mut call).await;
-                    Step::Called(item, binding.invoker.finish(returned), call.into_calls())
+                    let (calls, lineage) = call.into_parts();
+                    item.lineage = lineage;
+                    Step::Called(item, binding.invoker.finish(returned), calls)
                 }));
             }
         }
@@ -642,26 +649,47 @@ impl Engine {
     /// outputs of one key are sent in the order their inputs arrived.
     fn send_outputs(&mut self, mut item: InFlight, outcome: Result<Batch, Failure>) {
         self.binding.meter.returned(item.called_at, outcome.is_ok());
-        let (output, messages) = match (outcome, &self.binding.invoker.output) {
-            (Ok(mut messages), Some(output)) => {
-                for (index, message) in messages.iter_mut().enumerate() {
-                    output.prepare(message, || output_id(&item.id, index), &item.lineage);
-                }
-                item.unconfirmed = messages.len();
-                (output.clone(), messages)
-            }
-            (Ok(_), None) => return self.on_step(Step::Handled(item, Ok(Sendings::default()))),
-            (Err(failure), _) => return self.on_step(Step::Handled(item, Err(failure))),
+        let mut messages = match outcome {
+            Ok(messages) => messages,
+            Err(failure) => return self.handled(item, Err(failure)),
         };
+        let Some(output) = self.binding.invoker.output.as_ref() else {
+            return self.handled(item, Ok(Sendings::default()));
+        };
+        for (index, message) in messages.iter_mut().enumerate() {
+            output.prepare(message, || output_id(&item.id, index), &item.lineage);
+        }
+        item.unconfirmed = messages.len();
         // A producer that takes the outputs at once costs no job.
         let (sendings, rest) = enqueue_at_once(&output.producer, &output.destination, messages);
         if rest.is_empty() {
-            return self.on_step(Step::Handled(item, Ok(sendings)));
+            return self.handled(item, Ok(sendings));
         }
+        let output = output.clone();
         self.push_job(Box::pin(async move {
             let sendings = enqueue_all(&output.producer, &output.destination, sendings, rest).await;
             Step::Handled(item, Ok(sendings))
         }));
+    }
+
+    /// The handler ran: its outputs were handed to the producer (their answers may still be
+    /// to come), or it failed.
+    fn handled(&mut self, item: InFlight, sent: Result<Sendings, Failure>) {
+        self.running -= 1;
+        let sendings = match sent {
+            Ok(sendings) => sendings,
+            Err(failure) => return self.handler_failed(item, failure),
+        };
+        self.release_key(&item);
+        if sendings.all_confirmed() {
+            self.binding.meter.sent(sendings.len());
+            self.settle(item, Verdict::Ack);
+        } else {
+            self.jobs.push(Box::pin(async move {
+                let failed = confirm_all(sendings).await;
+                Step::Confirmed(item, Target::Outputs, failed)
+            }));
+        }
     }
 
     fn on_step(&mut self, step: Step) {
@@ -670,23 +698,7 @@ impl Engine {
                 self.calls.extend(calls);
                 self.send_outputs(item, outcome);
             }
-            Step::Handled(item, Ok(sendings)) => {
-                self.running -= 1;
-                self.release_key(&item);
-                if sendings.all_confirmed() {
-                    self.binding.meter.sent(sendings.len());
-                    self.settle(item, Verdict::Ack);
-                } else {
-                    self.jobs.push(Box::pin(async move {
-                        let failed = confirm_all(sendings).await;
-                        Step::Confirmed(item, Target::Outputs, failed)
-                    }));
-                }
-            }
-            Step::Handled(item, Err(failure)) => {
-                self.running -= 1;
-                self.handler_failed(item, failure);
-            }
+            Step::Handled(item, sent) => self.handled(item, sent),
             Step::BackedOff(item) if self.stopping => self.settle(item, Verdict::Requeue),
             Step::BackedOff(item) => self.ready.push_front(item),
             Step::Confirmed(item, target, failed) => self.confirmed(item, target, failed),
