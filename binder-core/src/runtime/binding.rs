@@ -244,7 +244,7 @@ async fn until(deadline: Option<Instant>) {
 }
 
 /// How many messages already at hand one turn of a binding's loop takes.
-const AT_HAND_PER_TURN: usize = 16;
+const AT_HAND_PER_TURN: usize = 64;
 
 /// How long a subscription may take to pause or resume.
 const PAUSE_LIMIT: Duration =
@@ -570,13 +570,24 @@ impl Engine {
             return self.settle(item, Verdict::Requeue);
         }
         let key = item.key().cloned();
-        if let Some(item) = self.lanes.admit(key.as_ref(), item) {
-            self.ready.push_back(item);
+        let Some(item) = self.lanes.admit(key.as_ref(), item) else {
+            return;
+        };
+        // Nothing ahead of it and a handler free: it starts now, without a turn in the queue.
+        if self.ready.is_empty() && self.can_start() {
+            self.running += 1;
+            return self.handle(item);
         }
+        self.ready.push_back(item);
+    }
+
+    /// Whether a handler may start now.
+    fn can_start(&self) -> bool {
+        !self.stopping && !self.paused && self.running < self.concurrency
     }
 
     fn start_ready(&mut self) {
-        while !self.stopping && !self.paused && self.running < self.concurrency {
+        while self.can_start() {
             let Some(item) = self.ready.pop_front() else {
                 break;
             };
