@@ -119,9 +119,13 @@ pub mod __private {
             .map(|message| message.map_payload(|decoded| decoded.0))
     }
 
-    /// Any other argument (`String`, `Bytes`, `Message<Bytes>`, ...).
-    pub fn extract<T: FromMessage>(message: &Message, context: &Context) -> Result<T, Failure> {
-        T::from_message(message, context)
+    /// Any other argument (`String`, `Bytes`, `Message<Bytes>`, `Arc<Message>`, ...), from the
+    /// message as the runtime shares it.
+    pub fn extract<T: FromMessage>(
+        message: &std::sync::Arc<Message>,
+        context: &Context,
+    ) -> Result<T, Failure> {
+        T::from_shared(message, context)
     }
 
     /// An argument taken for context by its name (`Headers`, `StreamBridge`, ...).

@@ -142,6 +142,39 @@ destination = "pm-tag-in"
     app.shutdown().await.unwrap();
 }
 
+#[stream_function(output = "pm-echoed")]
+async fn echo(message: std::sync::Arc<Message>) -> Message<bytes::Bytes> {
+    let tenant = message.headers().get_str("tenant").unwrap_or("none");
+    Message::builder(message.payload().clone())
+        .header("tenant", format!("seen {tenant}"))
+        .key(message.key_str().unwrap_or("no key"))
+        .build()
+}
+
+#[tokio::test]
+async fn a_shared_message_argument_sees_payload_headers_and_key() {
+    let app = TestApp::start(
+        r#"
+[stream]
+function.definition = "echo"
+[stream.bindings.echo-in-0]
+destination = "pm-echo-in"
+"#,
+    )
+    .await
+    .unwrap();
+    let sent = Message::builder(bytes::Bytes::from_static(b"as it came"))
+        .header("tenant", "acme")
+        .key("customer-5")
+        .build();
+    app.send("pm-echo-in", sent).await.unwrap();
+    let out = app.receive("pm-echoed", WAIT).await.expect("an echo");
+    assert_eq!(&out.payload()[..], b"as it came");
+    assert_eq!(out.headers().get_str("tenant"), Some("seen acme"));
+    assert_eq!(out.key_str(), Some("customer-5"));
+    app.shutdown().await.unwrap();
+}
+
 #[stream_function(output = "pm-lines")]
 fn split(text: String) -> Vec<String> {
     text.split(',').map(str::to_owned).collect()

@@ -264,6 +264,23 @@ fn classify_argument(ty: &Type) -> syn::Result<Argument> {
     if is_raw_payload(ty) {
         return Ok(Argument::AsIs(ty.clone()));
     }
+    // `Arc<Message>`: the message as received, shared.
+    if name == "Arc" {
+        let shares_the_message = match generic_args(segment).as_slice() {
+            [inner] => last_segment(inner).is_some_and(|inner| {
+                inner.ident == "Message"
+                    && match generic_args(inner).as_slice() {
+                        [] => true,
+                        [payload] => is_named(payload, "Bytes"),
+                        _ => false,
+                    }
+            }),
+            _ => false,
+        };
+        if shares_the_message {
+            return Ok(Argument::AsIs(ty.clone()));
+        }
+    }
     if name == "Message" {
         return match generic_args(segment).as_slice() {
             [] => Ok(Argument::AsIs(ty.clone())),

@@ -13,7 +13,7 @@ use crate::{AppConfig, Headers, Message};
 #[diagnostic::on_unimplemented(
     message = "`{Self}` cannot be an argument of a stream function",
     label = "not accepted as an argument",
-    note = "accepted: a payload type that implements `serde::Deserialize` (`Decoded<T>` when written by hand), `Message<T>`, `String`, `bytes::Bytes`, `Vec<u8>`, `Headers`, `StreamBridge`, `AppConfig`"
+    note = "accepted: a payload type that implements `serde::Deserialize` (`Decoded<T>` when written by hand), `Message<T>`, `Arc<Message>`, `String`, `bytes::Bytes`, `Vec<u8>`, `Headers`, `StreamBridge`, `AppConfig`"
 )]
 pub trait FromMessage: Sized + Send + 'static {
     /// Takes the value from `message`; a [`FailureKind::Decode`](super::FailureKind::Decode) failure is not retried.

@@ -244,7 +244,7 @@ async fn until(deadline: Option<Instant>) {
 }
 
 /// How many messages already at hand one turn of a binding's loop takes.
-const AT_HAND_PER_TURN: usize = 64;
+const AT_HAND_PER_TURN: usize = 16;
 
 /// How long a subscription may take to pause or resume.
 const PAUSE_LIMIT: Duration =
