@@ -145,8 +145,11 @@ destination = "pm-tag-in"
 #[stream_function(output = "pm-echoed")]
 async fn echo(message: std::sync::Arc<Message>) -> Message<bytes::Bytes> {
     let tenant = message.headers().get_str("tenant").unwrap_or("none");
+    // Shared with the runtime, which holds the message until it is settled: never a copy.
+    let shared = std::sync::Arc::strong_count(&message) > 1;
     Message::builder(message.payload().clone())
         .header("tenant", format!("seen {tenant}"))
+        .header("shared", shared.to_string())
         .key(message.key_str().unwrap_or("no key"))
         .build()
 }
@@ -171,8 +174,56 @@ destination = "pm-echo-in"
     let out = app.receive("pm-echoed", WAIT).await.expect("an echo");
     assert_eq!(&out.payload()[..], b"as it came");
     assert_eq!(out.headers().get_str("tenant"), Some("seen acme"));
+    assert_eq!(out.headers().get_str("shared"), Some("true"));
     assert_eq!(out.key_str(), Some("customer-5"));
     app.shutdown().await.unwrap();
+}
+
+/// Messages a handler keeps after its call returned.
+static KEPT: std::sync::Mutex<Vec<std::sync::Arc<Message>>> = std::sync::Mutex::new(Vec::new());
+
+#[stream_function(output = "pm-kept-out")]
+async fn keep(message: std::sync::Arc<Message>) -> bytes::Bytes {
+    let payload = message.payload().clone();
+    KEPT.lock().unwrap().push(message);
+    payload
+}
+
+#[tokio::test]
+async fn a_message_kept_after_its_call_stays_as_it_came_while_others_follow() {
+    let app = TestApp::start(
+        r#"
+[stream]
+function.definition = "keep"
+[stream.bindings.keep-in-0]
+destination = "pm-keep-in"
+"#,
+    )
+    .await
+    .unwrap();
+    for n in 1..=3 {
+        app.send("pm-keep-in", format!("kept {n}")).await.unwrap();
+        let out = app.receive("pm-kept-out", WAIT).await.expect("an output");
+        assert_eq!(out.text(), Some(format!("kept {n}").as_str()));
+    }
+    for n in 4..=6 {
+        app.send("pm-keep-in", format!("kept {n}")).await.unwrap();
+    }
+    for _ in 4..=6 {
+        app.receive("pm-kept-out", WAIT).await.expect("an output");
+    }
+    app.shutdown().await.unwrap();
+    let kept: Vec<String> = KEPT
+        .lock()
+        .unwrap()
+        .iter()
+        .map(|message| String::from_utf8_lossy(message.payload()).into_owned())
+        .collect();
+    let expected: Vec<String> = (1..=6).map(|n| format!("kept {n}")).collect();
+    assert_eq!(
+        kept, expected,
+        "what a handler keeps is never reused for later messages"
+    );
 }
 
 #[stream_function(output = "pm-lines")]

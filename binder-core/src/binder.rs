@@ -296,6 +296,8 @@ pub trait Producer: Send + Sync + fmt::Debug {
 }
 
 /// What became of a message offered with [`Producer::try_enqueue`].
+#[must_use = "a message taken may still be refused: its confirmation tells"]
+#[non_exhaustive]
 #[derive(Debug)]
 pub enum TryEnqueue {
     /// Taken, and the broker took responsibility for it already: nothing is left to wait for.

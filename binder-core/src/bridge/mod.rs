@@ -56,9 +56,10 @@ impl Lineage {
     /// Runs `f` with this lineage as the one what is sent from this thread hands on, as when
     /// a handler call is polled: moved in and out again, never copied.
     pub(crate) fn in_scope<R>(&mut self, f: impl FnOnce() -> R) -> R {
-        let lineage = std::mem::take(self);
-        let Ok(outer) = HANDLING.try_with(|handling| handling.replace(lineage)) else {
-            // A thread's locals are gone while it exits: nothing is handed on then.
+        let swapped = HANDLING.try_with(|handling| handling.replace(std::mem::take(self)));
+        let Ok(outer) = swapped else {
+            // A thread's locals are gone while it exits: nothing is handed on then, and the
+            // lineage stays where it was.
             return f();
         };
         let _restore = Restore {
@@ -145,7 +146,7 @@ pub fn with_current_correlation<T>(call: impl FnOnce() -> T) -> impl FnOnce() ->
     }
 }
 
-/// What the input being handled on this task hands on; nothing outside a handler.
+/// What the input being handled on this thread hands on; nothing outside a handler.
 fn current_lineage() -> Lineage {
     HANDLING
         .try_with(|handling| handling.borrow().clone())

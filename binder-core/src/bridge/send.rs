@@ -3,7 +3,6 @@
 use std::panic::AssertUnwindSafe;
 use std::sync::Arc;
 
-use bytes::Bytes;
 use futures::FutureExt;
 use smallvec::SmallVec;
 
@@ -15,10 +14,11 @@ use crate::message::header;
 use crate::{Error, Message};
 
 /// One message handed to a producer, with the broker's answer still to come (or the error it
-/// failed with), kept to be sent again should the answer be an error.
+/// failed with), kept to be sent again should the answer be an error. `None` when the message
+/// went with a producer that panicked: such a send is refused for good, never sent again.
 #[derive(Debug)]
 pub(crate) struct Sending {
-    pub(crate) message: Message,
+    pub(crate) message: Option<Message>,
     confirmation: Result<Confirmation, Error>,
 }
 
@@ -37,17 +37,26 @@ impl Sendings {
     }
 
     /// Records what [`Producer::try_enqueue`] answered; the message back when it was not taken.
-    fn record(&mut self, answer: TryEnqueue) -> Option<Message> {
+    fn record(&mut self, offered: Offered) -> Option<Message> {
+        let answer = match offered {
+            Offered::Answered(answer) => answer,
+            Offered::Panicked(refusal) => {
+                self.push(None, Err(refusal));
+                return None;
+            }
+        };
         match answer {
             TryEnqueue::Confirmed => self.confirmed += 1,
-            TryEnqueue::Pending(confirmation, message) => self.push(message, Ok(confirmation)),
-            TryEnqueue::Failed(message, error) => self.push(message, Err(error)),
+            TryEnqueue::Pending(confirmation, message) => {
+                self.push(Some(message), Ok(confirmation))
+            }
+            TryEnqueue::Failed(message, error) => self.push(Some(message), Err(error)),
             TryEnqueue::NotNow(message) => return Some(message),
         }
         None
     }
 
-    fn push(&mut self, message: Message, confirmation: Result<Confirmation, Error>) {
+    fn push(&mut self, message: Option<Message>, confirmation: Result<Confirmation, Error>) {
         match &confirmation {
             // A producer that confirmed at once leaves nothing to wait for, or to send again.
             Ok(confirmation) if confirmation.is_confirmed() => self.confirmed += 1,
@@ -108,13 +117,20 @@ pub(crate) fn enqueue_at_once(
     (sendings, Batch::new())
 }
 
-/// [`Producer::try_enqueue`], where a panic refuses the message for good.
-fn try_enqueue(producer: &Arc<dyn Producer>, destination: &str, message: Message) -> TryEnqueue {
-    std::panic::catch_unwind(AssertUnwindSafe(|| producer.try_enqueue(message))).unwrap_or_else(
-        // The message went with the panic; a permanent refusal is never sent again, so a
-        // stand-in keeps its place.
-        |panic| TryEnqueue::Failed(Message::new(Bytes::new()), panicked(destination, &*panic)),
-    )
+/// [`Producer::try_enqueue`], where a panic refuses the message for good: it went with the
+/// panic, and its send is recorded as refused, never to be sent again.
+fn try_enqueue(producer: &Arc<dyn Producer>, destination: &str, message: Message) -> Offered {
+    match std::panic::catch_unwind(AssertUnwindSafe(|| producer.try_enqueue(message))) {
+        Ok(answer) => Offered::Answered(answer),
+        Err(panic) => Offered::Panicked(panicked(destination, &*panic)),
+    }
+}
+
+/// What became of a message offered with [`try_enqueue`].
+enum Offered {
+    Answered(TryEnqueue),
+    /// The producer panicked, and the message went with it.
+    Panicked(Error),
 }
 
 /// Hands `messages` to `producer` one after the other, after the `sendings` already made, so
@@ -135,7 +151,7 @@ pub(crate) async fn enqueue_all(
             Ok(confirmation) => confirmation,
             Err(panic) => Err(panicked(destination, &*panic)),
         };
-        sendings.push(message, confirmation);
+        sendings.push(Some(message), confirmation);
     }
     give_back(messages);
     sendings
@@ -149,8 +165,9 @@ fn panicked(destination: &str, panic: &(dyn std::any::Any + Send)) -> Error {
     )
 }
 
-/// Awaits every confirmation; returns the messages that were not confirmed, with why.
-pub(crate) async fn confirm_all(sendings: Sendings) -> Vec<(Message, Error)> {
+/// Awaits every confirmation; returns the messages that were not confirmed, with why (`None`
+/// for a message a panicking producer took with it, whose refusal is permanent).
+pub(crate) async fn confirm_all(sendings: Sendings) -> Vec<(Option<Message>, Error)> {
     let answers =
         futures::future::join_all(sendings.answers.into_iter().map(|sending| async move {
             let answer = match sending.confirmation {
@@ -238,6 +255,11 @@ mod tests {
                     let answer = Confirmation::pending(async { Err(Error::ShuttingDown) });
                     TryEnqueue::Pending(answer, message)
                 }
+                Some("failed") => {
+                    self.record(&message, "failed");
+                    let error = Error::binder("scripted", "the broker is away");
+                    TryEnqueue::Failed(message, error)
+                }
                 Some("panic") => panic!("the client broke"),
                 _ => TryEnqueue::NotNow(message),
             }
@@ -292,16 +314,70 @@ mod tests {
         assert!(rest.is_empty());
         assert_eq!(sendings.len(), 2);
         assert_eq!(sendings.answers.len(), 1, "only the refusal is kept");
-        let refused = match &sendings.answers[0].confirmation {
-            Err(error) => error,
-            Ok(_) => panic!("a panicking producer must refuse the message"),
-        };
+        assert!(
+            sendings.answers[0].message.is_none(),
+            "the message went with the panic: nothing may stand in for it"
+        );
+        let failed = confirm_all(sendings).await;
+        let (lost, refused) = &failed[0];
+        assert!(lost.is_none());
         assert!(refused.is_permanent(), "{refused}");
         assert!(
             refused.to_string().contains("the client broke"),
             "{refused}"
         );
         assert_eq!(scripted.sent(), [("b".to_owned(), "at once")]);
+    }
+
+    #[tokio::test]
+    async fn a_single_message_not_taken_at_once_comes_back_in_its_batch() {
+        let scripted = Scripted::new(&[]);
+        let producer: Arc<dyn Producer> = scripted.clone();
+        let batch = messages(&["only"]);
+        let allocation = batch.as_ptr();
+        let (sendings, rest) = enqueue_at_once(&producer, "out", batch);
+        assert_eq!(sendings.len(), 0);
+        assert_eq!(rest.iter().map(text).collect::<Vec<_>>(), ["only"]);
+        assert_eq!(rest.as_ptr(), allocation, "the batch keeps its allocation");
+        let sendings = enqueue_all(&producer, "out", sendings, rest).await;
+        assert!(sendings.all_confirmed());
+        assert_eq!(scripted.sent(), [("only".to_owned(), "enqueue")]);
+    }
+
+    #[tokio::test]
+    async fn a_single_message_taken_at_once_is_confirmed_and_not_kept() {
+        let scripted = Scripted::new(&["at once"]);
+        let producer: Arc<dyn Producer> = scripted.clone();
+        let (sendings, rest) = enqueue_at_once(&producer, "out", messages(&["only"]));
+        assert!(rest.is_empty());
+        assert_eq!((sendings.len(), sendings.answers.len()), (1, 0));
+        assert!(sendings.all_confirmed());
+    }
+
+    #[tokio::test]
+    async fn a_single_message_the_producer_failed_is_kept_to_be_sent_again() {
+        let scripted = Scripted::new(&["failed"]);
+        let producer: Arc<dyn Producer> = scripted.clone();
+        let (sendings, rest) = enqueue_at_once(&producer, "out", messages(&["only"]));
+        assert!(rest.is_empty());
+        assert!(!sendings.all_confirmed());
+        let failed = confirm_all(sendings).await;
+        assert_eq!(failed.len(), 1);
+        let (message, error) = &failed[0];
+        assert_eq!(message.as_ref().map(text).as_deref(), Some("only"));
+        assert!(!error.is_permanent(), "{error}");
+    }
+
+    #[tokio::test]
+    async fn a_single_message_whose_producer_panics_is_refused_for_good() {
+        let scripted = Scripted::new(&["panic"]);
+        let producer: Arc<dyn Producer> = scripted.clone();
+        let (sendings, rest) = enqueue_at_once(&producer, "out", messages(&["only"]));
+        assert!(rest.is_empty());
+        let failed = confirm_all(sendings).await;
+        assert_eq!(failed.len(), 1);
+        assert!(failed[0].0.is_none());
+        assert!(failed[0].1.is_permanent());
     }
 
     #[tokio::test]
@@ -312,7 +388,11 @@ mod tests {
         assert!(rest.is_empty());
         assert!(!sendings.all_confirmed());
         assert_eq!(sendings.len(), 2);
-        let kept: Vec<_> = sendings.answers.iter().map(|s| text(&s.message)).collect();
+        let kept: Vec<_> = sendings
+            .answers
+            .iter()
+            .filter_map(|s| s.message.as_ref().map(text))
+            .collect();
         assert_eq!(
             kept,
             ["a"],
@@ -320,6 +400,6 @@ mod tests {
         );
         let failed = confirm_all(sendings).await;
         assert_eq!(failed.len(), 1);
-        assert_eq!(text(&failed[0].0), "a");
+        assert_eq!(failed[0].0.as_ref().map(text).as_deref(), Some("a"));
     }
 }

@@ -225,7 +225,7 @@ enum Step {
     /// A retry's back-off is over.
     BackedOff(InFlight),
     /// Sends were answered; those not confirmed are listed with why.
-    Confirmed(InFlight, Target, Vec<(Message, Error)>),
+    Confirmed(InFlight, Target, Vec<(Option<Message>, Error)>),
     /// The binding is stopping while the message waited: it goes back to the broker.
     Abandoned(InFlight),
     /// Settlements finished.
@@ -781,7 +781,12 @@ impl Engine {
         }));
     }
 
-    fn confirmed(&mut self, mut item: InFlight, target: Target, failed: Vec<(Message, Error)>) {
+    fn confirmed(
+        &mut self,
+        mut item: InFlight,
+        target: Target,
+        failed: Vec<(Option<Message>, Error)>,
+    ) {
         let binding = self.binding.clone();
         match &target {
             Target::Outputs => {
@@ -799,7 +804,10 @@ impl Engine {
             }
             return self.settle(item, Verdict::Ack);
         }
-        let refused = failed.iter().find(|(_, error)| error.is_permanent());
+        // A message lost with a panicking producer cannot be sent again: refused for good.
+        let refused = failed
+            .iter()
+            .find(|(message, error)| message.is_none() || error.is_permanent());
         if let (Target::Outputs, Some((_, error))) = (&target, refused) {
             tracing::error!(binding = %binding.binding, message_id = %item.id, %error, "the broker refused an output for good; the input is dead-lettered instead of retried");
             let failure =
@@ -818,7 +826,20 @@ impl Engine {
             Target::DeadLetter { .. } => "dead-lettering",
         };
         tracing::warn!(binding = %binding.binding, message_id = %item.id, failures = item.send_failures, %error, "{what} failed; sending it again in {wait:?}");
-        let messages: Batch = failed.into_iter().map(|(message, _)| message).collect();
+        let lost = failed.iter().any(|(message, _)| message.is_none());
+        let mut messages: Batch = failed
+            .into_iter()
+            .filter_map(|(message, _)| message)
+            .collect();
+        // A dead letter is made again from its input should it ever be lost.
+        if let (true, Target::DeadLetter { failure, attempts }) = (lost, &target) {
+            messages = vec![dead_letter(
+                &item.message,
+                failure,
+                &binding.destination,
+                *attempts,
+            )];
+        }
         let mut halted = self.halt.subscribe();
         self.jobs.push(Box::pin(async move {
             tokio::select! {
