@@ -73,6 +73,56 @@ function.definition = "bill""#,
     app.shutdown().await.unwrap();
 }
 
+#[tokio::test]
+async fn a_redelivered_input_gives_its_outputs_the_same_ids_and_an_input_without_an_id_new_ones() {
+    let app = TestApp::start(
+        r#"[stream]
+function.definition = "bill""#,
+    )
+    .await
+    .unwrap();
+    let order = |id: Option<&str>| {
+        let mut order = Message::new(bytes::Bytes::from_static(
+            br#"{"id":1,"amount_cents":1000}"#,
+        ));
+        order
+            .headers_mut()
+            .insert(header::CONTENT_TYPE, "application/json");
+        if let Some(id) = id {
+            order.headers_mut().insert(header::MESSAGE_ID, id);
+        }
+        order
+    };
+    // The same order twice, as a broker delivers it again after a crash before its
+    // acknowledgement; then twice without an id.
+    for id in [Some("order-1"), Some("order-1"), None, None] {
+        app.send("pm-orders", order(id)).await.unwrap();
+    }
+    let mut ids = Vec::new();
+    for _ in 0..4 {
+        let invoice = app.receive("pm-invoices", WAIT).await.expect("an invoice");
+        let id = invoice
+            .headers()
+            .get_str(header::MESSAGE_ID)
+            .expect("an id");
+        ids.push(id.to_owned());
+    }
+    assert_eq!(
+        ids[0], ids[1],
+        "outputs of one input keep their ids: {ids:?}"
+    );
+    assert_ne!(ids[0], "order-1", "an output has an id of its own");
+    assert_ne!(
+        ids[2], ids[3],
+        "inputs without an id are told apart: {ids:?}"
+    );
+    for id in &ids {
+        assert!(uuid::Uuid::parse_str(id).is_ok(), "{id} is a UUID");
+    }
+    assert!(!ids[2..].contains(&ids[0]), "{ids:?}");
+    app.shutdown().await.unwrap();
+}
+
 #[stream_function]
 fn shout(text: String) -> String {
     text.to_uppercase()

@@ -110,6 +110,7 @@ impl Queue {
         self.partition.is_none() || self.partition == message.partition()
     }
 
+    #[inline]
     fn push_back(&self, message: Message) {
         let queued = MemoryAck::queued(message, false);
         lock(&self.ready).push_back(queued);
@@ -211,6 +212,7 @@ impl Destination {
     /// Hands `message` to every group and anonymous consumer that receives its partition (or
     /// keeps it, when lasting); the message back when nothing would receive it. The last
     /// receiver gets the message itself, the others copies.
+    #[inline]
     fn publish(&mut self, message: Message) -> Option<Message> {
         let mut receivers = self
             .groups
@@ -306,6 +308,7 @@ struct MemoryProducer {
 }
 
 impl MemoryProducer {
+    #[inline]
     fn publish(&self, message: Message) -> TryEnqueue {
         match lock(&self.destination).publish(message) {
             None => TryEnqueue::Confirmed,
@@ -389,6 +392,7 @@ struct MemoryAck {
 }
 
 impl MemoryAck {
+    #[inline]
     fn queued(message: Message, redelivered: bool) -> Box<Self> {
         Box::new(MemoryAck {
             message,

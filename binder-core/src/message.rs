@@ -66,7 +66,7 @@ type Name = Cow<'static, str>;
 /// Where `name` is kept inline, if it is one of bindery's own headers. Headers are looked up
 /// several times for every message: told apart by length and first byte, a name is compared
 /// once, and a constant name costs nothing once inlined.
-#[inline]
+#[inline(always)]
 fn own_index(name: &str) -> Option<usize> {
     let index = match (name.len(), name.as_bytes().first()) {
         (12, Some(b'c')) => 0,
@@ -127,9 +127,13 @@ impl Headers {
     }
 
     /// Sets one of bindery's own headers (a static name) without copying name or value.
-    #[inline]
+    #[inline(always)]
     pub(crate) fn set_static(&mut self, name: &'static str, value: Bytes) {
-        self.set(Cow::Borrowed(name), value);
+        // Inlined, a constant name finds its slot without a comparison at run time.
+        match own_index(name) {
+            Some(index) => self.own[index] = Some(value),
+            None => self.set(Cow::Borrowed(name), value),
+        }
     }
 
     #[inline]

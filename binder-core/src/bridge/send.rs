@@ -37,6 +37,7 @@ impl Sendings {
     }
 
     /// Records what [`Producer::try_enqueue`] answered; the message back when it was not taken.
+    #[inline]
     fn record(&mut self, offered: Offered) -> Option<Message> {
         let answer = match offered {
             Offered::Answered(answer) => answer,
@@ -119,6 +120,7 @@ pub(crate) fn enqueue_at_once(
 
 /// [`Producer::try_enqueue`], where a panic refuses the message for good: it went with the
 /// panic, and its send is recorded as refused, never to be sent again.
+#[inline]
 fn try_enqueue(producer: &Arc<dyn Producer>, destination: &str, message: Message) -> Offered {
     match std::panic::catch_unwind(AssertUnwindSafe(|| producer.try_enqueue(message))) {
         Ok(answer) => Offered::Answered(answer),

@@ -186,6 +186,9 @@ struct InFlight {
     sequence: u64,
     message: Arc<Message>,
     id: MessageId,
+    /// Whether `id` was made on receipt, the message having come without one (or with one
+    /// that is not text): it is new on every delivery.
+    id_is_new: bool,
     /// What the message hands on to its outputs.
     lineage: Lineage,
     acknowledgement: Box<dyn Acknowledgement>,
@@ -529,9 +532,9 @@ impl Engine {
         } = delivery;
         // An id that is not text is replaced, as one that is missing: ids are logged, and
         // become the correlation id of what the handler sends.
-        let id = match message.headers().get(header::MESSAGE_ID) {
-            Some(id) if std::str::from_utf8(id).is_ok() => MessageId::from_header(id),
-            _ => new_message_id(),
+        let (id, id_is_new) = match message.headers().get(header::MESSAGE_ID) {
+            Some(id) if std::str::from_utf8(id).is_ok() => (MessageId::from_header(id), false),
+            _ => (new_message_id(), true),
         };
         if !message.headers().contains(header::CORRELATION_ID) {
             message
@@ -556,6 +559,7 @@ impl Engine {
             sequence: self.next_sequence,
             message,
             id,
+            id_is_new,
             lineage,
             acknowledgement,
             attempts: 0,
@@ -667,8 +671,16 @@ impl Engine {
         let Some(output) = self.binding.invoker.output.as_ref() else {
             return self.handled(item, Ok(Sendings::default()));
         };
+        // Ids derived from an input's id are the same on every delivery of it, so consumers can
+        // de-duplicate; derived from an id made on receipt, they would be new on the next
+        // delivery as well, so such an input's outputs get new ids, which cost less to make.
+        let derived = !item.id_is_new;
         for (index, message) in messages.iter_mut().enumerate() {
-            output.prepare(message, || output_id(&item.id, index), &item.lineage);
+            let id = || match derived {
+                true => output_id(&item.id, index),
+                false => new_message_id(),
+            };
+            output.prepare(message, id, &item.lineage);
         }
         item.unconfirmed = messages.len();
         // A producer that takes the outputs at once costs no job.
