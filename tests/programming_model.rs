@@ -94,12 +94,20 @@ function.definition = "bill""#,
         order
     };
     // The same order twice, as a broker delivers it again after a crash before its
-    // acknowledgement; then twice without an id.
-    for id in [Some("order-1"), Some("order-1"), None, None] {
+    // acknowledgement; then twice without an id, and twice with an empty one.
+    let inputs = [
+        Some("order-1"),
+        Some("order-1"),
+        None,
+        None,
+        Some(""),
+        Some(""),
+    ];
+    for id in inputs {
         app.send("pm-orders", order(id)).await.unwrap();
     }
     let mut ids = Vec::new();
-    for _ in 0..4 {
+    for _ in inputs {
         let invoice = app.receive("pm-invoices", WAIT).await.expect("an invoice");
         let id = invoice
             .headers()
@@ -115,6 +123,10 @@ function.definition = "bill""#,
     assert_ne!(
         ids[2], ids[3],
         "inputs without an id are told apart: {ids:?}"
+    );
+    assert_ne!(
+        ids[4], ids[5],
+        "inputs with an empty id are told apart: {ids:?}"
     );
     for id in &ids {
         assert!(uuid::Uuid::parse_str(id).is_ok(), "{id} is a UUID");

@@ -102,6 +102,24 @@ impl Headers {
         Some(&self.others()[index].1)
     }
 
+    /// The message's id ([`header::MESSAGE_ID`]) when it is one bindery keeps: non-empty
+    /// UTF-8 text. A message received without one is given a new one (Kafka records are named
+    /// by topic, partition and offset), so an empty or binary id never stands for two messages.
+    ///
+    /// ```
+    /// use bindery_core::{header, Headers};
+    /// let mut headers = Headers::new();
+    /// headers.insert(header::MESSAGE_ID, "");
+    /// assert_eq!(headers.message_id(), None);
+    /// headers.insert(header::MESSAGE_ID, "order-1");
+    /// assert_eq!(headers.message_id().map(|id| &id[..]), Some(&b"order-1"[..]));
+    /// ```
+    #[inline]
+    pub fn message_id(&self) -> Option<&Bytes> {
+        self.get(header::MESSAGE_ID)
+            .filter(|id| !id.is_empty() && std::str::from_utf8(id).is_ok())
+    }
+
     /// The value of `name` as text, when it is valid UTF-8.
     pub fn get_str(&self, name: &str) -> Option<&str> {
         self.get(name).and_then(|v| std::str::from_utf8(v).ok())

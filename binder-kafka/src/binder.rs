@@ -1120,7 +1120,9 @@ fn to_message(record: &rdkafka::message::BorrowedMessage<'_>) -> Message {
             headers.insert_bytes(h.key, Bytes::copy_from_slice(h.value.unwrap_or_default()));
         }
     }
-    if !headers.contains(header::MESSAGE_ID) {
+    // Named by its place in the log, the same on every delivery, where it has no id bindery
+    // keeps: so its outputs' ids, derived from it, are the same on every delivery too.
+    if headers.message_id().is_none() {
         let id = format!(
             "{}-{}@{}",
             record.topic(),

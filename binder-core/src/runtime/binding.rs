@@ -530,11 +530,12 @@ impl Engine {
             acknowledgement,
             ..
         } = delivery;
-        // An id that is not text is replaced, as one that is missing: ids are logged, and
-        // become the correlation id of what the handler sends.
-        let (id, id_is_new) = match message.headers().get(header::MESSAGE_ID) {
-            Some(id) if std::str::from_utf8(id).is_ok() => (MessageId::from_header(id), false),
-            _ => (new_message_id(), true),
+        // An id that is empty or not text is replaced, as one that is missing: ids are logged,
+        // become the correlation id of what the handler sends, and the ids of its outputs are
+        // derived from them.
+        let (id, id_is_new) = match message.headers().message_id() {
+            Some(id) => (MessageId::from_header(id), false),
+            None => (new_message_id(), true),
         };
         if !message.headers().contains(header::CORRELATION_ID) {
             message
