@@ -186,9 +186,6 @@ struct InFlight {
     sequence: u64,
     message: Arc<Message>,
     id: MessageId,
-    /// Whether `id` was made on receipt, the message having come without one (or with one
-    /// that is not text): it is new on every delivery.
-    id_is_new: bool,
     /// What the message hands on to its outputs.
     lineage: Lineage,
     acknowledgement: Box<dyn Acknowledgement>,
@@ -533,9 +530,9 @@ impl Engine {
         // An id that is empty or not text is replaced, as one that is missing: ids are logged,
         // become the correlation id of what the handler sends, and the ids of its outputs are
         // derived from them.
-        let (id, id_is_new) = match message.headers().message_id() {
-            Some(id) => (MessageId::from_header(id), false),
-            None => (new_message_id(), true),
+        let id = match message.headers().message_id() {
+            Some(id) => MessageId::from_header(id),
+            None => new_message_id(),
         };
         if !message.headers().contains(header::CORRELATION_ID) {
             message
@@ -560,7 +557,6 @@ impl Engine {
             sequence: self.next_sequence,
             message,
             id,
-            id_is_new,
             lineage,
             acknowledgement,
             attempts: 0,
@@ -672,10 +668,11 @@ impl Engine {
         let Some(output) = self.binding.invoker.output.as_ref() else {
             return self.handled(item, Ok(Sendings::default()));
         };
-        // Ids derived from an input's id are the same on every delivery of it, so consumers can
-        // de-duplicate; derived from an id made on receipt, they would be new on the next
-        // delivery as well, so such an input's outputs get new ids, which cost less to make.
-        let derived = !item.id_is_new;
+        // Ids derived from an input's own id are the same on every delivery of it, so consumers
+        // can de-duplicate. An input without one (the id made on receipt is never written on
+        // it) would have derived ids new on every delivery as well, so its outputs get new ids,
+        // which cost less to make.
+        let derived = item.message.headers().message_id().is_some();
         for (index, message) in messages.iter_mut().enumerate() {
             let id = || match derived {
                 true => output_id(&item.id, index),
