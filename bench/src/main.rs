@@ -327,6 +327,14 @@ fn verdict(holds: bool) -> &'static str {
     }
 }
 
+/// A latency figure for the table: empty where none was measured (the memory pipeline).
+fn cell(value: f64, unit: &str) -> String {
+    match value.is_finite() {
+        true => format!("{value:.1}{unit}"),
+        false => String::new(),
+    }
+}
+
 fn print(report: &PipelineReport) {
     println!(
         "\n## {} ({} messages, median of {} rounds)\n",
@@ -336,17 +344,17 @@ fn print(report: &PipelineReport) {
     println!("|---|---|---|---|---|---|");
     for side in [&report.raw, &report.bindery] {
         println!(
-            "| {} | {:.0} | {:.2} | {:.0} | {:.1} | {:.1} |",
+            "| {} | {:.0} | {:.2} | {:.0} | {} | {} |",
             side.side,
             side.messages_per_second,
             side.cpu_seconds_per_million,
             side.peak_rss_mib,
-            side.p50_ms,
-            side.p99_ms
+            cell(side.p50_ms, ""),
+            cell(side.p99_ms, "")
         );
     }
     println!(
-        "| bindery / {} | {:.1} % | {:.1} % | | | {:.1} % |",
+        "| bindery / {} | {:.1} % | {:.1} % | | | {} |",
         if report.pipeline == "memory" {
             "floor"
         } else {
@@ -354,7 +362,7 @@ fn print(report: &PipelineReport) {
         },
         report.throughput_ratio * 100.0,
         report.cpu_ratio * 100.0,
-        report.p99_ratio * 100.0
+        cell(report.p99_ratio * 100.0, " %")
     );
     println!();
     if report.pipeline == "memory" {
