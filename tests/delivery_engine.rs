@@ -263,9 +263,8 @@ async fn receive(subscription: &mut Box<dyn Subscription>, within: Duration) -> 
         .await
         .ok()??
         .ok()?;
-    let message = delivery.message.clone();
     delivery.acknowledgement.ack().await.ok()?;
-    Some(message)
+    Some(Arc::unwrap_or_clone(delivery.message))
 }
 
 fn payload(message: &Message) -> String {

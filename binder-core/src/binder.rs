@@ -403,8 +403,9 @@ pub trait Acknowledgement: Send + fmt::Debug {
 /// A received message and the means to settle it.
 #[derive(Debug)]
 pub struct Delivery {
-    /// The message as received.
-    pub message: Message,
+    /// The message as received, shared: a binder that must keep it until it is settled (to
+    /// deliver it again) keeps a reference rather than a copy.
+    pub message: Arc<Message>,
     /// Whether the broker says this message was delivered before.
     pub redelivered: bool,
     /// Settles the message.

@@ -16,7 +16,6 @@ use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 
 use async_trait::async_trait;
-use bytes::Bytes;
 use futures::future::BoxFuture;
 use tokio::sync::Notify;
 
@@ -83,7 +82,7 @@ impl Destination {
 
 #[derive(Debug, Default)]
 struct Queue {
-    ready: Mutex<VecDeque<Box<MemoryAck>>>,
+    ready: Mutex<VecDeque<Queued>>,
     available: Notify,
     /// Subscriptions consuming from this queue.
     consumers: AtomicUsize,
@@ -111,19 +110,24 @@ impl Queue {
     }
 
     #[inline]
-    fn push_back(&self, message: Message) {
-        let queued = MemoryAck::queued(message, false);
+    fn push_back(&self, mut message: Message) {
+        // As from a broker: what partition a message was sent to is the sender's business.
+        message.set_partition(None);
+        let queued = Queued {
+            message: Arc::new(message),
+            redelivered: false,
+        };
         lock(&self.ready).push_back(queued);
         self.available.notify_one();
     }
 
-    fn push_front(&self, queued: Box<MemoryAck>) {
+    fn push_front(&self, queued: Queued) {
         lock(&self.ready).push_front(queued);
         self.available.notify_one();
     }
 
     /// The first message waiting, if any.
-    fn try_pop(&self) -> Option<Box<MemoryAck>> {
+    fn try_pop(&self) -> Option<Queued> {
         let (next, more) = {
             let mut ready = lock(&self.ready);
             (ready.pop_front(), !ready.is_empty())
@@ -136,7 +140,7 @@ impl Queue {
         next
     }
 
-    async fn pop(&self) -> Box<MemoryAck> {
+    async fn pop(&self) -> Queued {
         loop {
             if let Some(queued) = self.try_pop() {
                 return queued;
@@ -355,17 +359,17 @@ impl Subscription for MemorySubscription {
 }
 
 impl MemorySubscription {
-    /// Delivers a copy of the message; its box, moved rather than copied, becomes the
-    /// acknowledgement, which keeps the message until it is settled.
-    fn delivery(&self, mut queued: Box<MemoryAck>) -> Delivery {
-        // As from a broker: what partition a message was sent to is the sender's business.
-        let mut message = queued.message.clone();
-        message.set_partition(None);
-        queued.queue = Some(self.queue.clone());
+    /// Delivers the message, shared with its acknowledgement, which keeps it until it is
+    /// settled to queue it again should it not be acknowledged.
+    fn delivery(&self, queued: Queued) -> Delivery {
+        let acknowledgement = Box::new(MemoryAck {
+            message: queued.message.clone(),
+            queue: Some(self.queue.clone()),
+        });
         Delivery {
-            message,
+            message: queued.message,
             redelivered: queued.redelivered,
-            acknowledgement: queued,
+            acknowledgement,
         }
     }
 }
@@ -379,26 +383,32 @@ impl Drop for MemorySubscription {
     }
 }
 
-/// A message in a queue, boxed once when it is queued: queues move the box, not the message,
-/// and the box is the acknowledgement the message is delivered with.
+/// A message in a queue, shared once it is queued: queues, deliveries and acknowledgements
+/// share it rather than copy it.
+#[derive(Debug)]
+struct Queued {
+    message: Arc<Message>,
+    redelivered: bool,
+}
+
+/// A delivered message until it is settled.
 #[derive(Debug)]
 struct MemoryAck {
-    message: Message,
-    redelivered: bool,
+    message: Arc<Message>,
     /// Where the message goes back unless it is settled: the queue it was delivered from
-    /// until it is acknowledged or requeued; `None` while it waits in a queue (a queue does not
-    /// hold itself).
+    /// until it is acknowledged or requeued.
     queue: Option<Arc<Queue>>,
 }
 
 impl MemoryAck {
-    #[inline]
-    fn queued(message: Message, redelivered: bool) -> Box<Self> {
-        Box::new(MemoryAck {
-            message,
-            redelivered,
-            queue: None,
-        })
+    /// Queues the message again, as delivered before, unless it was settled.
+    fn hand_back(&mut self) {
+        if let Some(queue) = self.queue.take() {
+            queue.push_front(Queued {
+                message: self.message.clone(),
+                redelivered: true,
+            });
+        }
     }
 }
 
@@ -410,10 +420,7 @@ impl Acknowledgement for MemoryAck {
     }
 
     async fn requeue(mut self: Box<Self>) -> Result<(), Error> {
-        if let Some(queue) = self.queue.take() {
-            self.redelivered = true;
-            queue.push_front(self);
-        }
+        self.hand_back();
         Ok(())
     }
 
@@ -425,10 +432,7 @@ impl Acknowledgement for MemoryAck {
 
 impl Drop for MemoryAck {
     fn drop(&mut self) {
-        if let Some(queue) = self.queue.take() {
-            let message = std::mem::replace(&mut self.message, Message::new(Bytes::new()));
-            queue.push_front(MemoryAck::queued(message, true));
-        }
+        self.hand_back();
     }
 }
 

@@ -130,9 +130,8 @@ impl TestApp {
             .await
             .ok()??
             .ok()?;
-        let message = delivery.message.clone();
         delivery.acknowledgement.ack().await.ok()?;
-        Some(message)
+        Some(Arc::unwrap_or_clone(delivery.message))
     }
 
     /// The next message dead-lettered from `destination` by `group`, within `timeout`.

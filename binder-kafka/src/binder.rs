@@ -1044,7 +1044,7 @@ impl Poller {
                     partition,
                     generation,
                     delivery: Delivery {
-                        message: to_message(&record),
+                        message: Arc::new(to_message(&record)),
                         redelivered: false,
                         acknowledgement: Box::new(KafkaAck {
                             events: Some(self.acks.clone()),

@@ -1024,7 +1024,7 @@ impl Subscription for RabbitSubscription {
                 Some(Ok(delivery)) => {
                     let message = mapping::message(&delivery);
                     return Some(Ok(Delivery {
-                        message,
+                        message: Arc::new(message),
                         redelivered: delivery.redelivered,
                         acknowledgement: Box::new(RabbitAck {
                             acker: Some(delivery.acker),

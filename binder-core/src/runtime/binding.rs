@@ -535,24 +535,13 @@ impl Engine {
             None => new_message_id(),
         };
         if !message.headers().contains(header::CORRELATION_ID) {
-            message
+            self.own(&mut message)
                 .headers_mut()
                 .set_static(header::CORRELATION_ID, id.bytes().clone());
         }
         let lineage = Lineage::of(&message);
         self.window.open();
         let in_flight = self.binding.meter.received();
-        // In the allocation of a message settled before, where there is one.
-        let message = match self.spare.take() {
-            Some(mut spare) => match Arc::get_mut(&mut spare) {
-                Some(slot) => {
-                    *slot = message;
-                    spare
-                }
-                None => Arc::new(message),
-            },
-            None => Arc::new(message),
-        };
         let item = InFlight {
             sequence: self.next_sequence,
             message,
@@ -899,6 +888,20 @@ impl Engine {
                 in_order: false,
             }
         }));
+    }
+
+    /// `message`, to be changed: a message its binder still shares (to deliver it again) is
+    /// copied first, into the allocation of a message settled before where there is one.
+    fn own<'a>(&mut self, message: &'a mut Arc<Message>) -> &'a mut Message {
+        if Arc::get_mut(message).is_none() {
+            if let Some(mut spare) = self.spare.take() {
+                if let Some(slot) = Arc::get_mut(&mut spare) {
+                    slot.clone_from(message);
+                    *message = spare;
+                }
+            }
+        }
+        Arc::make_mut(message)
     }
 
     /// Keeps the allocation of a settled message for the next one received, when nothing else
