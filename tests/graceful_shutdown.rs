@@ -158,6 +158,25 @@ group = "workers""#,
         1,
         "the unfinished message waits for redelivery"
     );
+    // The binding gave the message a correlation id on a copy of its own: what goes back is
+    // the message as it was sent.
+    let mut again = binder
+        .subscribe(&ConsumerSpec::new("gs-stuck", Some("workers")))
+        .await
+        .unwrap();
+    let delivery = tokio::time::timeout(Duration::from_secs(5), again.next())
+        .await
+        .expect("the message is delivered again within 5 s")
+        .expect("a delivery")
+        .expect("no receive error");
+    assert!(delivery.redelivered);
+    assert_eq!(&delivery.message.payload()[..], b"stuck");
+    assert!(
+        delivery.message.headers().is_empty(),
+        "the message went back with headers it was not sent with: {:?}",
+        delivery.message.headers()
+    );
+    delivery.acknowledgement.ack().await.unwrap();
 }
 
 /// A function whose calls wait until the test lets each go: it counts calls started and

@@ -496,7 +496,7 @@ struct Engine {
     halt: watch::Sender<bool>,
     /// The handler's calls not in use, each kept for the next message.
     calls: Vec<Box<dyn HandlerCalls>>,
-    /// The allocation of a message settled, for the next one received.
+    /// The allocation of a message settled, for the next copy of a shared message received.
     spare: Option<Arc<Message>>,
 }
 
@@ -904,8 +904,8 @@ impl Engine {
         Arc::make_mut(message)
     }
 
-    /// Keeps the allocation of a settled message for the next one received, when nothing else
-    /// holds it; the message itself is dropped now.
+    /// Keeps the allocation of a settled message for the next copy [`own`](Self::own) makes,
+    /// when nothing else holds it; the message itself is dropped now.
     fn keep_spare(&mut self, mut message: Arc<Message>) {
         if let Some(settled) = Arc::get_mut(&mut message) {
             *settled = Message::new(Bytes::new());
