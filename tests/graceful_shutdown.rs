@@ -1,10 +1,11 @@
 //! Shutting down finishes what is in flight, acknowledges it, and loses nothing.
 
 use std::sync::atomic::{AtomicU32, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use bindery::binder::{ConsumerSpec, ProducerSpec};
+use bindery::header;
 use bindery::{Binder, BindingState, MemoryBinder, Message, RunningApplication, StreamFunction};
 use bytes::Bytes;
 use tokio::sync::Semaphore;
@@ -123,9 +124,23 @@ async fn a_message_still_in_flight_at_the_timeout_is_left_for_redelivery() {
     let binder = MemoryBinder::new();
     let started = Arc::new(AtomicU32::new(0));
     let finished = Arc::new(AtomicU32::new(0));
+    let seen_correlation = Arc::new(Mutex::new(None::<String>));
+    let (started_in, finished_in, seen) =
+        (started.clone(), finished.clone(), seen_correlation.clone());
+    let slow = StreamFunction::function("slow", move |message: Message<Bytes>| {
+        let (started, finished, seen) = (started_in.clone(), finished_in.clone(), seen.clone());
+        async move {
+            let correlation = message.headers().get_str(header::CORRELATION_ID);
+            *seen.lock().unwrap() = correlation.map(str::to_owned);
+            started.fetch_add(1, Ordering::SeqCst);
+            tokio::time::sleep(Duration::from_secs(60)).await;
+            finished.fetch_add(1, Ordering::SeqCst);
+            message.into_payload()
+        }
+    });
     let app = start_on(
         &binder,
-        slow_function(started.clone(), finished.clone(), Duration::from_secs(60)),
+        slow,
         r#"[stream]
 shutdown-timeout = "200ms"
 [stream.bindings.slow-in-0]
@@ -158,8 +173,13 @@ group = "workers""#,
         1,
         "the unfinished message waits for redelivery"
     );
-    // The binding gave the message a correlation id on a copy of its own: what goes back is
-    // the message as it was sent.
+    // The handler saw the correlation id the binding gives an input without one, set on a copy
+    // of its own while the binder still held the message: what goes back is the message as it
+    // was sent.
+    assert!(
+        seen_correlation.lock().unwrap().is_some(),
+        "the handler's input carries a correlation id"
+    );
     let mut again = binder
         .subscribe(&ConsumerSpec::new("gs-stuck", Some("workers")))
         .await

@@ -404,9 +404,9 @@ pub trait Acknowledgement: Send + fmt::Debug {
 #[derive(Debug)]
 pub struct Delivery {
     /// The message as received, shared: a binder that must keep it until it is settled (to
-    /// deliver it again) keeps a reference rather than a copy. The core never changes a
-    /// delivered message in place: it copies one it must change while the binder still holds
-    /// it, so a binder that keeps nothing should hand over a message it does not share.
+    /// deliver it again) keeps a reference rather than a copy. The core never changes a message
+    /// its binder still shares: it copies one it must change, so a binder that keeps nothing
+    /// should hand over a message it does not share.
     pub message: Arc<Message>,
     /// Whether the broker says this message was delivered before.
     pub redelivered: bool,
