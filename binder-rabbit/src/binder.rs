@@ -134,6 +134,9 @@ struct Topology {
 /// send (which the core sends again).
 const PUBLISH_TIMEOUT: Duration = Duration::from_secs(30);
 
+/// How often a connection closing at shutdown is checked for having failed instead.
+const FAILED_CLOSE_CHECK: Duration = Duration::from_millis(20);
+
 /// The routing key of partition `partition` of `destination`, as Spring Cloud Stream names it.
 fn partition_routing_key(destination: &str, partition: u32) -> String {
     format!("{destination}-{partition}")
@@ -837,7 +840,18 @@ impl Binder for RabbitBinder {
         let close = |role: Role| async move {
             let closing = async {
                 if let Some(connection) = self.inner.connections(role).lock().await.take() {
-                    let _ = connection.close(200, "bindery shutting down".into()).await;
+                    // A connection that fails while it closes never answers the close: there
+                    // is nothing left on it to wait for.
+                    let status = connection.status().clone();
+                    let failed = async {
+                        while !(status.errored() || status.closed()) {
+                            tokio::time::sleep(FAILED_CLOSE_CHECK).await;
+                        }
+                    };
+                    tokio::select! {
+                        _ = connection.close(200, "bindery shutting down".into()) => {}
+                        _ = failed => {}
+                    }
                 }
             };
             tokio::time::timeout(limit, closing).await.map_err(|_| {
