@@ -68,7 +68,7 @@ struct Destination {
     /// Messages are kept while nothing subscribes (a dead-letter destination).
     lasting: bool,
     /// What a lasting destination received before its first consumer.
-    kept: VecDeque<Message>,
+    kept: VecDeque<Arc<Message>>,
 }
 
 impl Destination {
@@ -105,16 +105,14 @@ impl Queue {
         }
     }
 
-    fn receives(&self, message: &Message) -> bool {
-        self.partition.is_none() || self.partition == message.partition()
+    fn receives(&self, partition: Option<u32>) -> bool {
+        self.partition.is_none() || self.partition == partition
     }
 
     #[inline]
-    fn push_back(&self, mut message: Message) {
-        // As from a broker: what partition a message was sent to is the sender's business.
-        message.set_partition(None);
+    fn push_back(&self, message: Arc<Message>) {
         let queued = Queued {
-            message: Arc::new(message),
+            message,
             redelivered: false,
         };
         lock(&self.ready).push_back(queued);
@@ -217,30 +215,40 @@ impl Destination {
     /// keeps it, when lasting); the message back when nothing would receive it. The last
     /// receiver gets the message itself, the others copies.
     #[inline]
-    fn publish(&mut self, message: Message) -> Option<Message> {
+    fn publish(&mut self, mut message: Message) -> Option<Message> {
+        let partition = message.partition();
         let mut receivers = self
             .groups
             .values()
             .chain(self.anonymous.values())
-            .filter(|queue| queue.receives(&message));
+            .filter(|queue| queue.receives(partition));
         // Kept for the first group, as a DLQ queue keeps it on a broker; anonymous consumers
         // see it too.
         let keep = self.lasting && self.groups.is_empty();
-        let Some(mut last) = receivers.next() else {
-            if keep {
-                self.kept.push_back(message);
-                return None;
-            }
+        let first = receivers.next();
+        if first.is_none() && !keep {
             return Some(message);
-        };
+        }
+        // As from a broker: what partition a message was sent to is the sender's business.
+        message.set_partition(None);
+        // Every receiver shares the one message: the core copies a message before it changes
+        // one its binder shares.
+        let message = Arc::new(message);
+        let mut last = first;
         for queue in receivers {
-            last.push_back(message.clone());
-            last = queue;
+            if let Some(previous) = last.replace(queue) {
+                previous.push_back(message.clone());
+            }
         }
-        if keep {
-            self.kept.push_back(message.clone());
+        match (last, keep) {
+            (Some(last), false) => last.push_back(message),
+            (last, _) => {
+                if let Some(last) = last {
+                    last.push_back(message.clone());
+                }
+                self.kept.push_back(message);
+            }
         }
-        last.push_back(message);
         None
     }
 }

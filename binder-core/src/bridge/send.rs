@@ -4,7 +4,6 @@ use std::panic::AssertUnwindSafe;
 use std::sync::Arc;
 
 use futures::FutureExt;
-use smallvec::SmallVec;
 
 use super::ids::MessageId;
 use super::Lineage;
@@ -23,11 +22,12 @@ pub(crate) struct Sending {
 }
 
 /// The sends of one handler call: how many the broker confirmed at once, and the others, kept
-/// until their answers come. Most calls produce one message, kept inline.
+/// until their answers come. Small, as it is moved along with every message: a producer that
+/// confirms at once leaves the list empty, without an allocation.
 #[derive(Debug, Default)]
 pub(crate) struct Sendings {
     confirmed: usize,
-    answers: SmallVec<[Sending; 1]>,
+    answers: Vec<Sending>,
 }
 
 impl Sendings {
@@ -36,16 +36,29 @@ impl Sendings {
         self.confirmed + self.answers.len()
     }
 
-    /// Records what [`Producer::try_enqueue`] answered; the message back when it was not taken.
+    /// Offers `message` to `producer` ([`Producer::try_enqueue`]) and records its answer; the
+    /// message back when it was not taken. A panic refuses the message for good: it went with
+    /// the panic, and its send is recorded as refused, never to be sent again.
     #[inline]
-    fn record(&mut self, offered: Offered) -> Option<Message> {
-        let answer = match offered {
-            Offered::Answered(answer) => answer,
-            Offered::Panicked(refusal) => {
-                self.push(None, Err(refusal));
-                return None;
-            }
-        };
+    fn offer(
+        &mut self,
+        producer: &Arc<dyn Producer>,
+        destination: &str,
+        message: Message,
+    ) -> Option<Message> {
+        // The answer is recorded where it is made: it is large, and most often says only
+        // "confirmed".
+        let recorded = std::panic::catch_unwind(AssertUnwindSafe(|| {
+            self.record(producer.try_enqueue(message))
+        }));
+        recorded.unwrap_or_else(|panic| {
+            self.push(None, Err(panicked(destination, &*panic)));
+            None
+        })
+    }
+
+    #[inline]
+    fn record(&mut self, answer: TryEnqueue) -> Option<Message> {
         match answer {
             TryEnqueue::Confirmed => self.confirmed += 1,
             TryEnqueue::Pending(confirmation, message) => {
@@ -90,7 +103,7 @@ pub(crate) fn enqueue_at_once(
         let Some(only) = messages.pop() else {
             return (sendings, messages);
         };
-        if let Some(only) = sendings.record(try_enqueue(producer, destination, only)) {
+        if let Some(only) = sendings.offer(producer, destination, only) {
             messages.push(only);
             return (sendings, messages);
         }
@@ -101,13 +114,13 @@ pub(crate) fn enqueue_at_once(
         return (sendings, messages);
     }
     let first = messages.remove(0);
-    if let Some(first) = sendings.record(try_enqueue(producer, destination, first)) {
+    if let Some(first) = sendings.offer(producer, destination, first) {
         messages.insert(0, first);
         return (sendings, messages);
     }
     let mut rest = messages.drain(..);
     while let Some(message) = rest.next() {
-        if let Some(message) = sendings.record(try_enqueue(producer, destination, message)) {
+        if let Some(message) = sendings.offer(producer, destination, message) {
             let left = std::iter::once(message).chain(rest).collect();
             give_back(messages);
             return (sendings, left);
@@ -116,23 +129,6 @@ pub(crate) fn enqueue_at_once(
     drop(rest);
     give_back(messages);
     (sendings, Batch::new())
-}
-
-/// [`Producer::try_enqueue`], where a panic refuses the message for good: it went with the
-/// panic, and its send is recorded as refused, never to be sent again.
-#[inline]
-fn try_enqueue(producer: &Arc<dyn Producer>, destination: &str, message: Message) -> Offered {
-    match std::panic::catch_unwind(AssertUnwindSafe(|| producer.try_enqueue(message))) {
-        Ok(answer) => Offered::Answered(answer),
-        Err(panic) => Offered::Panicked(panicked(destination, &*panic)),
-    }
-}
-
-/// What became of a message offered with [`try_enqueue`].
-enum Offered {
-    Answered(TryEnqueue),
-    /// The producer panicked, and the message went with it.
-    Panicked(Error),
 }
 
 /// Hands `messages` to `producer` one after the other, after the `sendings` already made, so
