@@ -803,3 +803,74 @@ async fn required_groups_carry_the_consumers_that_other_processes_bind() {
     );
     assert_eq!(bill.properties.max_attempts, 2);
 }
+
+#[stream_function(input = "pm-plain-in", output = "pm-plain-out", group = "g")]
+async fn plain(order: Order) -> Result<Invoice, BillingError> {
+    bill(order).await
+}
+
+#[stream_function(input = "pm-seen-in", output = "pm-seen-out")]
+async fn seen(_order: Order, headers: Headers) -> String {
+    headers
+        .get_str(header::CORRELATION_ID)
+        .unwrap_or("none")
+        .to_owned()
+}
+
+/// An order with the message id `id` and no correlation id.
+fn order_with_id(id: &str, amount_cents: u64) -> Message<Encoded<Order>> {
+    Message::builder(Encoded(Order {
+        id: 1,
+        amount_cents,
+    }))
+    .header(header::MESSAGE_ID, id)
+    .build()
+}
+
+#[tokio::test]
+async fn an_input_without_a_correlation_id_hands_its_message_id_on_whatever_its_handler_takes() {
+    let app = TestApp::start(
+        r#"
+[stream]
+function.definition = "plain;seen"
+[stream.bindings.plain-in-0.consumer]
+max-attempts = 1
+dlq = true
+"#,
+    )
+    .await
+    .unwrap();
+    // A handler that takes only the payload: its input is not copied to carry the id, yet
+    // its outputs and its dead letters carry it.
+    app.send("pm-plain-in", order_with_id("order-1", 5))
+        .await
+        .unwrap();
+    let invoice = app.receive("pm-plain-out", WAIT).await.expect("an invoice");
+    assert_eq!(
+        invoice.headers().get_str(header::CORRELATION_ID),
+        Some("order-1")
+    );
+    app.send("pm-plain-in", order_with_id("order-2", 0))
+        .await
+        .unwrap();
+    let dead = app
+        .receive_dead_letter("pm-plain-in", "g", WAIT)
+        .await
+        .expect("a dead letter");
+    assert_eq!(
+        dead.headers().get_str(header::CORRELATION_ID),
+        Some("order-2")
+    );
+    assert_eq!(dead.headers().get_str(header::MESSAGE_ID), Some("order-2"));
+    // A handler that takes the headers sees the correlation id its outputs get.
+    app.send("pm-seen-in", order_with_id("order-3", 5))
+        .await
+        .unwrap();
+    let out = app.receive("pm-seen-out", WAIT).await.expect("an answer");
+    assert_eq!(&out.payload()[..], b"order-3");
+    assert_eq!(
+        out.headers().get_str(header::CORRELATION_ID),
+        Some("order-3")
+    );
+    app.shutdown().await.unwrap();
+}

@@ -39,6 +39,8 @@ pub struct StreamFunction {
     refusal: Option<String>,
     schemas: PayloadSchemas,
     pub(crate) handler: ErasedHandler,
+    /// [`Handler::READS_HEADERS`] of the handler.
+    pub(crate) reads_headers: bool,
 }
 
 /// A function that gives a payload type's JSON Schema, for the AsyncAPI document.
@@ -80,6 +82,7 @@ impl StreamFunction {
             poll: None,
             refusal: None,
             schemas: PayloadSchemas::default(),
+            reads_headers: H::READS_HEADERS,
             handler: erase(handler),
         }
     }
@@ -120,6 +123,24 @@ impl StreamFunction {
     /// How often a supplier is polled, as a duration such as `"500ms"`.
     pub fn poll(mut self, every: impl Into<String>) -> Self {
         self.poll = Some(every.into());
+        self
+    }
+
+    /// Says whether the handler can see its input's headers; by default, whether any of its
+    /// arguments can ([`FromMessage::READS_HEADERS`](crate::FromMessage::READS_HEADERS)).
+    /// Before calling a handler that can, the binding sets `x-correlation-id` on an input that
+    /// arrived without one, which costs a copy of the message; outputs get the correlation id
+    /// either way. `#[stream_function]`, whose handler takes the whole message, says `false`
+    /// for a function that takes only its payload and context.
+    ///
+    /// ```
+    /// use bindery_core::StreamFunction;
+    /// let shout = StreamFunction::function("shout", |text: String| async move { text.to_uppercase() })
+    ///     .reads_headers(false);
+    /// # let _ = shout;
+    /// ```
+    pub fn reads_headers(mut self, reads: bool) -> Self {
+        self.reads_headers = reads;
         self
     }
 

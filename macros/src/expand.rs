@@ -162,6 +162,21 @@ enum Argument {
 
 const CONTEXT_TYPES: &[&str] = &["Headers", "StreamBridge", "AppConfig", "Context"];
 
+/// Whether `argument` can show the input's headers: a decoded payload, a raw payload and
+/// context other than `Headers` cannot; anything else may.
+fn argument_reads_headers(argument: &Argument) -> bool {
+    let named = |ty: &Type| last_segment(ty).map(|s| s.ident.to_string());
+    match argument {
+        Argument::Decoded(_) => false,
+        Argument::MessageOfDecoded(_) => true,
+        Argument::AsIs(ty) => !matches!(
+            named(ty).as_deref(),
+            Some("String" | "Bytes" | "Vec" | "Decoded")
+        ),
+        Argument::Context(ty) => named(ty).as_deref() == Some("Headers"),
+    }
+}
+
 fn last_segment(ty: &Type) -> Option<&syn::PathSegment> {
     match ty {
         Type::Path(path) if path.qself.is_none() => path.path.segments.last(),
@@ -474,6 +489,9 @@ fn expand(args: TokenStream, function: &ItemFn) -> syn::Result<TokenStream> {
     let mut payload: Option<Span> = None;
     let mut input_type: Option<Type> = None;
     let mut context_named: Option<String> = None;
+    // Whether an argument can show the input's headers, read from its kind and name: an
+    // argument the macro cannot tell counts as one that can.
+    let mut reads_headers = false;
     for (index, input) in signature.inputs.iter().enumerate() {
         let FnArg::Typed(typed) = input else { continue };
         let name = format_ident!("__bindery_arg_{}", index);
@@ -489,6 +507,7 @@ fn expand(args: TokenStream, function: &ItemFn) -> syn::Result<TokenStream> {
             payload = Some(typed.ty.span());
             input_type = input_payload(&argument);
         }
+        reads_headers |= argument_reads_headers(&argument);
         let (take, ty) = match argument {
             Argument::Decoded(ty) => (quote!(decode), ty),
             Argument::MessageOfDecoded(ty) => (quote!(decode_message), ty),
@@ -591,6 +610,11 @@ fn expand(args: TokenStream, function: &ItemFn) -> syn::Result<TokenStream> {
         let output = schema(quote!(output), output_payload(&output_ty));
         quote!(.payload_schemas(#input, #output))
     };
+    // The generated handler takes the whole message, so it would count as one that reads it.
+    let reads_headers = match reads_headers {
+        true => quote!(),
+        false => quote!(.reads_headers(false)),
+    };
     let register = format_ident!("__bindery_stream_function_{}", ident);
     // A return type the macro reads by a name it does not know may be an alias of `Result`,
     // `Option` or `Vec`, which it would send as one JSON value: refused when the application
@@ -623,7 +647,8 @@ fn expand(args: TokenStream, function: &ItemFn) -> syn::Result<TokenStream> {
             }
             let __bindery_function = #private::StreamFunction::#constructor(#name, __bindery_handler)
                 #(#setters)*
-                #schemas;
+                #schemas
+                #reads_headers;
             #alias_check
             __bindery_function
         }

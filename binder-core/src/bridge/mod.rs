@@ -84,6 +84,16 @@ impl Lineage {
         }
     }
 
+    /// What a received `message` with the id `id` hands on: as [`of`](Self::of), with `id` as
+    /// the correlation id when the message has none.
+    pub(crate) fn received(message: &Message, id: &MessageId) -> Self {
+        let mut lineage = Self::of(message);
+        if lineage.correlation_id.is_none() {
+            lineage.correlation_id = Some(id.bytes().clone());
+        }
+        lineage
+    }
+
     /// The same, with the trace context of a span of this service instead of the input's.
     #[cfg(feature = "otel")]
     pub(crate) fn with_trace(self, parent: Bytes, state: Option<Bytes>) -> Self {

@@ -16,6 +16,25 @@ use crate::{AppConfig, Headers, Message};
     note = "accepted: a payload type that implements `serde::Deserialize` (`Decoded<T>` when written by hand), `Message<T>`, `Arc<Message>`, `String`, `bytes::Bytes`, `Vec<u8>`, `Headers`, `StreamBridge`, `AppConfig`"
 )]
 pub trait FromMessage: Sized + Send + 'static {
+    /// Whether the value can show the message's headers. Before calling a handler that takes
+    /// such an argument, the binding sets `x-correlation-id` on an input that arrived without
+    /// one, which costs a copy of the message while its binder still holds it; arguments taken
+    /// from the payload or the context alone say `false` and spare their handlers that copy.
+    /// Keep the default, `true`, for an argument that reads headers.
+    ///
+    /// ```
+    /// use bindery_core::{Context, Failure, FromMessage, Message};
+    /// /// The size of the payload, in bytes.
+    /// struct PayloadSize(usize);
+    /// impl FromMessage for PayloadSize {
+    ///     const READS_HEADERS: bool = false;
+    ///     fn from_message(message: &Message, _: &Context) -> Result<Self, Failure> {
+    ///         Ok(PayloadSize(message.payload().len()))
+    ///     }
+    /// }
+    /// ```
+    const READS_HEADERS: bool = true;
+
     /// Takes the value from `message`; a [`FailureKind::Decode`](super::FailureKind::Decode) failure is not retried.
     fn from_message(message: &Message, context: &Context) -> Result<Self, Failure>;
 
@@ -75,6 +94,8 @@ impl FromPayload for String {
 macro_rules! payload_arguments {
     ($($ty:ty),*) => {$(
         impl FromMessage for $ty {
+            const READS_HEADERS: bool = false;
+
             fn from_message(message: &Message, context: &Context) -> Result<Self, Failure> {
                 <$ty as FromPayload>::from_payload(message.payload(), context.content_type_of(message))
             }
@@ -84,6 +105,8 @@ macro_rules! payload_arguments {
 payload_arguments!(Bytes, Vec<u8>, String);
 
 impl<T: DeserializeOwned + Send + 'static> FromMessage for Decoded<T> {
+    const READS_HEADERS: bool = false;
+
     fn from_message(message: &Message, context: &Context) -> Result<Self, Failure> {
         Decoded::from_payload(message.payload(), context.content_type_of(message))
     }
@@ -112,6 +135,8 @@ impl FromMessage for Arc<Message> {
 }
 
 impl FromMessage for Context {
+    const READS_HEADERS: bool = false;
+
     fn from_message(_: &Message, context: &Context) -> Result<Self, Failure> {
         Ok(context.clone())
     }
@@ -124,12 +149,16 @@ impl FromMessage for Headers {
 }
 
 impl FromMessage for StreamBridge {
+    const READS_HEADERS: bool = false;
+
     fn from_message(_: &Message, context: &Context) -> Result<Self, Failure> {
         Ok(context.bridge().clone())
     }
 }
 
 impl FromMessage for AppConfig {
+    const READS_HEADERS: bool = false;
+
     fn from_message(_: &Message, context: &Context) -> Result<Self, Failure> {
         Ok(context.config().clone())
     }

@@ -134,6 +134,9 @@ pub type HandlerFuture = BoxFuture<'static, Result<Outputs, Failure>>;
     note = "a handler is an `Fn` returning a future; its arguments implement `FromMessage` and its output `IntoOutputs`"
 )]
 pub trait Handler<Args>: Clone + Send + Sync + 'static {
+    /// Whether any argument can show the input's headers ([`FromMessage::READS_HEADERS`]).
+    const READS_HEADERS: bool = true;
+
     /// Takes the arguments from `message`, calls the function and collects its outputs.
     /// The message is shared, so a retry hands the same message over again without a copy.
     fn call(&self, message: Arc<Message>, context: Context) -> HandlerFuture;
@@ -173,6 +176,8 @@ macro_rules! impl_handler {
             O: IntoOutputs,
             $($arg: FromMessage,)*
         {
+            const READS_HEADERS: bool = false $(|| $arg::READS_HEADERS)*;
+
             #[allow(non_snake_case, unused_variables)]
             fn call(&self, message: Arc<Message>, context: Context) -> HandlerFuture {
                 let handler = self.clone();

@@ -49,6 +49,10 @@ use crate::{Error, Message};
 pub(crate) struct Invoker {
     pub(crate) function: Arc<str>,
     pub(crate) handler: ErasedHandler,
+    /// Whether the handler can see its input's headers ([`Handler::READS_HEADERS`]).
+    ///
+    /// [`Handler::READS_HEADERS`]: crate::handler::Handler::READS_HEADERS
+    pub(crate) reads_headers: bool,
     pub(crate) context: Context,
     pub(crate) output: Option<Arc<Output>>,
 }
@@ -125,7 +129,7 @@ impl Invoker {
         #[cfg(feature = "otel")]
         {
             // From the input each attempt: an attempt's span never stands for the next one's.
-            let input = Lineage::of(&item.message);
+            let input = Lineage::received(&item.message, &item.id);
             let (span, lineage) = crate::otel::handler_span(
                 &self.function,
                 &item.id.to_string(),
@@ -534,12 +538,15 @@ impl Engine {
             Some(id) => MessageId::from_header(id),
             None => new_message_id(),
         };
-        if !message.headers().contains(header::CORRELATION_ID) {
+        // A handler that can see its input's headers sees the correlation id its outputs get;
+        // one that takes only the payload needs no copy of the message for it.
+        if self.binding.invoker.reads_headers && !message.headers().contains(header::CORRELATION_ID)
+        {
             self.own(&mut message)
                 .headers_mut()
                 .set_static(header::CORRELATION_ID, id.bytes().clone());
         }
-        let lineage = Lineage::of(&message);
+        let lineage = Lineage::received(&message, &id);
         self.window.open();
         let in_flight = self.binding.meter.received();
         let item = InFlight {
@@ -771,7 +778,7 @@ impl Engine {
             binding.meter.dropped();
             return self.settle(item, Verdict::Ack);
         };
-        let letter = dead_letter(&item.message, &failure, &binding.destination, attempts);
+        let letter = dead_letter(&item, &failure, &binding.destination);
         self.push_job(Box::pin(async move {
             let sendings =
                 enqueue_all(&producer, &destination, Sendings::default(), vec![letter]).await;
@@ -831,13 +838,8 @@ impl Engine {
             .filter_map(|(message, _)| message)
             .collect();
         // A dead letter is made again from its input should it ever be lost.
-        if let (true, Target::DeadLetter { failure, attempts }) = (lost, &target) {
-            messages = vec![dead_letter(
-                &item.message,
-                failure,
-                &binding.destination,
-                *attempts,
-            )];
+        if let (true, Target::DeadLetter { failure, .. }) = (lost, &target) {
+            messages = vec![dead_letter(&item, failure, &binding.destination)];
         }
         let mut halted = self.halt.subscribe();
         self.jobs.push(Box::pin(async move {
@@ -962,12 +964,17 @@ fn unsettled(binding: &str, id: &MessageId, settled: Result<(), Error>) {
     }
 }
 
-/// The original message with the failure headers of the dead-letter contract.
-fn dead_letter(message: &Message, failure: &Failure, destination: &str, attempts: u32) -> Message {
-    let mut message = message.clone();
+/// The original message with the failure headers of the dead-letter contract, and the
+/// correlation id the binding gave it.
+fn dead_letter(item: &InFlight, failure: &Failure, destination: &str) -> Message {
+    let attempts = item.attempts;
+    let mut message = Message::clone(&item.message);
     // The dead-letter destination is not partitioned, whatever partition the input came from.
     message.set_partition(None);
     let headers = message.headers_mut();
+    if !headers.contains(header::CORRELATION_ID) {
+        headers.set_static(header::CORRELATION_ID, item.id.bytes().clone());
+    }
     headers.insert(header::EXCEPTION_MESSAGE, failure.message());
     headers.insert(header::EXCEPTION_TYPE, failure.type_name());
     headers.insert(header::ORIGINAL_DESTINATION, destination);

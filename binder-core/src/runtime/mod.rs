@@ -490,6 +490,7 @@ impl Application {
             let invoker = Invoker {
                 function: planned.function.name().into(),
                 handler: planned.function.handler.clone(),
+                reads_headers: planned.function.reads_headers,
                 context,
                 output,
             };
