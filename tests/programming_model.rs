@@ -840,6 +840,16 @@ dlq = true
     )
     .await
     .unwrap();
+    let sees_headers = |name: &str| {
+        bindery::registered_functions()
+            .into_iter()
+            .find(|function| function.name() == name)
+            .map(|function| function.sees_headers())
+    };
+    assert_eq!(sees_headers("plain"), Some(false), "a payload alone");
+    assert_eq!(sees_headers("seen"), Some(true), "`Headers`");
+    assert_eq!(sees_headers("tag"), Some(true), "`Message<T>`");
+    assert_eq!(sees_headers("echo"), Some(true), "`Arc<Message>`");
     // A handler that takes only the payload: its input is not copied to carry the id, yet
     // its outputs and its dead letters carry it.
     app.send("pm-plain-in", order_with_id("order-1", 5))

@@ -131,7 +131,9 @@ impl StreamFunction {
     /// Before calling a handler that can, the binding sets `x-correlation-id` on an input that
     /// arrived without one, which costs a copy of the message; outputs get the correlation id
     /// either way. `#[stream_function]`, whose handler takes the whole message, says `false`
-    /// for a function that takes only its payload and context.
+    /// for a function that takes only its payload and context. Saying `false` for a handler
+    /// that does take `Message<T>`, `Arc<Message>` or `Headers` hides the correlation id from
+    /// it (not from its outputs).
     ///
     /// ```
     /// use bindery_core::StreamFunction;
@@ -142,6 +144,12 @@ impl StreamFunction {
     pub fn reads_headers(mut self, reads: bool) -> Self {
         self.reads_headers = reads;
         self
+    }
+
+    /// Whether the handler can see its input's headers (see
+    /// [`reads_headers`](Self::reads_headers)).
+    pub fn sees_headers(&self) -> bool {
+        self.reads_headers
     }
 
     /// Marks the function as one that must not run, for `why`: building an application that

@@ -212,8 +212,8 @@ fn queue_name(group: &str, partition: Option<u32>) -> String {
 
 impl Destination {
     /// Hands `message` to every group and anonymous consumer that receives its partition (or
-    /// keeps it, when lasting); the message back when nothing would receive it. The last
-    /// receiver gets the message itself, the others copies.
+    /// keeps it, when lasting); the message back when nothing would receive it. Every receiver
+    /// shares the one message.
     #[inline]
     fn publish(&mut self, mut message: Message) -> Option<Message> {
         let partition = message.partition();
@@ -240,14 +240,13 @@ impl Destination {
                 previous.push_back(message.clone());
             }
         }
-        match (last, keep) {
-            (Some(last), false) => last.push_back(message),
-            (last, _) => {
-                if let Some(last) = last {
-                    last.push_back(message.clone());
-                }
-                self.kept.push_back(message);
+        if keep {
+            if let Some(last) = last {
+                last.push_back(message.clone());
             }
+            self.kept.push_back(message);
+        } else if let Some(last) = last {
+            last.push_back(message);
         }
         None
     }

@@ -163,7 +163,10 @@ enum Argument {
 const CONTEXT_TYPES: &[&str] = &["Headers", "StreamBridge", "AppConfig", "Context"];
 
 /// Whether `argument` can show the input's headers: a decoded payload, a raw payload and
-/// context other than `Headers` cannot; anything else may.
+/// context other than `Headers` cannot; anything else may. Told by the names the macro
+/// classified the argument by (context types are checked to be bindery's by `ContextArgument`),
+/// rather than by asking `FromMessage::READS_HEADERS` in the generated code, which would
+/// report an argument type that does not fit twice.
 fn argument_reads_headers(argument: &Argument) -> bool {
     let named = |ty: &Type| last_segment(ty).map(|s| s.ident.to_string());
     match argument {

@@ -140,7 +140,6 @@ pub(crate) async fn enqueue_all(
     mut sendings: Sendings,
     mut messages: Batch,
 ) -> Sendings {
-    sendings.answers.reserve(messages.len());
     for message in messages.drain(..) {
         let confirmation = match AssertUnwindSafe(producer.enqueue(&message))
             .catch_unwind()

@@ -1019,3 +1019,70 @@ pub(crate) async fn run_supplier(
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use bytes::Bytes;
+
+    use crate::message::header;
+    use crate::testing::TestApp;
+    use crate::{Application, Failure, FailureKind, Message, StreamFunction};
+
+    const WAIT: Duration = Duration::from_secs(5);
+
+    /// Run by the core's own tests with and without the feature `otel`, whose spans take
+    /// another path to the lineage a call hands on.
+    #[tokio::test]
+    async fn a_payload_only_handler_hands_its_inputs_id_on_as_the_correlation_id() {
+        let upper = StreamFunction::function("upper", |text: String| async move {
+            match text.as_str() {
+                "fail" => Err(Failure::new(FailureKind::Handler, "test::Refused", "no")),
+                _ => Ok(text.to_uppercase()),
+            }
+        })
+        .input("core-upper-in")
+        .output("core-upper-out")
+        .group("g");
+        assert!(!upper.sees_headers(), "a `String` shows no headers");
+        let builder = Application::builder()
+            .without_registered_functions()
+            .function(upper);
+        let app = TestApp::start_with(
+            builder,
+            "[stream.bindings.upper-in-0.consumer]\nmax-attempts = 1\ndlq = true",
+        )
+        .await
+        .expect("start");
+        let with_id = |id: &str, text: &'static str| {
+            Message::builder(Bytes::from_static(text.as_bytes()))
+                .header(header::MESSAGE_ID, id)
+                .build()
+        };
+        app.send("core-upper-in", with_id("text-1", "hi"))
+            .await
+            .unwrap();
+        let out = app
+            .receive("core-upper-out", WAIT)
+            .await
+            .expect("an output");
+        assert_eq!(&out.payload()[..], b"HI");
+        assert_eq!(
+            out.headers().get_str(header::CORRELATION_ID),
+            Some("text-1")
+        );
+        app.send("core-upper-in", with_id("text-2", "fail"))
+            .await
+            .unwrap();
+        let dead = app
+            .receive_dead_letter("core-upper-in", "g", WAIT)
+            .await
+            .expect("a dead letter");
+        assert_eq!(
+            dead.headers().get_str(header::CORRELATION_ID),
+            Some("text-2")
+        );
+        app.shutdown().await.unwrap();
+    }
+}
