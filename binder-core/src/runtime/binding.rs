@@ -213,7 +213,7 @@ impl InFlight {
 /// What a group of sends was for.
 enum Target {
     Outputs,
-    DeadLetter { failure: Failure, attempts: u32 },
+    DeadLetter { failure: Failure },
 }
 
 /// A finished piece of work of the binding.
@@ -783,7 +783,7 @@ impl Engine {
             let sendings =
                 enqueue_all(&producer, &destination, Sendings::default(), vec![letter]).await;
             let failed = confirm_all(sendings).await;
-            Step::Confirmed(item, Target::DeadLetter { failure, attempts }, failed)
+            Step::Confirmed(item, Target::DeadLetter { failure }, failed)
         }));
     }
 
@@ -805,8 +805,8 @@ impl Engine {
             Target::DeadLetter { .. } => {}
         }
         if failed.is_empty() {
-            if let Target::DeadLetter { failure, attempts } = &target {
-                tracing::warn!(binding = %binding.binding, message_id = %item.id, attempts, %failure, "message sent to the dead-letter destination");
+            if let Target::DeadLetter { failure } = &target {
+                tracing::warn!(binding = %binding.binding, message_id = %item.id, attempts = item.attempts, %failure, "message sent to the dead-letter destination");
             }
             return self.settle(item, Verdict::Ack);
         }
@@ -838,7 +838,7 @@ impl Engine {
             .filter_map(|(message, _)| message)
             .collect();
         // A dead letter is made again from its input should it ever be lost.
-        if let (true, Target::DeadLetter { failure, .. }) = (lost, &target) {
+        if let (true, Target::DeadLetter { failure }) = (lost, &target) {
             messages = vec![dead_letter(&item, failure, &binding.destination)];
         }
         let mut halted = self.halt.subscribe();
