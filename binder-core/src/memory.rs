@@ -82,12 +82,21 @@ impl Destination {
 
 #[derive(Debug, Default)]
 struct Queue {
-    ready: Mutex<VecDeque<Queued>>,
+    ready: Mutex<Ready>,
     available: Notify,
     /// Subscriptions consuming from this queue.
     consumers: AtomicUsize,
     /// The one partition this queue receives; `None` for every message.
     partition: Option<u32>,
+}
+
+/// The messages of a queue, in the order they were queued first: a message handed back goes
+/// back to its place among those handed back, as RabbitMQ requeues, so several handed back
+/// one after the other keep their order.
+#[derive(Debug, Default)]
+struct Ready {
+    queued: VecDeque<Queued>,
+    next_place: u64,
 }
 
 fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -111,16 +120,28 @@ impl Queue {
 
     #[inline]
     fn push_back(&self, message: Arc<Message>) {
-        let queued = Queued {
-            message,
-            redelivered: false,
-        };
-        lock(&self.ready).push_back(queued);
+        {
+            let mut ready = lock(&self.ready);
+            let place = ready.next_place;
+            ready.next_place += 1;
+            ready.queued.push_back(Queued {
+                message,
+                redelivered: false,
+                place,
+            });
+        }
         self.available.notify_one();
     }
 
-    fn push_front(&self, queued: Queued) {
-        lock(&self.ready).push_front(queued);
+    /// Queues a delivered message again, at its place.
+    fn put_back(&self, queued: Queued) {
+        {
+            let mut ready = lock(&self.ready);
+            let at = ready
+                .queued
+                .partition_point(|other| other.place < queued.place);
+            ready.queued.insert(at, queued);
+        }
         self.available.notify_one();
     }
 
@@ -128,7 +149,7 @@ impl Queue {
     fn try_pop(&self) -> Option<Queued> {
         let (next, more) = {
             let mut ready = lock(&self.ready);
-            (ready.pop_front(), !ready.is_empty())
+            (ready.queued.pop_front(), !ready.queued.is_empty())
         };
         // Pass the wake-up on in case more messages are waiting for other consumers (a single
         // consumer takes the rest itself).
@@ -198,7 +219,7 @@ impl MemoryBinder {
         destination
             .groups
             .get(group)
-            .map_or(0, |q| lock(&q.ready).len())
+            .map_or(0, |q| lock(&q.ready).queued.len())
     }
 }
 
@@ -372,6 +393,7 @@ impl MemorySubscription {
         let acknowledgement = Box::new(MemoryAck {
             message: queued.message.clone(),
             queue: Some(self.queue.clone()),
+            place: queued.place,
         });
         Delivery {
             message: queued.message,
@@ -396,6 +418,8 @@ impl Drop for MemorySubscription {
 struct Queued {
     message: Arc<Message>,
     redelivered: bool,
+    /// Where it was queued first.
+    place: u64,
 }
 
 /// A delivered message until it is settled.
@@ -405,15 +429,17 @@ struct MemoryAck {
     /// Where the message goes back unless it is settled: the queue it was delivered from
     /// until it is acknowledged or requeued.
     queue: Option<Arc<Queue>>,
+    place: u64,
 }
 
 impl MemoryAck {
     /// Queues the message again, as delivered before, unless it was settled.
     fn hand_back(&mut self) {
         if let Some(queue) = self.queue.take() {
-            queue.push_front(Queued {
+            queue.put_back(Queued {
                 message: self.message.clone(),
                 redelivered: true,
+                place: self.place,
             });
         }
     }
@@ -463,5 +489,66 @@ impl BinderProvider for MemoryBinderProvider {
         _settings: BinderSettings,
     ) -> BoxFuture<'static, Result<Arc<dyn Binder>, Error>> {
         Box::pin(async { Ok(Arc::new(MemoryBinder::new()) as Arc<dyn Binder>) })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use bytes::Bytes;
+
+    use super::*;
+
+    fn text(delivery: &Delivery) -> String {
+        String::from_utf8_lossy(delivery.message.payload()).into_owned()
+    }
+
+    #[tokio::test]
+    async fn messages_handed_back_return_in_the_order_they_were_first_queued() {
+        let binder = MemoryBinder::new();
+        let mut subscription = binder
+            .subscribe(&ConsumerSpec::new("handed-back", Some("group")))
+            .await
+            .expect("subscription");
+        let producer = binder
+            .producer(&ProducerSpec::new("handed-back"))
+            .await
+            .expect("producer");
+        for n in 1..=5 {
+            producer
+                .send(Message::new(Bytes::from(format!("m{n}"))))
+                .await
+                .expect("send");
+        }
+        let mut taken: Vec<Delivery> = (0..4)
+            .map(|_| {
+                subscription
+                    .try_next()
+                    .expect("a message")
+                    .expect("delivered")
+            })
+            .collect();
+        let m4 = taken.pop().expect("m4");
+        let m3 = taken.pop().expect("m3");
+        let m2 = taken.pop().expect("m2");
+        let m1 = taken.pop().expect("m1");
+        m1.acknowledgement.ack().await.expect("ack");
+        // Oldest first, as the engine hands back what it holds; and one out of turn.
+        m2.acknowledgement.requeue().await.expect("requeue");
+        m4.acknowledgement.requeue().await.expect("requeue");
+        drop(m3.acknowledgement);
+        // Kept until compared: a delivery dropped unsettled goes back to the queue.
+        let again: Vec<Delivery> = (0..4)
+            .map(|_| {
+                subscription
+                    .try_next()
+                    .expect("a message")
+                    .expect("delivered")
+            })
+            .collect();
+        assert_eq!(
+            again.iter().map(text).collect::<Vec<_>>(),
+            ["m2", "m3", "m4", "m5"]
+        );
+        assert!(again[..3].iter().all(|delivery| delivery.redelivered));
     }
 }
