@@ -598,6 +598,22 @@ fn kafka_settings_are_checked_with_file_and_key() {
 }
 
 #[test]
+fn a_rabbit_uri_that_cannot_be_read_is_named_by_key_and_its_password_never_shown() {
+    let text = error_of(
+        "[stream.binders.rabbit]\ntype = \"rabbit\"\nuri = \"amqp://app:s3cr/t@mq:5672/%2f\"",
+    );
+    assert_mentions(
+        &text,
+        &[
+            "`stream.binders.rabbit.uri`",
+            "percent-encode",
+            "application.toml",
+        ],
+    );
+    assert!(!text.contains("s3cr"), "{text}");
+}
+
+#[test]
 fn rabbit_settings_are_checked_with_file_and_key() {
     let text = error_of(
         "[stream.binders.rabbit]\ntype = \"rabbit\"\nuri = \"localhost\"\n[stream.rabbit.bindings.bill-in-0.consumer]\nprefech = 10\nexchange-type = \"round-robin\"",

@@ -54,11 +54,14 @@ pub fn redact_uri(text: &str) -> String {
     while let Some(scheme_end) = rest.find("://") {
         let (before, after) = rest.split_at(scheme_end + 3);
         out.push_str(before);
-        let authority_end = after.find(['/', '?', '#', ' ']).unwrap_or(after.len());
-        let authority = &after[..authority_end];
-        match authority.rfind('@') {
+        // The user part ends at the last `@` before a space, not at the first `/`, `?` or
+        // `#`: a password written with one of those unescaped is hidden all the same (hiding
+        // a port or path with it is the lesser harm).
+        let end = after.find(char::is_whitespace).unwrap_or(after.len());
+        let uri = &after[..end];
+        match uri.rfind('@') {
             Some(at) => {
-                let userinfo = &authority[..at];
+                let userinfo = &uri[..at];
                 match userinfo.find(':') {
                     Some(colon) => {
                         out.push_str(&userinfo[..colon]);
@@ -66,11 +69,11 @@ pub fn redact_uri(text: &str) -> String {
                     }
                     None => out.push_str(userinfo),
                 }
-                out.push_str(&authority[at..]);
+                out.push_str(&uri[at..]);
             }
-            None => out.push_str(authority),
+            None => out.push_str(uri),
         }
-        rest = &after[authority_end..];
+        rest = &after[end..];
     }
     out.push_str(rest);
     out
@@ -95,6 +98,21 @@ mod tests {
             redact_uri("failed to reach amqp://app:hunter2@mq.internal:5672/vh and amqp://x@y"),
             "failed to reach amqp://app:***@mq.internal:5672/vh and amqp://x@y"
         );
+    }
+
+    #[test]
+    fn a_password_with_characters_a_uri_must_escape_is_hidden_too() {
+        for (uri, shown) in [
+            (
+                "amqp://app:s3cr/t@mq:5672/%2f",
+                "amqp://app:***@mq:5672/%2f",
+            ),
+            ("amqp://app:p?ss#w@mq", "amqp://app:***@mq"),
+            ("`amqp://app:a/b@mq/vh`: bad", "`amqp://app:***@mq/vh`: bad"),
+            ("amqp://mq:5672/vh", "amqp://mq:5672/vh"),
+        ] {
+            assert_eq!(redact_uri(uri), shown);
+        }
     }
 
     #[test]

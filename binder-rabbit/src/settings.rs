@@ -77,10 +77,13 @@ impl RabbitSettings {
             match name.as_str() {
                 "uri" => {
                     if let Some(uri) = node.string(problems) {
-                        if uri.starts_with("amqp://") || uri.starts_with("amqps://") {
-                            settings.uri = uri;
-                        } else {
+                        if !(uri.starts_with("amqp://") || uri.starts_with("amqps://")) {
                             problems.at(&node, "expected an AMQP URI such as \"amqp://user:password@host:5672/%2f\"");
+                        } else if uri.parse::<lapin::uri::AMQPUri>().is_err() {
+                            // The parser's reason may quote the password: not shown.
+                            problems.at(&node, "is not an AMQP URI that can be read; percent-encode `:`, `/`, `?`, `#` and `@` in the user name and password (`%3A`, `%2F`, `%3F`, `%23`, `%40`)");
+                        } else {
+                            settings.uri = uri;
                         }
                     }
                 }
