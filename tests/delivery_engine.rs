@@ -44,6 +44,11 @@ struct Stub {
     subscribe_delay: Duration,
     /// Subscribing to this destination fails.
     refused_destination: Option<&'static str>,
+    /// This destination refuses for good (as a broker refuses a message too large) what is
+    /// sent to it: everything, or only the payload given.
+    refuses_for_good: Option<(&'static str, Option<&'static str>)>,
+    /// Making a producer for this destination never finishes, as a provisioning that hangs.
+    hangs_producing: Option<&'static str>,
 }
 
 #[async_trait]
@@ -62,9 +67,14 @@ impl Binder for Stub {
     }
 
     async fn producer(&self, spec: &ProducerSpec) -> Result<Arc<dyn Producer>, Error> {
+        record(&self.log, format!("producing:{}", spec.destination));
+        if self.hangs_producing == Some(spec.destination.as_str()) {
+            std::future::pending::<()>().await;
+        }
         Ok(Arc::new(StubProducer {
             inner: self.memory.producer(spec).await?,
             stub: self.clone(),
+            destination: spec.destination.clone(),
         }))
     }
 
@@ -146,11 +156,27 @@ impl Acknowledgement for StubAck {
 struct StubProducer {
     inner: Arc<dyn Producer>,
     stub: Stub,
+    destination: String,
 }
 
 #[async_trait]
 impl Producer for StubProducer {
     async fn enqueue(&self, message: &Message) -> Result<Confirmation, Error> {
+        if let Some((destination, only)) = self.stub.refuses_for_good {
+            if destination == self.destination
+                && only.map_or(true, |only| only.as_bytes() == &message.payload()[..])
+            {
+                let id = message
+                    .headers()
+                    .get_str(header::CORRELATION_ID)
+                    .unwrap_or_default();
+                record(
+                    &self.stub.log,
+                    format!("refused-for-good:{destination}:{id}"),
+                );
+                return Err(Error::refused("stub", "the message is too large"));
+            }
+        }
         if self.stub.broken_until.is_some_and(|t| Instant::now() < t) {
             let id = message
                 .headers()
@@ -353,6 +379,133 @@ async fn a_broker_outage_longer_than_the_retries_loses_nothing_and_acknowledges_
             "order-{id} was acknowledged before its invoice was confirmed: {log:?}"
         );
     }
+    h.app.shutdown().await.expect("shutdown");
+}
+
+/// Waits until the input with the message id `id` was acknowledged.
+async fn acknowledged(log: &Log, id: &str, within: Duration) {
+    let deadline = Instant::now() + within;
+    while !events(log, "acked:").iter().any(|acked| acked == id) {
+        assert!(
+            Instant::now() < deadline,
+            "{id} was not acknowledged: {:?}",
+            log.lock().expect("log")
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+#[tokio::test]
+async fn an_output_the_broker_refuses_for_good_dead_letters_its_input_with_the_reason() {
+    let stub = Stub {
+        refuses_for_good: Some(("invoices", Some("3"))),
+        ..Stub::default()
+    };
+    let mut h = start(stub, "").await;
+    for id in 0..6 {
+        h.orders
+            .send(order(id, &format!("k{id}")))
+            .await
+            .expect("send");
+    }
+    let mut invoiced = std::collections::BTreeSet::new();
+    while invoiced.len() < 5 {
+        let invoice = receive(&mut h.invoices, Duration::from_secs(10))
+            .await
+            .expect("the other orders are invoiced");
+        invoiced.insert(payload(&invoice));
+    }
+    assert!(!invoiced.contains("3"), "{invoiced:?}");
+    let letter = receive(&mut h.dead, Duration::from_secs(10))
+        .await
+        .expect("the refused order is dead-lettered");
+    assert_eq!(
+        letter.headers().message_id().map(|id| &id[..]),
+        Some(&b"order-3"[..])
+    );
+    assert_eq!(
+        letter.headers().get_str(header::EXCEPTION_TYPE),
+        Some("bindery::SendRefused")
+    );
+    let reason = letter
+        .headers()
+        .get_str(header::EXCEPTION_MESSAGE)
+        .unwrap_or_default();
+    assert!(reason.contains("too large"), "{reason}");
+    acknowledged(&h.stub.log, "order-3", Duration::from_secs(10)).await;
+    assert_eq!(
+        events(&h.stub.log, "refused-for-good:").len(),
+        1,
+        "a refusal for good is not sent again"
+    );
+    assert!(events(&h.stub.log, "requeued:").is_empty());
+    h.app.shutdown().await.expect("shutdown");
+}
+
+#[tokio::test]
+async fn a_dead_letter_the_broker_refuses_for_good_is_dropped_with_an_error_and_the_binding_goes_on(
+) {
+    let stub = Stub {
+        refuses_for_good: Some(("orders.billing.dlq", None)),
+        ..Stub::default()
+    };
+    let mut h = start(stub, "max-attempts = 1").await;
+    h.orders.send(order(0, "poison")).await.expect("send");
+    // Waiting for a dead letter that can never be sent would hold the poison key, and the
+    // window slot, for good.
+    acknowledged(&h.stub.log, "order-0", Duration::from_secs(10)).await;
+    assert_eq!(
+        events(&h.stub.log, "refused-for-good:"),
+        vec!["orders.billing.dlq:order-0".to_owned()],
+        "the dead letter was tried once, not again"
+    );
+    for id in 1..4 {
+        h.orders
+            .send(order(id, &format!("k{id}")))
+            .await
+            .expect("send");
+    }
+    let mut invoiced = std::collections::BTreeSet::new();
+    while invoiced.len() < 3 {
+        let invoice = receive(&mut h.invoices, Duration::from_secs(10))
+            .await
+            .expect("the binding goes on after the refused dead letter");
+        invoiced.insert(payload(&invoice));
+    }
+    assert!(events(&h.stub.log, "requeued:").is_empty());
+    h.app.shutdown().await.expect("shutdown");
+}
+
+#[tokio::test]
+async fn a_destination_being_provisioned_holds_back_only_the_bridge_sends_to_it() {
+    let stub = Stub {
+        hangs_producing: Some("never-ready"),
+        ..Stub::default()
+    };
+    let mut h = start(stub, "").await;
+    let bridge = h.app.bridge();
+    let stuck = tokio::spawn({
+        let bridge = bridge.clone();
+        async move { bridge.send("never-ready", "lost in provisioning").await }
+    });
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while !events(&h.stub.log, "producing:").contains(&"never-ready".to_owned()) {
+        assert!(
+            Instant::now() < deadline,
+            "the first send never asked for its producer"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    tokio::time::timeout(Duration::from_secs(5), bridge.send("invoices", "through"))
+        .await
+        .expect("a send to another destination is not held back")
+        .expect("sent");
+    let through = receive(&mut h.invoices, Duration::from_secs(5))
+        .await
+        .expect("the send got through");
+    assert_eq!(payload(&through), "through");
+    assert!(!stuck.is_finished());
+    stuck.abort();
     h.app.shutdown().await.expect("shutdown");
 }
 

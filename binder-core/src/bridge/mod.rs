@@ -5,7 +5,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
 use bytes::Bytes;
-use tokio::sync::Mutex;
+use tokio::sync::{Mutex, OnceCell};
 
 mod ids;
 mod send;
@@ -184,7 +184,8 @@ struct BridgeInner {
     default_binder: String,
     bindings: BTreeMap<String, ResolvedBinding>,
     dynamic_defaults: BindingConfig,
-    outputs: Mutex<HashMap<String, Arc<Output>>>,
+    /// One cell per target: a destination being provisioned holds back only sends to it.
+    outputs: Mutex<HashMap<String, Arc<OnceCell<Arc<Output>>>>>,
     closed: AtomicBool,
 }
 
@@ -289,10 +290,21 @@ impl StreamBridge {
         if self.inner.closed.load(Ordering::Acquire) {
             return Err(Error::ShuttingDown);
         }
-        let mut outputs = self.inner.outputs.lock().await;
-        if let Some(output) = outputs.get(target) {
-            return Ok(output.clone());
-        }
+        let cell = {
+            let mut outputs = self.inner.outputs.lock().await;
+            match outputs.get(target) {
+                Some(cell) => cell.clone(),
+                None => outputs.entry(target.to_owned()).or_default().clone(),
+            }
+        };
+        // A failed provisioning leaves the cell empty: the next send tries again.
+        cell.get_or_try_init(|| self.provision(target))
+            .await
+            .cloned()
+    }
+
+    /// A producer for `target`, provisioned on its binder.
+    async fn provision(&self, target: &str) -> Result<Arc<Output>, Error> {
         let (binder_name, spec, content_type) =
             match self.inner.bindings.get(&normalize_name(target)) {
                 Some(binding) => (
@@ -330,7 +342,6 @@ impl StreamBridge {
             producer,
             partitions: PartitionSelector::for_count(spec.properties.partition_count),
         });
-        outputs.insert(target.to_owned(), output.clone());
         Ok(output)
     }
 

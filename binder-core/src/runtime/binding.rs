@@ -11,6 +11,7 @@
 //! input is handed back unacknowledged; only a send the broker refused for good dead-letters
 //! the input.
 
+use std::borrow::Cow;
 use std::collections::VecDeque;
 use std::future::Future;
 use std::panic::AssertUnwindSafe;
@@ -814,11 +815,22 @@ impl Engine {
         let refused = failed
             .iter()
             .find(|(message, error)| message.is_none() || error.is_permanent());
-        if let (Target::Outputs, Some((_, error))) = (&target, refused) {
-            tracing::error!(binding = %binding.binding, message_id = %item.id, %error, "the broker refused an output for good; the input is dead-lettered instead of retried");
-            let failure =
-                Failure::new(FailureKind::Send, "bindery::SendRefused", error.to_string());
-            return self.dead_letter(item, failure);
+        if let Some((_, error)) = refused {
+            return match target {
+                Target::Outputs => {
+                    tracing::error!(binding = %binding.binding, message_id = %item.id, %error, "the broker refused an output for good; the input is dead-lettered instead of retried");
+                    let failure =
+                        Failure::new(FailureKind::Send, "bindery::SendRefused", error.to_string());
+                    self.dead_letter(item, failure)
+                }
+                // Sending it again cannot succeed, and waiting for it would hold the input's
+                // window slot (on Kafka, its partition's commits) for good: as without a DLQ.
+                Target::DeadLetter { failure } => {
+                    tracing::error!(binding = %binding.binding, message_id = %item.id, attempts = item.attempts, %failure, %error, "message dropped after failing: the dead-letter destination refused it for good");
+                    binding.meter.dropped();
+                    self.settle(item, Verdict::Ack)
+                }
+            };
         }
         let (_, error) = &failed[0];
         if self.stopping {
@@ -832,15 +844,11 @@ impl Engine {
             Target::DeadLetter { .. } => "dead-lettering",
         };
         tracing::warn!(binding = %binding.binding, message_id = %item.id, failures = item.send_failures, %error, "{what} failed; sending it again in {wait:?}");
-        let lost = failed.iter().any(|(message, _)| message.is_none());
-        let mut messages: Batch = failed
+        // Every message lost with its producer was refused for good above.
+        let messages: Batch = failed
             .into_iter()
             .filter_map(|(message, _)| message)
             .collect();
-        // A dead letter is made again from its input should it ever be lost.
-        if let (true, Target::DeadLetter { failure }) = (lost, &target) {
-            messages = vec![dead_letter(&item, failure, &binding.destination)];
-        }
         let mut halted = self.halt.subscribe();
         self.jobs.push(Box::pin(async move {
             tokio::select! {
@@ -975,11 +983,30 @@ fn dead_letter(item: &InFlight, failure: &Failure, destination: &str) -> Message
     if !headers.contains(header::CORRELATION_ID) {
         headers.set_static(header::CORRELATION_ID, item.id.bytes().clone());
     }
-    headers.insert(header::EXCEPTION_MESSAGE, failure.message());
+    headers.insert(
+        header::EXCEPTION_MESSAGE,
+        clipped(failure.message(), EXCEPTION_MESSAGE_LIMIT).as_bytes(),
+    );
     headers.insert(header::EXCEPTION_TYPE, failure.type_name());
     headers.insert(header::ORIGINAL_DESTINATION, destination);
     headers.insert(header::ATTEMPTS, attempts.to_string());
     message
+}
+
+/// The longest `x-exception-message` a dead letter carries, in bytes: a handler's error text
+/// can be long, and a dead letter larger than the broker takes is refused for good.
+const EXCEPTION_MESSAGE_LIMIT: usize = 4096;
+
+/// `text`, cut to at most `limit` bytes on a character boundary and ending in `…` when cut.
+fn clipped(text: &str, limit: usize) -> Cow<'_, str> {
+    if text.len() <= limit {
+        return Cow::Borrowed(text);
+    }
+    let mut end = limit.saturating_sub('…'.len_utf8());
+    while !text.is_char_boundary(end) {
+        end -= 1;
+    }
+    Cow::Owned(format!("{}…", &text[..end]))
 }
 
 /// Polls a supplier every `every` until shutdown, sending what it returns.
@@ -1031,6 +1058,20 @@ mod tests {
     use crate::{Application, Failure, FailureKind, Message, StreamFunction};
 
     const WAIT: Duration = Duration::from_secs(5);
+
+    #[test]
+    fn a_long_exception_message_is_cut_on_a_character_boundary() {
+        assert_eq!(super::clipped("short", 10), "short");
+        let long = "é".repeat(3_000);
+        let cut = super::clipped(&long, super::EXCEPTION_MESSAGE_LIMIT);
+        assert!(cut.len() <= super::EXCEPTION_MESSAGE_LIMIT, "{}", cut.len());
+        assert!(
+            cut.len() > super::EXCEPTION_MESSAGE_LIMIT - 8,
+            "{}",
+            cut.len()
+        );
+        assert!(cut.ends_with("é…"), "cut whole characters only");
+    }
 
     /// Run by the core's own tests with and without the feature `otel`, whose spans take
     /// another path to the lineage a call hands on.
