@@ -67,24 +67,56 @@ impl Confirms {
 }
 
 /// Records what an answer says about returns: its own, or another message's to remember.
-fn note_returns(waiting: &mut Waiting, answer: &Answer, returned: &mut HashSet<String>) {
+/// Returns whether a message without a `message_id` was returned, which cannot be told apart
+/// from any other without one.
+#[must_use]
+fn note_returns(waiting: &mut Waiting, answer: &Answer, returned: &mut HashSet<String>) -> bool {
     let attached = match answer {
         Ok(lapin::Confirmation::Ack(Some(message)))
         | Ok(lapin::Confirmation::Nack(Some(message))) => message,
-        _ => return,
+        _ => return false,
     };
     let id = attached
         .properties
         .message_id()
         .as_ref()
         .map(|id| id.to_string());
-    match (&waiting.own_id, id) {
-        (Some(own), Some(id)) if *own != id => {
+    match attribute(waiting.own_id.as_deref(), id) {
+        Attribution::Own => waiting.returned_here = true,
+        Attribution::Other(id) => {
             returned.insert(id);
         }
-        // Its own, or one that cannot be told apart: sending again risks a duplicate, never a
-        // loss.
-        _ => waiting.returned_here = true,
+        Attribution::AnyWithoutId => return true,
+    }
+    false
+}
+
+/// Whose a return is, as far as its `message_id` tells.
+#[derive(Debug, PartialEq, Eq)]
+enum Attribution {
+    /// The message whose confirm it came with.
+    Own,
+    /// The message with this id.
+    Other(String),
+    /// One of the messages sent without a `message_id` (an `x-message-id` that is not short
+    /// text travels as a header only).
+    AnyWithoutId,
+}
+
+fn attribute(own_id: Option<&str>, returned_id: Option<String>) -> Attribution {
+    match (own_id, returned_id) {
+        (Some(own), Some(id)) if own == id => Attribution::Own,
+        (_, Some(id)) => Attribution::Other(id),
+        (_, None) => Attribution::AnyWithoutId,
+    }
+}
+
+/// A message without a `message_id` was returned: every such message still waiting counts as
+/// returned, so it is sent again (a duplicate, never a loss). Its return comes before its
+/// own confirm, so it is among them.
+fn anonymous_returned(waiting: &mut VecDeque<Waiting>) {
+    for entry in waiting.iter_mut().filter(|w| w.own_id.is_none()) {
+        entry.returned_here = true;
     }
 }
 
@@ -97,11 +129,15 @@ async fn settle(mut incoming: mpsc::UnboundedReceiver<Waiting>) {
             waiting.push_back(next);
         }
         // Every answer given so far, so that returns travelling with later confirms are known.
+        let mut anonymous = false;
         for entry in waiting.iter_mut().filter(|w| w.answer.is_none()) {
             if let Some(answer) = (&mut entry.confirm).now_or_never() {
-                note_returns(entry, &answer, &mut returned);
+                anonymous |= note_returns(entry, &answer, &mut returned);
                 entry.answer = Some(answer);
             }
+        }
+        if anonymous {
+            anonymous_returned(&mut waiting);
         }
         while waiting.front().is_some_and(|w| w.answer.is_some()) {
             let entry = waiting.pop_front().expect("a front");
@@ -123,17 +159,44 @@ async fn settle(mut incoming: mpsc::UnboundedReceiver<Waiting>) {
                 None => open = false,
             },
             Some(front) => {
-                tokio::select! {
+                let anonymous = tokio::select! {
                     answer = &mut front.confirm => {
-                        note_returns(front, &answer, &mut returned);
+                        let anonymous = note_returns(front, &answer, &mut returned);
                         front.answer = Some(answer);
+                        anonymous
                     }
-                    next = incoming.recv(), if open => match next {
-                        Some(next) => waiting.push_back(next),
-                        None => open = false,
-                    },
+                    next = incoming.recv(), if open => {
+                        match next {
+                            Some(next) => waiting.push_back(next),
+                            None => open = false,
+                        }
+                        false
+                    }
+                };
+                if anonymous {
+                    anonymous_returned(&mut waiting);
                 }
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_return_is_put_down_to_the_message_its_id_names_or_to_every_one_without_an_id() {
+        let id = |text: &str| Some(text.to_owned());
+        assert_eq!(attribute(Some("a"), id("a")), Attribution::Own);
+        assert_eq!(
+            attribute(Some("a"), id("b")),
+            Attribution::Other("b".into())
+        );
+        // Travelling with the confirm of a message without an id, a return that has one is
+        // still that other message's.
+        assert_eq!(attribute(None, id("b")), Attribution::Other("b".into()));
+        assert_eq!(attribute(Some("a"), None), Attribution::AnyWithoutId);
+        assert_eq!(attribute(None, None), Attribution::AnyWithoutId);
     }
 }
