@@ -542,15 +542,21 @@ impl Binder for KafkaBinder {
             commits,
             timeout: self.inner.settings.connection_timeout,
         };
-        let thread = std::thread::Builder::new()
+        let (ended, thread_ended) = tokio::sync::oneshot::channel::<()>();
+        std::thread::Builder::new()
             .name(format!("bindery-kafka-{}", spec.destination))
-            .spawn(move || poller.run())
+            .spawn(move || {
+                // Dropped as the thread ends, whichever way: its end is told by the channel
+                // closing.
+                let _ended = ended;
+                poller.run()
+            })
             .map_err(|e| self.error(KafkaError::Client(e.to_string())))?;
         let subscription = KafkaSubscription {
             receiver,
             stop,
             held,
-            thread: Some(thread),
+            thread_ended: Some(thread_ended),
         };
         if tokio::time::timeout(ASSIGNMENT_TIMEOUT, waiting)
             .await
@@ -1140,7 +1146,10 @@ struct KafkaSubscription {
     receiver: mpsc::Receiver<Delivery>,
     stop: Arc<AtomicBool>,
     held: Arc<AtomicBool>,
-    thread: Option<std::thread::JoinHandle<()>>,
+    /// Closes when the polling thread has ended (its final commit made, its client closed).
+    /// Waited for without a thread of the runtime's blocking pool: a close given up on (a
+    /// shutdown's deadline) leaves nothing the runtime waits for as it drops.
+    thread_ended: Option<tokio::sync::oneshot::Receiver<()>>,
 }
 
 impl fmt::Debug for KafkaSubscription {
@@ -1173,8 +1182,8 @@ impl Subscription for KafkaSubscription {
     async fn close(mut self: Box<Self>) -> Result<(), Error> {
         self.stop.store(true, Ordering::Release);
         self.receiver.close();
-        if let Some(thread) = self.thread.take() {
-            let _ = tokio::task::spawn_blocking(move || thread.join()).await;
+        if let Some(thread_ended) = self.thread_ended.take() {
+            let _ = thread_ended.await;
         }
         Ok(())
     }
