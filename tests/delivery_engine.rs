@@ -47,6 +47,8 @@ struct Stub {
     /// This destination refuses for good (as a broker refuses a message too large) what is
     /// sent to it: everything, or only the payload given.
     refuses_for_good: Option<(&'static str, Option<&'static str>)>,
+    /// Until then only, when set.
+    refuses_until: Option<Instant>,
     /// Making a producer for this destination never finishes, as a provisioning that hangs.
     hangs_producing: Option<&'static str>,
 }
@@ -165,6 +167,10 @@ impl Producer for StubProducer {
         if let Some((destination, only)) = self.stub.refuses_for_good {
             if destination == self.destination
                 && only.map_or(true, |only| only.as_bytes() == &message.payload()[..])
+                && self
+                    .stub
+                    .refuses_until
+                    .map_or(true, |until| Instant::now() < until)
             {
                 let id = message
                     .headers()
@@ -443,22 +449,14 @@ async fn an_output_the_broker_refuses_for_good_dead_letters_its_input_with_the_r
 }
 
 #[tokio::test]
-async fn a_dead_letter_the_broker_refuses_for_good_is_dropped_with_an_error_and_the_binding_goes_on(
-) {
+async fn a_dead_letter_the_broker_refuses_is_sent_again_until_taken_and_the_input_waits_for_it() {
     let stub = Stub {
         refuses_for_good: Some(("orders.billing.dlq", None)),
+        refuses_until: Some(Instant::now() + Duration::from_secs(3)),
         ..Stub::default()
     };
     let mut h = start(stub, "max-attempts = 1").await;
     h.orders.send(order(0, "poison")).await.expect("send");
-    // Waiting for a dead letter that can never be sent would hold the poison key, and the
-    // window slot, for good.
-    acknowledged(&h.stub.log, "order-0", Duration::from_secs(10)).await;
-    assert_eq!(
-        events(&h.stub.log, "refused-for-good:"),
-        vec!["orders.billing.dlq:order-0".to_owned()],
-        "the dead letter was tried once, not again"
-    );
     for id in 1..4 {
         h.orders
             .send(order(id, &format!("k{id}")))
@@ -469,10 +467,27 @@ async fn a_dead_letter_the_broker_refuses_for_good_is_dropped_with_an_error_and_
     while invoiced.len() < 3 {
         let invoice = receive(&mut h.invoices, Duration::from_secs(10))
             .await
-            .expect("the binding goes on after the refused dead letter");
+            .expect("other messages flow while the dead letter is refused");
         invoiced.insert(payload(&invoice));
     }
-    assert!(events(&h.stub.log, "requeued:").is_empty());
+    let letter = receive(&mut h.dead, Duration::from_secs(15))
+        .await
+        .expect("the dead letter is taken once the destination takes it");
+    assert_eq!(
+        letter.headers().message_id().map(|id| &id[..]),
+        Some(&b"order-0"[..])
+    );
+    acknowledged(&h.stub.log, "order-0", Duration::from_secs(5)).await;
+    let log = h.stub.log.lock().expect("log").clone();
+    let refusals: Vec<usize> = (0..log.len())
+        .filter(|&at| log[at] == "refused-for-good:orders.billing.dlq:order-0")
+        .collect();
+    let acked = log.iter().position(|e| e == "acked:order-0");
+    assert!(refusals.len() >= 2, "sent again after a refusal: {log:?}");
+    assert!(
+        acked > refusals.last().copied(),
+        "the input was acknowledged while its dead letter was refused: {log:?}"
+    );
     h.app.shutdown().await.expect("shutdown");
 }
 

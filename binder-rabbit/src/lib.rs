@@ -129,7 +129,12 @@ impl BinderProvider for RabbitBinderProvider {
     /// The host and port of `uri` (credentials left out) and its virtual host as the
     /// pathname.
     fn address(&self, settings: &BinderSettings) -> Option<BrokerAddress> {
-        let rabbit = RabbitSettings::read(settings.node.as_ref(), &mut Problems::default());
+        let mut problems = Problems::default();
+        let rabbit = RabbitSettings::read(settings.node.as_ref(), &mut problems);
+        // A `uri` refused is left at its default, which is not this binder's address.
+        if !problems.is_empty() {
+            return None;
+        }
         let uri: lapin::uri::AMQPUri = rabbit.uri.parse().ok()?;
         let host = &uri.authority.host;
         let host = match host.contains(':') && !host.starts_with('[') {

@@ -297,10 +297,22 @@ impl StreamBridge {
                 None => outputs.entry(target.to_owned()).or_default().clone(),
             }
         };
-        // A failed provisioning leaves the cell empty: the next send tries again.
-        cell.get_or_try_init(|| self.provision(target))
+        let provisioned = cell
+            .get_or_try_init(|| self.provision(target))
             .await
-            .cloned()
+            .cloned();
+        if provisioned.is_err() {
+            // The next send tries again; a target that never works (one named by input data,
+            // say) leaves nothing behind.
+            let mut outputs = self.inner.outputs.lock().await;
+            if outputs
+                .get(target)
+                .is_some_and(|kept| Arc::ptr_eq(kept, &cell) && !kept.initialized())
+            {
+                outputs.remove(target);
+            }
+        }
+        provisioned
     }
 
     /// A producer for `target`, provisioned on its binder.

@@ -815,22 +815,17 @@ impl Engine {
         let refused = failed
             .iter()
             .find(|(message, error)| message.is_none() || error.is_permanent());
-        if let Some((_, error)) = refused {
-            return match target {
-                Target::Outputs => {
-                    tracing::error!(binding = %binding.binding, message_id = %item.id, %error, "the broker refused an output for good; the input is dead-lettered instead of retried");
-                    let failure =
-                        Failure::new(FailureKind::Send, "bindery::SendRefused", error.to_string());
-                    self.dead_letter(item, failure)
-                }
-                // Sending it again cannot succeed, and waiting for it would hold the input's
-                // window slot (on Kafka, its partition's commits) for good: as without a DLQ.
-                Target::DeadLetter { failure } => {
-                    tracing::error!(binding = %binding.binding, message_id = %item.id, attempts = item.attempts, %failure, %error, "message dropped after failing: the dead-letter destination refused it for good");
-                    binding.meter.dropped();
-                    self.settle(item, Verdict::Ack)
-                }
-            };
+        if let (Target::Outputs, Some((_, error))) = (&target, refused) {
+            tracing::error!(binding = %binding.binding, message_id = %item.id, %error, "the broker refused an output for good; the input is dead-lettered instead of retried");
+            let failure =
+                Failure::new(FailureKind::Send, "bindery::SendRefused", error.to_string());
+            return self.dead_letter(item, failure);
+        }
+        // A dead-letter destination that refuses (not authorised, say) is for the operator to
+        // mend, never a reason to drop the input: it is sent again like any failed send, and
+        // said louder.
+        if let (Target::DeadLetter { failure }, Some((_, error))) = (&target, refused) {
+            tracing::error!(binding = %binding.binding, message_id = %item.id, attempts = item.attempts, %failure, %error, "the dead-letter destination refused the message; it is sent again until it is taken, and the input is not acknowledged until then");
         }
         let (_, error) = &failed[0];
         if self.stopping {
@@ -844,11 +839,15 @@ impl Engine {
             Target::DeadLetter { .. } => "dead-lettering",
         };
         tracing::warn!(binding = %binding.binding, message_id = %item.id, failures = item.send_failures, %error, "{what} failed; sending it again in {wait:?}");
-        // Every message lost with its producer was refused for good above.
-        let messages: Batch = failed
+        let lost = failed.iter().any(|(message, _)| message.is_none());
+        let mut messages: Batch = failed
             .into_iter()
             .filter_map(|(message, _)| message)
             .collect();
+        // A dead letter is made again from its input should it ever be lost.
+        if let (true, Target::DeadLetter { failure }) = (lost, &target) {
+            messages = vec![dead_letter(&item, failure, &binding.destination)];
+        }
         let mut halted = self.halt.subscribe();
         self.jobs.push(Box::pin(async move {
             tokio::select! {
