@@ -502,6 +502,18 @@ mod tests {
         String::from_utf8_lossy(delivery.message.payload()).into_owned()
     }
 
+    /// The next `count` deliveries, kept unsettled.
+    fn take(subscription: &mut Box<dyn Subscription>, count: usize) -> Vec<Delivery> {
+        (0..count)
+            .map(|_| {
+                subscription
+                    .try_next()
+                    .expect("a message")
+                    .expect("delivered")
+            })
+            .collect()
+    }
+
     #[tokio::test]
     async fn messages_handed_back_return_in_the_order_they_were_first_queued() {
         let binder = MemoryBinder::new();
@@ -519,14 +531,7 @@ mod tests {
                 .await
                 .expect("send");
         }
-        let mut taken: Vec<Delivery> = (0..4)
-            .map(|_| {
-                subscription
-                    .try_next()
-                    .expect("a message")
-                    .expect("delivered")
-            })
-            .collect();
+        let mut taken = take(&mut subscription, 4);
         let m4 = taken.pop().expect("m4");
         let m3 = taken.pop().expect("m3");
         let m2 = taken.pop().expect("m2");
@@ -537,14 +542,7 @@ mod tests {
         m4.acknowledgement.requeue().await.expect("requeue");
         drop(m3.acknowledgement);
         // Kept until compared: a delivery dropped unsettled goes back to the queue.
-        let again: Vec<Delivery> = (0..4)
-            .map(|_| {
-                subscription
-                    .try_next()
-                    .expect("a message")
-                    .expect("delivered")
-            })
-            .collect();
+        let again = take(&mut subscription, 4);
         assert_eq!(
             again.iter().map(text).collect::<Vec<_>>(),
             ["m2", "m3", "m4", "m5"]
