@@ -821,13 +821,7 @@ impl Engine {
                 Failure::new(FailureKind::Send, "bindery::SendRefused", error.to_string());
             return self.dead_letter(item, failure);
         }
-        // A dead-letter destination that refuses (not authorised, say) is for the operator to
-        // mend, never a reason to drop the input: it is sent again like any failed send, and
-        // said louder.
-        if let (Target::DeadLetter { failure }, Some((_, error))) = (&target, refused) {
-            tracing::error!(binding = %binding.binding, message_id = %item.id, attempts = item.attempts, %failure, %error, "the dead-letter destination refused the message; it is sent again until it is taken, and the input is not acknowledged until then");
-        }
-        let (_, error) = &failed[0];
+        let (_, error) = refused.unwrap_or(&failed[0]);
         if self.stopping {
             tracing::warn!(binding = %binding.binding, message_id = %item.id, %error, "sending failed while stopping; the message will be delivered again");
             return self.settle(item, Verdict::Requeue);
@@ -838,7 +832,17 @@ impl Engine {
             Target::Outputs => "sending an output",
             Target::DeadLetter { .. } => "dead-lettering",
         };
-        tracing::warn!(binding = %binding.binding, message_id = %item.id, failures = item.send_failures, %error, "{what} failed; sending it again in {wait:?}");
+        match refused {
+            // Only a dead letter is still here refused: a dead-letter destination that refuses
+            // (not authorised, say) is for the operator to mend, never a reason to drop the
+            // input. It is sent again like any failed send, and said louder.
+            Some(_) => {
+                tracing::error!(binding = %binding.binding, message_id = %item.id, failures = item.send_failures, %error, "the dead-letter destination refused the message; sending it again in {wait:?}, the input unacknowledged until it is taken")
+            }
+            None => {
+                tracing::warn!(binding = %binding.binding, message_id = %item.id, failures = item.send_failures, %error, "{what} failed; sending it again in {wait:?}")
+            }
+        }
         let lost = failed.iter().any(|(message, _)| message.is_none());
         let mut messages: Batch = failed
             .into_iter()
