@@ -184,9 +184,11 @@ impl Producer for StubProducer {
             }
         }
         if self.stub.broken_until.is_some_and(|t| Instant::now() < t) {
+            // A supplier's messages have no correlation id: they are named by their own.
             let id = message
                 .headers()
                 .get_str(header::CORRELATION_ID)
+                .or_else(|| message.headers().get_str(header::MESSAGE_ID))
                 .unwrap_or_default();
             record(&self.stub.log, format!("refused:{id}"));
             return Err(Error::binder("stub", "the broker is down"));
@@ -386,6 +388,82 @@ async fn a_broker_outage_longer_than_the_retries_loses_nothing_and_acknowledges_
         );
     }
     h.app.shutdown().await.expect("shutdown");
+}
+
+/// `ticker`: polled every 50 ms, it supplies "0", "1", "2", ... to `invoices`.
+async fn start_ticker(stub: &Stub) -> (bindery::RunningApplication, Box<dyn Subscription>) {
+    let invoices = stub
+        .memory
+        .subscribe(&ConsumerSpec::new("invoices", Some("test")))
+        .await
+        .expect("invoices");
+    let calls = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let ticker = StreamFunction::supplier("ticker", move || {
+        let call = calls.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        async move { call.to_string() }
+    })
+    .output("invoices")
+    .poll("50ms");
+    let app = bindery::test::isolated(ticker, "[stream]\nshutdown-timeout = \"1s\"")
+        .replace_binders(Arc::new(stub.clone()))
+        .build()
+        .expect("configuration")
+        .start()
+        .await
+        .expect("start");
+    (app, invoices)
+}
+
+#[tokio::test]
+async fn a_suppliers_message_the_broker_does_not_take_is_sent_again_and_none_is_lost() {
+    let stub = Stub {
+        broken_until: Some(Instant::now() + Duration::from_secs(2)),
+        ..Stub::default()
+    };
+    let (app, mut invoices) = start_ticker(&stub).await;
+    let first = receive(&mut invoices, Duration::from_secs(30))
+        .await
+        .expect("the first message, once the broker is back");
+    assert_eq!(payload(&first), "0", "the first message is not lost");
+    let refused = events(&stub.log, "refused:");
+    assert!(
+        refused.len() >= 2,
+        "it was refused and sent again: {refused:?}"
+    );
+    let id = first.headers().get_str(header::MESSAGE_ID).expect("an id");
+    assert!(
+        refused.iter().all(|refused| refused == id),
+        "only the first message was sent while the broker was down, always with its id {id}: {refused:?}"
+    );
+    for expected in 1..5 {
+        let next = receive(&mut invoices, Duration::from_secs(10))
+            .await
+            .expect("the next message");
+        assert_eq!(payload(&next), expected.to_string(), "in order, none lost");
+    }
+    app.shutdown().await.expect("shutdown");
+}
+
+#[tokio::test]
+async fn a_suppliers_message_refused_for_good_is_dropped_and_the_supplier_goes_on() {
+    let stub = Stub {
+        refuses_for_good: Some(("invoices", Some("1"))),
+        ..Stub::default()
+    };
+    let (app, mut invoices) = start_ticker(&stub).await;
+    let mut received = Vec::new();
+    for _ in 0..3 {
+        let next = receive(&mut invoices, Duration::from_secs(10))
+            .await
+            .expect("the supplier goes on");
+        received.push(payload(&next));
+    }
+    assert_eq!(
+        received,
+        ["0", "2", "3"],
+        "the refused message is not sent again"
+    );
+    app.shutdown().await.expect("shutdown");
 }
 
 /// Waits until the input with the message id `id` was acknowledged.

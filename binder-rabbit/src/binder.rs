@@ -775,6 +775,10 @@ impl Binder for RabbitBinder {
                     permanent: true,
                 }));
             }
+            // Each partition's routing key is a short string too: the longest is the last's.
+            let last = spec.properties.partition_count - 1;
+            check_name(&partition_routing_key(&spec.destination, last))
+                .map_err(|e| self.error(e))?;
         }
         let producer = self
             .producer_for(

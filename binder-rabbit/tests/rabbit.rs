@@ -457,6 +457,17 @@ async fn keys_and_header_names_too_long_for_amqp_never_panic() {
             .await
             .expect_err("a 300-byte exchange name is refused");
         assert!(error.to_string().contains("at most 255"), "{error}");
+        // A partitioned destination whose name fits but whose partitions' routing keys
+        // (`<destination>-<partition>`) do not is refused as well.
+        let name = format!("{destination}-{}", "p".repeat(254 - destination.len() - 1));
+        assert_eq!(name.len(), 254, "a name RabbitMQ takes");
+        let mut partitioned = ProducerSpec::new(name);
+        partitioned.properties.partition_count = 2;
+        let error = binder
+            .producer(&partitioned)
+            .await
+            .expect_err("a partition routing key over 255 bytes is refused");
+        assert!(error.to_string().contains("at most 255"), "{error}");
         binder.close().await.ok();
     })
     .await

@@ -229,19 +229,30 @@ impl Output {
     /// Sends the messages in order, each with a new id, and waits until all were confirmed;
     /// the first failure is returned.
     pub(crate) async fn send_all(&self, messages: Batch, lineage: &Lineage) -> Result<(), Error> {
-        let messages = messages
+        let messages = self.prepared(messages, lineage);
+        match self.send_prepared(messages).await.into_iter().next() {
+            Some((_, error)) => Err(error),
+            None => Ok(()),
+        }
+    }
+
+    /// `messages`, each [prepared](Self::prepare) with a new id.
+    pub(crate) fn prepared(&self, messages: Batch, lineage: &Lineage) -> Batch {
+        messages
             .into_iter()
             .map(|mut message| {
                 self.prepare(&mut message, new_message_id, lineage);
                 message
             })
-            .collect();
+            .collect()
+    }
+
+    /// Sends prepared messages in order and waits until all were answered: those not
+    /// confirmed, with why (without the message when a panicking producer lost it).
+    pub(crate) async fn send_prepared(&self, messages: Batch) -> Vec<(Option<Message>, Error)> {
         let (sendings, rest) = enqueue_at_once(&self.producer, &self.destination, messages);
         let sendings = enqueue_all(&self.producer, &self.destination, sendings, rest).await;
-        match confirm_all(sendings).await.into_iter().next() {
-            Some((_, error)) => Err(error),
-            None => Ok(()),
-        }
+        confirm_all(sendings).await
     }
 }
 

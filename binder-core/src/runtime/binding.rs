@@ -1013,6 +1013,10 @@ fn clipped(text: &str, limit: usize) -> Cow<'_, str> {
 }
 
 /// Polls a supplier every `every` until shutdown, sending what it returns.
+///
+/// What the broker did not confirm is sent again (the same messages, with the same ids) with
+/// the default back-off, and the supplier is not called again until all of it is confirmed:
+/// a supplier's output has no input to be delivered again, so a failed send is its only copy.
 pub(crate) async fn run_supplier(
     invoker: Invoker,
     every: Duration,
@@ -1032,20 +1036,76 @@ pub(crate) async fn run_supplier(
             .call(calls.take(), tick, Lineage::default(), CallSpan::default())
             .await;
         calls = next_calls;
-        let sent = match called {
-            Ok(messages) => match &invoker.output {
-                Some(output) => output
-                    .send_all(messages, &Lineage::default())
-                    .await
-                    .map_err(|error| {
-                        Failure::new(FailureKind::Send, "bindery::Error", error.to_string())
-                    }),
-                None => Ok(()),
-            },
-            Err(failure) => Err(failure),
+        let messages = match called {
+            Ok(messages) => messages,
+            Err(failure) => {
+                tracing::error!(function = %invoker.function, %failure, "supplier failed; it will be polled again");
+                continue;
+            }
         };
-        if let Err(failure) = sent {
-            tracing::error!(function = %invoker.function, %failure, "supplier failed; it will be polled again");
+        if let Some(output) = &invoker.output {
+            let messages = output.prepared(messages, &Lineage::default());
+            send_until_confirmed(&invoker.function, output, messages, &mut shutdown).await;
+        }
+    }
+}
+
+/// A supplier's message's id, for the log.
+fn supplied_id(message: &Message) -> &str {
+    message
+        .headers()
+        .get_str(header::MESSAGE_ID)
+        .unwrap_or("(none)")
+}
+
+/// Sends a supplier's `messages` until each is confirmed or refused for good, or until the
+/// application stops; what is given up on is logged at error level with its id.
+async fn send_until_confirmed(
+    function: &str,
+    output: &Output,
+    mut messages: Batch,
+    shutdown: &mut watch::Receiver<bool>,
+) {
+    let back_off = ConsumerProperties::default();
+    let mut failures = 0;
+    loop {
+        let mut failed = output.send_prepared(messages).await;
+        // A message lost with a panicking producer, or refused for good, cannot be sent again.
+        failed.retain(|(message, error)| match message {
+            Some(_) if !error.is_permanent() => true,
+            Some(message) => {
+                tracing::error!(function, message_id = supplied_id(message), %error, "the broker refused a supplier's message for good; it is dropped");
+                false
+            }
+            None => {
+                tracing::error!(function, %error, "a supplier's message was lost while it was sent");
+                false
+            }
+        });
+        let Some((_, error)) = failed.first() else {
+            return;
+        };
+        failures += 1;
+        let wait = back_off.back_off(failures);
+        let stopping = *shutdown.borrow();
+        if !stopping {
+            tracing::warn!(function, failures, %error, unconfirmed = failed.len(), "sending a supplier's messages failed; sending them again in {wait:?}");
+        }
+        let stopped = stopping
+            || tokio::select! {
+                biased;
+                _ = shutdown.wait_for(|stop| *stop) => true,
+                _ = tokio::time::sleep(wait) => false,
+            };
+        messages = failed
+            .into_iter()
+            .filter_map(|(message, _)| message)
+            .collect();
+        if stopped {
+            for message in &messages {
+                tracing::error!(function, message_id = supplied_id(message), "the application stopped before a supplier's message was confirmed; it is not sent");
+            }
+            return;
         }
     }
 }
