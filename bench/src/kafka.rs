@@ -162,6 +162,7 @@ impl Kafka {
         let (input, output, group) = names();
         self.create_topics(&[&input, &output]).await?;
         self.produce(&input, n, None).await?;
+        eprintln!("  {n} preloaded; the pipeline starts");
         let reader = self.read(&output, n, Duration::from_secs(600));
         let meter = Meter::start();
         let running = self.start(side, &input, &output, &group).await?;

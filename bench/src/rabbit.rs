@@ -169,6 +169,7 @@ impl Rabbit {
         self.declare(&input, &in_queue).await?;
         self.declare(&output, &out_queue).await?;
         self.produce(&input, n, None).await?;
+        eprintln!("  {n} preloaded; the pipeline starts");
         let meter = Meter::start();
         let running = self.start(side, &input, &output, &group).await?;
         // Time from the first invoice in the output queue to the last.

@@ -144,9 +144,17 @@ impl Headers {
         self.set(Cow::Owned(name.into()), value);
     }
 
-    /// Sets one of bindery's own headers (a static name) without copying name or value.
+    /// Sets `name`, a constant such as one of [`header`]'s, to `value`, copying neither: for
+    /// binders, which set headers on every message received.
+    ///
+    /// ```
+    /// use bindery_core::{header, Headers};
+    /// let mut headers = Headers::new();
+    /// headers.set_static(header::MESSAGE_ID, bytes::Bytes::from_static(b"orders-0@42"));
+    /// assert_eq!(headers.get_str(header::MESSAGE_ID), Some("orders-0@42"));
+    /// ```
     #[inline(always)]
-    pub(crate) fn set_static(&mut self, name: &'static str, value: Bytes) {
+    pub fn set_static(&mut self, name: &'static str, value: Bytes) {
         // Inlined, a constant name finds its slot without a comparison at run time.
         match own_index(name) {
             Some(index) => self.own[index] = Some(value),

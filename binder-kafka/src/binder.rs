@@ -1,11 +1,11 @@
 use std::collections::{BTreeMap, BTreeSet, VecDeque};
-use std::fmt;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::fmt::{self, Write as _};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{mpsc as sync_mpsc, Arc, Mutex};
 use std::time::Duration;
 
 use async_trait::async_trait;
-use bindery_core::binder::{HEALTH_ANSWER_WITHIN, LAG_ANSWER_WITHIN};
+use bindery_core::binder::{TryEnqueue, HEALTH_ANSWER_WITHIN, LAG_ANSWER_WITHIN};
 use bindery_core::config::Problems;
 use bindery_core::redact::{display_value, redact_uri};
 use bindery_core::{
@@ -19,7 +19,7 @@ use rdkafka::config::ClientConfig;
 use rdkafka::consumer::{BaseConsumer, Consumer, ConsumerContext, Rebalance};
 use rdkafka::error::RDKafkaErrorCode;
 use rdkafka::message::{Header, Headers as _, OwnedHeaders};
-use rdkafka::producer::{FutureProducer, FutureRecord, Producer as _};
+use rdkafka::producer::{DeliveryFuture, FutureProducer, FutureRecord, Producer as _};
 use rdkafka::util::Timeout;
 use rdkafka::{ClientContext, Message as _, Offset, TopicPartitionList};
 use tokio::sync::{mpsc, Notify};
@@ -41,6 +41,8 @@ const HAND_OVER: usize = 256;
 const POLL_INTERVAL: Duration = Duration::from_millis(100);
 /// How long the poll thread sleeps before looking again for room in the hand-over.
 const FULL_WAIT: Duration = Duration::from_millis(1);
+/// How often the poll thread turns acknowledgements into stored offsets (each loop, at most).
+const SETTLE_EVERY: Duration = Duration::from_millis(10);
 
 /// The Kafka binder: one idempotent producer shared by all destinations, one consumer (and one
 /// polling thread) per subscription.
@@ -583,7 +585,9 @@ impl Binder for KafkaBinder {
             .map_err(|e| self.error(e))?;
         Ok(Arc::new(KafkaProducer {
             binder: self.clone(),
-            topic: spec.destination.clone(),
+            topic: spec.destination.as_str().into(),
+            waiting_for_room: AtomicUsize::new(0),
+            turned_away: AtomicBool::new(false),
         }))
     }
 
@@ -603,7 +607,13 @@ impl Binder for KafkaBinder {
 
 struct KafkaProducer {
     binder: KafkaBinder,
-    topic: String,
+    topic: Arc<str>,
+    /// `enqueue` calls waiting for room in librdkafka's queue: while any waits, `try_enqueue`
+    /// takes nothing, so no message overtakes one handed over before it.
+    waiting_for_room: AtomicUsize,
+    /// Set when `try_enqueue` found the queue full, until an `enqueue` got a record in: the
+    /// message it turned away is enqueued next, and nothing taken at once may overtake it.
+    turned_away: AtomicBool,
 }
 
 impl fmt::Debug for KafkaProducer {
@@ -614,12 +624,9 @@ impl fmt::Debug for KafkaProducer {
     }
 }
 
-#[async_trait]
-impl Producer for KafkaProducer {
-    /// Enqueues the record in librdkafka (waiting while its queue is full) and returns the
-    /// delivery report as the confirmation: records are sent in the order they are enqueued,
-    /// and the idempotent producer keeps that order through its own retries.
-    async fn enqueue(&self, message: &Message) -> Result<Confirmation, Error> {
+impl KafkaProducer {
+    /// `message` as a record of this topic.
+    fn record<'a>(&'a self, message: &'a Message) -> FutureRecord<'a, [u8], [u8]> {
         let mut headers = OwnedHeaders::new_with_capacity(message.headers().len());
         for (name, value) in message.headers().iter() {
             headers = headers.insert(Header {
@@ -636,32 +643,97 @@ impl Producer for KafkaProducer {
         if let Some(partition) = message.partition() {
             record = record.partition(i32::try_from(partition).unwrap_or(i32::MAX));
         }
+        record
+    }
+
+    /// The delivery report, as the confirmation the core awaits.
+    fn confirmation(&self, delivery: DeliveryFuture) -> Confirmation {
+        let binder = self.binder.clone();
+        let topic = self.topic.clone();
+        Confirmation::pending(async move {
+            match delivery.await {
+                Ok(Ok(_)) => Ok(()),
+                Ok(Err((error, _))) => Err(binder.send_error(&topic, error)),
+                Err(_) => Err(binder.error(KafkaError::Send {
+                    topic: topic.to_string(),
+                    reason: "the producer was closed before the broker answered".to_owned(),
+                })),
+            }
+        })
+    }
+}
+
+/// Counts an `enqueue` waiting for room, until it is done or dropped.
+struct WaitingForRoom<'a>(&'a AtomicUsize);
+
+impl<'a> WaitingForRoom<'a> {
+    fn new(count: &'a AtomicUsize) -> Self {
+        count.fetch_add(1, Ordering::AcqRel);
+        WaitingForRoom(count)
+    }
+}
+
+impl Drop for WaitingForRoom<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::AcqRel);
+    }
+}
+
+fn is_queue_full(error: &rdkafka::error::KafkaError) -> bool {
+    matches!(
+        error,
+        rdkafka::error::KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull)
+    )
+}
+
+#[async_trait]
+impl Producer for KafkaProducer {
+    /// Enqueues the record in librdkafka (waiting while its queue is full) and returns the
+    /// delivery report as the confirmation: records are sent in the order they are enqueued,
+    /// and the idempotent producer keeps that order through its own retries.
+    async fn enqueue(&self, message: &Message) -> Result<Confirmation, Error> {
+        let mut record = self.record(message);
         let give_up = tokio::time::Instant::now() + QUEUE_TIMEOUT;
+        let mut waiting = None;
         loop {
             match self.binder.inner.producer.send_result(record) {
                 Ok(delivery) => {
-                    let binder = self.binder.clone();
-                    let topic = self.topic.clone();
-                    return Ok(Confirmation::pending(async move {
-                        match delivery.await {
-                            Ok(Ok(_)) => Ok(()),
-                            Ok(Err((error, _))) => Err(binder.send_error(&topic, error)),
-                            Err(_) => Err(binder.error(KafkaError::Send {
-                                topic,
-                                reason: "the producer was closed before the broker answered"
-                                    .to_owned(),
-                            })),
-                        }
-                    }));
+                    self.turned_away.store(false, Ordering::Release);
+                    return Ok(self.confirmation(delivery));
                 }
-                Err((
-                    rdkafka::error::KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull),
-                    returned,
-                )) if tokio::time::Instant::now() < give_up => {
+                Err((error, returned))
+                    if is_queue_full(&error) && tokio::time::Instant::now() < give_up =>
+                {
+                    waiting.get_or_insert_with(|| WaitingForRoom::new(&self.waiting_for_room));
                     record = returned;
                     tokio::time::sleep(Duration::from_millis(5)).await;
                 }
                 Err((error, _)) => return Err(self.binder.send_error(&self.topic, error)),
+            }
+        }
+    }
+
+    /// librdkafka takes a record synchronously when its queue has room: no future per message.
+    fn try_enqueue(&self, message: Message) -> TryEnqueue {
+        if self.waiting_for_room.load(Ordering::Acquire) > 0
+            || self.turned_away.load(Ordering::Acquire)
+        {
+            return TryEnqueue::NotNow(message);
+        }
+        let handed = self
+            .binder
+            .inner
+            .producer
+            .send_result(self.record(&message));
+        match handed {
+            Ok(delivery) => TryEnqueue::Pending(self.confirmation(delivery), message),
+            Err((error, _)) if is_queue_full(&error) => {
+                self.turned_away.store(true, Ordering::Release);
+                TryEnqueue::NotNow(message)
+            }
+            Err((error, _)) => {
+                let error = self.binder.send_error(&self.topic, error);
+                TryEnqueue::Failed(message, error)
             }
         }
     }
@@ -800,13 +872,14 @@ impl Tracker {
                 }
             }
         }
-        let mut store = TopicPartitionList::new();
+        let mut store: Option<TopicPartitionList> = None;
         for (partition, p) in self.partitions.iter_mut() {
             if let Some(safe) = p.advance_stored() {
+                let store = store.get_or_insert_with(TopicPartitionList::new);
                 let _ = store.add_partition_offset(&self.topic, *partition, Offset::Offset(safe));
             }
         }
-        if store.count() > 0 {
+        if let Some(store) = store {
             if let Err(error) = consumer.store_offsets(&store) {
                 tracing::debug!(topic = %self.topic, %error, "storing offsets failed (partition revoked?)");
             }
@@ -970,8 +1043,15 @@ impl Poller {
         let mut pending: VecDeque<Polled> = VecDeque::new();
         let mut full_since: Option<std::time::Instant> = None;
         let mut paused = false;
+        let mut settled_at = std::time::Instant::now();
         while !self.stop.load(Ordering::Acquire) && !self.producer_failed.load(Ordering::Acquire) {
-            self.settle();
+            // Stored offsets are only read by commits (every `auto.commit.interval.ms`, at a
+            // revocation and at the end, each of which settles first): storing them once per
+            // record would cost a client call per record and gain nothing.
+            if settled_at.elapsed() >= SETTLE_EVERY {
+                self.settle();
+                settled_at = std::time::Instant::now();
+            }
             if self.held.load(Ordering::Acquire) {
                 if !paused {
                     tracing::info!(topic = %self.topic, "the binding is paused: pausing the partitions, keeping the group membership");
@@ -1129,13 +1209,11 @@ fn to_message(record: &rdkafka::message::BorrowedMessage<'_>) -> Message {
     // Named by its place in the log, the same on every delivery, where it has no id bindery
     // keeps: so its outputs' ids, derived from it, are the same on every delivery too.
     if headers.message_id().is_none() {
-        let id = format!(
-            "{}-{}@{}",
-            record.topic(),
-            record.partition(),
-            record.offset()
-        );
-        headers.insert(header::MESSAGE_ID, id);
+        // Made where it is kept, in one allocation: this runs for every record received.
+        let topic = record.topic();
+        let mut id = String::with_capacity(topic.len() + 32);
+        let _ = write!(id, "{topic}-{}@{}", record.partition(), record.offset());
+        headers.set_static(header::MESSAGE_ID, Bytes::from(id));
     }
     let payload = Bytes::copy_from_slice(record.payload().unwrap_or_default());
     let key = record.key().map(Bytes::copy_from_slice);

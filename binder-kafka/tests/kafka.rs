@@ -6,7 +6,9 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use bindery_core::testing::{isolated, require_broker};
-use bindery_core::{Application, Binder, ConsumerSpec, Message, ProducerSpec, StreamFunction};
+use bindery_core::{
+    Application, Binder, ConsumerSpec, Message, ProducerSpec, StreamFunction, TryEnqueue,
+};
 use bindery_kafka::{KafkaBinder, KafkaBinderProvider, KafkaSettings, StartOffset};
 use bytes::Bytes;
 use tokio::time::Instant;
@@ -900,4 +902,79 @@ async fn a_topic_with_fewer_partitions_than_the_instances_is_a_clear_error() {
         "{text}"
     );
     binder.close().await.ok();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_record_a_full_queue_turned_away_is_overtaken_by_none_taken_at_once() {
+    if !available() {
+        return;
+    }
+    // A queue of three records fills at once; the broker's answers free it again.
+    let binder = KafkaBinder::connect("kafka", {
+        let mut s = settings();
+        s.configuration
+            .insert("queue.buffering.max.messages".to_owned(), "3".to_owned());
+        s
+    })
+    .await
+    .expect("connect");
+    let topic = unique("full-queue");
+    let producer = binder
+        .producer(&ProducerSpec::new(topic.clone()))
+        .await
+        .expect("producer");
+    let count = 200;
+    let record = |n: usize| Message::new(Bytes::from(format!("{n:03}")));
+    let (mut confirmations, mut turned_away) = (Vec::new(), 0);
+    let mut n = 0;
+    while n < count {
+        match producer.try_enqueue(record(n)) {
+            TryEnqueue::Pending(confirmation, _) => confirmations.push(confirmation),
+            TryEnqueue::NotNow(first) => {
+                turned_away += 1;
+                // Until the record turned away is enqueued, the next is not taken at once
+                // either, though the queue has room again once what it held was confirmed.
+                for confirmation in confirmations.drain(..) {
+                    confirmation.await.expect("confirmed");
+                }
+                let mut waiting = vec![first];
+                while n + 1 < count && turned_away < 20 {
+                    match producer.try_enqueue(record(n + 1)) {
+                        TryEnqueue::NotNow(next) => waiting.push(next),
+                        other => panic!("record {} overtook {n}: {other:?}", n + 1),
+                    }
+                    n += 1;
+                    if waiting.len() == 3 {
+                        break;
+                    }
+                }
+                for message in &waiting {
+                    confirmations.push(producer.enqueue(message).await.expect("enqueue"));
+                }
+            }
+            other => panic!("record {n}: {other:?}"),
+        }
+        n += 1;
+    }
+    assert!(turned_away > 0, "the queue was full at times");
+    for confirmation in futures::future::join_all(confirmations).await {
+        confirmation.expect("confirmed");
+    }
+    let mut reader = binder
+        .subscribe(&ConsumerSpec::new(topic, Some(&unique("reader"))))
+        .await
+        .expect("subscribe");
+    for n in 0..count {
+        let delivery = tokio::time::timeout(Duration::from_secs(60), reader.next())
+            .await
+            .unwrap_or_else(|_| panic!("record {n} did not come"))
+            .expect("open")
+            .expect("ok");
+        assert_eq!(
+            String::from_utf8_lossy(delivery.message.payload()),
+            format!("{n:03}"),
+            "records arrive in the order they were handed over"
+        );
+        delivery.acknowledgement.ack().await.expect("ack");
+    }
 }

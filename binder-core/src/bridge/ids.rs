@@ -33,8 +33,10 @@ impl fmt::Display for MessageId {
 
 /// Ids made on one thread are cut from one shared block of this many ids (a block is freed
 /// once its last id is: a message kept for long, such as an unread dead letter, keeps its
-/// block of 2.3 KB).
-const IDS_PER_BLOCK: usize = 64;
+/// block of under 1 KB). A block stays under 1 KB on purpose: glibc's allocator consolidates
+/// all of an arena's fast-bin chunks before each allocation of 1 KB or more, which, with
+/// messages freed on other threads, cost more than the ids themselves.
+const IDS_PER_BLOCK: usize = 27;
 
 thread_local! {
     static ID_BLOCK: RefCell<BytesMut> = RefCell::new(BytesMut::new());
@@ -60,6 +62,11 @@ fn uuid_bytes(high: u64, low: u64) -> Bytes {
 
 /// A UUID's text: `8-4-4-4-12` lowercase hex digits.
 const UUID_LENGTH: usize = 36;
+
+const _: () = assert!(
+    UUID_LENGTH * IDS_PER_BLOCK < 1000,
+    "a block of ids stays under 1 KB"
+);
 
 /// The UUID text of the 128 bits `high` then `low`, as [`Uuid`]'s hyphenated lowercase form
 /// writes it: ids are made for every message, so eight digits are made at once.
