@@ -1,5 +1,5 @@
 use std::collections::{BTreeMap, BTreeSet, VecDeque};
-use std::fmt::{self, Write as _};
+use std::fmt;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{mpsc as sync_mpsc, Arc, Mutex};
 use std::time::Duration;
@@ -611,8 +611,10 @@ struct KafkaProducer {
     /// `enqueue` calls waiting for room in librdkafka's queue: while any waits, `try_enqueue`
     /// takes nothing, so no message overtakes one handed over before it.
     waiting_for_room: AtomicUsize,
-    /// Set when `try_enqueue` found the queue full, until an `enqueue` got a record in: the
-    /// message it turned away is enqueued next, and nothing taken at once may overtake it.
+    /// Set when `try_enqueue` turned a message away, until an `enqueue` got a record in: the
+    /// caller enqueues that message next, and nothing taken at once meanwhile may overtake it.
+    /// (Callers that enqueue concurrently keep their own order only: the core holds a key, and
+    /// a binding's one handler slot, until its messages were enqueued.)
     turned_away: AtomicBool,
 }
 
@@ -713,11 +715,13 @@ impl Producer for KafkaProducer {
         }
     }
 
-    /// librdkafka takes a record synchronously when its queue has room: no future per message.
+    /// librdkafka takes a record in the same call when its queue has room: no `enqueue` future
+    /// per message.
     fn try_enqueue(&self, message: Message) -> TryEnqueue {
         if self.waiting_for_room.load(Ordering::Acquire) > 0
             || self.turned_away.load(Ordering::Acquire)
         {
+            self.turned_away.store(true, Ordering::Release);
             return TryEnqueue::NotNow(message);
         }
         let handed = self
@@ -1045,9 +1049,10 @@ impl Poller {
         let mut paused = false;
         let mut settled_at = std::time::Instant::now();
         while !self.stop.load(Ordering::Acquire) && !self.producer_failed.load(Ordering::Acquire) {
-            // Stored offsets are only read by commits (every `auto.commit.interval.ms`, at a
-            // revocation and at the end, each of which settles first): storing them once per
-            // record would cost a client call per record and gain nothing.
+            // Stored offsets are read only by commits: librdkafka's, every
+            // `auto.commit.interval.ms` (which commits what is stored by then), and those at a
+            // revocation and at the end (which settle first). Storing them once per record
+            // would cost a client call per record; a crash brings back at most 10 ms more.
             if settled_at.elapsed() >= SETTLE_EVERY {
                 self.settle();
                 settled_at = std::time::Instant::now();
@@ -1130,7 +1135,7 @@ impl Poller {
                     partition,
                     generation,
                     delivery: Delivery {
-                        message: Arc::new(to_message(&record)),
+                        message: Arc::new(to_message(&self.topic, &record)),
                         redelivered: false,
                         acknowledgement: Box::new(KafkaAck {
                             events: Some(self.acks.clone()),
@@ -1199,20 +1204,38 @@ impl Poller {
     }
 }
 
-fn to_message(record: &rdkafka::message::BorrowedMessage<'_>) -> Message {
+/// The message of a record of `topic` (the subscription's one topic, known without asking the
+/// record for it).
+fn to_message(topic: &str, record: &rdkafka::message::BorrowedMessage<'_>) -> Message {
     let mut headers = Headers::new();
     if let Some(kafka_headers) = record.headers() {
         for h in kafka_headers.iter() {
-            headers.insert_bytes(h.key, Bytes::copy_from_slice(h.value.unwrap_or_default()));
+            let value = Bytes::copy_from_slice(h.value.unwrap_or_default());
+            // bindery's own headers, on most records, keep their constant names.
+            match h.key {
+                header::MESSAGE_ID => headers.set_static(header::MESSAGE_ID, value),
+                header::CORRELATION_ID => headers.set_static(header::CORRELATION_ID, value),
+                header::CONTENT_TYPE => headers.set_static(header::CONTENT_TYPE, value),
+                name => headers.insert_bytes(name, value),
+            }
         }
     }
     // Named by its place in the log, the same on every delivery, where it has no id bindery
     // keeps: so its outputs' ids, derived from it, are the same on every delivery too.
     if headers.message_id().is_none() {
         // Made where it is kept, in one allocation: this runs for every record received.
-        let topic = record.topic();
-        let mut id = String::with_capacity(topic.len() + 32);
-        let _ = write!(id, "{topic}-{}@{}", record.partition(), record.offset());
+        let mut partition = itoa::Buffer::new();
+        let mut offset = itoa::Buffer::new();
+        let (partition, offset) = (
+            partition.format(record.partition()),
+            offset.format(record.offset()),
+        );
+        let mut id = String::with_capacity(topic.len() + partition.len() + offset.len() + 2);
+        id.push_str(topic);
+        id.push('-');
+        id.push_str(partition);
+        id.push('@');
+        id.push_str(offset);
         headers.set_static(header::MESSAGE_ID, Bytes::from(id));
     }
     let payload = Bytes::copy_from_slice(record.payload().unwrap_or_default());

@@ -1058,6 +1058,33 @@ fn supplied_id(message: &Message) -> &str {
         .unwrap_or("(none)")
 }
 
+/// The ids of a supplier's messages not confirmed yet: should the application give up on
+/// them (the task aborted when `stream.shutdown-timeout` runs out), they are logged as it
+/// drops them, since nothing else holds a copy.
+struct Unconfirmed<'a> {
+    function: &'a str,
+    ids: Vec<String>,
+}
+
+impl Unconfirmed<'_> {
+    fn are(&mut self, messages: &[Message]) {
+        self.ids.clear();
+        self.ids.extend(
+            messages
+                .iter()
+                .map(|message| supplied_id(message).to_owned()),
+        );
+    }
+}
+
+impl Drop for Unconfirmed<'_> {
+    fn drop(&mut self) {
+        for message_id in &self.ids {
+            tracing::error!(function = self.function, message_id, "the application stopped before a supplier's message was confirmed; it may not have been sent");
+        }
+    }
+}
+
 /// Sends a supplier's `messages` until each is confirmed or refused for good, or until the
 /// application stops; what is given up on is logged at error level with its id.
 async fn send_until_confirmed(
@@ -1068,9 +1095,15 @@ async fn send_until_confirmed(
 ) {
     let back_off = ConsumerProperties::default();
     let mut failures = 0;
+    let mut unconfirmed = Unconfirmed {
+        function,
+        ids: Vec::new(),
+    };
     loop {
+        unconfirmed.are(&messages);
         let mut failed = output.send_prepared(messages).await;
         // A message lost with a panicking producer, or refused for good, cannot be sent again.
+        let sent = std::mem::take(&mut unconfirmed.ids);
         failed.retain(|(message, error)| match message {
             Some(_) if !error.is_permanent() => true,
             Some(message) => {
@@ -1078,33 +1111,31 @@ async fn send_until_confirmed(
                 false
             }
             None => {
-                tracing::error!(function, %error, "a supplier's message was lost while it was sent");
+                tracing::error!(function, message_ids = ?sent, %error, "one of these supplier's messages was lost while it was sent (its producer panicked)");
                 false
             }
         });
-        let Some((_, error)) = failed.first() else {
+        let Some(error) = failed.first().map(|(_, error)| error.to_string()) else {
             return;
         };
+        messages = failed
+            .into_iter()
+            .filter_map(|(message, _)| message)
+            .collect();
+        unconfirmed.are(&messages);
         failures += 1;
         let wait = back_off.back_off(failures);
-        let stopping = *shutdown.borrow();
-        if !stopping {
-            tracing::warn!(function, failures, %error, unconfirmed = failed.len(), "sending a supplier's messages failed; sending them again in {wait:?}");
+        if !*shutdown.borrow() {
+            tracing::warn!(function, failures, %error, unconfirmed = messages.len(), "sending a supplier's messages failed; sending them again in {wait:?}");
         }
-        let stopped = stopping
+        let stopped = *shutdown.borrow()
             || tokio::select! {
                 biased;
                 _ = shutdown.wait_for(|stop| *stop) => true,
                 _ = tokio::time::sleep(wait) => false,
             };
-        messages = failed
-            .into_iter()
-            .filter_map(|(message, _)| message)
-            .collect();
+        // Logged as `unconfirmed` drops.
         if stopped {
-            for message in &messages {
-                tracing::error!(function, message_id = supplied_id(message), "the application stopped before a supplier's message was confirmed; it is not sent");
-            }
             return;
         }
     }
