@@ -165,19 +165,33 @@ fn panicked(destination: &str, panic: &(dyn std::any::Any + Send)) -> Error {
 /// Awaits every confirmation; returns the messages that were not confirmed, with why (`None`
 /// for a message a panicking producer took with it, whose refusal is permanent).
 pub(crate) async fn confirm_all(sendings: Sendings) -> Vec<(Option<Message>, Error)> {
-    let answers =
-        futures::future::join_all(sendings.answers.into_iter().map(|sending| async move {
-            let answer = match sending.confirmation {
-                Ok(confirmation) => confirmation.await,
-                Err(error) => Err(error),
-            };
-            (sending.message, answer)
-        }))
-        .await;
-    answers
+    let mut answers = sendings.answers;
+    // Most handler calls send one message: its answer is awaited as it is, with nothing to join.
+    if answers.len() == 1 {
+        let Some(sending) = answers.pop() else {
+            return Vec::new();
+        };
+        return match sending.answer().await {
+            (_, Ok(())) => Vec::new(),
+            (message, Err(error)) => vec![(message, error)],
+        };
+    }
+    futures::future::join_all(answers.into_iter().map(Sending::answer))
+        .await
         .into_iter()
         .filter_map(|(message, answer)| answer.err().map(|error| (message, error)))
         .collect()
+}
+
+impl Sending {
+    /// The message, and the broker's answer once it came.
+    async fn answer(self) -> (Option<Message>, Result<(), Error>) {
+        let answer = match self.confirmation {
+            Ok(confirmation) => confirmation.await,
+            Err(error) => Err(error),
+        };
+        (self.message, answer)
+    }
 }
 
 /// Gives a message its id (unless the handler set one) and what its input hands on.
