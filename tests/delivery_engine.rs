@@ -421,6 +421,7 @@ async fn a_suppliers_message_the_broker_does_not_take_is_sent_again_and_none_is_
         broken_until: Some(Instant::now() + Duration::from_secs(3)),
         ..Stub::default()
     };
+    let ((), log) = logged(async {
     let (app, mut invoices) = start_ticker(&stub).await;
     let first = receive(&mut invoices, Duration::from_secs(30))
         .await
@@ -440,6 +441,12 @@ async fn a_suppliers_message_the_broker_does_not_take_is_sent_again_and_none_is_
         assert_eq!(payload(&next), expected.to_string(), "in order, none lost");
     }
     app.shutdown().await.expect("shutdown");
+    })
+    .await;
+    assert!(
+        !log.contains("may not have been sent"),
+        "every message was confirmed, and none is said to be unsent: {log}"
+    );
 }
 
 #[tokio::test]
@@ -873,8 +880,8 @@ async fn a_startup_that_fails_midway_closes_the_binders_it_connected() {
     );
 }
 
-/// What the application logs while `run` runs on this thread, as text.
-async fn logged<F: std::future::Future<Output = ()>>(run: F) -> String {
+/// What `run` returns, and what the application logged meanwhile on this thread, as text.
+async fn logged<T, F: std::future::Future<Output = T>>(run: F) -> (T, String) {
     #[derive(Clone, Default)]
     struct Lines(Arc<Mutex<Vec<u8>>>);
     impl std::io::Write for Lines {
@@ -893,9 +900,12 @@ async fn logged<F: std::future::Future<Output = ()>>(run: F) -> String {
         .with_writer(move || writer.clone())
         .finish();
     let _default = tracing::subscriber::set_default(subscriber);
-    run.await;
+    // Whether a log line is wanted is cached per line, process-wide: another test may have
+    // reached it first, without a subscriber.
+    tracing::callsite::rebuild_interest_cache();
+    let returned = run.await;
     let text = lines.0.lock().expect("lines").clone();
-    String::from_utf8_lossy(&text).into_owned()
+    (returned, String::from_utf8_lossy(&text).into_owned())
 }
 
 #[tokio::test]
@@ -905,7 +915,7 @@ async fn a_suppliers_message_unconfirmed_when_shutdown_gives_up_is_logged_with_i
         confirm_delay: Duration::from_secs(60),
         ..Stub::default()
     };
-    let log = logged(async {
+    let (id, log) = logged(async {
         let (app, mut invoices) = start_ticker(&stub).await;
         // The first message reaches the broker; its confirmation is what never comes.
         let first = receive(&mut invoices, Duration::from_secs(10))
@@ -923,19 +933,16 @@ async fn a_suppliers_message_unconfirmed_when_shutdown_gives_up_is_logged_with_i
             "shutdown is bounded by its timeout: {:?}",
             began.elapsed()
         );
-        tracing::info!(expected_id = %id, "done");
+        id
     })
     .await;
-    let id = log
-        .split("expected_id=")
-        .nth(1)
-        .and_then(|rest| rest.split_whitespace().next())
-        .expect("the test's own line")
-        .to_owned();
+    let unsent: Vec<&str> = log
+        .lines()
+        .filter(|line| line.contains("may not have been sent"))
+        .collect();
+    assert_eq!(unsent.len(), 1, "one message was unconfirmed: {log}");
     assert!(
-        log.lines().any(|line| line.contains("ERROR")
-            && line.contains("may not have been sent")
-            && line.contains(&id)),
+        unsent[0].contains("ERROR") && unsent[0].contains(&id),
         "the unconfirmed message {id} is logged at error level: {log}"
     );
 }

@@ -1211,7 +1211,8 @@ fn to_message(topic: &str, record: &rdkafka::message::BorrowedMessage<'_>) -> Me
     if let Some(kafka_headers) = record.headers() {
         for h in kafka_headers.iter() {
             let value = Bytes::copy_from_slice(h.value.unwrap_or_default());
-            // bindery's own headers, on most records, keep their constant names.
+            // Most records carry bindery's own headers: named by their constants, they cost
+            // no allocation of a name that their fixed slot would drop at once.
             match h.key {
                 header::MESSAGE_ID => headers.set_static(header::MESSAGE_ID, value),
                 header::CORRELATION_ID => headers.set_static(header::CORRELATION_ID, value),

@@ -305,6 +305,33 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn confirm_all_returns_each_unconfirmed_message_with_its_error_in_order() {
+        // One answer awaited alone, and several joined: the same result either way.
+        for (script, texts, failed) in [
+            (&["pending"][..], &["a"][..], &["a"][..]),
+            (&["failed"], &["a"], &["a"]),
+            (
+                &["pending", "at once", "failed", "pending"],
+                &["a", "b", "c", "d"],
+                &["a", "c", "d"],
+            ),
+        ] {
+            let producer: Arc<dyn Producer> = Scripted::new(script);
+            let (sendings, rest) = enqueue_at_once(&producer, "out", messages(texts));
+            assert!(rest.is_empty());
+            let unconfirmed = confirm_all(sendings).await;
+            let texts: Vec<String> = unconfirmed
+                .iter()
+                .map(|(message, _)| text(message.as_ref().expect("kept to send again")))
+                .collect();
+            assert_eq!(texts, failed, "{script:?}");
+            for (_, error) in &unconfirmed {
+                assert!(!error.is_permanent(), "{error}");
+            }
+        }
+    }
+
+    #[tokio::test]
     async fn a_producer_that_never_takes_messages_at_once_gets_them_all_back() {
         let scripted = Scripted::new(&[]);
         let producer: Arc<dyn Producer> = scripted.clone();

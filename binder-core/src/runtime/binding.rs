@@ -1060,7 +1060,8 @@ fn supplied_id(message: &Message) -> &str {
 
 /// The ids of a supplier's messages not confirmed yet: should the application give up on
 /// them (the task aborted when `stream.shutdown-timeout` runs out), they are logged as it
-/// drops them, since nothing else holds a copy.
+/// drops them, since nothing else holds a copy. Given up on while a round was answered in
+/// part, every message of the round is logged, those confirmed among them: hence "may".
 struct Unconfirmed<'a> {
     function: &'a str,
     ids: Vec<String>,
@@ -1102,8 +1103,10 @@ async fn send_until_confirmed(
     loop {
         unconfirmed.are(&messages);
         let mut failed = output.send_prepared(messages).await;
-        // A message lost with a panicking producer, or refused for good, cannot be sent again.
+        // Answered: the guard holds nothing until what is left to send again is known, so a
+        // round that was confirmed logs nothing.
         let sent = std::mem::take(&mut unconfirmed.ids);
+        // A message lost with a panicking producer, or refused for good, cannot be sent again.
         failed.retain(|(message, error)| match message {
             Some(_) if !error.is_permanent() => true,
             Some(message) => {
