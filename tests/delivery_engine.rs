@@ -271,13 +271,7 @@ async fn start(stub: Stub, consumer: &str) -> Harness {
         .subscribe(&ConsumerSpec::new("orders.billing.dlq", Some("test")))
         .await
         .expect("dead letters");
-    let app = bindery::test::isolated(echo(stub.log.clone()), &toml)
-        .replace_binders(Arc::new(stub.clone()))
-        .build()
-        .expect("configuration")
-        .start()
-        .await
-        .expect("start");
+    let app = run_on(&stub, echo(stub.log.clone()), &toml).await;
     let orders = stub
         .memory
         .producer(&ProducerSpec::new("orders"))
@@ -404,14 +398,19 @@ async fn start_ticker(stub: &Stub) -> (bindery::RunningApplication, Box<dyn Subs
     })
     .output("invoices")
     .poll("50ms");
-    let app = bindery::test::isolated(ticker, "[stream]\nshutdown-timeout = \"1s\"")
+    let app = run_on(stub, ticker, "[stream]\nshutdown-timeout = \"1s\"").await;
+    (app, invoices)
+}
+
+/// `function` alone, configured by `toml`, started on `stub`.
+async fn run_on(stub: &Stub, function: StreamFunction, toml: &str) -> bindery::RunningApplication {
+    bindery::test::isolated(function, toml)
         .replace_binders(Arc::new(stub.clone()))
         .build()
         .expect("configuration")
         .start()
         .await
-        .expect("start");
-    (app, invoices)
+        .expect("start")
 }
 
 #[tokio::test]
