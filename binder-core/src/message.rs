@@ -144,6 +144,24 @@ impl Headers {
         self.set(Cow::Owned(name.into()), value);
     }
 
+    /// Sets `name`, borrowed (from a client's received record, say), to `value` without
+    /// copying the value: for binders, which do so for every header of every message
+    /// received. bindery's own headers, on most messages, cost no copy of their name.
+    ///
+    /// ```
+    /// use bindery_core::{header, Headers};
+    /// let received = String::from("x-message-id");
+    /// let mut headers = Headers::new();
+    /// headers.insert_borrowed(&received, bytes::Bytes::from_static(b"order-1"));
+    /// assert_eq!(headers.get_str(header::MESSAGE_ID), Some("order-1"));
+    /// ```
+    pub fn insert_borrowed(&mut self, name: &str, value: Bytes) {
+        match own_index(name) {
+            Some(index) => self.own[index] = Some(value),
+            None => self.set(Cow::Owned(name.to_owned()), value),
+        }
+    }
+
     /// Sets `name`, a constant such as one of [`header`]'s, to `value`, copying neither: for
     /// binders, which set headers on every message received.
     ///

@@ -1210,15 +1210,7 @@ fn to_message(topic: &str, record: &rdkafka::message::BorrowedMessage<'_>) -> Me
     let mut headers = Headers::new();
     if let Some(kafka_headers) = record.headers() {
         for h in kafka_headers.iter() {
-            let value = Bytes::copy_from_slice(h.value.unwrap_or_default());
-            // Most records carry bindery's own headers: named by their constants, they cost
-            // no allocation of a name that their fixed slot would drop at once.
-            match h.key {
-                header::MESSAGE_ID => headers.set_static(header::MESSAGE_ID, value),
-                header::CORRELATION_ID => headers.set_static(header::CORRELATION_ID, value),
-                header::CONTENT_TYPE => headers.set_static(header::CONTENT_TYPE, value),
-                name => headers.insert_bytes(name, value),
-            }
+            headers.insert_borrowed(h.key, Bytes::copy_from_slice(h.value.unwrap_or_default()));
         }
     }
     // Named by its place in the log, the same on every delivery, where it has no id bindery

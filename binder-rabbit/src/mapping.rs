@@ -63,7 +63,7 @@ pub(crate) fn message(delivery: &lapin::message::Delivery) -> Message {
     if let Some(table) = props.headers() {
         for (name, value) in table.inner() {
             if let Some(bytes) = value_bytes(value) {
-                headers.insert_bytes(name.as_str(), bytes);
+                headers.insert_borrowed(name.as_str(), bytes);
             }
         }
     }
