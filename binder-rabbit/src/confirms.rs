@@ -6,6 +6,9 @@
 //! confirm. RabbitMQ sends a message's return before its ack, so once a confirm is answered,
 //! every return that can concern it travels with a confirm answered by then. The settler
 //! therefore collects the returns of every confirm answered so far before it decides the oldest.
+//! A return names its message only by `message_id`: every message waiting with that id (or,
+//! for a return without one, every message sent without one) counts as returned and is sent
+//! again, so messages that share an id may be duplicated but are never lost.
 
 use std::collections::{HashSet, VecDeque};
 
@@ -66,58 +69,49 @@ impl Confirms {
     }
 }
 
-/// Records what an answer says about returns: its own, or another message's to remember.
-/// Returns whether a message without a `message_id` was returned, which cannot be told apart
-/// from any other without one.
-#[must_use]
-fn note_returns(waiting: &mut Waiting, answer: &Answer, returned: &mut HashSet<String>) -> bool {
+/// The return an answer carries, if any: the `message_id` of the message returned, or `None`
+/// for a message sent without one.
+fn returned_with(answer: &Answer) -> Option<Option<String>> {
     let attached = match answer {
         Ok(lapin::Confirmation::Ack(Some(message)))
         | Ok(lapin::Confirmation::Nack(Some(message))) => message,
-        _ => return false,
+        _ => return None,
     };
-    let id = attached
-        .properties
-        .message_id()
-        .as_ref()
-        .map(|id| id.to_string());
-    match attribute(waiting.own_id.as_deref(), id) {
-        Attribution::Own => waiting.returned_here = true,
-        Attribution::Other(id) => {
-            returned.insert(id);
-        }
-        Attribution::AnyWithoutId => return true,
+    Some(
+        attached
+            .properties
+            .message_id()
+            .as_ref()
+            .map(|id| id.to_string()),
+    )
+}
+
+/// Puts a return down to every message still waiting that it can be: all those with its
+/// `message_id` (messages may share one: a handler that hands on its input's headers to several
+/// outputs), or, for a return without one, all those sent without one. Each is sent again, a
+/// duplicate at worst, never a loss. A return whose message is not waiting yet (its send is
+/// still being tracked) is remembered for the first message with its id that is settled.
+/// `waiting` gives each waiting message's id and its mark.
+fn put_down<'a>(
+    returned_id: Option<String>,
+    waiting: impl Iterator<Item = (&'a Option<String>, &'a mut bool)>,
+    returned: &mut HashSet<String>,
+) {
+    let mut found = false;
+    for (_, returned_here) in waiting.filter(|(own_id, _)| **own_id == returned_id) {
+        *returned_here = true;
+        found = true;
     }
-    false
-}
-
-/// Whose a return is, as far as its `message_id` tells.
-#[derive(Debug, PartialEq, Eq)]
-enum Attribution {
-    /// The message whose confirm it came with.
-    Own,
-    /// The message with this id.
-    Other(String),
-    /// One of the messages sent without a `message_id` (an `x-message-id` that is not short
-    /// text travels as a header only).
-    AnyWithoutId,
-}
-
-fn attribute(own_id: Option<&str>, returned_id: Option<String>) -> Attribution {
-    match (own_id, returned_id) {
-        (Some(own), Some(id)) if own == id => Attribution::Own,
-        (_, Some(id)) => Attribution::Other(id),
-        (_, None) => Attribution::AnyWithoutId,
+    if let (false, Some(id)) = (found, returned_id) {
+        returned.insert(id);
     }
 }
 
-/// A message without a `message_id` was returned: every such message still waiting counts as
-/// returned, so it is sent again (a duplicate, never a loss). Its return comes before its
-/// own confirm, so it is among them.
-fn anonymous_returned(waiting: &mut VecDeque<Waiting>) {
-    for entry in waiting.iter_mut().filter(|w| w.own_id.is_none()) {
-        entry.returned_here = true;
-    }
+/// The id and the mark of every message waiting.
+fn marks(waiting: &mut VecDeque<Waiting>) -> impl Iterator<Item = (&Option<String>, &mut bool)> {
+    waiting
+        .iter_mut()
+        .map(|entry| (&entry.own_id, &mut entry.returned_here))
 }
 
 async fn settle(mut incoming: mpsc::UnboundedReceiver<Waiting>) {
@@ -129,15 +123,15 @@ async fn settle(mut incoming: mpsc::UnboundedReceiver<Waiting>) {
             waiting.push_back(next);
         }
         // Every answer given so far, so that returns travelling with later confirms are known.
-        let mut anonymous = false;
+        let mut returns = Vec::new();
         for entry in waiting.iter_mut().filter(|w| w.answer.is_none()) {
             if let Some(answer) = (&mut entry.confirm).now_or_never() {
-                anonymous |= note_returns(entry, &answer, &mut returned);
+                returns.extend(returned_with(&answer));
                 entry.answer = Some(answer);
             }
         }
-        if anonymous {
-            anonymous_returned(&mut waiting);
+        for returned_id in returns {
+            put_down(returned_id, marks(&mut waiting), &mut returned);
         }
         while waiting.front().is_some_and(|w| w.answer.is_some()) {
             let entry = waiting.pop_front().expect("a front");
@@ -159,22 +153,26 @@ async fn settle(mut incoming: mpsc::UnboundedReceiver<Waiting>) {
                 None => open = false,
             },
             Some(front) => {
-                let anonymous = tokio::select! {
+                let carried = tokio::select! {
                     answer = &mut front.confirm => {
-                        let anonymous = note_returns(front, &answer, &mut returned);
+                        let carried = returned_with(&answer);
                         front.answer = Some(answer);
-                        anonymous
+                        carried
                     }
                     next = incoming.recv(), if open => {
                         match next {
                             Some(next) => waiting.push_back(next),
                             None => open = false,
                         }
-                        false
+                        None
                     }
                 };
-                if anonymous {
-                    anonymous_returned(&mut waiting);
+                if let Some(returned_id) = carried {
+                    // The returned message may have been tracked meanwhile.
+                    while let Ok(next) = incoming.try_recv() {
+                        waiting.push_back(next);
+                    }
+                    put_down(returned_id, marks(&mut waiting), &mut returned);
                 }
             }
         }
@@ -185,18 +183,45 @@ async fn settle(mut incoming: mpsc::UnboundedReceiver<Waiting>) {
 mod tests {
     use super::*;
 
-    #[test]
-    fn a_return_is_put_down_to_the_message_its_id_names_or_to_every_one_without_an_id() {
-        let id = |text: &str| Some(text.to_owned());
-        assert_eq!(attribute(Some("a"), id("a")), Attribution::Own);
-        assert_eq!(
-            attribute(Some("a"), id("b")),
-            Attribution::Other("b".into())
+    /// Marks what a return with `returned_id` is put down to, among messages waiting with
+    /// `ids`; and what is remembered for messages not waiting yet.
+    fn put_down_among(returned_id: Option<&str>, ids: &[Option<&str>]) -> (Vec<bool>, Vec<String>) {
+        let mut waiting: Vec<(Option<String>, bool)> = ids
+            .iter()
+            .map(|id| (id.map(str::to_owned), false))
+            .collect();
+        let mut returned = HashSet::new();
+        put_down(
+            returned_id.map(str::to_owned),
+            waiting.iter_mut().map(|(id, mark)| (&*id, mark)),
+            &mut returned,
         );
-        // Travelling with the confirm of a message without an id, a return that has one is
-        // still that other message's.
-        assert_eq!(attribute(None, id("b")), Attribution::Other("b".into()));
-        assert_eq!(attribute(Some("a"), None), Attribution::AnyWithoutId);
-        assert_eq!(attribute(None, None), Attribution::AnyWithoutId);
+        let marks = waiting.into_iter().map(|(_, mark)| mark).collect();
+        (marks, returned.into_iter().collect())
+    }
+
+    #[test]
+    fn a_return_is_put_down_to_every_message_waiting_it_can_be() {
+        let none: Vec<String> = Vec::new();
+        // Its own id only.
+        assert_eq!(
+            put_down_among(Some("a"), &[Some("a"), Some("b"), None]),
+            (vec![true, false, false], none.clone())
+        );
+        // An id several messages share: each of them, since any could be the one returned.
+        assert_eq!(
+            put_down_among(Some("a"), &[Some("a"), Some("b"), Some("a")]),
+            (vec![true, false, true], none.clone())
+        );
+        // Without an id: every message sent without one.
+        assert_eq!(
+            put_down_among(None, &[None, Some("b"), None]),
+            (vec![true, false, true], none)
+        );
+        // The message is not waiting yet: remembered for it.
+        assert_eq!(
+            put_down_among(Some("c"), &[Some("a"), None]),
+            (vec![false, false], vec!["c".to_owned()])
+        );
     }
 }

@@ -473,74 +473,120 @@ async fn keys_and_header_names_too_long_for_amqp_never_panic() {
     .await
 }
 
+/// What became of 300 sends in flight together on one producer's channel, every third
+/// unroutable (`lost.<n>`; only `kept.*` is bound), each with the `message_id` that `id` gives
+/// its number: each send's number, label and outcome, and how many messages the bound queue
+/// received.
+async fn mixed_sends(
+    name: &str,
+    id: impl Fn(usize) -> String,
+) -> (
+    Vec<(usize, &'static str, Result<(), bindery_core::Error>)>,
+    u32,
+) {
+    let binder = RabbitBinder::connect_uri(&uri()).await.expect("connect");
+    let destination = unique(name);
+    let producer = binder
+        .producer(&ProducerSpec::new(destination.clone()))
+        .await
+        .expect("producer");
+    let queue = format!("{destination}.kept");
+    let channel = raw_channel().await;
+    channel
+        .queue_declare(
+            queue.as_str().into(),
+            QueueDeclareOptions {
+                durable: true,
+                ..QueueDeclareOptions::default()
+            },
+            FieldTable::default(),
+        )
+        .await
+        .expect("queue");
+    channel
+        .queue_bind(
+            queue.as_str().into(),
+            destination.as_str().into(),
+            "kept.*".into(),
+            Default::default(),
+            FieldTable::default(),
+        )
+        .await
+        .expect("bind");
+    let mut confirmations = Vec::new();
+    for n in 0..300 {
+        let label = if n % 3 == 0 { "lost" } else { "kept" };
+        let message = Message::builder(Bytes::from(format!("{label}-{n:03}")))
+            .header(bindery_core::header::MESSAGE_ID, id(n))
+            .key(format!("{label}.{n}"))
+            .build();
+        confirmations.push((n, label, producer.enqueue(&message).await.expect("enqueue")));
+    }
+    let mut outcomes = Vec::new();
+    for (n, label, confirmation) in confirmations {
+        outcomes.push((n, label, confirmation.await));
+    }
+    let depth = channel
+        .queue_declare(
+            queue.as_str().into(),
+            passive_queue(),
+            FieldTable::default(),
+        )
+        .await
+        .expect("the queue")
+        .message_count();
+    let _ = channel
+        .queue_delete(queue.as_str().into(), Default::default())
+        .await;
+    binder.close().await.ok();
+    (outcomes, depth)
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn routable_and_unroutable_sends_in_flight_together_are_told_apart() {
     common::within_test_deadline(async {
         if !available() {
             return;
         }
-        let binder = RabbitBinder::connect_uri(&uri()).await.expect("connect");
-        let destination = unique("mixed");
-        let producer = binder
-            .producer(&ProducerSpec::new(destination.clone()))
-            .await
-            .expect("producer");
-        // Only keys `kept.*` are bound: one channel carries confirms and returns of both kinds.
-        let queue = format!("{destination}.kept");
-        let channel = raw_channel().await;
-        channel
-            .queue_declare(
-                queue.as_str().into(),
-                QueueDeclareOptions {
-                    durable: true,
-                    ..QueueDeclareOptions::default()
-                },
-                FieldTable::default(),
-            )
-            .await
-            .expect("queue");
-        channel
-            .queue_bind(
-                queue.as_str().into(),
-                destination.as_str().into(),
-                "kept.*".into(),
-                Default::default(),
-                FieldTable::default(),
-            )
-            .await
-            .expect("bind");
-        let mut confirmations = Vec::new();
-        for n in 0..300 {
-            let label = if n % 3 == 0 { "lost" } else { "kept" };
-            let message = Message::builder(Bytes::from(format!("{label}-{n:03}")))
-                .header(bindery_core::header::MESSAGE_ID, format!("id-{n:03}"))
-                .key(format!("{label}.{n}"))
-                .build();
-            confirmations.push((label, producer.enqueue(&message).await.expect("enqueue")));
-        }
+        let (outcomes, depth) = mixed_sends("mixed", |n| format!("id-{n:03}")).await;
         let mut kept = 0;
-        for (label, confirmation) in confirmations {
-            match (label, confirmation.await) {
+        for (n, label, outcome) in outcomes {
+            match (label, outcome) {
                 ("kept", Ok(())) => kept += 1,
                 ("lost", Err(error)) => assert!(error.to_string().contains("no queue is bound")),
-                (label, outcome) => panic!("a `{label}` send ended {outcome:?}"),
+                (label, outcome) => panic!("`{label}` send {n} ended {outcome:?}"),
             }
         }
         assert_eq!(kept, 200);
-        let depth = channel
-            .queue_declare(
-                queue.as_str().into(),
-                passive_queue(),
-                FieldTable::default(),
-            )
-            .await
-            .expect("the queue")
-            .message_count();
         assert_eq!(depth, 200, "every routable send delivered exactly once");
-        let _ = channel
-            .queue_delete(queue.as_str().into(), Default::default())
-            .await;
-        binder.close().await.ok();
+    })
+    .await
+}
+
+/// Messages that share a `message_id` (a handler that hands on its input's headers to several
+/// outputs, say) cannot be told apart by their returns: a return may be put down to any of
+/// them, so each is sent again rather than one lost.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_unroutable_send_sharing_its_id_with_routable_ones_is_never_confirmed() {
+    common::within_test_deadline(async {
+        if !available() {
+            return;
+        }
+        let (outcomes, depth) = mixed_sends("same-id", |_| "one-id-for-all".to_owned()).await;
+        let mut returned = 0;
+        for (n, label, outcome) in outcomes {
+            match (label, outcome) {
+                ("lost", Ok(())) => panic!("unroutable send {n} was confirmed: it would be lost"),
+                (_, Err(error)) => {
+                    assert!(error.to_string().contains("no queue is bound"), "{error}");
+                    returned += 1;
+                }
+                ("kept", Ok(())) => {}
+                (label, outcome) => panic!("`{label}` send {n} ended {outcome:?}"),
+            }
+        }
+        assert!(returned >= 100, "every unroutable send is a failure");
+        assert_eq!(depth, 200, "every routable send was routed once");
     })
     .await
 }
