@@ -645,6 +645,25 @@ fn a_direct_exchange_with_the_catch_all_binding_key_is_refused() {
 }
 
 #[test]
+fn kafka_settings_that_would_lose_or_hang_sends_are_refused_with_file_and_key() {
+    let text = error_of(
+        "[stream.binders.kafka]\ntype = \"kafka\"\nconfiguration.acks = \"1\"\nconfiguration.\"enable.idempotence\" = \"false\"\nconfiguration.\"message.timeout.ms\" = \"0\"",
+    );
+    assert_mentions(
+        &text,
+        &[
+            "application.toml",
+            "`stream.binders.kafka.configuration.acks`",
+            "would let the broker lose confirmed messages",
+            "`stream.binders.kafka.configuration.\"enable.idempotence\"`",
+            "duplicated or reordered",
+            "`stream.binders.kafka.configuration.\"message.timeout.ms\"`",
+            "wait forever",
+        ],
+    );
+}
+
+#[test]
 fn kafka_passthrough_secrets_are_never_shown() {
     let text = error_of(
         "[stream.binders.kafka]\ntype = \"kafka\"\nconfiguration.\"sasl.password\" = [\"hunter2\"]",

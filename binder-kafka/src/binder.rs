@@ -24,7 +24,7 @@ use rdkafka::util::Timeout;
 use rdkafka::{ClientContext, Message as _, Offset, TopicPartitionList};
 use tokio::sync::{mpsc, Notify};
 
-use crate::settings::{KafkaConsumerSettings, KafkaSettings, StartOffset};
+use crate::settings::{refused_setting, KafkaConsumerSettings, KafkaSettings, StartOffset};
 use crate::KafkaError;
 
 /// How long a new consumer may wait for its partitions (group joins can take seconds).
@@ -345,25 +345,15 @@ fn wanted_partitions(settings: &KafkaSettings, partitions: u32) -> usize {
 
 /// Refuses configuration that would silently weaken at-least-once delivery.
 fn check_delivery_guarantees(settings: &KafkaSettings) -> Result<(), KafkaError> {
-    let setting = |key: &str| {
-        settings
-            .configuration
-            .get(key)
-            .map(|v| v.trim().to_ascii_lowercase())
-    };
-    if let Some(acks) = setting("acks").or_else(|| setting("request.required.acks")) {
-        if acks != "all" && acks != "-1" {
-            return Err(KafkaError::Config(format!(
-                "`acks = {acks}` would let the broker lose confirmed messages; bindery confirms an input only when its outputs are on every in-sync replica: remove it or set \"all\""
-            )));
-        }
+    // Checked again here for settings made in code rather than read from a file.
+    match settings
+        .configuration
+        .iter()
+        .find_map(|(key, value)| refused_setting(key, value))
+    {
+        Some(reason) => Err(KafkaError::Config(reason)),
+        None => Ok(()),
     }
-    if setting("enable.idempotence").as_deref() == Some("false") {
-        return Err(KafkaError::Config(
-            "`enable.idempotence = false` would let retried sends be duplicated or reordered; remove it".to_owned(),
-        ));
-    }
-    Ok(())
 }
 
 fn base_config(settings: &KafkaSettings) -> ClientConfig {

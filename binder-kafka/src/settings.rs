@@ -152,6 +152,8 @@ impl KafkaSettings {
                                 || key == "enable.auto.offset.store"
                             {
                                 problems.at(&value, format!("`{key}` is set by the binder; use `brokers` or the binding's `group`"));
+                            } else if let Some(reason) = refused_setting(&key, &text) {
+                                problems.at(&value, reason);
                             } else {
                                 settings.configuration.insert(key, text);
                             }
@@ -162,6 +164,24 @@ impl KafkaSettings {
             }
         }
         settings
+    }
+}
+
+/// Why bindery refuses a librdkafka setting, if it does: one that would let the broker lose or
+/// reorder what bindery confirmed, or let a send wait forever without failing.
+pub(crate) fn refused_setting(key: &str, value: &str) -> Option<String> {
+    let value = value.trim().to_ascii_lowercase();
+    match key {
+        "acks" | "request.required.acks" if value != "all" && value != "-1" => Some(format!(
+            "`{key} = {value}` would let the broker lose confirmed messages; bindery confirms an input only when its outputs are on every in-sync replica: remove it or set \"all\""
+        )),
+        "enable.idempotence" if value == "false" => Some(
+            "`enable.idempotence = false` would let retried sends be duplicated or reordered; remove it".to_owned(),
+        ),
+        "message.timeout.ms" | "delivery.timeout.ms" if value == "0" => Some(format!(
+            "`{key} = 0` lets a send wait forever for a broker that does not answer, so it never fails and is never reported; remove it (bindery's default is 30000) or set a bound"
+        )),
+        _ => None,
     }
 }
 
