@@ -1276,6 +1276,12 @@ impl RabbitProducer {
         properties: BasicProperties,
     ) -> Result<Confirmation, RabbitError> {
         let (channel, confirms) = self.channel().await?;
+        // The id the broker hands back with a return: the `message_id` property, when set.
+        let own_id = message
+            .headers()
+            .get_str(header::MESSAGE_ID)
+            .filter(|id| id.len() <= mapping::SHORT_STRING_MAX)
+            .map(str::to_owned);
         let publishing = channel.basic_publish(
             ShortString::from(self.exchange.as_str()),
             ShortString::from(routing_key),
@@ -1287,7 +1293,7 @@ impl RabbitProducer {
             properties,
         );
         // A connection the broker blocks (memory or disk alarm) takes no more frames.
-        let confirm = tokio::time::timeout(PUBLISH_TIMEOUT, publishing)
+        let outcome = tokio::time::timeout(PUBLISH_TIMEOUT, confirms.publish(own_id, publishing))
             .await
             .map_err(|_| {
                 self.publish_error(
@@ -1296,13 +1302,6 @@ impl RabbitProducer {
                 )
             })?
             .map_err(|e| self.publish_error(routing_key, e.to_string()))?;
-        // The id the broker hands back with a return: the `message_id` property, when set.
-        let own_id = message
-            .headers()
-            .get_str(header::MESSAGE_ID)
-            .filter(|id| id.len() <= mapping::SHORT_STRING_MAX)
-            .map(str::to_owned);
-        let outcome = confirms.track(own_id, confirm);
         let (binder, exchange, routing_key) = (
             self.binder.clone(),
             self.exchange.clone(),

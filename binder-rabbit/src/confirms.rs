@@ -3,14 +3,19 @@
 //!
 //! lapin hands a `basic.return` to whichever confirm it resolves next, and resolves the confirms
 //! of one multiple-ack in no particular order: a return can travel with another message's
-//! confirm. RabbitMQ sends a message's return before its ack, so once a confirm is answered,
-//! every return that can concern it travels with a confirm answered by then. The settler
-//! therefore collects the returns of every confirm answered so far before it decides the oldest.
+//! confirm, answered before or with the returned message's own. RabbitMQ sends a message's
+//! return before its ack. So each message is made known to the settler before it is published,
+//! and a message answered by a given moment is decided only after the settler has made sure it
+//! knows every message published until then, each with its confirm, and has put down the
+//! returns of every confirm answered so far: the return of a message it decides came before
+//! the message's ack, with a confirm answered by then.
+//!
 //! A return names its message only by `message_id`: every message waiting with that id (or,
-//! for a return without one, every message sent without one) counts as returned and is sent
+//! for a return without one, every message waiting without one) counts as returned and is sent
 //! again, so messages that share an id may be duplicated but are never lost.
 
-use std::collections::{HashSet, VecDeque};
+use std::collections::VecDeque;
+use std::future::Future;
 
 use futures::FutureExt;
 use lapin::PublisherConfirm;
@@ -29,10 +34,19 @@ pub(crate) enum Outcome {
 
 type Answer = lapin::Result<lapin::Confirmation>;
 
+/// A message's confirm: to come while its publish is under way.
+enum Confirm {
+    Publishing(oneshot::Receiver<PublisherConfirm>),
+    Published(PublisherConfirm),
+}
+
 struct Waiting {
     own_id: Option<String>,
-    confirm: PublisherConfirm,
+    confirm: Confirm,
     answer: Option<Answer>,
+    /// Answered before the settler last made sure it knew every message published until then:
+    /// the returns of its ack have all been seen, so it can be decided.
+    ripe: bool,
     returned_here: bool,
     reply: oneshot::Sender<lapin::Result<Outcome>>,
 }
@@ -50,22 +64,27 @@ impl Confirms {
         Confirms { sends }
     }
 
-    /// Follows the confirm of a message just published with `own_id` as its `message_id`.
-    pub(crate) fn track(
+    /// Publishes with `publishing` a message whose `message_id` is `own_id`, made known to the
+    /// settler first, and follows its confirm. A publish that fails, or is given up (the future
+    /// dropped), is forgotten by the settler.
+    pub(crate) async fn publish<E>(
         &self,
         own_id: Option<String>,
-        confirm: PublisherConfirm,
-    ) -> oneshot::Receiver<lapin::Result<Outcome>> {
+        publishing: impl Future<Output = Result<PublisherConfirm, E>>,
+    ) -> Result<oneshot::Receiver<lapin::Result<Outcome>>, E> {
         let (reply, outcome) = oneshot::channel();
+        let (published, confirm) = oneshot::channel();
         // The settler ends only when every sender is gone: nothing is lost on the way.
         let _ = self.sends.send(Waiting {
             own_id,
-            confirm,
+            confirm: Confirm::Publishing(confirm),
             answer: None,
+            ripe: false,
             returned_here: false,
             reply,
         });
-        outcome
+        let _ = published.send(publishing.await?);
+        Ok(outcome)
     }
 }
 
@@ -86,24 +105,16 @@ fn returned_with(answer: &Answer) -> Option<Option<String>> {
     )
 }
 
-/// Puts a return down to every message still waiting that it can be: all those with its
-/// `message_id` (messages may share one: a handler that hands on its input's headers to several
-/// outputs), or, for a return without one, all those sent without one. Each is sent again, a
-/// duplicate at worst, never a loss. A return whose message is not waiting yet (its send is
-/// still being tracked) is remembered for the first message with its id that is settled.
-/// `waiting` gives each waiting message's id and its mark.
+/// Puts a return down to every message waiting that it can be: each one with its `message_id`
+/// (messages may share one: a handler that hands on its input's headers to several outputs),
+/// or, for a return without one, each one without one. `waiting` gives each waiting message's
+/// id and its mark.
 fn put_down<'a>(
-    returned_id: Option<String>,
+    returned_id: &Option<String>,
     waiting: impl Iterator<Item = (&'a Option<String>, &'a mut bool)>,
-    returned: &mut HashSet<String>,
 ) {
-    let mut found = false;
-    for (_, returned_here) in waiting.filter(|(own_id, _)| **own_id == returned_id) {
+    for (_, returned_here) in waiting.filter(|(own_id, _)| *own_id == returned_id) {
         *returned_here = true;
-        found = true;
-    }
-    if let (false, Some(id)) = (found, returned_id) {
-        returned.insert(id);
     }
 }
 
@@ -114,65 +125,86 @@ fn marks(waiting: &mut VecDeque<Waiting>) -> impl Iterator<Item = (&Option<Strin
         .map(|entry| (&entry.own_id, &mut entry.returned_here))
 }
 
-async fn settle(mut incoming: mpsc::UnboundedReceiver<Waiting>) {
-    let mut waiting: VecDeque<Waiting> = VecDeque::new();
-    let mut returned: HashSet<String> = HashSet::new();
-    let mut open = true;
-    loop {
-        while let Ok(next) = incoming.try_recv() {
-            waiting.push_back(next);
-        }
-        // Every answer given so far, so that returns travelling with later confirms are known.
-        let mut returns = Vec::new();
-        for entry in waiting.iter_mut().filter(|w| w.answer.is_none()) {
-            if let Some(answer) = (&mut entry.confirm).now_or_never() {
+/// Looks at every confirm answered by now, keeping the returns they carry.
+fn answers_so_far(waiting: &mut VecDeque<Waiting>, returns: &mut Vec<Option<String>>) {
+    for entry in waiting.iter_mut().filter(|w| w.answer.is_none()) {
+        if let Confirm::Published(confirm) = &mut entry.confirm {
+            if let Some(answer) = confirm.now_or_never() {
                 returns.extend(returned_with(&answer));
                 entry.answer = Some(answer);
             }
         }
-        for returned_id in returns {
-            put_down(returned_id, marks(&mut waiting), &mut returned);
+    }
+}
+
+async fn settle(mut incoming: mpsc::UnboundedReceiver<Waiting>) {
+    let mut waiting: VecDeque<Waiting> = VecDeque::new();
+    let mut open = true;
+    // Returns seen before the settler next makes sure it knows every message published until
+    // then: their messages will be waiting once it has.
+    let mut returns: Vec<Option<String>> = Vec::new();
+    loop {
+        answers_so_far(&mut waiting, &mut returns);
+        for entry in waiting.iter_mut().filter(|w| w.answer.is_some()) {
+            entry.ripe = true;
         }
-        while waiting.front().is_some_and(|w| w.answer.is_some()) {
+        // Every message published by now, each with its confirm; a publish under way takes
+        // moments (and its caller's deadline bounds it), one that failed is forgotten.
+        while let Ok(next) = incoming.try_recv() {
+            waiting.push_back(next);
+        }
+        let mut index = 0;
+        while index < waiting.len() {
+            if let Confirm::Publishing(publishing) = &mut waiting[index].confirm {
+                match publishing.await {
+                    Ok(confirm) => waiting[index].confirm = Confirm::Published(confirm),
+                    Err(_) => {
+                        waiting.remove(index);
+                        continue;
+                    }
+                }
+            }
+            index += 1;
+        }
+        // Returns seen from now on may be of a message published since: each is put down now
+        // and once more in the next round, when that message is known.
+        let mut later = Vec::new();
+        answers_so_far(&mut waiting, &mut later);
+        for returned_id in returns.iter().chain(&later) {
+            put_down(returned_id, marks(&mut waiting));
+        }
+        returns = later;
+        while waiting.front().is_some_and(|w| w.ripe) {
             let entry = waiting.pop_front().expect("a front");
             let outcome = match entry.answer.expect("answered") {
                 Err(error) => Err(error),
                 Ok(lapin::Confirmation::Nack(_)) => Ok(Outcome::Refused),
                 Ok(_) if entry.returned_here => Ok(Outcome::Returned),
-                Ok(_) => match entry.own_id.as_ref().is_some_and(|id| returned.remove(id)) {
-                    true => Ok(Outcome::Returned),
-                    false => Ok(Outcome::Delivered),
-                },
+                Ok(_) => Ok(Outcome::Delivered),
             };
             let _ = entry.reply.send(outcome);
         }
+        // An answered front is ripe in the next round, which comes at once.
         match waiting.front_mut() {
             None if !open => return,
             None => match incoming.recv().await {
                 Some(next) => waiting.push_back(next),
                 None => open = false,
             },
+            Some(front) if front.answer.is_some() => {}
             Some(front) => {
-                let carried = tokio::select! {
-                    answer = &mut front.confirm => {
-                        let carried = returned_with(&answer);
-                        front.answer = Some(answer);
-                        carried
-                    }
-                    next = incoming.recv(), if open => {
-                        match next {
-                            Some(next) => waiting.push_back(next),
-                            None => open = false,
-                        }
-                        None
-                    }
+                let Confirm::Published(confirm) = &mut front.confirm else {
+                    continue;
                 };
-                if let Some(returned_id) = carried {
-                    // The returned message may have been tracked meanwhile.
-                    while let Ok(next) = incoming.try_recv() {
-                        waiting.push_back(next);
+                tokio::select! {
+                    answer = confirm => {
+                        returns.extend(returned_with(&answer));
+                        front.answer = Some(answer);
                     }
-                    put_down(returned_id, marks(&mut waiting), &mut returned);
+                    next = incoming.recv(), if open => match next {
+                        Some(next) => waiting.push_back(next),
+                        None => open = false,
+                    },
                 }
             }
         }
@@ -183,45 +215,27 @@ async fn settle(mut incoming: mpsc::UnboundedReceiver<Waiting>) {
 mod tests {
     use super::*;
 
-    /// Marks what a return with `returned_id` is put down to, among messages waiting with
-    /// `ids`; and what is remembered for messages not waiting yet.
-    fn put_down_among(returned_id: Option<&str>, ids: &[Option<&str>]) -> (Vec<bool>, Vec<String>) {
+    /// Which of the messages waiting with `ids` a return with `returned_id` is put down to.
+    fn put_down_among(returned_id: Option<&str>, ids: &[Option<&str>]) -> Vec<bool> {
         let mut waiting: Vec<(Option<String>, bool)> = ids
             .iter()
             .map(|id| (id.map(str::to_owned), false))
             .collect();
-        let mut returned = HashSet::new();
         put_down(
-            returned_id.map(str::to_owned),
+            &returned_id.map(str::to_owned),
             waiting.iter_mut().map(|(id, mark)| (&*id, mark)),
-            &mut returned,
         );
-        let marks = waiting.into_iter().map(|(_, mark)| mark).collect();
-        (marks, returned.into_iter().collect())
+        waiting.into_iter().map(|(_, mark)| mark).collect()
     }
 
     #[test]
-    fn a_return_is_put_down_to_every_message_waiting_it_can_be() {
-        let none: Vec<String> = Vec::new();
+    fn a_return_is_put_down_to_every_message_waiting_that_it_can_be() {
+        let (a, b) = (Some("a"), Some("b"));
         // Its own id only.
-        assert_eq!(
-            put_down_among(Some("a"), &[Some("a"), Some("b"), None]),
-            (vec![true, false, false], none.clone())
-        );
+        assert_eq!(put_down_among(a, &[a, b, None]), [true, false, false]);
         // An id several messages share: each of them, since any could be the one returned.
-        assert_eq!(
-            put_down_among(Some("a"), &[Some("a"), Some("b"), Some("a")]),
-            (vec![true, false, true], none.clone())
-        );
+        assert_eq!(put_down_among(a, &[a, b, a]), [true, false, true]);
         // Without an id: every message sent without one.
-        assert_eq!(
-            put_down_among(None, &[None, Some("b"), None]),
-            (vec![true, false, true], none)
-        );
-        // The message is not waiting yet: remembered for it.
-        assert_eq!(
-            put_down_among(Some("c"), &[Some("a"), None]),
-            (vec![false, false], vec!["c".to_owned()])
-        );
+        assert_eq!(put_down_among(None, &[None, b, None]), [true, false, true]);
     }
 }
