@@ -11,13 +11,13 @@ use std::time::Duration;
 
 use bindery::binder::ConsumerSpec;
 use bindery::rabbit::{RabbitBinder, RabbitBinderProvider};
-use bindery::test::{host_port, isolated, require_broker, shout};
+use bindery::test::{host_port, isolated, require_broker};
 use bindery::{header, Binder, StreamFunction};
 use opentelemetry::trace::TracerProvider as _;
 use tracing_subscriber::layer::SubscriberExt;
 
 mod support;
-use support::wait_within;
+use support::{python_package, wait_within};
 
 /// The input's trace: its id, and the span of the service that sent it.
 const TRACE_ID: &str = "4bf92f3577b34da6a3ce929d0e0e4736";
@@ -27,43 +27,9 @@ fn uri() -> String {
     std::env::var("RABBIT_URI").unwrap_or_else(|_| "amqp://guest:guest@127.0.0.1:5672/%2f".into())
 }
 
-/// Where `pika` is installed for the tests: the cache, filled with pip the first time.
+/// Where `pika` is installed for the tests.
 fn pika() -> Option<PathBuf> {
-    let cache = std::env::var_os("XDG_CACHE_HOME")
-        .map(PathBuf::from)
-        .or_else(|| std::env::var_os("HOME").map(|home| PathBuf::from(home).join(".cache")))
-        .expect("HOME or XDG_CACHE_HOME");
-    let dir = cache.join("bindery").join("python");
-    if dir.join("pika").join("__init__.py").is_file() {
-        return Some(dir);
-    }
-    let install = Command::new("python3")
-        .args(["-m", "pip", "install", "--quiet", "--target"])
-        .arg(&dir)
-        .arg("pika==1.3.2")
-        .spawn();
-    match install {
-        Ok(mut pip) => {
-            let status = wait_within(&mut pip, Duration::from_secs(600), "pip install pika");
-            match (status.success(), std::env::var_os("CI").is_some()) {
-                (true, _) => Some(dir),
-                (false, true) => {
-                    panic!("pip install pika failed; CI runs the trace propagation test with pika")
-                }
-                (false, false) => {
-                    shout("!!!!!!!! SKIPPING THE TRACE PROPAGATION TEST: pip could not install pika !!!!!!!!");
-                    None
-                }
-            }
-        }
-        Err(error) if std::env::var_os("CI").is_none() => {
-            shout(&format!("!!!!!!!! SKIPPING THE TRACE PROPAGATION TEST: python3 does not run ({error}) !!!!!!!!"));
-            None
-        }
-        Err(error) => {
-            panic!("python3 does not run ({error}); CI runs the trace propagation test with pika")
-        }
-    }
+    python_package("pika==1.3.2", "pika", "THE TRACE PROPAGATION TEST")
 }
 
 /// Publishes one message with `traceparent` to the exchange `destination`, with pika.

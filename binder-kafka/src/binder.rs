@@ -1196,13 +1196,35 @@ impl Poller {
 
 /// The message of a record of `topic` (the subscription's one topic, known without asking the
 /// record for it).
-fn to_message(topic: &str, record: &rdkafka::message::BorrowedMessage<'_>) -> Message {
-    let mut headers = Headers::new();
-    if let Some(kafka_headers) = record.headers() {
-        for h in kafka_headers.iter() {
-            headers.insert_borrowed(h.key, Bytes::copy_from_slice(h.value.unwrap_or_default()));
+/// Calls `f` with the name and value of each of `record`'s headers. rdkafka panics on a header
+/// name that is not UTF-8, which any producer can send and the broker does not check: such a
+/// header is left out, with a warning, and the record delivered; unread, it would end the
+/// subscription at that record on every start.
+fn each_header(record: &rdkafka::message::BorrowedMessage<'_>, mut f: impl FnMut(&str, &[u8])) {
+    let Some(headers) = record.headers() else {
+        return;
+    };
+    for index in 0..headers.count() {
+        let read =
+            std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| headers.try_get(index)));
+        match read {
+            Ok(Some(header)) => f(header.key, header.value.unwrap_or_default()),
+            Ok(None) => {}
+            Err(_) => tracing::warn!(
+                topic = record.topic(),
+                partition = record.partition(),
+                offset = record.offset(),
+                "a header whose name is not UTF-8 was left out of the record"
+            ),
         }
     }
+}
+
+fn to_message(topic: &str, record: &rdkafka::message::BorrowedMessage<'_>) -> Message {
+    let mut headers = Headers::new();
+    each_header(record, |name, value| {
+        headers.insert_borrowed(name, Bytes::copy_from_slice(value))
+    });
     // Named by its place in the log, the same on every delivery, where it has no id bindery
     // keeps: so its outputs' ids, derived from it, are the same on every delivery too.
     if headers.message_id().is_none() {

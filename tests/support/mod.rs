@@ -401,6 +401,52 @@ impl Drop for Reaped {
     }
 }
 
+/// Where the Python package `requirement` (whose module is `module`) is installed for the
+/// tests: a folder of the cache of its own, filled with pip the first time. `None`, said
+/// loudly, when pip cannot install it outside CI (`test` is what is skipped then); in CI that
+/// is a failure.
+pub(crate) fn python_package(requirement: &str, module: &str, test: &str) -> Option<PathBuf> {
+    let cache = std::env::var_os("XDG_CACHE_HOME")
+        .map(PathBuf::from)
+        .or_else(|| std::env::var_os("HOME").map(|home| PathBuf::from(home).join(".cache")))
+        .expect("HOME or XDG_CACHE_HOME");
+    let dir = cache.join("bindery").join("python").join(requirement);
+    if dir.join(module).join("__init__.py").is_file() {
+        return Some(dir);
+    }
+    let install = Command::new("python3")
+        .args(["-m", "pip", "install", "--quiet", "--target"])
+        .arg(&dir)
+        .arg(requirement)
+        .spawn();
+    let in_ci = std::env::var_os("CI").is_some();
+    match install {
+        Ok(mut pip) => {
+            let what = format!("pip install {requirement}");
+            match (
+                wait_within(&mut pip, Duration::from_secs(600), &what).success(),
+                in_ci,
+            ) {
+                (true, _) => Some(dir),
+                (false, true) => panic!("{what} failed; CI runs {test} with it"),
+                (false, false) => {
+                    bindery::test::shout(&format!(
+                        "!!!!!!!! SKIPPING {test}: {what} failed !!!!!!!!"
+                    ));
+                    None
+                }
+            }
+        }
+        Err(error) if !in_ci => {
+            bindery::test::shout(&format!(
+                "!!!!!!!! SKIPPING {test}: python3 does not run ({error}) !!!!!!!!"
+            ));
+            None
+        }
+        Err(error) => panic!("python3 does not run ({error}); CI runs {test}"),
+    }
+}
+
 /// The exit status of `child`, which must exit within `within` (it is killed otherwise).
 pub(crate) fn wait_within(
     child: &mut Child,
