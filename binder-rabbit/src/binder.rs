@@ -171,6 +171,18 @@ fn check_name(name: &str) -> Result<(), RabbitError> {
     Ok(())
 }
 
+/// The names a topology declares and binds with, each checked as [`check_name`] does.
+fn check_names(topology: &Topology) -> Result<(), RabbitError> {
+    [
+        &topology.exchange,
+        &topology.queue,
+        &topology.consumer.binding_routing_key,
+    ]
+    .into_iter()
+    .chain(topology.dead_letter_queue.as_ref())
+    .try_for_each(|name| check_name(name))
+}
+
 fn kind(exchange_type: &str) -> ExchangeKind {
     match exchange_type {
         "direct" => ExchangeKind::Direct,
@@ -335,16 +347,7 @@ impl RabbitBinder {
         &self,
         topology: &Topology,
     ) -> Result<(Channel, lapin::Consumer), RabbitError> {
-        for name in [
-            &topology.exchange,
-            &topology.queue,
-            &topology.consumer.binding_routing_key,
-        ]
-        .into_iter()
-        .chain(topology.dead_letter_queue.as_ref())
-        {
-            check_name(name)?;
-        }
+        check_names(topology)?;
         let limit = self.inner.settings.connection_timeout * 3;
         tokio::time::timeout(limit, self.declare_and_consume(topology))
             .await
@@ -644,7 +647,7 @@ impl RabbitBinder {
                 }
             }
         };
-        check_name(&topology.queue)?;
+        check_names(&topology)?;
         if topology.exchange_type == "direct" && topology.consumer.binding_routing_key == "#" {
             return Err(RabbitError::Declare {
                 entity: format!("queue `{}`", topology.queue),

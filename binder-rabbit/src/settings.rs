@@ -135,6 +135,24 @@ impl Default for RabbitConsumerSettings {
     }
 }
 
+/// A routing key: an AMQP short string, so at most 255 bytes (a longer one could never be sent
+/// or bound).
+fn routing_key(node: &ConfigNode, problems: &mut Problems) -> Option<String> {
+    let key = node.string(problems)?;
+    if key.len() > crate::mapping::SHORT_STRING_MAX {
+        problems.at(
+            node,
+            format!(
+                "a routing key is at most {} bytes (an AMQP short string); this one is {}",
+                crate::mapping::SHORT_STRING_MAX,
+                key.len()
+            ),
+        );
+        return None;
+    }
+    Some(key)
+}
+
 fn exchange_type(node: &ConfigNode, problems: &mut Problems) -> Option<String> {
     let kind = node.string(problems)?;
     if EXCHANGE_TYPES.contains(&kind.as_str()) {
@@ -167,7 +185,7 @@ impl RabbitConsumerSettings {
                 "ttl" => settings.ttl = node.duration(problems),
                 "max-length" => settings.max_length = node.integer(1, problems),
                 "binding-routing-key" => {
-                    if let Some(key) = node.string(problems) {
+                    if let Some(key) = routing_key(&node, problems) {
                         settings.binding_routing_key = key;
                     }
                 }
@@ -228,14 +246,14 @@ impl RabbitProducerSettings {
         for (name, node) in table {
             let queue = &mut settings.required_group_queue;
             match name.as_str() {
-                "routing-key" => settings.routing_key = node.string(problems),
+                "routing-key" => settings.routing_key = routing_key(&node, problems),
                 "exchange-type" => settings.exchange_type = exchange_type(&node, problems),
                 "dlq" => queue.dlq = node.boolean(problems).unwrap_or(false),
                 "quorum" => queue.consumer.quorum = node.boolean(problems).unwrap_or(false),
                 "ttl" => queue.consumer.ttl = node.duration(problems),
                 "max-length" => queue.consumer.max_length = node.integer(1, problems),
                 "binding-routing-key" => {
-                    if let Some(key) = node.string(problems) {
+                    if let Some(key) = routing_key(&node, problems) {
                         queue.consumer.binding_routing_key = key;
                     }
                 }
