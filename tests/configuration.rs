@@ -631,6 +631,40 @@ fn rabbit_settings_are_checked_with_file_and_key() {
 }
 
 #[test]
+fn rabbit_routing_keys_longer_than_amqp_allows_are_refused_with_file_and_key() {
+    let long = "k".repeat(256);
+    let text = error_of(&format!(
+        "[stream.binders.rabbit]\ntype = \"rabbit\"\n[stream.rabbit.bindings.bill-out-0.producer]\nrouting-key = \"{long}\"\nbinding-routing-key = \"{long}\"\n[stream.rabbit.bindings.bill-in-0.consumer]\nbinding-routing-key = \"{long}\""
+    ));
+    assert_mentions(
+        &text,
+        &[
+            "application.toml",
+            "`stream.rabbit.bindings.bill-out-0.producer.routing-key`",
+            "`stream.rabbit.bindings.bill-out-0.producer.binding-routing-key`",
+            "`stream.rabbit.bindings.bill-in-0.consumer.binding-routing-key`",
+            "at most 255 bytes",
+        ],
+    );
+}
+
+#[test]
+fn durations_beyond_a_year_are_refused_with_file_and_key() {
+    let text = error_of(
+        "[stream]\nshutdown-timeout = \"10000000000000000000s\"\n[stream.bindings.bill-in-0.consumer]\nback-off-max-interval = \"400days\"",
+    );
+    assert_mentions(
+        &text,
+        &[
+            "application.toml",
+            "`stream.shutdown-timeout`",
+            "`stream.bindings.bill-in-0.consumer.back-off-max-interval`",
+            "at most 365 days",
+        ],
+    );
+}
+
+#[test]
 fn a_direct_exchange_with_the_catch_all_binding_key_is_refused() {
     let text = error_of(
         "[stream.binders.rabbit]\ntype = \"rabbit\"\n[stream.rabbit.bindings.bill-in-0.consumer]\nexchange-type = \"direct\"",

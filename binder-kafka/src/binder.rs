@@ -162,12 +162,13 @@ impl KafkaBinder {
         // At-least-once needs every replica's confirm and no reordering on retry; the rest are
         // defaults a Kafka engineer expects, kept when the configuration sets its own.
         config.set("acks", "all").set("enable.idempotence", "true");
-        for (key, value) in [
-            ("message.timeout.ms", "30000"),
+        for (key, alias, value) in [
+            ("message.timeout.ms", "delivery.timeout.ms", "30000"),
             // The Java client's partitioner: keys land on the partitions Spring producers use.
-            ("partitioner", "murmur2_random"),
+            ("partitioner", "partitioner", "murmur2_random"),
         ] {
-            if !settings.configuration.contains_key(key) {
+            let configuration = &settings.configuration;
+            if !configuration.contains_key(key) && !configuration.contains_key(alias) {
                 config.set(key, value);
             }
         }
@@ -187,9 +188,9 @@ impl KafkaBinder {
             Ok(Ok(())) => {}
             Ok(Err(e)) => {
                 return Err(fail(KafkaError::Unreachable {
-                    brokers: settings.brokers.clone(),
+                    brokers: redact_uri(&settings.brokers),
                     timeout,
-                    reason: e.to_string(),
+                    reason: redacted(&settings, &e),
                 }))
             }
             Err(e) => return Err(fail(KafkaError::Client(e.to_string()))),
@@ -467,9 +468,14 @@ impl Binder for KafkaBinder {
                 .and_then(|v| v.parse().ok())
                 .unwrap_or(300_000),
         );
-        let longest_retry: Duration = (1..properties.max_attempts)
-            .map(|attempt| properties.back_off(attempt))
-            .sum();
+        // Summed only until it passes the limit: `max-attempts` may be set very high.
+        let mut longest_retry = Duration::ZERO;
+        for attempt in 1..properties.max_attempts {
+            longest_retry = longest_retry.saturating_add(properties.back_off(attempt));
+            if longest_retry > max_poll_interval / 2 {
+                break;
+            }
+        }
         if longest_retry > max_poll_interval / 2 {
             tracing::warn!(
                 binding = %spec.binding, ?longest_retry, ?max_poll_interval,

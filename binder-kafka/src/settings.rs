@@ -168,21 +168,45 @@ impl KafkaSettings {
 }
 
 /// Why bindery refuses a librdkafka setting, if it does: one that would let the broker lose or
-/// reorder what bindery confirmed, or let a send wait forever without failing.
+/// reorder what bindery confirmed, or let a send wait forever without failing. Values are read
+/// as librdkafka reads them.
 pub(crate) fn refused_setting(key: &str, value: &str) -> Option<String> {
     let value = value.trim().to_ascii_lowercase();
     match key {
-        "acks" | "request.required.acks" if value != "all" && value != "-1" => Some(format!(
-            "`{key} = {value}` would let the broker lose confirmed messages; bindery confirms an input only when its outputs are on every in-sync replica: remove it or set \"all\""
+        "acks" | "request.required.acks" if value != "all" && integer(&value) != Some(-1) => {
+            Some(format!(
+                "`{key} = {value}` would let the broker lose confirmed messages; bindery confirms an input only when its outputs are on every in-sync replica: remove it or set \"all\""
+            ))
+        }
+        "enable.idempotence" if matches!(value.as_str(), "false" | "f" | "0") => Some(format!(
+            "`enable.idempotence = {value}` would let retried sends be duplicated or reordered; remove it"
         )),
-        "enable.idempotence" if value == "false" => Some(
-            "`enable.idempotence = false` would let retried sends be duplicated or reordered; remove it".to_owned(),
-        ),
-        "message.timeout.ms" | "delivery.timeout.ms" if value == "0" => Some(format!(
-            "`{key} = 0` lets a send wait forever for a broker that does not answer, so it never fails and is never reported; remove it (bindery's default is 30000) or set a bound"
+        "message.timeout.ms" | "delivery.timeout.ms" if integer(&value) == Some(0) => Some(format!(
+            "`{key} = {value}` lets a send wait forever for a broker that does not answer, so it never fails and is never reported; remove it (bindery's default is 30000) or set a bound"
         )),
         _ => None,
     }
+}
+
+/// An integer as librdkafka reads one (C's `strtol` with base 0: `0x` for hexadecimal, a
+/// leading `0` for octal), when the whole text is one.
+fn integer(text: &str) -> Option<i64> {
+    let (negative, digits) = match text.as_bytes().first() {
+        Some(b'-') => (true, &text[1..]),
+        Some(b'+') => (false, &text[1..]),
+        _ => (false, text),
+    };
+    let magnitude = if let Some(hex) = digits
+        .strip_prefix("0x")
+        .or_else(|| digits.strip_prefix("0X"))
+    {
+        i64::from_str_radix(hex, 16).ok()?
+    } else if digits.len() > 1 && digits.starts_with('0') {
+        i64::from_str_radix(&digits[1..], 8).ok()?
+    } else {
+        digits.parse::<i64>().ok()?
+    };
+    Some(if negative { -magnitude } else { magnitude })
 }
 
 /// `[stream.kafka.bindings.<binding>.consumer]`.
@@ -203,5 +227,41 @@ impl KafkaConsumerSettings {
             settings.start_offset = StartOffset::read(node, problems);
         }
         settings
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn settings_are_refused_as_librdkafka_reads_them() {
+        for (key, value) in [
+            ("acks", "1"),
+            ("acks", "0"),
+            ("request.required.acks", " 1 "),
+            ("enable.idempotence", "False"),
+            ("enable.idempotence", "f"),
+            ("enable.idempotence", "0"),
+            ("message.timeout.ms", "0"),
+            ("message.timeout.ms", "00"),
+            ("message.timeout.ms", "0x0"),
+            ("delivery.timeout.ms", "-0"),
+        ] {
+            assert!(refused_setting(key, value).is_some(), "{key} = {value}");
+        }
+        for (key, value) in [
+            ("acks", "all"),
+            ("acks", " ALL "),
+            ("acks", "-1"),
+            ("request.required.acks", "-1"),
+            ("enable.idempotence", "true"),
+            ("message.timeout.ms", "30000"),
+            ("message.timeout.ms", "010"),
+            ("delivery.timeout.ms", "0x10"),
+            ("linger.ms", "0"),
+        ] {
+            assert!(refused_setting(key, value).is_none(), "{key} = {value}");
+        }
     }
 }

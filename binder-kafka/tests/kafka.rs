@@ -100,6 +100,24 @@ async fn with_auto_create_topics_are_created_and_usable() {
     delivery.acknowledgement.ack().await.unwrap();
 }
 
+/// Brokers written with credentials, as some URLs are, name the brokers but never the password.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_unreachable_broker_error_never_shows_a_password_written_in_the_brokers() {
+    let error = KafkaBinder::connect(
+        "kafka",
+        KafkaSettings {
+            brokers: "PLAINTEXT://app:s3cret@127.0.0.1:1".to_owned(),
+            connection_timeout: Duration::from_secs(2),
+            ..KafkaSettings::default()
+        },
+    )
+    .await
+    .expect_err("nothing listens on port 1");
+    let text = error.to_string();
+    assert!(!text.contains("s3cret"), "{text}");
+    assert!(text.contains("127.0.0.1:1"), "{text}");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_unreachable_broker_is_an_error_within_the_timeout_naming_the_brokers() {
     let begun = Instant::now();

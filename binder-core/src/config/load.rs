@@ -65,11 +65,37 @@ const ENV_PREFIX: &str = "BINDERY_";
 const ENV_CONFIG: &str = "BINDERY_CONFIG";
 const ENV_PROFILE: &str = "BINDERY_PROFILE";
 
+/// The process's environment variables that are text. One that is not (any program can set
+/// such a variable) is skipped, unless it is bindery's, which is an error naming it.
+fn process_environment() -> Result<Vec<(String, String)>, ConfigError> {
+    text_variables(std::env::vars_os())
+}
+
+fn text_variables(
+    variables: impl Iterator<Item = (std::ffi::OsString, std::ffi::OsString)>,
+) -> Result<Vec<(String, String)>, ConfigError> {
+    let mut environment = Vec::new();
+    for (name, value) in variables {
+        match (name.into_string(), value.into_string()) {
+            (Ok(name), Ok(value)) => environment.push((name, value)),
+            (Ok(name), Err(_)) if name.starts_with(ENV_PREFIX) => {
+                return Err(ConfigError::Invalid(vec![super::ConfigProblem {
+                    origin: format!("environment variable {name}"),
+                    key: name,
+                    message: "its value is not UTF-8 text; set it as text".to_owned(),
+                }]))
+            }
+            _ => {}
+        }
+    }
+    Ok(environment)
+}
+
 /// Reads every layer and merges them: base file, profile files in order, then environment.
 pub(crate) fn load(options: &LoadOptions) -> Result<Value, ConfigError> {
     let environment: Vec<(String, String)> = match &options.environment {
         Some(vars) => vars.clone(),
-        None => std::env::vars().collect(),
+        None => process_environment()?,
     };
     let env_value = |name: &str| {
         environment
@@ -449,5 +475,38 @@ impl Source for Collected {
 
     fn collect(&self) -> Result<Map<String, Value>, config::ConfigError> {
         Ok(self.0.clone())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::ffi::OsString;
+    use std::os::unix::ffi::OsStringExt;
+
+    use super::*;
+
+    fn variable(name: &[u8], value: &[u8]) -> (OsString, OsString) {
+        (
+            OsString::from_vec(name.to_vec()),
+            OsString::from_vec(value.to_vec()),
+        )
+    }
+
+    #[test]
+    fn variables_that_are_not_text_are_skipped_unless_they_are_binderys() {
+        let others = [
+            variable(b"LANG", b"C"),
+            variable(b"OLD_PATH", b"/opt/caf\xe9"),
+            variable(b"\xff", b"x"),
+        ];
+        assert_eq!(
+            text_variables(others.into_iter()).expect("others are skipped"),
+            [("LANG".to_owned(), "C".to_owned())]
+        );
+        let ours = [variable(b"BINDERY_PROFILE", b"caf\xe9")];
+        let error = text_variables(ours.into_iter()).expect_err("bindery's must be text");
+        let text = error.to_string();
+        assert!(text.contains("BINDERY_PROFILE"), "{text}");
+        assert!(text.contains("not UTF-8"), "{text}");
     }
 }

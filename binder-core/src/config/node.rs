@@ -6,6 +6,10 @@ use config::{Value, ValueKind};
 
 use crate::redact::display_value;
 
+/// The longest duration a setting takes: longer ones are surely mistakes, and would overflow
+/// the arithmetic of deadlines.
+const LONGEST_DURATION: Duration = Duration::from_secs(365 * 24 * 60 * 60);
+
 /// One problem found in the configuration, with where it came from and the key it concerns.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct ConfigProblem {
@@ -349,6 +353,10 @@ impl ConfigNode {
             _ => Err("it is not text".to_owned()),
         };
         match parsed {
+            Ok(d) if d > LONGEST_DURATION => {
+                problems.at(self, "must be at most 365 days");
+                None
+            }
             Ok(d) if !d.is_zero() => Some(d),
             Ok(_) => {
                 problems.at(self, "must be longer than zero");
