@@ -188,25 +188,35 @@ pub(crate) fn refused_setting(key: &str, value: &str) -> Option<String> {
     }
 }
 
-/// An integer as librdkafka reads one (C's `strtol` with base 0: `0x` for hexadecimal, a
-/// leading `0` for octal), when the whole text is one.
+/// An integer as librdkafka reads one: C's `strtol` with base 0 (`0x` for hexadecimal, a
+/// leading `0` for octal) on the longest prefix that is a number, the rest ignored, then cast
+/// to a C `int`. `None` when no digit starts the text.
 fn integer(text: &str) -> Option<i64> {
-    let (negative, digits) = match text.as_bytes().first() {
+    let (negative, rest) = match text.as_bytes().first() {
         Some(b'-') => (true, &text[1..]),
         Some(b'+') => (false, &text[1..]),
         _ => (false, text),
     };
-    let magnitude = if let Some(hex) = digits
+    let hex = rest
         .strip_prefix("0x")
-        .or_else(|| digits.strip_prefix("0X"))
-    {
-        i64::from_str_radix(hex, 16).ok()?
-    } else if digits.len() > 1 && digits.starts_with('0') {
-        i64::from_str_radix(&digits[1..], 8).ok()?
-    } else {
-        digits.parse::<i64>().ok()?
+        .or_else(|| rest.strip_prefix("0X"))
+        .filter(|digits| digits.starts_with(|c: char| c.is_ascii_hexdigit()));
+    let (radix, digits) = match hex {
+        Some(digits) => (16, digits),
+        None if rest.starts_with('0') => (8, rest),
+        None => (10, rest),
     };
-    Some(if negative { -magnitude } else { magnitude })
+    let mut value: i64 = 0;
+    let mut any = false;
+    for digit in digits.chars().map_while(|c| c.to_digit(radix)) {
+        any = true;
+        value = value
+            .saturating_mul(i64::from(radix))
+            .saturating_add(i64::from(digit));
+    }
+    let value = if negative { -value } else { value };
+    // C's `long` to `int`: the low 32 bits.
+    any.then_some(i64::from(value as i32))
 }
 
 /// `[stream.kafka.bindings.<binding>.consumer]`.
@@ -247,6 +257,10 @@ mod tests {
             ("message.timeout.ms", "00"),
             ("message.timeout.ms", "0x0"),
             ("delivery.timeout.ms", "-0"),
+            ("message.timeout.ms", "0ms"),
+            ("message.timeout.ms", "0.5"),
+            ("message.timeout.ms", "08"),
+            ("message.timeout.ms", "4294967296"),
         ] {
             assert!(refused_setting(key, value).is_some(), "{key} = {value}");
         }

@@ -1241,10 +1241,16 @@ impl RabbitProducer {
 
     async fn confirming_channel(&self) -> Result<(Channel, Confirms), RabbitError> {
         let mut cached = self.channel.lock().await;
-        if let Some((channel, confirms)) = cached.as_ref() {
-            if channel.status().connected() {
-                return Ok((channel.clone(), confirms.clone()));
+        if let Some((channel, confirms)) = cached.take() {
+            if channel.status().connected() && confirms.usable() {
+                *cached = Some((channel.clone(), confirms.clone()));
+                return Ok((channel, confirms));
             }
+            // Closed, so the broker forgets its confirms, and lapin fails those still waiting.
+            tokio::spawn(async move {
+                let closing = channel.close(200, "bindery replaces the channel".into());
+                let _ = tokio::time::timeout(PUBLISH_TIMEOUT, closing).await;
+            });
         }
         let channel = self.binder.channel(Role::Publish).await?;
         channel
@@ -1319,7 +1325,11 @@ impl RabbitProducer {
                 })
             };
             let outcome = match tokio::time::timeout(PUBLISH_TIMEOUT, outcome).await {
-                Err(_) => return Err(failed(&format!("no confirm within {PUBLISH_TIMEOUT:?}"))),
+                Err(_) => {
+                    // Later confirms of the channel wait behind this one: it is replaced.
+                    confirms.give_up();
+                    return Err(failed(&format!("no confirm within {PUBLISH_TIMEOUT:?}")));
+                }
                 Ok(Err(_)) => return Err(failed("the channel closed before the broker answered")),
                 Ok(Ok(outcome)) => outcome.map_err(|e| failed(&e.to_string()))?,
             };

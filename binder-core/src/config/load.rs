@@ -76,14 +76,16 @@ fn text_variables(
 ) -> Result<Vec<(String, String)>, ConfigError> {
     let mut environment = Vec::new();
     for (name, value) in variables {
+        let ours = name.as_encoded_bytes().starts_with(ENV_PREFIX.as_bytes());
         match (name.into_string(), value.into_string()) {
             (Ok(name), Ok(value)) => environment.push((name, value)),
-            (Ok(name), Err(_)) if name.starts_with(ENV_PREFIX) => {
+            (name, _) if ours => {
+                let name = name.unwrap_or_else(|name| name.to_string_lossy().into_owned());
                 return Err(ConfigError::Invalid(vec![super::ConfigProblem {
                     origin: format!("environment variable {name}"),
                     key: name,
-                    message: "its value is not UTF-8 text; set it as text".to_owned(),
-                }]))
+                    message: "its name or value is not UTF-8 text; set it as text".to_owned(),
+                }]));
             }
             _ => {}
         }
@@ -503,10 +505,14 @@ mod tests {
             text_variables(others.into_iter()).expect("others are skipped"),
             [("LANG".to_owned(), "C".to_owned())]
         );
-        let ours = [variable(b"BINDERY_PROFILE", b"caf\xe9")];
-        let error = text_variables(ours.into_iter()).expect_err("bindery's must be text");
-        let text = error.to_string();
-        assert!(text.contains("BINDERY_PROFILE"), "{text}");
-        assert!(text.contains("not UTF-8"), "{text}");
+        for ours in [
+            variable(b"BINDERY_PROFILE", b"caf\xe9"),
+            variable(b"BINDERY_STREAM_\xff", b"x"),
+        ] {
+            let error = text_variables([ours].into_iter()).expect_err("bindery's must be text");
+            let text = error.to_string();
+            assert!(text.contains("BINDERY_"), "{text}");
+            assert!(text.contains("not UTF-8"), "{text}");
+        }
     }
 }
