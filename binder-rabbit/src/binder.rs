@@ -1301,16 +1301,25 @@ impl RabbitProducer {
             message.payload(),
             properties,
         );
-        // A connection the broker blocks (memory or disk alarm) takes no more frames.
-        let outcome = tokio::time::timeout(PUBLISH_TIMEOUT, confirms.publish(own_id, publishing))
-            .await
-            .map_err(|_| {
-                self.publish_error(
+        // A connection the broker blocks (memory or disk alarm) takes no more frames. A publish
+        // that fails or is given up makes the channel be replaced: only this channel, so
+        // callers that fail together replace it once.
+        let published =
+            tokio::time::timeout(PUBLISH_TIMEOUT, confirms.publish(own_id, publishing)).await;
+        let outcome = match published {
+            Ok(Ok(outcome)) => outcome,
+            Ok(Err(error)) => {
+                confirms.give_up();
+                return Err(self.publish_error(routing_key, error.to_string()));
+            }
+            Err(_) => {
+                confirms.give_up();
+                return Err(self.publish_error(
                     routing_key,
                     format!("RabbitMQ did not take the message within {PUBLISH_TIMEOUT:?} (is the connection blocked?)"),
-                )
-            })?
-            .map_err(|e| self.publish_error(routing_key, e.to_string()))?;
+                ));
+            }
+        };
         let (binder, exchange, routing_key) = (
             self.binder.clone(),
             self.exchange.clone(),
@@ -1419,7 +1428,6 @@ impl Producer for RabbitProducer {
                 // A channel closed under us (reconnection, or a refused publish) is opened again
                 // once; a second failure is the core's to retry.
                 tracing::debug!(exchange = %self.exchange, error = %first, "publishing failed; trying once more on a new channel");
-                self.channel.lock().await.take();
                 self.publish(message, &routing_key, properties)
                     .await
                     .map_err(|_| self.binder.error(first))

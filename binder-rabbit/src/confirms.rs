@@ -42,8 +42,9 @@ type Answer = lapin::Result<lapin::Confirmation>;
 pub(crate) enum Unanswered {
     /// The broker or the channel failed.
     Broker(lapin::Error),
-    /// A publish on the channel was given up, or a confirm never came: the channel's confirms
-    /// can no longer be told apart, so none of its messages counts as delivered.
+    /// A publish on the channel was given up or failed: it may have gone out all the same, so
+    /// the channel's confirms can no longer be told apart, and none of its messages not
+    /// decided yet counts as delivered.
     GivenUp,
 }
 
@@ -99,13 +100,13 @@ impl Confirms {
         }
     }
 
-    /// Whether the channel's confirms can still be matched to their messages: once a publish
-    /// was given up, or a confirm never came, the channel must be replaced.
+    /// Whether the channel is still used: not after a publish failed or was given up, nor
+    /// after a confirm never came. Closing it fails the confirms still waiting.
     pub(crate) fn usable(&self) -> bool {
         !self.given_up.load(Ordering::Acquire)
     }
 
-    /// A confirm never came: the channel is not used again.
+    /// The channel is not used again.
     pub(crate) fn give_up(&self) {
         self.given_up.store(true, Ordering::Release);
     }
@@ -132,6 +133,11 @@ impl Confirms {
             returned_here: false,
             reply,
         });
+        if !self.usable() {
+            // Not published (lapin registers a publish when it is first polled): the settler,
+            // without a confirm for it, refuses it and every message not decided yet.
+            return Ok(outcome);
+        }
         let _ = published.send(publishing.await?);
         Ok(outcome)
     }
@@ -437,6 +443,26 @@ mod tests {
         carrier.ack(Some(Some("returned")));
         assert_eq!(outcome_of(carrier.outcome().await), Ok(Outcome::Delivered));
         assert_eq!(outcome_of(returned.outcome().await), Ok(Outcome::Returned));
+    }
+
+    /// A later message's confirm can be answered, carrying an earlier one's return, while its
+    /// publish is still under way: the earlier message waits for that confirm.
+    #[tokio::test]
+    async fn a_message_waits_for_the_confirm_of_a_publish_still_under_way() {
+        let settler = Settler::start();
+        let mut first = settler.track(Some("first"));
+        let mut second = settler.track(Some("second"));
+        let mut third = settler.track(Some("third"));
+        first.publish();
+        second.publish();
+        second.ack(Some(Some("first")));
+        third.ack(Some(Some("second")));
+        first.ack(None);
+        tokio::task::yield_now().await;
+        third.publish();
+        assert_eq!(outcome_of(first.outcome().await), Ok(Outcome::Returned));
+        assert_eq!(outcome_of(second.outcome().await), Ok(Outcome::Returned));
+        assert_eq!(outcome_of(third.outcome().await), Ok(Outcome::Delivered));
     }
 
     #[tokio::test]
