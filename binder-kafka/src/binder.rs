@@ -162,14 +162,17 @@ impl KafkaBinder {
         // At-least-once needs every replica's confirm and no reordering on retry; the rest are
         // defaults a Kafka engineer expects, kept when the configuration sets its own.
         config.set("acks", "all").set("enable.idempotence", "true");
-        for (key, alias, value) in [
-            ("message.timeout.ms", "delivery.timeout.ms", "30000"),
+        for (keys, value) in [
+            // librdkafka takes either name; both set, which one wins is not defined.
+            (&["message.timeout.ms", "delivery.timeout.ms"][..], "30000"),
             // The Java client's partitioner: keys land on the partitions Spring producers use.
-            ("partitioner", "partitioner", "murmur2_random"),
+            (&["partitioner"][..], "murmur2_random"),
         ] {
-            let configuration = &settings.configuration;
-            if !configuration.contains_key(key) && !configuration.contains_key(alias) {
-                config.set(key, value);
+            if !keys
+                .iter()
+                .any(|key| settings.configuration.contains_key(*key))
+            {
+                config.set(keys[0], value);
             }
         }
         let producer: FutureProducer = config
@@ -1200,8 +1203,6 @@ impl Poller {
     }
 }
 
-/// The message of a record of `topic` (the subscription's one topic, known without asking the
-/// record for it).
 /// Calls `f` with the name and value of each of `record`'s headers. rdkafka panics on a header
 /// name that is not UTF-8, which any producer can send and the broker does not check: such a
 /// header is left out, with a warning, and the record delivered; unread, it would end the
@@ -1226,6 +1227,8 @@ fn each_header(record: &rdkafka::message::BorrowedMessage<'_>, mut f: impl FnMut
     }
 }
 
+/// The message of a record of `topic` (the subscription's one topic, known without asking the
+/// record for it).
 fn to_message(topic: &str, record: &rdkafka::message::BorrowedMessage<'_>) -> Message {
     let mut headers = Headers::new();
     each_header(record, |name, value| {

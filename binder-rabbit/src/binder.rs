@@ -1306,20 +1306,15 @@ impl RabbitProducer {
         // callers that fail together replace it once.
         let published =
             tokio::time::timeout(PUBLISH_TIMEOUT, confirms.publish(own_id, publishing)).await;
-        let outcome = match published {
-            Ok(Ok(outcome)) => outcome,
-            Ok(Err(error)) => {
-                confirms.give_up();
-                return Err(self.publish_error(routing_key, error.to_string()));
-            }
-            Err(_) => {
-                confirms.give_up();
-                return Err(self.publish_error(
-                    routing_key,
-                    format!("RabbitMQ did not take the message within {PUBLISH_TIMEOUT:?} (is the connection blocked?)"),
-                ));
-            }
+        let taken = match published {
+            Ok(Ok(outcome)) => Ok(outcome),
+            Ok(Err(error)) => Err(error.to_string()),
+            Err(_) => Err(format!("RabbitMQ did not take the message within {PUBLISH_TIMEOUT:?} (is the connection blocked?)")),
         };
+        let outcome = taken.map_err(|reason| {
+            confirms.give_up();
+            self.publish_error(routing_key, reason)
+        })?;
         let (binder, exchange, routing_key) = (
             self.binder.clone(),
             self.exchange.clone(),
