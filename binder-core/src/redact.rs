@@ -79,6 +79,29 @@ pub fn redact_uri(text: &str) -> String {
     out
 }
 
+/// `uri`, taken whole as one URI, without its password: unlike [`redact_uri`], which reads URIs
+/// out of text and ends each at a space, a password written with a space in it is hidden too.
+///
+/// ```
+/// use bindery_core::redact::redact_whole_uri;
+/// assert_eq!(redact_whole_uri("amqp://app:my secret@mq:5672/%2f"), "amqp://app:***@mq:5672/%2f");
+/// assert_eq!(redact_whole_uri("amqp://mq:5672/%2f"), "amqp://mq:5672/%2f");
+/// ```
+pub fn redact_whole_uri(uri: &str) -> String {
+    let Some(scheme_end) = uri.find("://") else {
+        return redact_uri(uri);
+    };
+    let (scheme, rest) = uri.split_at(scheme_end + 3);
+    let Some(at) = rest.rfind('@') else {
+        return uri.to_owned();
+    };
+    let (userinfo, host) = rest.split_at(at);
+    match userinfo.split_once(':') {
+        Some((user, _)) => format!("{scheme}{user}:***{host}"),
+        None => uri.to_owned(),
+    }
+}
+
 /// The value as it may be shown for `key`: `***` for secrets, URIs without their password.
 pub fn display_value(key: &str, value: &str) -> String {
     if is_secret_key(key) {
@@ -112,6 +135,21 @@ mod tests {
             ("amqp://mq:5672/vh", "amqp://mq:5672/vh"),
         ] {
             assert_eq!(redact_uri(uri), shown);
+        }
+    }
+
+    #[test]
+    fn a_whole_uri_hides_a_password_with_spaces_and_at_signs() {
+        for (uri, shown) in [
+            (
+                "amqp://guest:my secret@127.0.0.1:5672/%2f",
+                "amqp://guest:***@127.0.0.1:5672/%2f",
+            ),
+            ("amqps://u:a b@c\td@mq/vh", "amqps://u:***@mq/vh"),
+            ("amqp://user@mq/vh", "amqp://user@mq/vh"),
+            ("amqp://mq:5672/vh", "amqp://mq:5672/vh"),
+        ] {
+            assert_eq!(redact_whole_uri(uri), shown);
         }
     }
 

@@ -175,6 +175,16 @@ impl KafkaBinder {
                 config.set(keys[0], value);
             }
         }
+        // Topics are looked up with the producer, and librdkafka's producer asks the broker to
+        // create a topic it looks up: with `auto-create-topics = false` a missing topic must
+        // stay missing, an error at startup.
+        if !settings.auto_create_topics
+            && !settings
+                .configuration
+                .contains_key("allow.auto.create.topics")
+        {
+            config.set("allow.auto.create.topics", "false");
+        }
         let producer: FutureProducer = config
             .create()
             .map_err(|e| fail(client_error(&settings, e)))?;
@@ -260,8 +270,14 @@ impl KafkaBinder {
                 wanted,
                 TopicReplication::Fixed(settings.replication_factor),
             );
+            // The broker may take the operation timeout to create it; reaching the broker is
+            // bounded as at connect, not by librdkafka's `socket.timeout.ms` (60 s).
+            let operation = Duration::from_secs(10);
             let options = AdminOptions::new()
-                .operation_timeout(Some(Timeout::After(Duration::from_secs(10))));
+                .operation_timeout(Some(Timeout::After(operation)))
+                .request_timeout(Some(Timeout::After(
+                    operation.saturating_add(settings.connection_timeout),
+                )));
             let results = self
                 .inner
                 .admin

@@ -6,7 +6,7 @@ use std::time::Duration;
 use async_trait::async_trait;
 use bindery_core::binder::{HEALTH_ANSWER_WITHIN, LAG_ANSWER_WITHIN, PAUSE_ANSWER_WITHIN};
 use bindery_core::config::Problems;
-use bindery_core::redact::redact_uri;
+use bindery_core::redact::{redact_uri, redact_whole_uri};
 use bindery_core::{
     header, Acknowledgement, Binder, Confirmation, ConsumerSpec, Delivery, Error, Health, Message,
     Producer, ProducerSpec, Subscription,
@@ -267,7 +267,7 @@ impl RabbitBinder {
     }
 
     fn shown_uri(&self) -> String {
-        redact_uri(&self.inner.settings.uri)
+        redact_whole_uri(&self.inner.settings.uri)
     }
 
     async fn open(&self, role: Role) -> Result<Connection, RabbitError> {
@@ -1076,7 +1076,14 @@ impl Subscription for RabbitSubscription {
     /// Cancels the consumer, so the broker keeps the queue for the group's other consumers,
     /// and hands back (`basic.nack`, requeued) what it had prefetched that the core did not
     /// take; all within [`PAUSE_ANSWER_WITHIN`], inside the core's limit.
+    ///
+    /// An anonymous queue has no other consumer, and RabbitMQ deletes an auto-delete queue with
+    /// its last consumer, messages and all: its consumer is kept, and what the client prefetched
+    /// (at most `prefetch`, the broker sends no more unacknowledged) waits for the resume.
     async fn pause(&mut self) {
+        if self.topology.anonymous {
+            return;
+        }
         let deadline = tokio::time::Instant::now() + PAUSE_ANSWER_WITHIN;
         if self.ended || self.cancelled || !self.cancel_within(PAUSE_ANSWER_WITHIN / 2).await {
             return;

@@ -47,7 +47,7 @@ pub struct RabbitSettings {
 impl std::fmt::Debug for RabbitSettings {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("RabbitSettings")
-            .field("uri", &bindery_core::redact::redact_uri(&self.uri))
+            .field("uri", &bindery_core::redact::redact_whole_uri(&self.uri))
             .field("connection_timeout", &self.connection_timeout)
             .field("recovery_interval", &self.recovery_interval)
             .field("provision", &self.provision)

@@ -101,6 +101,25 @@ impl Future for Call {
     }
 }
 
+/// The calls of a handler that panicked as its call started: the call fails with the panic.
+struct PanickedAtStart(Option<Failure>);
+
+impl PanickedAtStart {
+    fn calls(panic: &(dyn std::any::Any + Send)) -> Box<dyn HandlerCalls> {
+        Box::new(PanickedAtStart(Some(Failure::panic(panic_text(panic)))))
+    }
+}
+
+impl HandlerCalls for PanickedAtStart {
+    fn start(&mut self, _: Arc<Message>, _: Context) {}
+
+    fn poll_call(&mut self, _: &mut TaskContext<'_>) -> Poll<Result<Outputs, Failure>> {
+        Poll::Ready(Err(self.0.take().unwrap_or_else(|| {
+            Failure::panic("the handler panicked as its call started".to_owned())
+        })))
+    }
+}
+
 impl Invoker {
     /// Starts the handler on `message` with `calls` (new ones when `None`);
     /// [`finish`](Self::finish) reads what the call returns.
@@ -112,14 +131,23 @@ impl Invoker {
         lineage: Lineage,
         span: CallSpan,
     ) -> Call {
-        let mut calls = calls.unwrap_or_else(|| (self.handler)());
-        calls.start(message, self.context.clone());
+        // A handler that works before it returns its future can panic here: a failure like a
+        // panic while it runs, retried, then dead-lettered.
+        let started = std::panic::catch_unwind(AssertUnwindSafe(|| {
+            let mut calls = calls.unwrap_or_else(|| (self.handler)());
+            calls.start(message, self.context.clone());
+            calls
+        }));
+        let (calls, panicked) = match started {
+            Ok(calls) => (calls, false),
+            Err(panic) => (PanickedAtStart::calls(&*panic), true),
+        };
         Call {
             calls,
             lineage,
             #[cfg(feature = "otel")]
             span: span.0,
-            panicked: false,
+            panicked,
         }
     }
 
@@ -1222,5 +1250,66 @@ mod tests {
             Some("text-2")
         );
         app.shutdown().await.unwrap();
+    }
+    /// A handler written by hand that works before it returns its future, and panics there.
+    #[derive(Clone)]
+    struct PanicsBeforeItsFuture {
+        calls: std::sync::Arc<std::sync::atomic::AtomicUsize>,
+    }
+
+    impl crate::handler::Handler<PanicsBeforeItsFuture> for PanicsBeforeItsFuture {
+        fn call(
+            &self,
+            message: std::sync::Arc<Message>,
+            context: crate::handler::Context,
+        ) -> crate::handler::HandlerFuture {
+            self.calls.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            assert_ne!(
+                &message.payload()[..],
+                b"boom",
+                "a handler that panics early"
+            );
+            Box::pin(async move { Ok(context.outputs()) })
+        }
+    }
+
+    #[tokio::test]
+    async fn a_handler_that_panics_before_its_future_is_retried_then_dead_lettered() {
+        for concurrency in [1, 4] {
+            let handler = PanicsBeforeItsFuture {
+                calls: Default::default(),
+            };
+            let calls = handler.calls.clone();
+            let eager = StreamFunction::consumer("eager", handler)
+                .input("core-eager-in")
+                .group("g");
+            let builder = Application::builder()
+                .without_registered_functions()
+                .function(eager);
+            let app = TestApp::start_with(
+                builder,
+                &format!("[stream.bindings.eager-in-0.consumer]\nmax-attempts = 2\ndlq = true\nconcurrency = {concurrency}\nback-off-initial-interval = \"10ms\""),
+            )
+            .await
+            .expect("start");
+            app.send("core-eager-in", "boom").await.unwrap();
+            let dead = app
+                .receive_dead_letter("core-eager-in", "g", WAIT)
+                .await
+                .unwrap_or_else(|| panic!("no dead letter at concurrency {concurrency}"));
+            assert_eq!(&dead.payload()[..], b"boom");
+            assert_eq!(dead.headers().get_str(header::ATTEMPTS), Some("2"));
+            // The binding goes on with the next message.
+            app.send("core-eager-in", "fine").await.unwrap();
+            let deadline = tokio::time::Instant::now() + WAIT;
+            while calls.load(std::sync::atomic::Ordering::SeqCst) < 3 {
+                assert!(
+                    tokio::time::Instant::now() < deadline,
+                    "the next message was not handled at concurrency {concurrency}"
+                );
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+            app.shutdown().await.unwrap();
+        }
     }
 }

@@ -151,6 +151,28 @@ pub(crate) async fn connection_states(name: &str) -> Vec<String> {
         .collect()
 }
 
+/// The queues of the test's virtual host whose names start with `prefix`, with the messages
+/// each has ready (not delivered to a consumer).
+pub(crate) async fn ready_in_queues_named(prefix: &str) -> Vec<(String, u64)> {
+    let listed = rabbitmqctl(&[
+        "list_queues",
+        "-p",
+        &vhost(),
+        "--no-table-headers",
+        "name",
+        "messages_ready",
+    ])
+    .await;
+    listed
+        .lines()
+        .filter_map(|line| {
+            let (name, ready) = line.split_once('\t')?;
+            let ready = ready.trim().parse().ok()?;
+            name.starts_with(prefix).then(|| (name.to_owned(), ready))
+        })
+        .collect()
+}
+
 /// Messages in `queue` of the test's virtual host, ready and unacknowledged together.
 pub(crate) async fn queue_depth(queue: &str) -> Option<u64> {
     let listed = rabbitmqctl(&[
