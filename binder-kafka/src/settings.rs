@@ -2,7 +2,7 @@ use std::collections::BTreeMap;
 use std::time::Duration;
 
 use bindery_core::config::{ConfigNode, Problems};
-use bindery_core::redact::display_value;
+use bindery_core::redact::{display_value, redact_uri};
 
 const BINDER_KEYS: &[&str] = &[
     "type",
@@ -77,7 +77,7 @@ impl std::fmt::Debug for KafkaSettings {
             .map(|(k, v)| (k, display_value(k, v)))
             .collect();
         f.debug_struct("KafkaSettings")
-            .field("brokers", &self.brokers)
+            .field("brokers", &redact_uri(&self.brokers))
             .field("auto_create_topics", &self.auto_create_topics)
             .field("min_partition_count", &self.min_partition_count)
             .field("replication_factor", &self.replication_factor)
@@ -243,6 +243,17 @@ impl KafkaConsumerSettings {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn debug_hides_credentials_written_in_the_brokers() {
+        let settings = KafkaSettings {
+            brokers: "sasl://app:hunter2@kafka-1:9093".to_owned(),
+            ..KafkaSettings::default()
+        };
+        let shown = format!("{settings:?}");
+        assert!(!shown.contains("hunter2"), "{shown}");
+        assert!(shown.contains("kafka-1:9093"), "{shown}");
+    }
 
     #[test]
     fn settings_are_refused_as_librdkafka_reads_them() {

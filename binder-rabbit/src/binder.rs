@@ -1057,6 +1057,11 @@ impl Subscription for RabbitSubscription {
                     self.ended = true;
                     return None;
                 }
+                // The client closes the whole connection on a frame it cannot read, and the
+                // broker delivers the same message first again after each reconnect.
+                Some(Err(error)) if matches!(error.kind(), lapin::ErrorKind::ParsingError(_)) => {
+                    tracing::error!(queue = %self.topology.queue, %error, "RabbitMQ delivered a message the AMQP client cannot read (most likely a property or header name that is not UTF-8, which AMQP 0-9-1 requires); the client drops the connection at it, so the queue is stuck at that message until it is removed from the queue (with a quorum queue's delivery limit or by hand); reconnecting");
+                }
                 Some(Err(error)) => {
                     tracing::warn!(queue = %self.topology.queue, %error, "lost the RabbitMQ consumer; reconnecting");
                 }
