@@ -271,13 +271,15 @@ impl KafkaBinder {
                 TopicReplication::Fixed(settings.replication_factor),
             );
             // The broker may take the operation timeout to create it; reaching the broker is
-            // bounded as at connect, not by librdkafka's `socket.timeout.ms` (60 s).
+            // bounded as at connect, not by librdkafka's `socket.timeout.ms` (60 s), and within
+            // the hour librdkafka accepts as a request timeout.
             let operation = Duration::from_secs(10);
+            let request = operation
+                .saturating_add(settings.connection_timeout)
+                .min(Duration::from_secs(3600));
             let options = AdminOptions::new()
                 .operation_timeout(Some(Timeout::After(operation)))
-                .request_timeout(Some(Timeout::After(
-                    operation.saturating_add(settings.connection_timeout),
-                )));
+                .request_timeout(Some(Timeout::After(request)));
             let results = self
                 .inner
                 .admin

@@ -68,6 +68,25 @@ async fn without_auto_create_a_missing_topic_is_a_clear_startup_error() {
     let text = error.to_string();
     assert!(text.contains(&format!("topic `{topic}`")), "{text}");
     assert!(text.contains("auto-create-topics"), "{text}");
+    // Looking the topic up did not create it: this bites on brokers that create topics they
+    // are asked about (Apache Kafka's default), not on one that never does (Tansu).
+    let topic_for_lookup = topic.clone();
+    let listed = tokio::task::spawn_blocking(move || {
+        use rdkafka::consumer::{BaseConsumer, Consumer};
+        let consumer: BaseConsumer = rdkafka::ClientConfig::new()
+            .set("bootstrap.servers", brokers())
+            .create()
+            .expect("a client");
+        consumer
+            .fetch_metadata(Some(&topic_for_lookup), Duration::from_secs(10))
+            .expect("metadata")
+            .topics()
+            .iter()
+            .any(|t| t.name() == topic_for_lookup && t.error().is_none())
+    })
+    .await
+    .expect("the lookup ran");
+    assert!(!listed, "the missing topic {topic} was created");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

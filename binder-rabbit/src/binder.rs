@@ -1057,10 +1057,11 @@ impl Subscription for RabbitSubscription {
                     self.ended = true;
                     return None;
                 }
-                // The client closes the whole connection on a frame it cannot read, and the
-                // broker delivers the same message first again after each reconnect.
+                // The client closes the whole connection on a frame it cannot read, every
+                // consumer of the binder sees it, and the broker delivers the same message first
+                // again after each reconnect.
                 Some(Err(error)) if matches!(error.kind(), lapin::ErrorKind::ParsingError(_)) => {
-                    tracing::error!(queue = %self.topology.queue, %error, "RabbitMQ delivered a message the AMQP client cannot read (most likely a property or header name that is not UTF-8, which AMQP 0-9-1 requires); the client drops the connection at it, so the queue is stuck at that message until it is removed from the queue (with a quorum queue's delivery limit or by hand); reconnecting");
+                    tracing::error!(queue = %self.topology.queue, %error, "RabbitMQ delivered a message the AMQP client cannot read (most likely a property or header name that is not UTF-8, which AMQP 0-9-1 requires) to one of this binder's queues; the client drops the binder's consuming connection at it, every time it is delivered, until the message is removed from its queue (by hand, or by a quorum queue's delivery limit); reconnecting");
                 }
                 Some(Err(error)) => {
                     tracing::warn!(queue = %self.topology.queue, %error, "lost the RabbitMQ consumer; reconnecting");
@@ -1084,7 +1085,9 @@ impl Subscription for RabbitSubscription {
     ///
     /// An anonymous queue has no other consumer, and RabbitMQ deletes an auto-delete queue with
     /// its last consumer, messages and all: its consumer is kept, and what the client prefetched
-    /// (at most `prefetch`, the broker sends no more unacknowledged) waits for the resume.
+    /// (at most `prefetch`, the broker sends no more unacknowledged) waits for the resume. A
+    /// pause longer than the broker's `consumer_timeout` (30 min by default) ends the consumer
+    /// all the same, and the queue with it, as a lost connection does.
     async fn pause(&mut self) {
         if self.topology.anonymous {
             return;
