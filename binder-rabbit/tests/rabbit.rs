@@ -1208,44 +1208,8 @@ async fn a_pause_hands_back_what_the_client_prefetched_and_a_resume_after_a_lost
             return;
         }
         let destination = unique("prefetched");
-        let gate = Arc::new(tokio::sync::Semaphore::new(0));
-        let seen = Arc::new(std::sync::Mutex::new(Vec::<String>::new()));
-        let sink = StreamFunction::consumer("sink", {
-            let (gate, seen) = (gate.clone(), seen.clone());
-            move |text: String| {
-                let (gate, seen) = (gate.clone(), seen.clone());
-                async move {
-                    gate.acquire().await.expect("gate").forget();
-                    seen.lock().unwrap().push(text);
-                }
-            }
-        });
-        // The binding holds 5 at most; the client prefetches the rest of the 100.
-        let toml = format!(
-            r#"[stream]
-default-binder = "prefetched"
-[stream.binders.prefetched]
-type = "rabbit"
-uri = "{uri}"
-[stream.bindings.sink-in-0]
-destination = "{destination}"
-group = "g"
-consumer.max-in-flight = 5
-"#,
-            uri = uri()
-        );
-        let app = application(sink, &toml).start().await.expect("start");
-        let binder = RabbitBinder::connect_uri(&uri()).await.expect("connect");
-        let producer = binder
-            .producer(&ProducerSpec::new(destination.clone()))
-            .await
-            .expect("producer");
-        for n in 0..100 {
-            producer
-                .send(Message::new(Bytes::from(format!("m{n:03}"))))
-                .await
-                .expect("send");
-        }
+        let (app, binder, gate, seen) =
+            gated_sink_with_100_sent("prefetched", &destination, Some("g")).await;
         let group = ConsumerSpec::new(destination.clone(), Some("g"));
         ready_reaches(&binder, &group, 0, "the client prefetched every message").await;
         app.pause_binding("sink-in-0").await.expect("paused");
@@ -1265,21 +1229,7 @@ consumer.max-in-flight = 5
         assert!(!closed.is_empty(), "the application's connection was found");
         gate.add_permits(1000);
         app.resume_binding("sink-in-0").await.expect("resumed");
-        let deadline = Instant::now() + Duration::from_secs(60);
-        loop {
-            let mut handled = seen.lock().unwrap().clone();
-            handled.sort();
-            handled.dedup();
-            if handled.len() == 100 {
-                break;
-            }
-            assert!(
-                Instant::now() < deadline,
-                "only {} of 100 handled after the resume",
-                handled.len()
-            );
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
+        all_handled_within(&seen, 100, Duration::from_secs(60), "after the resume").await;
         ready_reaches(&binder, &group, 0, "the queue drained after the resume").await;
         binder.close().await.ok();
         app.shutdown().await.expect("shutdown");
@@ -1294,44 +1244,10 @@ async fn a_paused_anonymous_binding_loses_nothing_its_client_had_prefetched() {
             return;
         }
         let destination = unique("anonymous-paused");
-        let gate = Arc::new(tokio::sync::Semaphore::new(0));
-        let seen = Arc::new(std::sync::Mutex::new(Vec::<String>::new()));
-        let sink = StreamFunction::consumer("sink", {
-            let (gate, seen) = (gate.clone(), seen.clone());
-            move |text: String| {
-                let (gate, seen) = (gate.clone(), seen.clone());
-                async move {
-                    gate.acquire().await.expect("gate").forget();
-                    seen.lock().unwrap().push(text);
-                }
-            }
-        });
         // No group: an exclusive, auto-delete queue, which RabbitMQ deletes with its last
-        // consumer. The binding holds 5 at most; the client prefetches the rest of the 100.
-        let toml = format!(
-            r#"[stream]
-default-binder = "anonymous"
-[stream.binders.anonymous]
-type = "rabbit"
-uri = "{uri}"
-[stream.bindings.sink-in-0]
-destination = "{destination}"
-consumer.max-in-flight = 5
-"#,
-            uri = uri()
-        );
-        let app = application(sink, &toml).start().await.expect("start");
-        let binder = RabbitBinder::connect_uri(&uri()).await.expect("connect");
-        let producer = binder
-            .producer(&ProducerSpec::new(destination.clone()))
-            .await
-            .expect("producer");
-        for n in 0..100 {
-            producer
-                .send(Message::new(Bytes::from(format!("m{n:03}"))))
-                .await
-                .expect("send");
-        }
+        // consumer.
+        let (app, binder, gate, seen) =
+            gated_sink_with_100_sent("anonymous", &destination, None).await;
         let queue_prefix = format!("{destination}.anonymous.");
         let deadline = Instant::now() + Duration::from_secs(30);
         loop {
@@ -1348,25 +1264,101 @@ consumer.max-in-flight = 5
         app.pause_binding("sink-in-0").await.expect("paused");
         gate.add_permits(1000);
         app.resume_binding("sink-in-0").await.expect("resumed");
-        let deadline = Instant::now() + Duration::from_secs(60);
-        loop {
-            let mut handled = seen.lock().unwrap().clone();
-            handled.sort();
-            handled.dedup();
-            if handled.len() == 100 {
-                break;
-            }
-            assert!(
-                Instant::now() < deadline,
-                "only {} of 100 handled after the resume",
-                handled.len()
-            );
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
+        all_handled_within(&seen, 100, Duration::from_secs(60), "after the resume").await;
         binder.close().await.ok();
         app.shutdown().await.expect("shutdown");
     })
     .await
+}
+
+/// An application whose consumer `sink`, on `destination` (in `group`, or anonymous), takes a
+/// permit of a gate before it keeps each text it is given, and holds 5 messages at most; and 100
+/// messages sent to it, most of which its client prefetches. Returns the application, a binder
+/// of the test's own, the gate (closed) and what the sink kept.
+async fn gated_sink_with_100_sent(
+    binder_name: &str,
+    destination: &str,
+    group: Option<&str>,
+) -> (
+    bindery_core::RunningApplication,
+    RabbitBinder,
+    Arc<tokio::sync::Semaphore>,
+    Arc<std::sync::Mutex<Vec<String>>>,
+) {
+    let (sink, gate, seen) = gated_sink();
+    let group = group.map_or(String::new(), |group| format!("group = \"{group}\""));
+    let toml = format!(
+        r#"[stream]
+default-binder = "{binder_name}"
+[stream.binders.{binder_name}]
+type = "rabbit"
+uri = "{uri}"
+[stream.bindings.sink-in-0]
+destination = "{destination}"
+{group}
+consumer.max-in-flight = 5
+"#,
+        uri = uri()
+    );
+    let app = application(sink, &toml).start().await.expect("start");
+    let binder = RabbitBinder::connect_uri(&uri()).await.expect("connect");
+    let producer = binder
+        .producer(&ProducerSpec::new(destination))
+        .await
+        .expect("producer");
+    for n in 0..100 {
+        producer
+            .send(Message::new(Bytes::from(format!("m{n:03}"))))
+            .await
+            .expect("send");
+    }
+    (app, binder, gate, seen)
+}
+
+/// A consumer `sink` that takes a permit of the gate before it keeps each text it is given:
+/// the function, its gate (closed) and what it kept.
+fn gated_sink() -> (
+    StreamFunction,
+    Arc<tokio::sync::Semaphore>,
+    Arc<std::sync::Mutex<Vec<String>>>,
+) {
+    let gate = Arc::new(tokio::sync::Semaphore::new(0));
+    let seen = Arc::new(std::sync::Mutex::new(Vec::<String>::new()));
+    let sink = StreamFunction::consumer("sink", {
+        let (gate, seen) = (gate.clone(), seen.clone());
+        move |text: String| {
+            let (gate, seen) = (gate.clone(), seen.clone());
+            async move {
+                gate.acquire().await.expect("gate").forget();
+                seen.lock().unwrap().push(text);
+            }
+        }
+    });
+    (sink, gate, seen)
+}
+
+/// Waits, within `limit`, until `seen` holds `wanted` distinct texts.
+async fn all_handled_within(
+    seen: &std::sync::Mutex<Vec<String>>,
+    wanted: usize,
+    limit: Duration,
+    when: &str,
+) {
+    let deadline = Instant::now() + limit;
+    loop {
+        let mut handled = seen.lock().unwrap().clone();
+        handled.sort();
+        handled.dedup();
+        if handled.len() == wanted {
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "only {} of {wanted} handled {when}",
+            handled.len()
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
 }
 
 /// Waits, within 30 s, until the queue of `group` has `wanted` messages ready.

@@ -151,41 +151,39 @@ pub(crate) async fn connection_states(name: &str) -> Vec<String> {
         .collect()
 }
 
-/// The queues of the test's virtual host whose names start with `prefix`, with the messages
-/// each has ready (not delivered to a consumer).
-pub(crate) async fn ready_in_queues_named(prefix: &str) -> Vec<(String, u64)> {
+/// Each queue of the test's virtual host with its count of `what` (a `list_queues` column
+/// such as `messages` or `messages_ready`).
+async fn queue_counts(what: &str) -> Vec<(String, u64)> {
     let listed = rabbitmqctl(&[
         "list_queues",
         "-p",
         &vhost(),
         "--no-table-headers",
         "name",
-        "messages_ready",
+        what,
     ])
     .await;
     listed
         .lines()
         .filter_map(|line| {
-            let (name, ready) = line.split_once('\t')?;
-            let ready = ready.trim().parse().ok()?;
-            name.starts_with(prefix).then(|| (name.to_owned(), ready))
+            let (name, count) = line.split_once('\t')?;
+            Some((name.to_owned(), count.trim().parse().ok()?))
         })
         .collect()
 }
 
+/// The queues of the test's virtual host whose names start with `prefix`, with the messages
+/// each has ready (not delivered to a consumer).
+pub(crate) async fn ready_in_queues_named(prefix: &str) -> Vec<(String, u64)> {
+    let mut queues = queue_counts("messages_ready").await;
+    queues.retain(|(name, _)| name.starts_with(prefix));
+    queues
+}
+
 /// Messages in `queue` of the test's virtual host, ready and unacknowledged together.
 pub(crate) async fn queue_depth(queue: &str) -> Option<u64> {
-    let listed = rabbitmqctl(&[
-        "list_queues",
-        "-p",
-        &vhost(),
-        "--no-table-headers",
-        "name",
-        "messages",
-    ])
-    .await;
-    listed.lines().find_map(|line| {
-        let (name, messages) = line.split_once('\t')?;
-        (name == queue).then(|| messages.trim().parse().ok())?
-    })
+    queue_counts("messages")
+        .await
+        .into_iter()
+        .find_map(|(name, messages)| (name == queue).then_some(messages))
 }
