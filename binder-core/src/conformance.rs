@@ -534,6 +534,16 @@ destination = "{output}""#
     /// A message in retry back-off holds back only later messages with its key: the rest flow
     /// meanwhile, and the next message with its key waits until it is dead-lettered.
     pub async fn back_off_holds_back_only_its_key(&self) {
+        self.back_off_holds_back_only_its_key_with(1).await;
+    }
+
+    /// As [`back_off_holds_back_only_its_key`](Self::back_off_holds_back_only_its_key), with
+    /// four handlers at once.
+    pub async fn back_off_holds_back_only_its_key_at_concurrency_4(&self) {
+        self.back_off_holds_back_only_its_key_with(4).await;
+    }
+
+    async fn back_off_holds_back_only_its_key_with(&self, concurrency: u32) {
         let binder = self.binder().await;
         let input = unique("poison-in");
         let output = unique("poison-out");
@@ -559,6 +569,7 @@ consumer.max-attempts = 3
 consumer.back-off-initial-interval = "3s"
 consumer.back-off-max-interval = "3s"
 consumer.dlq = true
+consumer.concurrency = {concurrency}
 [stream.bindings.conformance-poison-out-0]
 destination = "{output}""#
         );
@@ -1207,6 +1218,225 @@ destination = "{output}""#
         binder.close().await.ok();
     }
 
+    /// Confirmations are awaited in the background: with every confirmation 50 ms late, 1,000
+    /// messages go through one handler (`concurrency = 1`) in far less than 1,000 × 50 ms, and
+    /// their outputs keep the order of their inputs.
+    pub async fn confirmations_are_awaited_in_the_background(&self) {
+        let binder = self.binder().await;
+        let (_, faulty) = faulty(
+            &binder,
+            Faults {
+                confirm_delay: Duration::from_millis(50),
+                ..Faults::default()
+            },
+        );
+        let (input, output, group) = (unique("slow-in"), unique("slow-out"), unique("slow"));
+        let forward =
+            StreamFunction::function(
+                "conformance-slow",
+                |message: Message| async move { message },
+            );
+        let toml = format!(
+            r#"[stream.bindings.conformance-slow-in-0]
+destination = "{input}"
+group = "{group}"
+[stream.bindings.conformance-slow-out-0]
+destination = "{output}""#
+        );
+        let mut results = subscribe(&binder, &output, Some(&unique("results"))).await;
+        let app = application(&faulty, forward, &toml)
+            .start()
+            .await
+            .expect("start");
+        let count = 1_000;
+        // One key: the order of the outputs is kept on every binder, partitioned or not.
+        let sent = send_numbered(&binder, &input, count, Some("one-key")).await;
+        let first = self.receive_n(&mut results, 1).await;
+        let began = Instant::now();
+        let rest = self.receive_n(&mut results, count - 1).await;
+        let took = began.elapsed();
+        app.shutdown().await.expect("shutdown");
+        let received: Vec<String> = first.into_iter().chain(rest).collect();
+        assert_eq!(received, sent, "the outputs keep the order of their inputs");
+        let one_at_a_time = Duration::from_millis(50) * (count as u32 - 1);
+        assert!(
+            took < one_at_a_time / 4,
+            "{} outputs took {took:?} after the first, against {one_at_a_time:?} with one confirmation awaited at a time",
+            count - 1
+        );
+        binder.close().await.ok();
+    }
+
+    /// A producer that fails every send for 10 s, with `max-attempts = 3`, the default back-off
+    /// and no DLQ: no input is acknowledged before its output is confirmed, and nothing is lost
+    /// once sends get through again.
+    pub async fn a_send_outage_loses_nothing_and_acknowledges_nothing_early(&self) {
+        let binder = self.binder().await;
+        let (faults, faulty) = faulty(
+            &binder,
+            Faults {
+                refuse_sends_until: Some(Instant::now() + Duration::from_secs(10)),
+                ..Faults::default()
+            },
+        );
+        let (input, output, group) = (unique("outage-in"), unique("outage-out"), unique("outage"));
+        let forward = StreamFunction::function(
+            "conformance-outage",
+            |message: Message| async move { message },
+        );
+        let toml = format!(
+            r#"[stream.bindings.conformance-outage-in-0]
+destination = "{input}"
+group = "{group}"
+consumer.max-attempts = 3
+[stream.bindings.conformance-outage-out-0]
+destination = "{output}""#
+        );
+        let mut results = subscribe(&binder, &output, Some(&unique("results"))).await;
+        let app = application(&faulty, forward, &toml)
+            .start()
+            .await
+            .expect("start");
+        let count = 20;
+        let mut sent = send_numbered(&binder, &input, count, None).await;
+        // The outage lasts 10 s and the back-off grows to 10 s: the outputs come within 40 s
+        // of the start, on top of the binder's own wait.
+        let patient = Suite {
+            timeout: self.timeout + Duration::from_secs(40),
+            ..self.clone()
+        };
+        let mut received = patient.receive_n(&mut results, count).await;
+        self.acknowledged(&faults, count).await;
+        app.shutdown().await.expect("shutdown");
+        received.sort();
+        received.dedup();
+        sent.sort();
+        assert_eq!(received, sent, "every input's output arrived");
+        assert!(
+            faults.refused.load(Ordering::SeqCst) >= count as u32,
+            "every output was refused at least once"
+        );
+        let log = faults.log();
+        for payload in &sent {
+            let confirmed = log
+                .iter()
+                .position(|e| *e == format!("confirmed:{payload}"));
+            let acked = log.iter().position(|e| *e == format!("acked:{payload}"));
+            assert!(
+                confirmed.is_some() && confirmed < acked,
+                "{payload} was acknowledged before its output was confirmed: {log:?}"
+            );
+        }
+        binder.close().await.ok();
+    }
+
+    /// A subscription that asks for acknowledgements in arrival order gets them so, even when
+    /// four handlers finish later messages first.
+    pub async fn acknowledgements_follow_arrival_order_when_the_subscription_asks(&self) {
+        let binder = self.binder().await;
+        let (faults, faulty) = faulty(
+            &binder,
+            Faults {
+                in_order: true,
+                ..Faults::default()
+            },
+        );
+        let (input, group) = (unique("in-order-in"), unique("in-order"));
+        let count = 40;
+        // Later messages take less time than earlier ones: they finish first.
+        let slow_first =
+            StreamFunction::consumer("conformance-in-order", move |text: String| async move {
+                let n: u64 = text.trim_start_matches("message-").parse().unwrap_or(0);
+                tokio::time::sleep(Duration::from_millis((count as u64 - n) * 3)).await;
+            });
+        let toml = format!(
+            r#"[stream.bindings.conformance-in-order-in-0]
+destination = "{input}"
+group = "{group}"
+consumer.concurrency = 4"#
+        );
+        let app = application(&faulty, slow_first, &toml)
+            .start()
+            .await
+            .expect("start");
+        // Distinct keys, so that four handlers run at once.
+        let producer = producer(&binder, &input).await;
+        for n in 0..count {
+            let message = Message::builder(Bytes::from(format!("message-{n:04}")))
+                .key(format!("key-{n}"))
+                .build();
+            producer.send(message).await.expect("send");
+        }
+        self.acknowledged(&faults, count).await;
+        app.shutdown().await.expect("shutdown");
+        let received = faults.events("received:");
+        let acked = faults.events("acked:");
+        assert_eq!(
+            acked,
+            received[..acked.len()],
+            "acknowledged out of arrival order"
+        );
+        binder.close().await.ok();
+    }
+
+    /// A shutdown whose binder never finishes closing returns within `shutdown-timeout` and a
+    /// little more, with an error naming the binder.
+    pub async fn shutdown_is_bounded_when_a_binder_will_not_close(&self) {
+        let binder = self.binder().await;
+        let (_, stubborn) = faulty(
+            &binder,
+            Faults {
+                close_hangs: true,
+                ..Faults::default()
+            },
+        );
+        let (input, group) = (unique("hang-in"), unique("hang"));
+        let sink = StreamFunction::consumer("conformance-hang", |_: Message| async move {});
+        let toml = format!(
+            r#"[stream]
+shutdown-timeout = "1s"
+default-binder = "stubborn"
+[stream.binders.stubborn]
+type = "memory"
+[stream.bindings.conformance-hang-in-0]
+destination = "{input}"
+group = "{group}""#
+        );
+        let app = crate::testing::isolated(sink, &toml)
+            .replace_binders(stubborn)
+            .build()
+            .expect("the conformance configuration is valid")
+            .start()
+            .await
+            .expect("start");
+        let began = Instant::now();
+        let shutdown = tokio::time::timeout(Duration::from_secs(30), app.shutdown())
+            .await
+            .expect("the shutdown returned");
+        let took = began.elapsed();
+        let error = shutdown.expect_err("a binder that did not close is an error");
+        assert!(error.to_string().contains("binder `stubborn`"), "{error}");
+        assert!(error.to_string().contains("did not close"), "{error}");
+        assert!(
+            took < Duration::from_secs(3),
+            "the shutdown took {took:?} with a 1 s shutdown-timeout"
+        );
+        binder.close().await.ok();
+    }
+
+    /// Waits until the application acknowledged `count` messages through `faults`.
+    async fn acknowledged(&self, faults: &Faults, count: usize) {
+        let deadline = Instant::now() + self.timeout;
+        while faults.events("acked:").len() < count {
+            assert!(
+                Instant::now() < deadline,
+                "{} of {count} messages were acknowledged",
+                faults.events("acked:").len()
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
     /// Fails if a message arrives within `quiet`.
     async fn expect_nothing(
         &self,
@@ -1368,6 +1598,211 @@ impl Binder for Lent {
     }
 }
 
+/// Faults a case puts on the binder under test, and what the application's bindings did
+/// through it: `received:`, `confirmed:` and `acked:` events, each with the message's payload.
+#[derive(Debug, Default)]
+struct Faults {
+    /// How much later than the broker's each confirmation is answered.
+    confirm_delay: Duration,
+    /// Every send fails until then, without reaching the broker.
+    refuse_sends_until: Option<Instant>,
+    /// Sends failed so far.
+    refused: AtomicU32,
+    /// Subscriptions ask for acknowledgements in arrival order.
+    in_order: bool,
+    /// `close` never finishes.
+    close_hangs: bool,
+    log: std::sync::Mutex<Vec<String>>,
+}
+
+impl Faults {
+    fn record(&self, event: &str, message: &Message) {
+        let payload = String::from_utf8_lossy(message.payload());
+        self.log
+            .lock()
+            .expect("log")
+            .push(format!("{event}:{payload}"));
+    }
+
+    fn log(&self) -> Vec<String> {
+        self.log.lock().expect("log").clone()
+    }
+
+    /// The payloads of the events of one kind (`acked:`, say), in the order they happened.
+    fn events(&self, kind: &str) -> Vec<String> {
+        self.log()
+            .iter()
+            .filter_map(|event| event.strip_prefix(kind).map(str::to_owned))
+            .collect()
+    }
+}
+
+/// `binder` with `faults`, and the faults to read what happened.
+fn faulty(binder: &Arc<dyn Binder>, faults: Faults) -> (Arc<Faults>, Arc<dyn Binder>) {
+    let faults = Arc::new(faults);
+    let faulty = Arc::new(Faulty::new(binder, &faults));
+    (faults, faulty)
+}
+
+/// The binder under test with [`Faults`], lent to an application as [`Lent`] is (its `close`
+/// does not close the binder under test).
+#[derive(Debug)]
+struct Faulty {
+    binder: Arc<dyn Binder>,
+    faults: Arc<Faults>,
+}
+
+impl Faulty {
+    fn new(binder: &Arc<dyn Binder>, faults: &Arc<Faults>) -> Self {
+        Faulty {
+            binder: binder.clone(),
+            faults: faults.clone(),
+        }
+    }
+}
+
+#[async_trait::async_trait]
+impl Binder for Faulty {
+    async fn subscribe(&self, spec: &ConsumerSpec) -> Result<Box<dyn Subscription>, Error> {
+        let subscription = self.binder.subscribe(spec).await?;
+        Ok(Box::new(FaultySubscription {
+            subscription,
+            faults: self.faults.clone(),
+        }))
+    }
+
+    async fn producer(&self, spec: &ProducerSpec) -> Result<Arc<dyn crate::Producer>, Error> {
+        let producer = self.binder.producer(spec).await?;
+        Ok(Arc::new(FaultyProducer {
+            producer,
+            faults: self.faults.clone(),
+        }))
+    }
+
+    async fn dead_letter_producer(
+        &self,
+        spec: &ConsumerSpec,
+    ) -> Result<Arc<dyn crate::Producer>, Error> {
+        self.binder.dead_letter_producer(spec).await
+    }
+
+    async fn close(&self) -> Result<(), Error> {
+        if self.faults.close_hangs {
+            std::future::pending::<()>().await;
+        }
+        Ok(())
+    }
+}
+
+#[derive(Debug)]
+struct FaultyProducer {
+    producer: Arc<dyn crate::Producer>,
+    faults: Arc<Faults>,
+}
+
+#[async_trait::async_trait]
+impl crate::Producer for FaultyProducer {
+    async fn enqueue(&self, message: &Message) -> Result<crate::binder::Confirmation, Error> {
+        let faults = self.faults.clone();
+        if faults
+            .refuse_sends_until
+            .is_some_and(|until| Instant::now() < until)
+        {
+            faults.refused.fetch_add(1, Ordering::SeqCst);
+            return Err(Error::binder(
+                "faulty",
+                "the broker is away (a conformance fault)",
+            ));
+        }
+        let confirmation = self.producer.enqueue(message).await?;
+        let message = message.clone();
+        Ok(crate::binder::Confirmation::pending(async move {
+            confirmation.await?;
+            tokio::time::sleep(faults.confirm_delay).await;
+            faults.record("confirmed", &message);
+            Ok(())
+        }))
+    }
+}
+
+#[derive(Debug)]
+struct FaultySubscription {
+    subscription: Box<dyn Subscription>,
+    faults: Arc<Faults>,
+}
+
+impl FaultySubscription {
+    fn logged(&self, delivery: Delivery) -> Delivery {
+        self.faults.record("received", &delivery.message);
+        Delivery {
+            acknowledgement: Box::new(LoggedAcknowledgement {
+                acknowledgement: Some(delivery.acknowledgement),
+                message: delivery.message.clone(),
+                faults: self.faults.clone(),
+            }),
+            ..delivery
+        }
+    }
+}
+
+#[async_trait::async_trait]
+impl Subscription for FaultySubscription {
+    async fn next(&mut self) -> Option<Result<Delivery, Error>> {
+        let next = self.subscription.next().await?;
+        Some(next.map(|delivery| self.logged(delivery)))
+    }
+
+    fn try_next(&mut self) -> Option<Result<Delivery, Error>> {
+        let next = self.subscription.try_next()?;
+        Some(next.map(|delivery| self.logged(delivery)))
+    }
+
+    async fn close(self: Box<Self>) -> Result<(), Error> {
+        self.subscription.close().await
+    }
+
+    async fn drain(&mut self) -> bool {
+        self.subscription.drain().await
+    }
+
+    async fn pause(&mut self) {
+        self.subscription.pause().await
+    }
+
+    async fn resume(&mut self) {
+        self.subscription.resume().await
+    }
+
+    fn acknowledges_in_order(&self) -> bool {
+        self.faults.in_order || self.subscription.acknowledges_in_order()
+    }
+}
+
+#[derive(Debug)]
+struct LoggedAcknowledgement {
+    acknowledgement: Option<Box<dyn crate::binder::Acknowledgement>>,
+    message: Arc<Message>,
+    faults: Arc<Faults>,
+}
+
+#[async_trait::async_trait]
+impl crate::binder::Acknowledgement for LoggedAcknowledgement {
+    async fn ack(mut self: Box<Self>) -> Result<(), Error> {
+        self.faults.record("acked", &self.message);
+        match self.acknowledgement.take() {
+            Some(acknowledgement) => acknowledgement.ack().await,
+            None => Ok(()),
+        }
+    }
+
+    async fn requeue(mut self: Box<Self>) -> Result<(), Error> {
+        match self.acknowledgement.take() {
+            Some(acknowledgement) => acknowledgement.requeue().await,
+            None => Ok(()),
+        }
+    }
+}
+
 /// Generates one `#[tokio::test]` per conformance case, each running against the binder the
 /// given [`Suite`] expression makes.
 #[macro_export]
@@ -1386,6 +1821,11 @@ macro_rules! conformance_tests {
             retries_then_dead_letter_with_failure_headers,
             nothing_is_lost_under_concurrency,
             back_off_holds_back_only_its_key,
+            back_off_holds_back_only_its_key_at_concurrency_4,
+            confirmations_are_awaited_in_the_background,
+            a_send_outage_loses_nothing_and_acknowledges_nothing_early,
+            acknowledgements_follow_arrival_order_when_the_subscription_asks,
+            shutdown_is_bounded_when_a_binder_will_not_close,
             a_backlog_drains_in_order_within_each_key,
             a_binding_on_the_dead_letter_destination_reads_dead_letters,
             an_undecodable_payload_is_dead_lettered_without_retries,
