@@ -1174,10 +1174,13 @@ async fn send_until_confirmed(
 
 #[cfg(test)]
 mod tests {
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    use std::sync::Arc;
     use std::time::Duration;
 
     use bytes::Bytes;
 
+    use crate::handler::{Context, Handler, HandlerFuture};
     use crate::message::header;
     use crate::testing::TestApp;
     use crate::{Application, Failure, FailureKind, Message, StreamFunction};
@@ -1251,19 +1254,16 @@ mod tests {
         );
         app.shutdown().await.unwrap();
     }
+
     /// A handler written by hand that works before it returns its future, and panics there.
     #[derive(Clone)]
     struct PanicsBeforeItsFuture {
-        calls: std::sync::Arc<std::sync::atomic::AtomicUsize>,
+        calls: Arc<AtomicUsize>,
     }
 
-    impl crate::handler::Handler<PanicsBeforeItsFuture> for PanicsBeforeItsFuture {
-        fn call(
-            &self,
-            message: std::sync::Arc<Message>,
-            context: crate::handler::Context,
-        ) -> crate::handler::HandlerFuture {
-            self.calls.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+    impl Handler<PanicsBeforeItsFuture> for PanicsBeforeItsFuture {
+        fn call(&self, message: Arc<Message>, context: Context) -> HandlerFuture {
+            self.calls.fetch_add(1, Ordering::SeqCst);
             assert_ne!(
                 &message.payload()[..],
                 b"boom",
@@ -1302,7 +1302,7 @@ mod tests {
             // The binding goes on with the next message.
             app.send("core-eager-in", "fine").await.unwrap();
             let deadline = tokio::time::Instant::now() + WAIT;
-            while calls.load(std::sync::atomic::Ordering::SeqCst) < 3 {
+            while calls.load(Ordering::SeqCst) < 3 {
                 assert!(
                     tokio::time::Instant::now() < deadline,
                     "the next message was not handled at concurrency {concurrency}"
